@@ -1,0 +1,146 @@
+"""The op set the BEGAN model is written in, and the backend switch.
+
+Every op has two implementations with identical signatures and semantics:
+
+- ``torch``: the pure-PyTorch reference (:mod:`fastbegan.ops.reference`), the CPU path;
+- ``triton``: fused Triton kernels registered as ``torch.library`` custom ops
+  (:mod:`fastbegan.ops.triton_ops`), for CUDA GPUs (and the Triton interpreter on CPU
+  when ``TRITON_INTERPRET=1``, which the tests use).
+
+``set_backend("auto")`` picks ``triton`` on a CUDA GPU that Triton supports, otherwise
+``torch`` with a one-time warning. The model calls only the functions below.
+
+Layout convention: activations are logical NCHW tensors in channels_last memory format;
+weights are logical ``(C_out, C_in, 3, 3)`` tensors (fastbegan's own model keeps them
+channels_last too, the layout the kernels read without a copy).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = "torch"
+_warned = False
+
+
+def triton_status() -> tuple[bool, str]:
+    """(usable, reason): can the Triton backend run here?"""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"Triton is not importable ({e.__class__.__name__}: {e})"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "Triton interpreter (TRITON_INTERPRET=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is available"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return False, f"GPU compute capability {major}.{minor} < 8.0 (bf16 tensor cores needed)"
+    return True, f"CUDA GPU sm_{major}{minor}"
+
+
+def resolve_backend(name: str) -> str:
+    """Map ``auto|torch|triton`` to a concrete backend, raising a clear error on bad input."""
+    global _warned
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return "torch"
+    ok, why = triton_status()
+    if name == "triton" and not ok:
+        raise RuntimeError(f"the triton backend cannot run here: {why}. "
+                           "Use --backend torch (or auto, which falls back by itself).")
+    if name == "auto" and not ok:
+        if not _warned:
+            warnings.warn(f"fastbegan: using the pure-PyTorch backend ({why}).", stacklevel=3)
+            _warned = True
+        return "torch"
+    if name == "auto" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "torch"  # the interpreter is for tests: never pick it implicitly
+    return "triton"
+
+
+def set_backend(name: str) -> str:
+    """Select the backend for all ops; returns the concrete backend picked."""
+    global _backend
+    _backend = resolve_backend(name)
+    return _backend
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Temporarily switch backend: ``with use_backend("triton"): ...``."""
+    prev = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
+
+
+def _triton():
+    return importlib.import_module("fastbegan.ops.triton_ops")
+
+
+def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: bool = False,
+                stride: int = 1, activation: bool = True, skip: Tensor | None = None,
+                wgrad_scale: Tensor | None = None) -> Tensor:
+    """Fused ``[nearest-upsample 2x] -> [concat skip] -> conv3x3(pad 1, stride) + bias -> [ELU]``.
+
+    x: (N, C_x, H, W) channels_last. skip: optional (N, C_s, H', W') at the conv's input
+    resolution (after the upsample), concatenated after x's channels. weight:
+    (C_out, C_x + C_s, 3, 3); bias: (C_out,) or None. ``stride`` is 1 or 2 (not with
+    ``upsample``). ``wgrad_scale``: optional (N,) tensor that weights sample n's
+    contribution to the weight and bias gradients (the input gradient is unscaled);
+    the forward value does not depend on it. Returns (N, C_out, H'/stride, W'/stride).
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"conv3x3_elu: stride must be 1 or 2, got {stride}")
+    if upsample and stride != 1:
+        raise ValueError("conv3x3_elu: upsample and stride 2 cannot be combined")
+    if _backend == "triton":
+        return _triton().conv3x3_elu(x, weight, bias, upsample=upsample, stride=stride,
+                                     activation=activation, skip=skip, wgrad_scale=wgrad_scale)
+    if wgrad_scale is not None:
+        return reference.conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, upsample=upsample,
+                                                stride=stride, activation=activation, skip=skip)
+    return reference.conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
+                                     activation=activation, skip=skip)
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, C, 2H, 2W) nearest. Prefer ``conv3x3_elu(upsample=True)``."""
+    if _backend == "triton":
+        return _triton().upsample_nearest2x(x)
+    return reference.upsample_nearest2x_ref(x)
+
+
+def l1_recon_loss(x: Tensor, recon: Tensor) -> Tensor:
+    """``mean |x - recon|`` as a 0-d fp32 tensor (differentiable in ``recon``)."""
+    if _backend == "triton":
+        return _triton().l1_recon_loss(x, recon)
+    return reference.l1_recon_loss_ref(x, recon)
+
+
+def began_update(k: Tensor, loss_real: Tensor, loss_fake: Tensor, gamma: float,
+                 lambda_k: float) -> tuple[Tensor, Tensor]:
+    """``(k_next, M_global)``; see :func:`reference.began_update_ref`. No host sync."""
+    if _backend == "triton":
+        return _triton().began_update(k, loss_real, loss_fake, gamma, lambda_k)
+    return reference.began_update_ref(k, loss_real, loss_fake, gamma, lambda_k)
+
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
+           "triton_status", "conv3x3_elu", "upsample_nearest2x", "l1_recon_loss", "began_update"]

@@ -1,0 +1,147 @@
+"""Checkpoints: safetensors files written atomically, with format version and config.
+
+A checkpoint is one ``.safetensors`` file: tensors (G and D parameters, optimiser
+state, k_t, step, RNG states) and string metadata (format name and version, the run's
+config as JSON, and small host-side trainer state as JSON). It is written to a temporary
+file in the same folder, fsync'ed, then renamed over the final name, so a crash or a
+SIGKILL never leaves a half-written checkpoint under a real name. The last ``keep``
+checkpoints are kept (``ckpt_00001000.safetensors``, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "fastbegan-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt_(\d{8,})\.safetensors$")
+
+# Config fields that define the networks' shapes: a checkpoint whose values differ
+# cannot be resumed or loaded into this config.
+MODEL_FIELDS = ("res", "filters", "z_dim", "h", "skip", "vanishing_residual_on")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message that says why and what to do."""
+
+
+def checkpoint_path(out_dir: str | os.PathLike, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"ckpt_{step:08d}.safetensors"
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints of a run folder, oldest first (temporary files ignored)."""
+    d = Path(out_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                    state: dict | None = None, keep: int | None = None) -> Path:
+    """Write atomically; prune to the newest ``keep`` checkpoints in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True),
+            "state": json.dumps(state or {}, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if keep:
+        for old in list_checkpoints(path.parent.parent)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu"
+                    ) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """-> (tensors, config, state). Raises CheckpointError with a readable message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated ({e}); "
+                              "delete it to resume from the previous one") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a fastbegan checkpoint")
+    if int(meta.get("version", -1)) > VERSION:
+        raise CheckpointError(f"{str(path)!r} has format version {meta['version']}, newer than this "
+                              f"fastbegan understands ({VERSION}): upgrade fastbegan")
+    return tensors, json.loads(meta["config"]), json.loads(meta.get("state", "{}"))
+
+
+def check_compatible(ckpt_config: dict, config: dict, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose networks differ from ``config``'s, naming the fields."""
+    diff = [f"{k}={ckpt_config.get(k)!r} (this run: {config.get(k)!r})"
+            for k in MODEL_FIELDS if ckpt_config.get(k) != config.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {str(path)!r} is from another configuration: "
+                              + ", ".join(diff) + ". Pass the same options as the run that wrote "
+                              "it, or use a new --out folder to start afresh.")
+
+
+def prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in sd.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_generator(path: str | os.PathLike, map_location: str = "cpu"):
+    """The generator of a checkpoint, on ``map_location``, in eval mode."""
+    from .model import Generator
+    tensors, cfg, _ = load_checkpoint(path, map_location)
+    g = Generator(cfg["res"], cfg["filters"], cfg["z_dim"], skip=cfg.get("skip", False),
+                  vanishing_residual=cfg.get("vanishing_residual_on", False))
+    load_into(g, unprefixed("G.", tensors))
+    if cfg.get("vanishing_residual_on"):
+        g.carry.fill_(0.0)  # the annealed end state; trained runs finish with carry 0
+    g.config = cfg
+    return g.to(map_location).eval()
+
+
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """load_state_dict that keeps each parameter's memory format (channels_last weights)."""
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.endswith("carry")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}")

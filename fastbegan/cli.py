@@ -1,0 +1,151 @@
+"""Command line: ``fastbegan train | sample | prepare | ...`` (click).
+
+User errors (bad data, bad options, a checkpoint of another run) end in one clear line
+and exit code 1; ``FASTBEGAN_DEBUG=1`` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .checkpoint import CheckpointError
+from .data import DataError
+
+USER_ERRORS = (DataError, CheckpointError, ValueError, RuntimeError, OSError)
+
+
+def user_errors(fn):
+    """Turn expected failures into a one-line ``Error: ...`` instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except USER_ERRORS as e:
+            if os.environ.get("FASTBEGAN_DEBUG") == "1":
+                raise
+            raise click.ClickException(str(e) or e.__class__.__name__) from None
+    return wrapper
+
+
+def check_writable(folder: str) -> None:
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.ClickException(f"cannot write to output folder {folder!r} ({e.strerror}): "
+                                   "choose another --out") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastbegan")
+def main():
+    """fastbegan: train BEGAN fast, sample from it, and benchmark its fused kernels."""
+
+
+@main.command()
+@click.option("--res", type=int, default=64, show_default=True, help="Image resolution: a power of two in 8..256.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Folder of images (searched recursively) or a .npy from `fastbegan prepare`. "
+                   "Default: the embedded procedural faces.")
+@click.option("--steps", type=int, default=None,
+              help="Total training steps. Default 100000 on a GPU, 300 on CPU (CPU is for trying things out).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--filters", type=int, default=None, help="n, the conv width. Default 128 at res >= 128, else 64.")
+@click.option("--z-dim", type=int, default=64, show_default=True)
+@click.option("--h", "h", type=int, default=64, show_default=True, help="Embedding size of D's auto-encoder.")
+@click.option("--gamma", type=float, default=0.5, show_default=True, help="Diversity ratio.")
+@click.option("--lambda-k", type=float, default=0.001, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-min", type=float, default=2e-5, show_default=True)
+@click.option("--lr-half-every", type=int, default=100_000, show_default=True)
+@click.option("--lr-stall", type=int, default=0, show_default=True,
+              help="Also halve lr when M has not improved for this many steps (0 = off).")
+@click.option("--separate-z", is_flag=True, help="Paper-literal separate z_D / z_G (default: one z, as the TF reference).")
+@click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
+@click.option("--vanishing-residual", type=int, default=0, show_default=True,
+              help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), default="runs/began", show_default=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--sample-every", type=int, default=500, show_default=True)
+@click.option("--ckpt-every", type=int, default=1000, show_default=True)
+@click.option("--log-every", type=int, default=50, show_default=True)
+@click.option("--keep-ckpts", type=int, default=3, show_default=True)
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@user_errors
+def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
+          lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
+          sample_every, ckpt_every, log_every, keep_ckpts, no_progress):
+    """Train BEGAN (on the embedded procedural faces unless --data is given)."""
+    from .train import TrainConfig, resolve_device, train as run_training
+    dev = resolve_device(device)
+    if steps is None:
+        steps = 100_000 if dev.type == "cuda" else 300
+    if dev.type == "cpu":
+        click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
+                   "use a CUDA GPU for real runs.", err=True)
+    cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
+                      lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
+                      lambda_k=lambda_k, separate_z=separate_z, skip=skip,
+                      vanishing_residual=vanishing_residual, precision=precision, backend=backend,
+                      device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
+                      ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts)
+    check_writable(out)
+    trainer = run_training(cfg, resume=resume, progress=not no_progress,
+                           log=lambda m: click.echo(m, err=True))
+    click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", type=click.Path(), default="samples.png", show_default=True)
+@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@user_errors
+def sample(checkpoint, out, n, seed, device):
+    """Draw samples from a checkpoint's generator into a PNG grid."""
+    import torch
+    from .images import save_grid
+    from .model import Generator
+    g = Generator.from_checkpoint(checkpoint, map_location=device)
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.rand(n, g.fc.in_features, generator=gen) * 2 - 1).to(device)
+    with torch.no_grad():
+        path = save_grid(g(z), out)
+    click.echo(f"wrote {n} samples to {path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path())
+@click.option("--res", type=int, default=64, show_default=True)
+@click.option("--out", type=click.Path(), default=None, help="Output .npy (default: FOLDER-RES.npy beside FOLDER).")
+@user_errors
+def prepare(folder, res, out):
+    """Crop, resize and cache an image folder once (then train with --data OUT.npy)."""
+    from .data import load_folder, save_array_atomic
+    from .model import check_resolution
+    check_resolution(res)
+    arr, report = load_folder(folder, res, progress=True)
+    dest = Path(out) if out else Path(folder).expanduser().resolve().with_name(
+        f"{Path(folder).expanduser().resolve().name}-{res}.npy")
+    save_array_atomic(dest, arr)
+    click.echo(f"{report.summary()} -> {dest}")
+    for bad in report.unreadable[:10]:
+        click.echo(f"  unreadable: {bad}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The BEGAN model (Berthelot, Schumm, Metz 2017), in one short file.
+
+Architecture as in carpedm20/BEGAN-tensorflow, whose samples match the paper
+(DESIGN.md section 2). With ``res = 2**(L+2)`` there are L levels, 8x8 at the bottom.
+
+    Decoder / Generator  z (N, h)
+        fc(h -> n*8*8) -> (N, n, 8, 8)
+        level 0..L-1: conv3x3+ELU, conv3x3+ELU, then nearest-upsample x2 (not after the last)
+        conv3x3 -> 3 channels, linear
+    Encoder  x (N, 3, res, res)
+        conv3x3(3 -> n)+ELU
+        level i = 1..L: conv3x3+ELU to n*i, conv3x3+ELU, then (except at 8x8) a stride-2
+        conv3x3+ELU keeping n*i
+        fc(n*L*8*8 -> h), linear
+    Discriminator = Decoder(Encoder(x)), an auto-encoder.
+
+Every convolution goes through :func:`fastbegan.ops.conv3x3_elu`; the nearest upsample
+is fused into the following convolution (``upsample=True``), so no upsampled tensor is
+written on the triton backend. Activations are logical NCHW tensors in channels_last
+memory. Conv weights are kept channels_last (memory O,3,3,I: the (C_out, 9*C_in) matrix
+the kernels read), converted once at construction, never per step.
+
+Options (off by default, every backend):
+- ``skip``: the decoder concatenates h0 (the fc output, nearest-upsampled to the level's
+  resolution) to the input of the first conv of every level after the first.
+- ``vanishing_residual``: each decoder level's conv pair becomes
+  ``carry * x + (1 - carry) * convs(x)``; the trainer anneals ``carry`` from 1 to 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+
+
+def check_resolution(res: int) -> int:
+    """Return the number of levels for ``res``; a clear error unless res is 2**k in 8..256."""
+    if not isinstance(res, int) or res < 8 or res > 256 or res & (res - 1):
+        raise ValueError(f"resolution must be a power of two between 8 and 256, got {res!r}")
+    return int(math.log2(res)) - 2
+
+
+class Conv3x3(nn.Module):
+    """3x3, padding-1 convolution + bias + ELU (optionally: fused upsample, stride 2, skip).
+
+    ``weight``: (c_out, c_in, 3, 3) in channels_last memory; ``bias``: (c_out,).
+    Initialised like ``nn.Conv2d`` (He-uniform with a = sqrt(5)).
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, upsample: bool = False, stride: int = 1,
+                 activation: bool = True):
+        super().__init__()
+        ref = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.weight = nn.Parameter(ref.weight.detach().contiguous(memory_format=torch.channels_last))
+        self.bias = nn.Parameter(ref.bias.detach().clone())
+        self.upsample, self.stride, self.activation = upsample, stride, activation
+
+    def forward(self, x: Tensor, skip: Tensor | None = None, wgrad_scale: Tensor | None = None) -> Tensor:
+        return ops.conv3x3_elu(x, self.weight, self.bias, upsample=self.upsample, stride=self.stride,
+                               activation=self.activation, skip=skip, wgrad_scale=wgrad_scale)
+
+    def extra_repr(self) -> str:
+        c_out, c_in = self.weight.shape[:2]
+        return (f"{c_in}, {c_out}, upsample={self.upsample}, stride={self.stride}, "
+                f"activation={self.activation}")
+
+
+class Decoder(nn.Module):
+    """(N, h) -> (N, 3, res, res). Also the Generator (same architecture, own weights)."""
+
+    def __init__(self, res: int = 64, n: int = 64, h: int = 64, *, skip: bool = False,
+                 vanishing_residual: bool = False):
+        super().__init__()
+        self.levels = check_resolution(res)
+        self.n, self.h, self.skip, self.vanishing_residual = n, h, skip, vanishing_residual
+        self.fc = nn.Linear(h, n * 8 * 8)
+        self.convs = nn.ModuleList()
+        for level in range(self.levels):
+            c_in = n * 2 if (skip and level > 0) else n
+            self.convs.append(Conv3x3(c_in, n, upsample=level > 0))
+            self.convs.append(Conv3x3(n, n))
+        self.to_rgb = Conv3x3(n, 3, activation=False)
+        self.register_buffer("carry", torch.ones(()), persistent=False)
+
+    def forward(self, z: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        # fc output viewed as NHWC, then permuted: a channels_last NCHW view, no copy.
+        x = self.fc(z).view(-1, 8, 8, self.n).permute(0, 3, 1, 2)
+        h0 = x
+        for level in range(self.levels):
+            first, second = self.convs[2 * level], self.convs[2 * level + 1]
+            skip = None
+            if self.skip and level > 0:
+                h0 = ops.upsample_nearest2x(h0)
+                skip = h0
+            y = second(first(x, skip, wgrad_scale), wgrad_scale=wgrad_scale)
+            if self.vanishing_residual:
+                x_in = ops.upsample_nearest2x(x) if level > 0 else x
+                y = self.carry * x_in + (1 - self.carry) * y
+            x = y
+        return self.to_rgb(x, wgrad_scale=wgrad_scale)
+
+
+class Encoder(nn.Module):
+    """(N, 3, res, res) -> (N, h)."""
+
+    def __init__(self, res: int = 64, n: int = 64, h: int = 64):
+        super().__init__()
+        self.levels = check_resolution(res)
+        self.n = n
+        layers = [Conv3x3(3, n)]
+        c = n
+        for i in range(1, self.levels + 1):
+            layers += [Conv3x3(c, n * i), Conv3x3(n * i, n * i)]
+            if i < self.levels:
+                layers.append(Conv3x3(n * i, n * i, stride=2))
+            c = n * i
+        self.convs = nn.ModuleList(layers)
+        self.fc = nn.Linear(c * 8 * 8, h)
+
+    def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        for conv in self.convs:
+            x = conv(x, wgrad_scale=wgrad_scale)
+        # channels_last -> NHWC flatten is a view; fc weights use that (h, 8*8*C) order.
+        return self.fc(x.permute(0, 2, 3, 1).flatten(1))
+
+
+class Generator(Decoder):
+    """G: z ~ U(-1, 1)^z_dim -> image in roughly [-1, 1]."""
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str = "cpu") -> "Generator":
+        """Load the generator of a ``fastbegan train`` checkpoint (eval mode)."""
+        from .checkpoint import load_generator
+        return load_generator(path, map_location=map_location)
+
+
+class Discriminator(nn.Module):
+    """D: the auto-encoder Decoder(Encoder(x)).
+
+    ``wgrad_scale`` (N,) weights each sample's contribution to D's weight gradients
+    without changing the input gradient (the single-pass training step, DESIGN 1).
+    """
+
+    def __init__(self, res: int = 64, n: int = 64, h: int = 64, *, skip: bool = False,
+                 vanishing_residual: bool = False):
+        super().__init__()
+        self.encoder = Encoder(res, n, h)
+        self.decoder = Decoder(res, n, h, skip=skip, vanishing_residual=vanishing_residual)
+
+    def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        return self.decoder(self.encoder(x, wgrad_scale), wgrad_scale)
+
+
+class BEGAN(nn.Module):
+    """Generator G and discriminator D of one BEGAN run (``fastbegan.BEGAN(res=64)``)."""
+
+    def __init__(self, res: int = 64, filters: int | None = None, z_dim: int = 64, h: int = 64, *,
+                 skip: bool = False, vanishing_residual: bool = False):
+        super().__init__()
+        filters = filters or default_filters(res)
+        self.res, self.filters, self.z_dim, self.h = res, filters, z_dim, h
+        self.G = Generator(res, filters, z_dim, skip=skip, vanishing_residual=vanishing_residual)
+        self.D = Discriminator(res, filters, h, skip=skip, vanishing_residual=vanishing_residual)
+
+    def set_carry(self, carry: float | Tensor) -> None:
+        """Vanishing-residual carry in [0, 1] for every decoder (in place, no realloc)."""
+        for dec in (self.G, self.D.decoder):
+            dec.carry.copy_(torch.as_tensor(carry, dtype=dec.carry.dtype))
+
+
+def default_filters(res: int) -> int:
+    """n = 128 at res >= 128, 64 below (DESIGN 2)."""
+    return 128 if res >= 128 else 64

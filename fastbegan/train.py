@@ -1,0 +1,413 @@
+"""The BEGAN trainer (DESIGN.md section 1), reference path: any device, any backend.
+
+One step of the default *same-z global step* (as in the TensorFlow reference):
+
+    x  = real batch in [-1, 1];   z ~ U(-1, 1)^(B, z_dim);   fake = G(z)
+    [rec_x; rec_f] = D([x; fake])                 (one D forward over 2B images)
+    L_real = mean|x - rec_x|,   L_fake = mean|fake - rec_f|
+    L_D = L_real - k_t * L_fake  -> gradients to D's parameters only
+    L_G = L_fake                 -> gradients to G's parameters only
+    Adam(lr, betas (0.5, 0.999)) steps both
+    k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)
+    M_global = L_real + |gamma * L_real - L_fake|
+
+``separate_z`` is the paper-literal variant: z_D for L_D (G's output detached) and a
+fresh z_G for L_G, with k_t updated from L(G(z_G)).
+
+The learning rate is halved every ``lr_half_every`` steps (floor ``lr_min``) and,
+optionally, when M_global has not improved by 1% for ``lr_stall`` steps. The rate is
+changed in the optimiser's param groups: Adam's moments are kept (one reference
+implementation rebuilds the optimisers and loses them).
+
+Host synchronisation happens only every ``log_every`` steps (reading the logged
+scalars); k_t lives on the device. Exact resume: the data/z generator's state, the
+optimiser state, k_t, step, lr and the stall tracker are all in the checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import ops
+from .model import BEGAN, check_resolution, default_filters
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in every checkpoint)."""
+    res: int = 64
+    filters: int | None = None          # n; default 128 at res >= 128, else 64
+    z_dim: int = 64
+    h: int = 64
+    batch_size: int = 16
+    steps: int = 10_000
+    lr: float = 1e-4
+    lr_min: float = 2e-5
+    lr_half_every: int = 100_000
+    lr_stall: int = 0                   # halve lr after this many steps without M improving (0 = off)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    gamma: float = 0.5
+    lambda_k: float = 0.001
+    separate_z: bool = False
+    skip: bool = False
+    vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
+    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    backend: str = "auto"               # auto | torch | triton
+    device: str = "auto"
+    seed: int = 0
+    data: str | None = None             # None = embedded procedural faces
+    n_procedural: int = 4096
+    flip: bool = True
+    out: str = "runs/began"
+    sample_every: int = 500
+    ckpt_every: int = 1000
+    log_every: int = 50
+    keep_ckpts: int = 3
+
+    def __post_init__(self):
+        check_resolution(self.res)
+        if self.filters is None:
+            self.filters = default_filters(self.res)
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(ops.BACKENDS)}")
+        for name in ("sample_every", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vanishing_residual_on"] = self.vanishing_residual > 0
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+def to_unit_range(batch_u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], channels_last (a permuted view)."""
+    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+class Trainer:
+    """Owns the model, optimisers, device-resident data and BEGAN state of one run."""
+
+    def __init__(self, cfg: TrainConfig, data: np.ndarray, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg.device)
+        self.backend = ops.set_backend(cfg.backend)
+        if len(data) < cfg.batch_size:
+            raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
+                             "images): use a smaller --batch-size or more images")
+        torch.manual_seed(cfg.seed)
+        self.model = BEGAN(cfg.res, cfg.filters, cfg.z_dim, cfg.h, skip=cfg.skip,
+                           vanishing_residual=cfg.vanishing_residual > 0).to(self.device)
+        self.G, self.D = self.model.G, self.model.D
+        adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        if self.device.type == "cuda":
+            adam["fused"] = True
+        self.opt_g = torch.optim.Adam(self.G.parameters(), **adam)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), **adam)
+        # The whole data set on the device, uint8 NHWC; batches are gathered there.
+        self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.k = torch.zeros((), device=self.device)
+        self.step = 0
+        self.lr = cfg.lr
+        self.best_m, self.best_m_step, self.lr_halvings = math.inf, 0, 0
+        fixed = torch.Generator().manual_seed(cfg.seed + 1)
+        self.fixed_z = (torch.rand(64, cfg.z_dim, generator=fixed) * 2 - 1).to(self.device)
+        self.fixed_x = torch.randint(len(data), (min(32, len(data)),), generator=fixed)
+        self._stop = False
+
+    # ------------------------------------------------------------------ sampling
+    def sample_z(self, n: int) -> torch.Tensor:
+        return torch.rand(n, self.cfg.z_dim, device=self.device, generator=self.gen).mul_(2).sub_(1)
+
+    def real_batch(self) -> torch.Tensor:
+        b = self.cfg.batch_size
+        idx = torch.randint(len(self.data), (b,), device=self.device, generator=self.gen)
+        x = to_unit_range(self.data[idx])
+        if self.cfg.flip:
+            flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5
+            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    # ------------------------------------------------------------------ one step
+    def compute_grads(self, x: torch.Tensor, z_d: torch.Tensor, z_g: torch.Tensor | None = None):
+        """Losses for one step, with D's and G's gradients written to ``.grad``.
+
+        Same-z step when ``z_g`` is None. Returns (L_real, L_fake_for_k) as 0-d fp32 tensors.
+        """
+        g_params, d_params = list(self.G.parameters()), list(self.D.parameters())
+        b = x.shape[0]
+        with self.autocast():
+            if z_g is None:
+                fake = self.G(z_d)
+                rec = self.D(torch.cat([x, fake]))
+                loss_real = ops.l1_recon_loss(x, rec[:b])
+                loss_fake = ops.l1_recon_loss(fake, rec[b:])
+                loss_d = loss_real - self.k * loss_fake
+                grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
+                grads_g = torch.autograd.grad(loss_fake, g_params)
+                loss_g = loss_fake
+            else:
+                with torch.no_grad():
+                    fake_d = self.G(z_d)
+                rec = self.D(torch.cat([x, fake_d]))
+                loss_real = ops.l1_recon_loss(x, rec[:b])
+                loss_d = loss_real - self.k * ops.l1_recon_loss(fake_d, rec[b:])
+                grads_d = torch.autograd.grad(loss_d, d_params)
+                fake_g = self.G(z_g)
+                loss_g = ops.l1_recon_loss(fake_g, self.D(fake_g))
+                grads_g = torch.autograd.grad(loss_g, g_params)
+        for p, g in zip(d_params, grads_d):
+            p.grad = g
+        for p, g in zip(g_params, grads_g):
+            p.grad = g
+        return loss_real.float(), loss_g.float()
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One BEGAN step; returns device scalars (no host synchronisation)."""
+        cfg = self.cfg
+        if cfg.vanishing_residual:
+            self.model.set_carry(max(0.0, 1.0 - self.step / cfg.vanishing_residual))
+        x = self.real_batch()
+        z_d = self.sample_z(cfg.batch_size)
+        z_g = self.sample_z(cfg.batch_size) if cfg.separate_z else None
+        loss_real, loss_fake = self.compute_grads(x, z_d, z_g)
+        self.opt_d.step()
+        self.opt_g.step()
+        k_used = self.k
+        self.k, m_global = ops.began_update(self.k, loss_real, loss_fake, cfg.gamma, cfg.lambda_k)
+        self.step += 1
+        self._schedule_lr()
+        return {"loss_real": loss_real.detach(), "loss_fake": loss_fake.detach(),
+                "loss_d": (loss_real - k_used * loss_fake).detach(), "k": self.k, "M": m_global}
+
+    def _set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr  # Adam's moments are kept
+
+    def _schedule_lr(self) -> None:
+        cfg = self.cfg
+        if cfg.lr_half_every and self.step % cfg.lr_half_every == 0:
+            self._set_lr(max(self.lr * 0.5, cfg.lr_min))
+
+    def observe_m(self, m: float) -> str | None:
+        """M-stall rule (host side, at log intervals): halve lr if M stopped improving."""
+        cfg = self.cfg
+        if m < self.best_m * 0.99:
+            self.best_m, self.best_m_step = m, self.step
+        elif cfg.lr_stall and self.step - self.best_m_step >= cfg.lr_stall and self.lr > cfg.lr_min:
+            self._set_lr(max(self.lr * 0.5, cfg.lr_min))
+            self.lr_halvings += 1
+            self.best_m, self.best_m_step = m, self.step
+            return f"M stalled for {cfg.lr_stall} steps: lr halved to {self.lr:.3g}"
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = ckpt.prefixed("G.", self.G.state_dict()) | ckpt.prefixed("D.", self.D.state_dict())
+        for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
+            for i, st in opt.state_dict()["state"].items():
+                for key, val in st.items():
+                    t[f"{name}.{i}.{key}"] = torch.as_tensor(val)
+        t["state.k"] = self.k
+        t["state.step"] = torch.tensor(self.step)
+        t["rng.gen"] = self.gen.get_state()
+        t["rng.torch"] = torch.get_rng_state()
+        return t
+
+    def host_state(self) -> dict:
+        return {"lr": self.lr, "best_m": None if math.isinf(self.best_m) else self.best_m,
+                "best_m_step": self.best_m_step, "lr_halvings": self.lr_halvings}
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.checkpoint_path(self.cfg.out, self.step)
+        return ckpt.save_checkpoint(path, self.state_tensors(), self.cfg.to_dict(), self.host_state(),
+                                    keep=self.cfg.keep_ckpts)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        tensors, cfg, state = ckpt.load_checkpoint(path, "cpu")
+        ckpt.check_compatible(cfg, self.cfg.to_dict(), path)
+        ckpt.load_into(self.G, ckpt.unprefixed("G.", tensors))
+        ckpt.load_into(self.D, ckpt.unprefixed("D.", tensors))
+        for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
+            sd = opt.state_dict()
+            sd["state"] = {}
+            for key, val in ckpt.unprefixed(f"{name}.", tensors).items():
+                i, field = key.split(".", 1)
+                sd["state"].setdefault(int(i), {})[field] = val
+            opt.load_state_dict(sd)  # moves the moments to the parameters' device
+        self.k = tensors["state.k"].to(self.device)
+        self.step = int(tensors["state.step"])
+        self.gen.set_state(tensors["rng.gen"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self._set_lr(state.get("lr", self.cfg.lr))
+        best = state.get("best_m")
+        self.best_m = math.inf if best is None else best
+        self.best_m_step = state.get("best_m_step", 0)
+        self.lr_halvings = state.get("lr_halvings", 0)
+
+    # ------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def write_samples(self) -> Path:
+        from .images import save_grid
+        out = Path(self.cfg.out) / "samples"
+        with self.autocast():
+            fake = self.G(self.fixed_z).float()
+            real = to_unit_range(self.data[self.fixed_x.to(self.device)]).contiguous(
+                memory_format=torch.channels_last)
+            rec = self.D(real).float()
+        save_grid(fake, out / f"fake_{self.step:08d}.png")
+        pairs = torch.stack([real, rec], 1).flatten(0, 1)  # real, recon, real, recon, ...
+        return save_grid(pairs, out / f"recon_{self.step:08d}.png", nrow=8)
+
+    # ------------------------------------------------------------------ loop
+    def request_stop(self, *_):
+        self._stop = True
+
+    def fit(self, steps: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until ``steps`` total steps; returns the logged rows. Ctrl-C / SIGTERM save and stop."""
+        cfg = self.cfg
+        total = cfg.steps if steps is None else steps
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        rows = []
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        in_main = _in_main_thread()
+        if in_main:
+            for s in old:
+                signal.signal(s, self.request_stop)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, disable=not progress)
+        t_last, s_last = time.perf_counter(), self.step
+        try:
+            with open(metrics_path, "a") as metrics:
+                while self.step < total and not self._stop:
+                    vals = self.train_step()
+                    if self.step % cfg.log_every == 0 or self.step == total:
+                        now = time.perf_counter()
+                        row = self._log_row(vals, (self.step - s_last) / max(now - t_last, 1e-9))
+                        t_last, s_last = now, self.step
+                        note = self.observe_m(row["M"])
+                        if note:
+                            row["event"] = note
+                            self.log(f"step {self.step}: {note}")
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        rows.append(row)
+                        if bar is not None:
+                            bar.set_postfix(k=f"{row['k']:.4f}", M=f"{row['M']:.4f}",
+                                            Lr=f"{row['loss_real']:.4f}", Lf=f"{row['loss_fake']:.4f}")
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.sample_every == 0:
+                        self.write_samples()
+                    if self.step % cfg.ckpt_every == 0:
+                        self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if in_main:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        last = ckpt.latest_checkpoint(cfg.out)
+        if last is None or not last.name.endswith(f"{self.step:08d}.safetensors"):
+            self.save_checkpoint()
+        if self._stop:
+            self.log(f"stopped at step {self.step}; checkpoint saved. Resume with --resume.")
+        else:
+            self.write_samples()
+        return rows
+
+    def _log_row(self, vals: dict[str, torch.Tensor], steps_per_s: float) -> dict:
+        keys = list(vals)
+        # the one host synchronisation, every log_every steps
+        nums = torch.stack([vals[k].float() for k in keys]).tolist()
+        row = {"step": self.step, **dict(zip(keys, nums)), "lr": self.lr,
+               "steps_per_s": round(steps_per_s, 3), "time": time.time()}
+        return row
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after ``step`` (a killed run's tail, redone after resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:
+    """Load data, build the trainer, resume if asked, train to ``cfg.steps``."""
+    from .data import load_dataset
+    arr, report = load_dataset(cfg.data, cfg.res, n_procedural=cfg.n_procedural, seed=cfg.seed,
+                               progress=progress)
+    log(f"data: {report.summary()}")
+    if report.unreadable:
+        log(f"skipped {len(report.unreadable)} unreadable files, e.g. {report.unreadable[0]}")
+    trainer = Trainer(cfg, arr, log=log)
+    if resume:
+        last = ckpt.latest_checkpoint(cfg.out)
+        if last is None:
+            log(f"no checkpoint in {cfg.out}/checkpoints: starting from scratch")
+        else:
+            trainer.load_checkpoint(last)
+            truncate_metrics(Path(cfg.out) / "metrics.jsonl", trainer.step)
+            log(f"resumed from {last} at step {trainer.step}")
+    elif ckpt.latest_checkpoint(cfg.out) is not None:
+        raise ckpt.CheckpointError(f"{cfg.out} already holds checkpoints: pass --resume to continue "
+                                   "that run, or choose another --out")
+    log(f"device {trainer.device.type}, backend {trainer.backend}, precision {cfg.precision}, "
+        f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}")
+    trainer.fit(progress=progress)
+    return trainer

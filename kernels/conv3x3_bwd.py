@@ -1,0 +1,616 @@
+"""Backward kernels of the fused ``conv3x3_elu`` op (DESIGN 3.2).
+
+Forward (kernels/conv3x3.py)::
+
+    inp = cat([up2x(x) if UPSAMPLE else x, skip], channels)      # conv-input resolution
+    pre = conv3x3(inp, W, pad=1, stride=S) + bias
+    y   = elu(pre) if ACT else pre
+
+All activations are NHWC in memory (logical NCHW tensors in channels_last format).
+Three kernels compute the gradients:
+
+1. ``_dgrad_kernel``  -- gradient of one *source* tensor (x, or the concatenated skip)::
+
+       dsrc = conv_transpose3x3(dpre, W[:, c_off:c_off + C_src])      (+ adjoints)
+
+   an implicit GEMM with M = source pixels, N = source channels, K = taps x C_out.
+2. ``_wgrad_kernel``  -- partial weight (and bias) gradients of one source: a GEMM with
+   M = C_out, N = taps x C_src and K = the pixels of the whole batch, split into
+   ``S`` chunks ("split-K"); every program writes its own fp32 partial tile, so the
+   result is deterministic (no atomics).
+3. ``_wgrad_reduce_kernel`` -- sums the split-K partials in fp32 and writes dW in the
+   weight's own layout and dtype (and db).
+
+The ELU derivative is taken from the saved *output* y:  d elu / d pre = 1 if y > 0
+else y + 1 (= exp(pre)).  It is applied while dy is loaded (``_load_dpre``), so the
+pre-activation is never stored and there is no separate elementwise pass.
+
+Upsample (nearest 2x) uses the "sub-pixel" decomposition (DESIGN 3.1/8): along one axis,
+output row ``2i + p`` (phase p) of the conv reads low-resolution rows ``i + p + a - 1``,
+a in {0, 1}, with the 3x3 rows summed as follows::
+
+    p = 0:  a = 0 (offset -1) <- row 0          a = 1 (offset 0)  <- rows 1 + 2
+    p = 1:  a = 0 (offset  0) <- rows 0 + 1     a = 1 (offset +1) <- row 2
+
+* dgrad: low-res pixel i receives from output rows ``2i - 1 + a'``, a' = 0..3, i.e. a 4x4
+  "stride-2" correlation of dpre whose taps are sums of 3x3 taps (rows kh in
+  [max(0, 2 - a'), min(2, 3 - a')]): 16 taps per low-res pixel instead of 4 x 9.
+* wgrad: 16 (phase, tap) combinations, each a GEMM over the *low-res* pixels (K = N*H*W
+  instead of N*4HW); the reduce kernel maps them back onto the 3x3 taps (each 3x3 tap is the
+  sum of 4 combinations). 2.25x fewer FLOPs than gathering the upsampled input.
+
+Stride 2 dgrad is split by output phase as well: the source pixels of phase (py, px)
+(``h = 2i + py``) receive only from taps kh = 1 (py = 0) or kh in {0, 2} (py = 1), so no
+MACs are wasted on the zeros a masked stride-1 formulation would multiply.
+
+Data types: activations fp32 / fp16 / bf16, weights any float dtype (cast on load to the
+activations' dtype for ``tl.dot``), accumulation in fp32 always. Integer offsets are
+int32: the launchers check that every tensor has fewer than 2**31 elements.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------
+# autotune configs
+# --------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                         num_warps=warps, num_stages=stages)
+
+
+# dgrad: BLOCK_M source pixels x BLOCK_N source channels, K step BLOCK_K output channels.
+# Hopper-shaped (128 x 128 x 64, 8 warps = 2 warpgroups of wgmma) down to small channel
+# counts (the first / last layers of BEGAN have 3 channels on one side).
+DGRAD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(128, 32, 32, 4, 4),
+    _cfg(64, 32, 16, 4, 3),
+]
+# wgrad: BLOCK_M output channels x BLOCK_N source channels, K step BLOCK_K pixels.
+WGRAD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(64, 32, 64, 4, 3),
+    _cfg(32, 16, 64, 4, 3),
+]
+# The interpreter runs one config (it has nothing to tune and every config costs time).
+_INTERP_DGRAD = [_cfg(64, 32, 32, 4, 1)]
+_INTERP_WGRAD = [_cfg(32, 32, 64, 4, 1)]
+
+
+def _prune(named_args, n_name, k_name):
+    """Drop configs whose N / K block is far wider than the tensor (e.g. 128 for 3 channels)."""
+    def prune(configs, nargs, **kw):
+        n = nargs[n_name]
+        k = nargs[k_name]
+        keep = [c for c in configs
+                if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
+                and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(k))]
+        return keep or configs[-1:]
+    return prune
+
+
+def _prune_dgrad(configs, nargs, **kw):
+    return _prune(nargs, "C", "Co")(configs, nargs)
+
+
+def _prune_wgrad(configs, nargs, **kw):
+    co, c = nargs["Co"], nargs["C"]
+    keep = [cf for cf in configs
+            if cf.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(co))
+            and cf.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(c))]
+    return keep or configs[-1:]
+
+
+# --------------------------------------------------------------------------------------
+# shared helper: dy -> dpre (ELU derivative from the saved output, applied on load)
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _load_dpre(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr):
+    """fp32 ``dpre = dy * elu'(pre)`` at ``offs``; 0 where ``mask`` is false.
+
+    elu'(pre) = 1 for pre > 0, exp(pre) = y + 1 otherwise, and y > 0 <=> pre > 0.
+    """
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT:
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.where(y > 0.0, dy, dy * (y + 1.0))
+    return dy
+
+
+# --------------------------------------------------------------------------------------
+# 1. dgrad
+# --------------------------------------------------------------------------------------
+@triton.autotune(configs=_INTERP_DGRAD if _INTERPRET else DGRAD_CONFIGS,
+                 key=["C", "Co", "Hs", "Ws", "UPSAMPLE", "STRIDE", "ACT"],
+                 prune_configs_by={"early_config_prune": _prune_dgrad})
+@triton.jit
+def _dgrad_kernel(
+    dy_ptr, y_ptr, w_ptr, out_ptr,
+    Hs, Ws, C,              # source (= output of this kernel): NHWC, C channels
+    Ho, Wo, Co,             # dy / y: NHWC, Co channels
+    Hb, Wb, M,              # base grid of one phase (M = N * Hb * Wb rows of the GEMM)
+    c_off,                  # first weight input channel of this source
+    sw_o, sw_i, sw_h, sw_w,  # weight strides (logical O, I, kh, kw)
+    ACT: tl.constexpr, UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr,
+    IN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: a [BLOCK_M pixels, BLOCK_N channels] tile of dsrc for one phase.
+
+    Grid: (cdiv(C, BLOCK_N), cdiv(M, BLOCK_M), phases); phases = 4 for stride 2 (the
+    source pixel parity (py, px)), else 1. Rows of the tile are "base" pixels (n, i, j):
+
+    * plain:    source pixel (i, j);          taps 3x3:  dy row i + 1 - kh
+    * STRIDE=2: source pixel (2i+py, 2j+px);  taps (1+py) x (1+px): kh = 1 (py = 0) or
+                kh in {0, 2} (py = 1), dy row i + (py + 1 - kh) / 2
+    * UPSAMPLE: low-res pixel (i, j) of x;    taps 4x4: dy row 2i - 1 + a, weight = sum of
+                the 3x3 taps kh in [max(0, 2 - a), min(2, 3 - a)] (same for columns)
+
+    The K loop is one flat loop over (tap, C_out chunk); A = dpre (masked where the dy
+    pixel is outside the image: the zero padding), B = W[co, c_off + ci, kh, kw].
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    phase = tl.program_id(2)
+    py = phase // 2
+    px = phase % 2
+
+    # ---- rows: base pixels -> (n, i, j), and the source pixel each one writes
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    hw_b = Hb * Wb
+    nb = offs_m // hw_b
+    rem = offs_m % hw_b
+    bi = rem // Wb
+    bj = rem % Wb
+    if STRIDE == 2:
+        oh = 2 * bi + py
+        ow = 2 * bj + px
+        m_ok = m_ok & (oh < Hs) & (ow < Ws)
+    else:
+        oh = bi
+        ow = bj
+    if UPSAMPLE:
+        hb = 2 * bi - 1       # dy row of tap a is hb + a
+        wb = 2 * bj - 1
+    else:
+        hb = bi
+        wb = bj
+    dy_row = nb * (Ho * Wo)   # pixel index of image n's first dy pixel
+
+    # ---- columns: source channels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    w_col = (c_off + offs_n) * sw_i
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # ---- taps of this phase
+    if UPSAMPLE:
+        nth = 4
+        ntw = 4
+    elif STRIDE == 2:
+        nth = 1 + py
+        ntw = 1 + px
+    else:
+        nth = 3
+        ntw = 3
+    k_chunks = tl.cdiv(Co, BLOCK_K)
+    n_iter = nth * ntw * k_chunks
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, n_iter):
+        tap = it // k_chunks
+        c0 = (it % k_chunks) * BLOCK_K
+        th = tap // ntw
+        tw = tap % ntw
+        # dy pixel offset (dh, dw) of this tap, and the 3x3 weight tap(s) it uses
+        if UPSAMPLE:
+            dh = th
+            dw = tw
+            kh0 = tl.maximum(2 - th, 0)
+            kh1 = tl.minimum(3 - th, 2)
+            kw0 = tl.maximum(2 - tw, 0)
+            kw1 = tl.minimum(3 - tw, 2)
+        elif STRIDE == 2:
+            kh0 = tl.where(py == 0, 1, 2 * th)
+            kw0 = tl.where(px == 0, 1, 2 * tw)
+            dh = (py + 1 - kh0) // 2      # >= 0: exact division
+            dw = (px + 1 - kw0) // 2
+        else:
+            kh0 = th
+            kw0 = tw
+            dh = 1 - th
+            dw = 1 - tw
+
+        # A tile [BLOCK_M, BLOCK_K]: dpre at dy pixel (hb + dh, wb + dw), channels c0..
+        hh = hb + dh
+        ww = wb + dw
+        row_ok = m_ok & (hh >= 0) & (hh < Ho) & (ww >= 0) & (ww < Wo)
+        ck = c0 + offs_k
+        k_ok = ck < Co
+        a_offs = ((dy_row + hh * Wo + ww) * Co)[:, None] + ck[None, :]
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT).to(dy_ptr.dtype.element_ty)
+
+        # B tile [BLOCK_K, BLOCK_N]: W[co, c_off + ci, kh, kw] (summed taps for UPSAMPLE)
+        b_base = w_ptr + (ck * sw_o)[:, None] + w_col[None, :]
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        b = tl.load(b_base + kh0 * sw_h + kw0 * sw_w, mask=b_mask, other=0.0).to(tl.float32)
+        if UPSAMPLE:
+            # rows kh0..kh1 x columns kw0..kw1 (1, 2 or 4 taps); the second row / column
+            # is weighted 0 when it repeats the first (always in range, so no mask needed)
+            fh = (kh1 != kh0).to(tl.float32)
+            fw = (kw1 != kw0).to(tl.float32)
+            b += fw * tl.load(b_base + kh0 * sw_h + kw1 * sw_w, mask=b_mask,
+                              other=0.0).to(tl.float32)
+            b += fh * tl.load(b_base + kh1 * sw_h + kw0 * sw_w, mask=b_mask,
+                              other=0.0).to(tl.float32)
+            b += (fh * fw) * tl.load(b_base + kh1 * sw_h + kw1 * sw_w, mask=b_mask,
+                                     other=0.0).to(tl.float32)
+        b = b.to(dy_ptr.dtype.element_ty)
+
+        acc = tl.dot(a, b, acc, input_precision=IN_PREC)
+
+    # ---- epilogue: store the tile (NHWC, source dtype)
+    o_offs = (((nb * Hs + oh) * Ws + ow) * C)[:, None] + offs_n[None, :]
+    tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# 2. wgrad (split-K partials) + bias
+# --------------------------------------------------------------------------------------
+@triton.autotune(configs=_INTERP_WGRAD if _INTERPRET else WGRAD_CONFIGS,
+                 key=["C", "Co", "Ho", "Wo", "SUBPIXEL", "STRIDE", "ACT", "HAS_SCALE"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
+@triton.jit
+def _wgrad_kernel(
+    dy_ptr, y_ptr, src_ptr, scale_ptr, part_ptr, bpart_ptr,
+    Hs, Ws, C,              # source (x or skip): NHWC, C channels
+    Ho, Wo, Co,             # dy / y
+    Hb, Wb, K,              # base grid: K = N * Hb * Wb pixels (the GEMM's K)
+    K_PER_SPLIT,            # pixels per split (grid axis 2)
+    T,                      # taps: 9, or 16 (phase, tap) combinations with SUBPIXEL
+    ACT: tl.constexpr, SUBPIXEL: tl.constexpr, STRIDE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DO_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: partial dW[co tile, tap t, ci tile] over one K chunk of pixels.
+
+    Grid: (cdiv(Co, BLOCK_M), T * cdiv(C, BLOCK_N), S). Output:
+    ``part[s, co, t, ci] = sum_{pixels of chunk s} scale[n] * dpre[pix, co] * src(pix, t)[ci]``
+
+    * plain / STRIDE: base pixel = dy pixel (ho, wo); tap t = (kh, kw) reads the source at
+      (ho * STRIDE - 1 + kh, wo * STRIDE - 1 + kw) (zero outside: the conv padding).
+    * SUBPIXEL (upsampled x): base pixel = low-res pixel (i, j); t = (p, q, a, b) reads
+      dy at (2i + p, 2j + q) and x at (i + p + a - 1, j + q + b - 1).
+
+    Bias: ``bpart[s, phase, co] = sum scale[n] * dpre`` is written by the programs of
+    ci tile 0 and tap 0 (SUBPIXEL: the a = b = 0 tap of each of the 4 phases).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_ci = tl.cdiv(C, BLOCK_N)
+    t = pid_n // n_ci
+    pid_c = pid_n % n_ci
+    if SUBPIXEL:
+        p = t // 8
+        q = (t // 4) % 2
+        ta = (t // 2) % 2
+        tb = t % 2
+        sh = p + ta - 1       # source offset from the low-res pixel
+        sw = q + tb - 1
+        bias_prog = (pid_c == 0) & (ta == 0) & (tb == 0)
+        bias_slot = p * 2 + q
+    else:
+        kh = t // 3
+        kw = t % 3
+        sh = kh - 1
+        sw = kw - 1
+        p = 0
+        q = 0
+        bias_prog = (pid_c == 0) & (t == 0)
+        bias_slot = 0
+
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_ok = offs_co < Co
+    offs_ci = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_ok = offs_ci < C
+
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    hw_b = Hb * Wb
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        pix = k0 + tl.arange(0, BLOCK_K)
+        p_ok = pix < k_hi
+        nb = pix // hw_b
+        rem = pix % hw_b
+        bi = rem // Wb
+        bj = rem % Wb
+        if SUBPIXEL:
+            oh = 2 * bi + p
+            ow = 2 * bj + q
+            ih = bi + sh
+            iw = bj + sw
+        else:
+            oh = bi
+            ow = bj
+            ih = bi * STRIDE + sh
+            iw = bj * STRIDE + sw
+
+        # A tile [BLOCK_M co, BLOCK_K pixels] = (scale * dpre)^T
+        a_offs = (((nb * Ho + oh) * Wo + ow) * Co)[None, :] + offs_co[:, None]
+        a = _load_dpre(dy_ptr, y_ptr, a_offs, co_ok[:, None] & p_ok[None, :], ACT)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + nb, mask=p_ok, other=0.0).to(tl.float32)
+            a = a * s[None, :]
+        if DO_BIAS:
+            bacc += tl.sum(a, axis=1)
+
+        # B tile [BLOCK_K pixels, BLOCK_N ci] = source at the tap's pixel, 0 in the padding
+        in_ok = p_ok & (ih >= 0) & (ih < Hs) & (iw >= 0) & (iw < Ws)
+        b_offs = (((nb * Hs + ih) * Ws + iw) * C)[:, None] + offs_ci[None, :]
+        b = tl.load(src_ptr + b_offs, mask=in_ok[:, None] & ci_ok[None, :], other=0.0)
+
+        acc = tl.dot(a.to(src_ptr.dtype.element_ty), b.to(src_ptr.dtype.element_ty), acc,
+                     input_precision=IN_PREC)
+
+    # partial tile -> part[s, co, t, ci] (fp32)
+    p_offs = (((pid_s * Co + offs_co) * T + t) * C)[:, None] + offs_ci[None, :]
+    tl.store(part_ptr + p_offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    if DO_BIAS:
+        if SUBPIXEL:
+            nph = 4
+        else:
+            nph = 1
+        if bias_prog:
+            tl.store(bpart_ptr + (pid_s * nph + bias_slot) * Co + offs_co, bacc, mask=co_ok)
+
+
+# --------------------------------------------------------------------------------------
+# 3. split-K reduction -> dW (weight layout and dtype), db
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _wgrad_reduce_kernel(
+    part_ptr, bpart_ptr, dw_ptr, db_ptr,
+    S, Co, C, T, c_off,
+    sw_o, sw_i, sw_h, sw_w,
+    SUBPIXEL: tl.constexpr, DO_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: BLOCK elements of dW[:, c_off:c_off + C] (or of db).
+
+    Elements are numbered in (co, kh, kw, ci) order, the memory order of a channels_last
+    weight, so those writes are contiguous. dW[co, ci, kh, kw] = sum over splits s of
+    part[s, co, t, ci], t = kh * 3 + kw; with SUBPIXEL the sum runs over the 4 (phase, tap)
+    combinations that contain 3x3 tap (kh, kw): along rows, phase p = 0 with a = min(kh, 1)
+    and phase p = 1 with a = kh // 2 (likewise columns). Programs past the weight
+    elements reduce the bias partials bpart[s, phase, co].
+    """
+    pid = tl.program_id(0)
+    n_w = Co * 9 * C
+    n_w_blocks = tl.cdiv(n_w, BLOCK)
+    if pid < n_w_blocks:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_w
+        co = offs // (9 * C)
+        rem = offs % (9 * C)
+        tap = rem // C
+        ci = rem % C
+        kh = tap // 3
+        kw = tap % 3
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, S):
+            base = part_ptr + (s * Co + co) * T * C + ci
+            if SUBPIXEL:
+                for pq in tl.static_range(4):
+                    pp = pq // 2
+                    qq = pq % 2
+                    if pp == 0:
+                        a = tl.minimum(kh, 1)
+                    else:
+                        a = kh // 2
+                    if qq == 0:
+                        b = tl.minimum(kw, 1)
+                    else:
+                        b = kw // 2
+                    t = ((pp * 2 + qq) * 2 + a) * 2 + b
+                    acc += tl.load(base + t * C, mask=mask, other=0.0)
+            else:
+                acc += tl.load(base + tap * C, mask=mask, other=0.0)
+        w_offs = co * sw_o + (c_off + ci) * sw_i + kh * sw_h + kw * sw_w
+        tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    else:
+        if DO_BIAS:
+            if SUBPIXEL:
+                nph = 4
+            else:
+                nph = 1
+            offs = (pid - n_w_blocks) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < Co
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in range(0, S):
+                for ph in tl.static_range(nph):
+                    acc += tl.load(bpart_ptr + (s * nph + ph) * Co + offs, mask=mask, other=0.0)
+            tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+_REDUCE_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+_I32 = 2**31 - 1
+
+
+def _cl(t):
+    """NHWC-contiguous view (no copy if the tensor already is channels_last)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _in_prec(dtype) -> str:
+    """fp32 dots: TF32 when PyTorch allows it for convolutions (its default), else IEEE."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit operands
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _check_sizes(*ts):
+    for t in ts:
+        if t is not None and t.numel() > _I32:
+            raise ValueError("conv3x3_elu backward: tensors of 2**31 or more elements "
+                             "are not supported (int32 offsets)")
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def conv_input_size(x, upsample: bool):
+    """(H', W') of the conv input: x's size, doubled with ``upsample``."""
+    f = 2 if upsample else 1
+    return x.shape[2] * f, x.shape[3] * f
+
+
+def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False,
+                      stride: int = 1):
+    """Gradient w.r.t. one input source of ``conv3x3_elu``.
+
+    dy: (N, Co, Ho, Wo) upstream gradient; y: the forward output (same shape) when the op
+    had the ELU, else None. weight: (Co, Ci_total, 3, 3). src: the source tensor (x, or
+    the skip tensor; only its shape, dtype and device are used), (N, C, Hs, Ws), whose
+    channels are weight input channels ``c_off .. c_off + C``. ``upsample``: the source
+    was nearest-upsampled 2x before the conv (x only). Returns dsrc, shaped and typed like
+    src, channels_last.
+    """
+    N, C, Hs, Ws = src.shape
+    _, Co, Ho, Wo = dy.shape
+    if stride not in (1, 2) or (upsample and stride != 1):
+        raise ValueError("conv3x3_elu_dgrad: stride 1 or 2, and no upsample with stride 2")
+    dy = _cl(dy)
+    y = _cl(y) if y is not None else dy
+    _check_sizes(dy, src)
+    out = torch.empty((N, C, Hs, Ws), device=dy.device, dtype=src.dtype,
+                      memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    if dy.numel() == 0:
+        return out.zero_()
+    if stride == 2:
+        Hb, Wb, phases = triton.cdiv(Hs, 2), triton.cdiv(Ws, 2), 4
+    else:
+        Hb, Wb, phases = Hs, Ws, 1
+    M = N * Hb * Wb
+    sw = weight.stride()
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), phases)
+
+    _dgrad_kernel[grid](
+        dy, y, weight, out,
+        Hs, Ws, C, Ho, Wo, Co, Hb, Wb, M, c_off,
+        sw[0], sw[1], sw[2], sw[3],
+        ACT=y is not dy, UPSAMPLE=upsample, STRIDE=stride, IN_PREC=_in_prec(dy.dtype),
+    )
+    return out
+
+
+def _wgrad_split(K: int, tiles: int, device, split_k):
+    """(S, K_PER_SPLIT): enough programs to fill the GPU ~4x, >= 512 pixels per split."""
+    if split_k is None:
+        target = 4 * _num_sms(device)
+        split_k = min(triton.cdiv(target, max(tiles, 1)), max(1, K // 512))
+    split_k = max(1, min(int(split_k), K))
+    kps = triton.cdiv(K, split_k)
+    return triton.cdiv(K, kps), kps
+
+
+def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False,
+                      stride: int = 1, need_bias: bool = True, split_k: int | None = None):
+    """Weight and bias gradients of ``conv3x3_elu``: ``(dW, db)``.
+
+    dy, y: as in :func:`conv3x3_elu_dgrad`. x, skip: the forward's inputs (skip may be
+    None). weight: the forward weight (dW comes back in its dtype and strides, so a
+    channels_last weight gets a channels_last gradient). scale: optional (N,) per-sample
+    factor on sample n's contribution. db (weight's dtype; None unless ``need_bias``): the bias
+    gradient, in the same pass. ``split_k`` overrides the split-K heuristic (tests).
+    """
+    N = dy.shape[0]
+    Co, Ci = weight.shape[0], weight.shape[1]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    dy = _cl(dy)
+    act = y is not None
+    y = _cl(y) if act else dy
+    _check_sizes(dy, x, skip)
+    dw = torch.empty_strided(weight.shape, weight.stride(), device=weight.device,
+                             dtype=weight.dtype)
+    db = torch.empty((Co,), device=dy.device, dtype=weight.dtype) if need_bias else None
+    if scale is not None:
+        scale = scale.reshape(-1).contiguous()
+        if scale.numel() != N:
+            raise ValueError(f"wgrad_scale must have N={N} elements, got {scale.numel()}")
+    if dy.numel() == 0:
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dw, db
+
+    sources = [(x, 0, upsample)]
+    if skip is not None:
+        sources.append((skip, x.shape[1], False))
+    sw = dw.stride()
+    for si, (src, c_off, subpix) in enumerate(sources):
+        src = _cl(src)
+        C, Hs, Ws = src.shape[1], src.shape[2], src.shape[3]
+        if subpix:
+            Hb, Wb, T, nph = Hs, Ws, 16, 4
+        else:
+            Hb, Wb, T, nph = Ho, Wo, 9, 1
+        K = N * Hb * Wb
+        do_bias = need_bias and si == 0
+        tiles = triton.cdiv(Co, 128) * T * triton.cdiv(C, 128)
+        S, kps = _wgrad_split(K, tiles, dy.device, split_k)
+        part = torch.empty((S, Co, T, C), device=dy.device, dtype=torch.float32)
+        bpart = torch.empty((S, nph, Co), device=dy.device, dtype=torch.float32) \
+            if do_bias else part
+
+        def grid(meta):
+            return (triton.cdiv(Co, meta["BLOCK_M"]), T * triton.cdiv(C, meta["BLOCK_N"]), S)
+
+        _wgrad_kernel[grid](
+            dy, y, src, scale if scale is not None else dy, part, bpart,
+            Hs, Ws, C, Ho, Wo, Co, Hb, Wb, K, kps, T,
+            ACT=act, SUBPIXEL=subpix, STRIDE=stride, HAS_SCALE=scale is not None,
+            DO_BIAS=do_bias, IN_PREC=_in_prec(src.dtype),
+        )
+        n_blocks = triton.cdiv(Co * 9 * C, _REDUCE_BLOCK) + \
+            (triton.cdiv(Co, _REDUCE_BLOCK) if do_bias else 0)
+        _wgrad_reduce_kernel[(n_blocks,)](
+            part, bpart, dw, db if do_bias else dw,
+            S, Co, C, T, c_off, sw[0], sw[1], sw[2], sw[3],
+            SUBPIXEL=subpix, DO_BIAS=do_bias, BLOCK=_REDUCE_BLOCK,
+        )
+    return dw, db
+
+
+__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "DGRAD_CONFIGS", "WGRAD_CONFIGS"]

@@ -562,8 +562,7 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
     act = y is not None
     y = _cl(y) if act else dy
     _check_sizes(dy, x, skip)
-    dw = torch.empty_strided(weight.shape, weight.stride(), device=weight.device,
-                             dtype=weight.dtype)
+    dw = torch.empty_like(weight)  # same strides when dense (channels_last stays so)
     db = torch.empty((Co,), device=dy.device, dtype=weight.dtype) if need_bias else None
     if scale is not None:
         scale = scale.reshape(-1).contiguous()

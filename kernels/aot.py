@@ -1,0 +1,199 @@
+"""Ahead-of-time compilation of Triton kernels for Hopper (sm_90), without a GPU.
+
+Used by tests/test_sm90_compile.py to check that every shipped autotune config compiles
+for the H100 without register spills and within its shared-memory limit (DESIGN 8).
+
+    from fastbegan.kernels.aot import compile_for_sm90, sm90_unavailable_reason
+    res = compile_for_sm90(my_kernel,                       # @triton.jit fn (or autotuned)
+                           {"x_ptr": "*bf16", "n": "i32"},  # every non-constexpr argument
+                           {"BLOCK": 128},                  # every constexpr argument
+                           num_warps=4, num_stages=3)
+    res["registers"], res["spill_bytes"], res["shared_bytes"]
+
+``compile_for_sm90`` returns a dict:
+
+- ``registers``: registers per thread;
+- ``spill_stores`` / ``spill_loads``: bytes, from ``ptxas -v`` (``None`` if that could not
+  be run), and ``spill_bytes``: their sum, or the cubin's local memory when ptxas is missing;
+- ``local_bytes`` / ``stack_bytes``: per-thread local memory and stack from the cubin;
+- ``shared_bytes``: shared memory per block (Triton's dynamic allocation + static);
+- ``num_warps``, ``num_stages``, ``name``, ``triton_version``, ``uses_wgmma``, ``uses_tma``
+  (whether the SASS-level PTX contains wgmma / cp.async.bulk.tensor instructions).
+
+Resources are read with the ``cuobjdump --dump-resource-usage`` and ``ptxas -v`` that ship
+in Triton's wheel (``triton/backends/nvidia/bin``). With Triton 3.9 the plain ``ptxas`` there
+rejects Triton's PTX for sm_90; ``ptxas-blackwell`` accepts it (Triton itself picks it for
+arch >= 90), so both are tried.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+
+H100_MAX_SHARED_BYTES = 232448          # 227 KB: the per-block opt-in limit on sm_90
+H100_MAX_REGISTERS = 255
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _tool(name: str) -> str | None:
+    path = os.path.join(_BIN, name)
+    return path if os.path.exists(path) else None
+
+
+def _jit_fn(fn):
+    """Unwrap @triton.autotune / @triton.heuristics down to the JITFunction."""
+    from triton.runtime.jit import JITFunction
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"compile_for_sm90 needs a @triton.jit function, got {type(fn).__name__} "
+                        "(under TRITON_INTERPRET=1 kernels are interpreter objects: compile in a "
+                        "process without it)")
+    return fn
+
+
+def sm90_target():
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", 90, 32)
+
+
+def sm90_unavailable_reason() -> str | None:
+    """None if this Triton can compile for sm_90 here, else a sentence saying why not."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except Exception as e:  # pragma: no cover - very old / broken triton
+        return f"this Triton ({triton.__version__}) has no ASTSource/GPUTarget AOT API: {e}"
+    if _tool("ptxas") is None and _tool("ptxas-blackwell") is None:
+        return f"no ptxas in the Triton wheel ({_BIN})"
+    try:
+        import triton.language as tl
+
+        @triton.jit
+        def _probe(x_ptr, BLOCK: tl.constexpr):
+            tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.float32))
+
+        compile_for_sm90(_probe, {"x_ptr": "*fp32"}, {"BLOCK": 32}, num_warps=1, num_stages=1)
+    except Exception as e:
+        return (f"Triton {triton.__version__} cannot compile a probe kernel for sm_90 on this "
+                f"machine: {e.__class__.__name__}: {str(e).strip().splitlines()[0][:300]}")
+    return None
+
+
+def _ptxas_report(ptx: str) -> dict:
+    """Run ptxas -v on the PTX; parse registers and spill bytes. Empty dict on failure."""
+    for name in ("ptxas-blackwell", "ptxas"):
+        exe = _tool(name)
+        if exe is None:
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            r = subprocess.run([exe, "-v", "--gpu-name=sm_90a", src, "-o", os.path.join(d, "k.o")],
+                               capture_output=True, text=True)
+        if r.returncode != 0:
+            continue
+        log = r.stdout + r.stderr
+        out = {"ptxas": name}
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+        if m:
+            out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", log)
+        if m:
+            out["registers"] = int(m.group(1))
+        return out
+    return {}
+
+
+def _cuobjdump_report(cubin: bytes) -> dict:
+    """REG / SHARED / LOCAL / STACK of the cubin's kernel via cuobjdump."""
+    exe = _tool("cuobjdump")
+    if exe is None:
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([exe, "--dump-resource-usage", path], capture_output=True, text=True)
+    out = {}
+    for key in ("REG", "SHARED", "LOCAL", "STACK"):
+        m = re.search(rf"\b{key}:(\d+)", r.stdout)
+        if m:
+            out[key] = int(m.group(1))
+    return out
+
+
+def compile_for_sm90(jit_fn, signature: dict, constexprs: dict, num_warps: int = 4,
+                     num_stages: int = 3, divisible_by_16=(), run_ptxas: bool = True) -> dict:
+    """Compile ``jit_fn`` ahead of time for ``GPUTarget("cuda", 90, 32)`` and read its resources.
+
+    jit_fn: a ``@triton.jit`` function (autotune/heuristics wrappers are unwrapped).
+    signature: ``{arg name: type}`` for every non-constexpr argument, types as Triton spells
+    them (``"*bf16"``, ``"*fp32"``, ``"i32"``, ``"fp32"``...).
+    constexprs: ``{arg name: value}`` for every constexpr argument (autotune config kwargs
+    included).
+    divisible_by_16: argument names to mark 16-divisible (pointers 16-byte aligned, strides
+    and sizes multiples of 16), as Triton's launcher does at run time for such values; it
+    affects vectorisation and therefore registers. Defaults to none.
+    run_ptxas: also run ``ptxas -v`` for exact spill bytes (costs one more ptxas run).
+    Returns the dict described in the module docstring.
+    """
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(jit_fn)
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    missing = [a for a in fn.arg_names if a not in sig]
+    if missing:
+        raise ValueError(f"compile_for_sm90({fn.__name__}): no type or value for {missing}")
+    attrs = {}
+    for name in divisible_by_16:
+        attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names}, constexprs=dict(constexprs),
+                    attrs=attrs)
+    compiled = triton.compile(src, target=sm90_target(),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    md = compiled.metadata
+    cubin = compiled.asm["cubin"]
+    ptx = compiled.asm.get("ptx", "")
+    cu = _cuobjdump_report(cubin)
+    px = _ptxas_report(ptx) if run_ptxas else {}
+    dyn_shared = int(getattr(md, "shared", 0) or 0)
+    res = {
+        "name": getattr(md, "name", fn.__name__),
+        "triton_version": triton.__version__,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "registers": cu.get("REG", px.get("registers")),
+        "shared_bytes": dyn_shared + cu.get("SHARED", 0),
+        "local_bytes": cu.get("LOCAL"),
+        "stack_bytes": cu.get("STACK"),
+        "spill_stores": px.get("spill_stores"),
+        "spill_loads": px.get("spill_loads"),
+        "uses_wgmma": "wgmma" in ptx,
+        "uses_tma": "cp.async.bulk.tensor" in ptx,
+    }
+    if res["spill_stores"] is not None:
+        res["spill_bytes"] = res["spill_stores"] + res["spill_loads"]
+    else:
+        res["spill_bytes"] = cu.get("LOCAL", 0)
+    return res
+
+
+def check_resources(res: dict) -> list[str]:
+    """Problems of one :func:`compile_for_sm90` result against the H100 limits ([] if fine)."""
+    bad = []
+    if res["spill_bytes"]:
+        bad.append(f"{res['spill_bytes']} bytes of register spills")
+    if res["shared_bytes"] > H100_MAX_SHARED_BYTES:
+        bad.append(f"{res['shared_bytes']} bytes of shared memory > {H100_MAX_SHARED_BYTES}")
+    if res["registers"] is not None and res["registers"] > H100_MAX_REGISTERS:
+        bad.append(f"{res['registers']} registers > {H100_MAX_REGISTERS}")
+    return bad

@@ -1,0 +1,590 @@
+"""Forward Triton kernels of the fused ``[upsample 2x] -> [concat skip] -> conv3x3 -> +bias -> [ELU]``.
+
+Layouts (see DESIGN 3.1):
+
+- activations are logical NCHW tensors in channels_last memory, i.e. NHWC: element
+  ``(n, c, h, w)`` lives at ``n*sN + h*sH + w*sW + c`` (channel stride 1);
+- the weight is logical ``(C_out, C_tot, 3, 3)`` in channels_last memory, i.e. a row-major
+  ``(C_out, 9*C_tot)`` matrix whose K index is ``(kh*3 + kw)*C_tot + c``
+  (``C_tot = C_x + C_skip``). Weights may be fp32 while activations are bf16/fp16: weight
+  tiles are cast to the activation dtype when they are loaded.
+
+The convolution is an implicit GEMM: ``M = N*H_out*W_out`` output pixels, ``N = C_out``,
+``K = 9*C_tot``; the A operand (im2col of the input) is never materialised, each K step
+gathers it straight from the NHWC input. Accumulation is fp32; the epilogue adds the bias,
+applies ELU (alpha 1) unless ``ACTIVATION=False``, casts to the activation dtype and stores.
+
+Two kernels compute the same thing:
+
+``conv3x3_fwd_ptr_kernel``
+    Plain pointer arithmetic; correct for every shape, layout and Triton version (odd
+    channel counts such as the 3-channel first layer, any H/W). One flat K loop over
+    ``9 * cdiv(C, BK)`` steps (taps outer, channel blocks inner), so the index math per
+    step is a few scalar ops plus one add per row.
+
+``conv3x3_fwd_tma_kernel``
+    Hopper-shaped: the input is read through tensor descriptors (TMA on sm_90) whose box
+    is a spatial tile ``[BB, BH, BW, BK]`` of ``BM = BB*BH*BW`` output pixels; each of the
+    9 taps loads the same box shifted by ``(kh-1, kw-1)``. TMA fills out-of-bounds rows and
+    columns with zeros, so the conv's zero padding costs nothing. ``STRIDE=2`` and the
+    ``UPSAMPLE`` variant use a "phase view" of the input (see ``_phase_view``) so that each
+    tap is still one rectangular box. Needs channel counts that keep rows 16-byte aligned;
+    the launcher falls back to the pointer kernel otherwise.
+
+Public API: :func:`conv3x3_fwd` (launcher), :func:`upsample_nearest2x_fwd`, the jitted kernels
+and their config lists (``PTR_CONFIGS``, ``TMA_CONFIGS``) for the ahead-of-time resource
+check, and :func:`tma_eligible` (which kernel the launcher will pick).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor")
+
+_TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# ----------------------------------------------------------------------------------------
+# Autotune configs. Keyed on (C_x, C_s, C_out, H_out, W_out) plus the dtypes of all tensor
+# arguments (Triton's autotuner appends those to the key by itself). BM = 128 output pixels
+# fits one 128-wide wgmma tile per warpgroup pair; BK 32/64; 2-4 stages; 4/8 warps.
+# Under the interpreter only one small config is used so tests stay fast.
+# ----------------------------------------------------------------------------------------
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    PTR_CONFIGS = [_cfg(32, 16, 16, 4, 1)]
+    TMA_CONFIGS = [_cfg(64, 16, 16, 4, 1)]
+else:
+    PTR_CONFIGS = [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(128, 64, 32, 4, 3),
+        _cfg(64, 128, 32, 4, 3),
+        _cfg(64, 64, 32, 4, 2),
+    ]
+    TMA_CONFIGS = [
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(128, 64, 64, 4, 3),
+        _cfg(64, 128, 64, 4, 3),
+    ]
+
+_AUTOTUNE_KEY = ["C_x", "C_s", "C_out", "H_out", "W_out"]
+
+
+def _prune_ptr(configs, nargs, **kwargs):
+    """Drop configs whose tiles are much larger than the problem (tiny layers)."""
+    c_out = nargs["C_out"]
+    kept = [c for c in configs if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))]
+    return kept or configs[-1:]
+
+
+def _prune_tma(configs, nargs, **kwargs):
+    """Phase views need BK | channels (a box must not cross into the other phase's
+    channels); drop BN tiles far wider than C_out; fp32 tiles need half the BK."""
+    c_out, c_x, c_s = nargs["C_out"], nargs["C_x"], nargs["C_s"]
+    x_phase = nargs["X_PHASE"]
+    s_phase = nargs["S_PHASE"]
+    kept = []
+    for c in configs:
+        bk = c.kwargs["BK"]
+        if x_phase and c_x % bk:
+            continue
+        if s_phase and c_s % bk:
+            continue
+        if c.kwargs["BN"] > max(64, triton.next_power_of_2(c_out)):
+            continue
+        kept.append(c)
+    return kept or configs[-1:]
+
+
+# ----------------------------------------------------------------------------------------
+# Pointer kernel
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _accumulate_ptr(acc, src_ptr, w_ptr, row_off, hbase, wbase, m_ok, offs_k, offs_n, n_ok,
+                    C, H_c, W_c, s_h, s_w, w_row, k_base, C_tot,
+                    UPSAMPLE: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += im2col(src)[rows, K] @ W[K, cols] for one input tensor (x or skip).
+
+    One flat loop over 9 * cdiv(C, BK) steps: step -> (tap, channel block). The A tile is
+    gathered from the NHWC source at the tap's shifted pixel (halved when UPSAMPLE, i.e. the
+    upsampled tensor is never formed); rows whose shifted pixel falls outside the conv's
+    input (the zero padding) and channels >= C are masked to zero. The B tile is
+    W[cols, tap*C_tot + k_base + c] (K-contiguous), cast to the activation dtype.
+    """
+    n_cb = tl.cdiv(C, BK)
+    for it in range(0, 9 * n_cb):
+        tap = it // n_cb
+        cb = it - tap * n_cb
+        kh = tap // 3
+        kw = tap - kh * 3
+        hi = hbase + kh                      # row in the conv input (after upsample)
+        wi = wbase + kw
+        ok = m_ok & (hi >= 0) & (hi < H_c) & (wi >= 0) & (wi < W_c)
+        if UPSAMPLE:
+            hi = hi // 2                     # nearest 2x upsample folded into the gather
+            wi = wi // 2
+        c = cb * BK + offs_k
+        c_ok = c < C
+        a = tl.load(src_ptr + (row_off + hi * s_h + wi * s_w)[:, None] + c[None, :],
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * w_row + (tap * C_tot + k_base + c)[:, None],
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, b_ptr, y_ptr, y_off, m_ok, offs_n, n_ok,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """y[rows, cols] = elu(acc + bias) (or acc + bias), cast to y's dtype, masked store."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    if ACTIVATION:
+        # ELU, alpha = 1. exp of a positive argument is discarded by the where().
+        acc = tl.where(acc > 0.0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
+    tl.store(y_ptr + y_off[:, None] + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=PTR_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_ptr})
+@triton.jit
+def conv3x3_fwd_ptr_kernel(
+    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr,
+    M, H_c, W_c, H_out, W_out, C_x, C_s, C_out,
+    sxn, sxh, sxw, ssn, ssh, ssw, w_row, syn, syh, syw,
+    UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One program computes a [BM output pixels, BN output channels] tile of y.
+
+    Programs are ordered with the C_out tile fastest, so the programs sharing one input
+    tile run together (L2 reuse). ``H_c, W_c``: the conv input's size (after the upsample);
+    x itself is ``H_c/2 x W_c/2`` when UPSAMPLE. Masks: rows >= M, channels >= C,
+    columns >= C_out and the padding ring.
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_out, BN)
+    pid_m = pid // num_n
+    pid_n = pid - pid_m * num_n
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    hw = H_out * W_out
+    n_img = offs_m // hw
+    rem = offs_m - n_img * hw
+    ho = rem // W_out
+    wo = rem - ho * W_out
+    hbase = ho * STRIDE - 1                  # top-left tap of the 3x3 window, pad 1
+    wbase = wo * STRIDE - 1
+    C_tot = C_x + C_s
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _accumulate_ptr(acc, x_ptr, w_ptr, n_img * sxn, hbase, wbase, m_ok, offs_k, offs_n,
+                          n_ok, C_x, H_c, W_c, sxh, sxw, w_row, 0, C_tot,
+                          UPSAMPLE, BK, DOT_PRECISION)
+    if HAS_SKIP:
+        acc = _accumulate_ptr(acc, s_ptr, w_ptr, n_img * ssn, hbase, wbase, m_ok, offs_k,
+                              offs_n, n_ok, C_s, H_c, W_c, ssh, ssw, w_row, C_x, C_tot,
+                              False, BK, DOT_PRECISION)
+    _epilogue(acc, b_ptr, y_ptr, n_img * syn + ho * syh + wo * syw, m_ok, offs_n, n_ok,
+              HAS_BIAS, ACTIVATION)
+
+
+# ----------------------------------------------------------------------------------------
+# Tensor-descriptor (TMA) kernel
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _phase_view(ptr, N, H, W, C, s_n, s_h, s_w, BB: tl.constexpr, BH: tl.constexpr,
+                BW: tl.constexpr, BK: tl.constexpr):
+    """5-D descriptor over an NHWC tensor with even H, W: ``[N, H/2, 2, W/2, 2*C]``.
+
+    Row ``h = 2*i + ph`` is (i, ph); column ``w = 2*j + pw`` with channel c is
+    (j, pw*C + c). A box ``[BB, BH, 1, BW, BK]`` at (n, i, ph, j, pw*C + c0) therefore reads
+    the pixels (2*(i + a) + ph, 2*(j + b) + pw): every second row and column, which is
+    what a stride-2 tap (or a high-res tap seen from a low-res tile) needs. A box never
+    crosses from phase 0's channels into phase 1's because BK divides C (pruned configs).
+    """
+    return tl.make_tensor_descriptor(ptr, shape=[N, H // 2, 2, W // 2, 2 * C],
+                                     strides=[s_n, 2 * s_h, s_h, 2 * s_w, 1],
+                                     block_shape=[BB, BH, 1, BW, BK])
+
+
+@triton.jit
+def _plain_view(ptr, N, H, W, C, s_n, s_h, s_w, BB: tl.constexpr, BH: tl.constexpr,
+                BW: tl.constexpr, BK: tl.constexpr):
+    """4-D descriptor ``[N, H, W, C]`` over an NHWC tensor, box ``[BB, BH, BW, BK]``."""
+    return tl.make_tensor_descriptor(ptr, shape=[N, H, W, C], strides=[s_n, s_h, s_w, 1],
+                                     block_shape=[BB, BH, BW, BK])
+
+
+@triton.jit
+def _accumulate_tma(acc, src, w_desc, n0, r0, q0, n_off, C, k_base, C_tot, tile_py, tile_px,
+                    PHASE: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """acc += im2col(src) @ W over 9 taps x cdiv(C, BK) channel blocks (one flat loop).
+
+    Plain view (PHASE=False): tile pixel (r0 + a, q0 + b) reads, for tap (kh, kw), source
+    pixel (r0 + a + kh - 1, q0 + b + kw - 1): the box at (n0, r0 + kh - 1, q0 + kw - 1, c0).
+    Phase view (PHASE=True): tile pixel (r, q) reads source row 2*r + t with
+    t = tile_py + kh - 1 in [-1, 2] (stride 2: tile_py = 0; upsampled output phase py
+    reading a high-res skip: tile_py = py), i.e. box row r0 + floor(t / 2) in phase t mod 2;
+    columns alike. Out-of-bounds box rows / columns / channels read 0 (the conv padding).
+    W's box is [BN, BK] at (n_off, tap*C_tot + k_base + c0), transposed for the dot.
+    """
+    n_cb = tl.cdiv(C, BK)
+    for it in range(0, 9 * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BK
+        kh = tap // 3
+        kw = tap - kh * 3
+        th = tile_py + kh - 1
+        tw = tile_px + kw - 1
+        if PHASE:
+            ph = th & 1                       # th in [-1, 2]: floor-div / mod by shifts
+            pw = tw & 1
+            a = src.load([n0, r0 + (th >> 1), ph, q0 + (tw >> 1), pw * C + c0])
+        else:
+            a = src.load([n0, r0 + th, q0 + tw, c0])
+        a = a.reshape(BM, BK)
+        b = w_desc.load([n_off, tap * C_tot + k_base + c0])
+        acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(configs=TMA_CONFIGS, key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _prune_tma})
+@triton.jit
+def conv3x3_fwd_tma_kernel(
+    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr,
+    N, H_x, W_x, H_out, W_out, C_x, C_s, C_out,
+    sxn, sxh, sxw, ssn, ssh, ssw, syn, syh, syw,
+    UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr, HAS_SKIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    X_PHASE: tl.constexpr, S_PHASE: tl.constexpr,
+    TILE_W: tl.constexpr, TILE_H_MAX: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One program computes BM output pixels x BN output channels.
+
+    Tiling: the pixel tile is a box of ``BB images x BH rows x BW columns`` (BB*BH*BW = BM,
+    BW = TILE_W, BH = min(BM // BW, TILE_H_MAX)) over the *tile grid* (H_t, W_t):
+    the output itself, except with UPSAMPLE, where the program also picks one of the 4
+    output phases (py, px) and its tile covers the low-res pixels (i, j), i.e. outputs
+    (2i + py, 2j + px). Then every tap of x (read at (h//2, w//2)) is one low-res box
+    shifted by floor((p + k - 1) / 2), and the skip tensor (high-res) is a phase view.
+    With STRIDE=2, x (and skip) are phase views and the tile grid is the output.
+    The C_out tile varies fastest across programs (L2 reuse of the input tile).
+    Epilogue: bias, ELU, masked pointer store (handles the phase interleave and C_out
+    not a multiple of 16).
+    """
+    BW: tl.constexpr = TILE_W
+    BH: tl.constexpr = BM // BW if BM // BW <= TILE_H_MAX else TILE_H_MAX
+    BB: tl.constexpr = BM // (BW * BH)
+
+    if UPSAMPLE:
+        H_t = H_x                              # tile grid = low-res pixels, 4 phases
+        W_t = W_x
+        NPH = 4
+    else:
+        H_t = H_out
+        W_t = W_out
+        NPH = 1
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_out, BN)
+    pid_m = pid // num_n
+    pid_n = pid - pid_m * num_n
+    tiles_w = tl.cdiv(W_t, BW)
+    tiles_h = tl.cdiv(H_t, BH)
+    phase = pid_m % NPH
+    t = pid_m // NPH
+    q0 = (t % tiles_w) * BW
+    t = t // tiles_w
+    r0 = (t % tiles_h) * BH
+    n0 = (t // tiles_h) * BB
+    tile_py = phase // 2
+    tile_px = phase % 2
+
+    C_tot = C_x + C_s
+    n_off = pid_n * BN
+    # The weight as a row-major (C_out, 9*C_tot) matrix, box [BN, BK]; rows >= C_out and
+    # columns >= 9*C_tot read 0.
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C_out, 9 * C_tot], strides=[9 * C_tot, 1],
+                                       block_shape=[BN, BK])
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if UPSAMPLE:
+        # x is low-res: each tap is a low-res box shifted by floor((p + k - 1) / 2).
+        x_desc = _plain_view(x_ptr, N, H_x, W_x, C_x, sxn, sxh, sxw, BB, BH, BW, BK)
+        acc = _accumulate_tma_up(acc, x_desc, w_desc, n0, r0, q0, n_off, C_x, C_tot,
+                                 tile_py, tile_px, BM, BK, DOT_PRECISION)
+    elif X_PHASE:
+        # stride 2: output row ho reads input row 2*ho + kh - 1 (phase view, t = kh - 1)
+        x_desc = _phase_view(x_ptr, N, H_x, W_x, C_x, sxn, sxh, sxw, BB, BH, BW, BK)
+        acc = _accumulate_tma(acc, x_desc, w_desc, n0, r0, q0, n_off, C_x, 0, C_tot, 0, 0,
+                              True, BM, BK, DOT_PRECISION)
+    else:
+        x_desc = _plain_view(x_ptr, N, H_x, W_x, C_x, sxn, sxh, sxw, BB, BH, BW, BK)
+        acc = _accumulate_tma(acc, x_desc, w_desc, n0, r0, q0, n_off, C_x, 0, C_tot, 0, 0,
+                              False, BM, BK, DOT_PRECISION)
+    if HAS_SKIP:
+        if UPSAMPLE:
+            # skip is high-res: output (2i + py) reads row 2i + py + kh - 1 (phase view)
+            s_desc = _phase_view(s_ptr, N, 2 * H_x, 2 * W_x, C_s, ssn, ssh, ssw, BB, BH, BW, BK)
+            acc = _accumulate_tma(acc, s_desc, w_desc, n0, r0, q0, n_off, C_s, C_x, C_tot,
+                                  tile_py, tile_px, True, BM, BK, DOT_PRECISION)
+        elif S_PHASE:
+            s_desc = _phase_view(s_ptr, N, H_x, W_x, C_s, ssn, ssh, ssw, BB, BH, BW, BK)
+            acc = _accumulate_tma(acc, s_desc, w_desc, n0, r0, q0, n_off, C_s, C_x, C_tot,
+                                  0, 0, True, BM, BK, DOT_PRECISION)
+        else:
+            s_desc = _plain_view(s_ptr, N, H_x, W_x, C_s, ssn, ssh, ssw, BB, BH, BW, BK)
+            acc = _accumulate_tma(acc, s_desc, w_desc, n0, r0, q0, n_off, C_s, C_x, C_tot,
+                                  0, 0, False, BM, BK, DOT_PRECISION)
+
+    # Output coordinates of the BM rows of acc (box order: image, row, column).
+    offs = tl.arange(0, BM)
+    bb = offs // (BH * BW)
+    a_ = (offs // BW) % BH
+    b_ = offs % BW
+    n_img = n0 + bb
+    if UPSAMPLE:
+        ho = 2 * (r0 + a_) + tile_py
+        wo = 2 * (q0 + b_) + tile_px
+    else:
+        ho = r0 + a_
+        wo = q0 + b_
+    m_ok = (n_img < N) & (ho < H_out) & (wo < W_out)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < C_out
+    _epilogue(acc, b_ptr, y_ptr, n_img * syn + ho * syh + wo * syw, m_ok, offs_n, n_ok,
+              HAS_BIAS, ACTIVATION)
+
+
+@triton.jit
+def _accumulate_tma_up(acc, x_desc, w_desc, n0, r0, q0, n_off, C, C_tot, tile_py, tile_px,
+                       BM: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """UPSAMPLE x-part: the low-res box for tap (kh, kw) of output phase (py, px) starts at
+    (r0 + floor((py + kh - 1) / 2), q0 + floor((px + kw - 1) / 2)); 9 taps, 3x3 weights."""
+    n_cb = tl.cdiv(C, BK)
+    for it in range(0, 9 * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BK
+        kh = tap // 3
+        kw = tap - kh * 3
+        a = x_desc.load([n0, r0 + ((tile_py + kh - 1) >> 1), q0 + ((tile_px + kw - 1) >> 1), c0])
+        a = a.reshape(BM, BK)
+        b = w_desc.load([n_off, tap * C_tot + c0])
+        acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------
+# Standalone nearest upsample (for the drop-in API where the fusion is not possible)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def upsample_nearest2x_kernel(x_ptr, y_ptr, P, H, W, C, sxn, sxh, sxw, syn, syh, syw,
+                              BP: tl.constexpr, BC: tl.constexpr):
+    """One program reads a [BP input pixels, BC channels] NHWC tile once and writes it to
+    the 4 output pixels (2h + dy, 2w + dx). Masks: pixels >= P = N*H*W, channels >= C."""
+    offs_p = tl.program_id(0) * BP + tl.arange(0, BP)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    p_ok = offs_p < P
+    mask = p_ok[:, None] & (offs_c < C)[None, :]
+    n = offs_p // (H * W)
+    rem = offs_p - n * (H * W)
+    h = rem // W
+    w = rem - h * W
+    v = tl.load(x_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + offs_c[None, :], mask=mask)
+    out = (n * syn + 2 * h * syh + 2 * w * syw)[:, None] + offs_c[None, :]
+    tl.store(y_ptr + out, v, mask=mask)
+    tl.store(y_ptr + out + syw, v, mask=mask)
+    tl.store(y_ptr + out + syh, v, mask=mask)
+    tl.store(y_ptr + out + syh + syw, v, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _check_runnable(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            f"{what}: got a CPU tensor, but Triton kernels need a CUDA GPU (or the Triton "
+            "interpreter, TRITON_INTERPRET=1 set before importing fastbegan). Use the torch "
+            "backend instead: fastbegan.ops.set_backend('torch').")
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The same logical NCHW tensor with channel stride 1 (copies only if needed)."""
+    return t if t.stride(1) == 1 else t.contiguous(memory_format=torch.channels_last)
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_tot, 3, 3) -> the row-major (C_out, 9*C_tot) matrix the kernels read,
+    K index (kh*3 + kw)*C_tot + c. A view (no copy) for a channels_last contiguous weight."""
+    c_out, c_tot = weight.shape[0], weight.shape[1]
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    return weight.permute(0, 2, 3, 1).reshape(c_out, 9 * c_tot)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        # Follow torch's own conv setting (cuDNN uses TF32 for fp32 convs by default).
+        return "tf32" if (torch.backends.cudnn.allow_tf32 and not INTERPRET) else "ieee"
+    return "ieee" if INTERPRET else "tf32"   # ignored for 16-bit operands
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return (t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in (t.stride(0), t.stride(2),
+                                                                       t.stride(3))))
+
+
+def tma_eligible(x, weight2d, skip, upsample: bool, stride: int) -> bool:
+    """Whether :func:`conv3x3_fwd` uses the tensor-descriptor kernel for these inputs:
+    Triton with tensor descriptors, Hopper or newer (or the interpreter), 16-byte aligned
+    rows of x / skip / weight, and even sizes where a phase view is needed."""
+    if not HAS_TENSOR_DESCRIPTOR:
+        return False
+    if not INTERPRET:
+        if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    if x.dtype not in _TL_DTYPES:
+        return False
+    if not _aligned16(x) or (weight2d.stride(0) * weight2d.element_size()) % 16 \
+            or weight2d.data_ptr() % 16:
+        return False
+    H, W = x.shape[2], x.shape[3]
+    if stride == 2 and (H % 2 or W % 2 or x.shape[1] % 16):
+        return False
+    if skip is not None:
+        if not _aligned16(skip):
+            return False
+        if (upsample or stride == 2) and (skip.shape[2] % 2 or skip.shape[3] % 2
+                                          or skip.shape[1] % 16):
+            return False
+    return True
+
+
+_allocator_set = False
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors need a global scratch allocator (Triton >= 3.3)."""
+    global _allocator_set
+    if _allocator_set or not hasattr(triton, "set_allocator"):
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(alloc)
+    _allocator_set = True
+
+
+def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                skip: torch.Tensor | None = None, upsample: bool = False, stride: int = 1,
+                activation: bool = True, kernel: str = "auto",
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the fused conv. Inputs are assumed validated (see fastbegan.ops.triton_conv).
+
+    x: (N, C_x, H, W); skip: (N, C_s, H', W') with H' = 2H if upsample else H; weight:
+    (C_out, C_x + C_s, 3, 3) any dtype/layout (channels_last read without a copy); bias:
+    (C_out,) or None. ``kernel``: "auto" | "ptr" | "tma". Returns y (N, C_out, H_out, W_out)
+    channels_last, H_out = (H' - 1) // stride + 1, in x's dtype.
+    """
+    _check_runnable(x, "conv3x3_elu")
+    x = _nhwc(x)
+    skip = _nhwc(skip) if skip is not None else None
+    N, C_x, H_x, W_x = x.shape
+    H_c, W_c = (2 * H_x, 2 * W_x) if upsample else (H_x, W_x)
+    H_out, W_out = (H_c - 1) // stride + 1, (W_c - 1) // stride + 1
+    C_s = skip.shape[1] if skip is not None else 0
+    C_out = weight.shape[0]
+    w2 = weight_matrix(weight)
+    if out is None:
+        out = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+    y = out
+    if y.numel() == 0:
+        return y
+    for t in (x, skip, y):
+        if t is not None and t.numel() >= 2**31:
+            raise ValueError("conv3x3_elu: tensors of 2**31 or more elements are not supported")
+    s = skip if skip is not None else x
+    b = bias if bias is not None else w2
+    prec = _dot_precision(x.dtype)
+    flags = dict(UPSAMPLE=upsample, STRIDE=stride, HAS_SKIP=skip is not None,
+                 HAS_BIAS=bias is not None, ACTIVATION=activation, DOT_PRECISION=prec)
+
+    if kernel == "auto":
+        kernel = "tma" if tma_eligible(x, w2, skip, upsample, stride) else "ptr"
+    if kernel == "tma":
+        if not INTERPRET:
+            _ensure_allocator()
+        H_t, W_t = (H_x, W_x) if upsample else (H_out, W_out)
+        tile_w = min(16, triton.next_power_of_2(W_t))
+        tile_h_max = triton.next_power_of_2(H_t)
+        n_phase = 4 if upsample else 1
+
+        def grid(meta):
+            bw = tile_w
+            bh = min(meta["BM"] // bw, tile_h_max)
+            bb = meta["BM"] // (bw * bh)
+            tiles = triton.cdiv(N, bb) * triton.cdiv(H_t, bh) * triton.cdiv(W_t, bw)
+            return (tiles * n_phase * triton.cdiv(C_out, meta["BN"]),)
+
+        conv3x3_fwd_tma_kernel[grid](
+            x, s, w2, b, y, N, H_x, W_x, H_out, W_out, C_x, C_s, C_out,
+            x.stride(0), x.stride(2), x.stride(3), s.stride(0), s.stride(2), s.stride(3),
+            y.stride(0), y.stride(2), y.stride(3),
+            X_PHASE=stride == 2, S_PHASE=skip is not None and (upsample or stride == 2),
+            TILE_W=tile_w, TILE_H_MAX=tile_h_max, **flags)
+    elif kernel == "ptr":
+        M = N * H_out * W_out
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(C_out, meta["BN"]),)
+
+        conv3x3_fwd_ptr_kernel[grid](
+            x, s, w2, b, y, M, H_c, W_c, H_out, W_out, C_x, C_s, C_out,
+            x.stride(0), x.stride(2), x.stride(3), s.stride(0), s.stride(2), s.stride(3),
+            w2.stride(0), y.stride(0), y.stride(2), y.stride(3), **flags)
+    else:
+        raise ValueError(f"kernel must be 'auto', 'ptr' or 'tma', got {kernel!r}")
+    return y
+
+
+def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, 2H, 2W) nearest, channels_last output."""
+    _check_runnable(x, "upsample_nearest2x")
+    x = _nhwc(x)
+    N, C, H, W = x.shape
+    y = torch.empty((N, C, 2 * H, 2 * W), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
+    if y.numel() >= 2**31:
+        raise ValueError("upsample_nearest2x: tensors of 2**31 or more elements are not supported")
+    P = N * H * W
+    BC = min(64, triton.next_power_of_2(C))
+    BP = max(16, 4096 // BC) if not INTERPRET else 64
+    grid = (triton.cdiv(P, BP), triton.cdiv(C, BC))
+    upsample_nearest2x_kernel[grid](x, y, P, H, W, C, x.stride(0), x.stride(2), x.stride(3),
+                                    y.stride(0), y.stride(2), y.stride(3), BP=BP, BC=BC)
+    return y

@@ -1,0 +1,97 @@
+"""The command line, through click's CliRunner: the main paths and each bad input."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fastbegan.cli import main
+
+TINY = ["--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
+        "--device", "cpu", "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture
+def runner(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    return CliRunner()
+
+
+def run(runner, args):
+    return runner.invoke(main, args, catch_exceptions=False)
+
+
+def test_train_sample_resume(runner, tmp_path):
+    out = tmp_path / "run"
+    r = run(runner, ["train", *TINY, "--steps", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "CPU" in r.output and "done: step 3" in r.output
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2, 3]
+    assert (out / "checkpoints" / "ckpt_00000003.safetensors").exists()
+    assert (out / "samples" / "fake_00000003.png").exists()
+    # a second run into the same folder must say --resume
+    r = run(runner, ["train", *TINY, "--steps", "5", "--out", str(out)])
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = run(runner, ["train", *TINY, "--steps", "5", "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and "resumed from" in r.output and "done: step 5" in r.output
+    # resume with another config is refused, naming the field
+    r = run(runner, ["train", "--res", "16", *TINY[2:], "--steps", "6",
+                     "--out", str(out), "--resume"])
+    assert r.exit_code == 1 and "res=8" in r.output
+    grid = tmp_path / "g.png"
+    r = run(runner, ["sample", str(out / "checkpoints" / "ckpt_00000005.safetensors"), "--n", "4",
+                     "--out", str(grid)])
+    assert r.exit_code == 0, r.output
+    assert Image.open(grid).size == (2 + 2 * 10, 2 + 2 * 10)
+
+
+def test_prepare_then_train_on_cache(runner, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 10), (i * 80, 0, 0)).save(d / f"{i}.png")
+    (d / "broken.jpg").write_bytes(b"xx")
+    r = run(runner, ["prepare", str(d), "--res", "8", "--out", str(tmp_path / "c.npy")])
+    assert r.exit_code == 0, r.output
+    assert "3 images" in r.output and "1 unreadable" in r.output
+    assert np.load(tmp_path / "c.npy").shape == (3, 8, 8, 3)
+    r = run(runner, ["train", *TINY, "--steps", "1", "--data", str(tmp_path / "c.npy"),
+                     "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--res", "12"], "power of two"),
+    (["--res", "512"], "power of two"),
+    (["--data", "/nonexistent/folder"], "does not exist"),
+    (["--data", "EMPTY"], "holds no images"),
+    (["--batch-size", "100000"], "larger than the data set"),
+    (["--batch-size", "0"], "batch size"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--backend", "triton", "--device", "cpu"], "triton backend cannot run here"),
+])
+def test_bad_input_is_one_clear_line(runner, tmp_path, monkeypatch, args, match):
+    if "EMPTY" in args:
+        (tmp_path / "empty").mkdir()
+        args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    if "triton" in args:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = [a for a in TINY if a not in ("--device", "cpu")]
+    r = runner.invoke(main, ["train", *base, "--steps", "1", "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code != 0
+    assert match in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_unwritable_out(runner, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = runner.invoke(main, ["train", *TINY, "--steps", "1", "--out", str(blocker / "sub")])
+    assert r.exit_code != 0 and "cannot write to output folder" in r.output
+
+
+def test_sample_missing_checkpoint(runner, tmp_path):
+    r = runner.invoke(main, ["sample", str(tmp_path / "nope.safetensors")])
+    assert r.exit_code == 1 and "does not exist" in r.output

@@ -145,6 +145,11 @@ class Trainer:
         self.fixed_z = (torch.rand(64, cfg.z_dim, generator=fixed) * 2 - 1).to(self.device)
         self.fixed_x = torch.randint(len(data), (min(32, len(data)),), generator=fixed)
         self._stop = False
+        # Called at every log interval as hook(trainer, row) -> str | None (a message for the
+        # user, also stored in the metrics row). The health monitor and the divergence guard
+        # plug in here: they run on the host only when the logged scalars are read anyway.
+        self.log_hooks: list = []
+        self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
 
     # ------------------------------------------------------------------ sampling
     def sample_z(self, n: int) -> torch.Tensor:
@@ -180,6 +185,7 @@ class Trainer:
                 grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
                 grads_g = torch.autograd.grad(loss_fake, g_params)
                 loss_g = loss_fake
+                self.last_batch = {"x": x, "fake": fake.detach()}
             else:
                 with torch.no_grad():
                     fake_d = self.G(z_d)
@@ -190,6 +196,7 @@ class Trainer:
                 fake_g = self.G(z_g)
                 loss_g = ops.l1_recon_loss(fake_g, self.D(fake_g))
                 grads_g = torch.autograd.grad(loss_g, g_params)
+                self.last_batch = {"x": x, "fake": fake_g.detach()}
         for p, g in zip(d_params, grads_d):
             p.grad = g
         for p, g in zip(g_params, grads_g):
@@ -326,10 +333,12 @@ class Trainer:
                         now = time.perf_counter()
                         row = self._log_row(vals, (self.step - s_last) / max(now - t_last, 1e-9))
                         t_last, s_last = now, self.step
-                        note = self.observe_m(row["M"])
-                        if note:
-                            row["event"] = note
-                            self.log(f"step {self.step}: {note}")
+                        notes = [self.observe_m(row["M"])] + [hook(self, row) for hook in self.log_hooks]
+                        notes = [n for n in notes if n]
+                        if notes:
+                            row["events"] = notes
+                            for note in notes:
+                                self.log(f"step {self.step}: {note}")
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         rows.append(row)

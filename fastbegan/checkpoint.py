@@ -9,18 +9,22 @@ checkpoints are kept (``ckpt_00001000.safetensors``, ...).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 
 FORMAT = "fastbegan-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt_(\d{8,})\.safetensors$")
+_TMP = re.compile(r"^\.ckpt_\d{8,}\.safetensors\.tmp(\d+)$")
 
 # Config fields that define the networks' shapes: a checkpoint whose values differ
 # cannot be resumed or loaded into this config.
@@ -51,25 +55,85 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
                     state: dict | None = None, keep: int | None = None) -> Path:
-    """Write atomically; prune to the newest ``keep`` checkpoints in the same folder."""
+    """Write atomically; prune to the newest ``keep`` checkpoints in the same folder.
+
+    The bytes go to ``.<name>.tmp<pid>`` in the same folder, are fsync'ed, then renamed
+    over the final name: a crash or SIGKILL at any point leaves either the previous
+    checkpoints only, or the new one complete. Temporary files left by a killed writer
+    are removed by the next save. A failed write (disk full, ...) removes its temporary
+    file and raises :class:`CheckpointError`; earlier checkpoints are untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_files(path.parent)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config, sort_keys=True),
             "state": json.dumps(state or {}, sort_keys=True)}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _write_file(tmp, save_bytes(tensors, metadata=meta))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"could not write checkpoint {str(path)!r}: {why}. The previous "
+                              "checkpoints are intact; free some space (or choose another --out) "
+                              "and resume with --resume") from e
     finally:
         tmp.unlink(missing_ok=True)
     if keep:
         for old in list_checkpoints(path.parent.parent)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+_CHUNK = 1 << 22
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` in chunks and fsync. ``FASTBEGAN_TEST_SLOW_CKPT=<seconds>`` (tests
+    only) writes 64 KiB chunks with that pause after each, so that a test can kill the
+    process while a temporary file is half written."""
+    delay = float(os.environ.get("FASTBEGAN_TEST_SLOW_CKPT", "0") or 0)
+    chunk = 1 << 16 if delay else _CHUNK
+    view = memoryview(data)
+    with open(path, "wb") as f:
+        for i in range(0, len(view), chunk):
+            f.write(view[i:i + chunk])
+            if delay:
+                f.flush()
+                time.sleep(delay)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or unknown: leave its file alone
+    return True
+
+
+def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``.ckpt_*.safetensors.tmp<pid>`` files whose writer is gone (a killed run)."""
+    removed = []
+    d = Path(folder)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = _TMP.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def _fsync_dir(d: Path) -> None:

@@ -1,0 +1,586 @@
+"""The drop-in paths for other projects (DESIGN 5): ``fastbegan.optimize`` and the
+``torch.compile(model, backend="fastbegan")`` backend.
+
+Both find the same patterns and replace them by :func:`fastbegan.ops.conv3x3_elu`:
+
+    [2x nearest upsample] -> Conv2d(3x3, padding 1, stride 1|2, dilation 1, groups 1,
+    padding_mode "zeros", bias or not) -> ELU(alpha 1)
+
+and ``upsample -> conv`` without an ELU after it (fused with ``activation=False``). A conv
+with neither an ELU after it nor an upsample before it is left alone (nothing to fuse), as
+is everything else.
+
+``optimize(model)`` works on module trees: inside an ``nn.Sequential`` (or a subclass that
+keeps ``Sequential.forward``) it swaps ``Conv2d`` for :class:`fastbegan.nn.Conv2dELU`
+holding the conv's own parameters (so ``state_dict()`` is unchanged) and puts
+``nn.Identity()`` where the absorbed ``ELU`` / ``Upsample`` were (so indices and keys
+stay). Patterns written in a ``forward`` (``F.elu(self.conv(x))``) are invisible to it:
+``torch.compile(backend="fastbegan")`` rewrites those, in module or functional form.
+
+The compile backend is an FX pass over the graph dynamo captured, then inductor
+(``torch._inductor.compile_fx.compile_fx``). Training works through it: the fused op is
+traced by AOTAutograd like any other (the triton backend's custom op has a registered
+backward; the torch backend decomposes into aten ops).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as _nn
+import torch.nn.functional as F
+from torch import fx
+
+from . import ops
+from .nn import Conv2dELU, _has_hooks, conv2d_support
+
+__all__ = ["optimize", "OptimizeReport", "Replacement", "Skipped", "compile_backend",
+           "rewrite_graph", "RewriteReport", "compile_reports"]
+
+
+# ========================================================================================
+# shared pattern checks (module form)
+# ========================================================================================
+def _is_two(sf: Any) -> bool:
+    if isinstance(sf, (tuple, list)):
+        return len(sf) == 2 and all(_is_two(v) for v in sf)
+    return isinstance(sf, (int, float)) and not isinstance(sf, bool) and float(sf) == 2.0
+
+
+def upsample_support(m: _nn.Module) -> str | None:
+    """``None`` if ``m`` is a 2x nearest upsample that can be fused, else why not."""
+    if type(m) not in (_nn.Upsample, _nn.UpsamplingNearest2d):
+        return f"{type(m).__name__} is not nn.Upsample / nn.UpsamplingNearest2d"
+    if m.size is not None:
+        return f"size={m.size!r} (only scale_factor=2 is fused)"
+    if not _is_two(m.scale_factor):
+        return f"scale_factor={m.scale_factor!r} is not 2"
+    # nearest-exact is the same map as nearest at an integer scale of 2.
+    if m.mode not in ("nearest", "nearest-exact"):
+        return f"mode={m.mode!r} is not 'nearest'"
+    if _has_hooks(m):
+        return "has hooks"
+    return None
+
+
+def elu_support(m: _nn.Module) -> str | None:
+    if type(m) is not _nn.ELU:
+        return f"{type(m).__name__} is not nn.ELU"
+    if float(m.alpha) != 1.0:
+        return f"ELU alpha={m.alpha} (only 1.0 is fused)"
+    if _has_hooks(m):
+        return "ELU has hooks"
+    return None
+
+
+def _is_plain_sequential(m: _nn.Module) -> bool:
+    return isinstance(m, _nn.Sequential) and type(m).forward is _nn.Sequential.forward
+
+
+# ========================================================================================
+# fastbegan.optimize
+# ========================================================================================
+@dataclass
+class Replacement:
+    """One fused module: ``path`` is the conv's (and now the Conv2dELU's) qualified name."""
+    path: str
+    pattern: str                  # e.g. "Upsample(2x) + Conv2d(3x3) + ELU"
+    absorbed: list[str]           # paths now holding nn.Identity()
+    note: str = ""
+
+    def __str__(self) -> str:
+        s = f"{self.path}: {self.pattern}"
+        if self.absorbed:
+            s += f" (Identity at {', '.join(self.absorbed)})"
+        return s + (f"; {self.note}" if self.note else "")
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did. ``replaced`` / ``skipped`` (Conv2d left alone, with the
+    reason) / ``already_fused`` (Conv2dELU found from an earlier call)."""
+    backend: str | None
+    applied: bool = True
+    note: str = ""
+    replaced: list[Replacement] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    already_fused: list[str] = field(default_factory=list)
+
+    @property
+    def num_replaced(self) -> int:
+        return len(self.replaced)
+
+    def __str__(self) -> str:
+        if not self.applied:
+            head = f"fastbegan.optimize: model left unchanged: {self.note}"
+        else:
+            n_conv = len(self.replaced) + len(self.skipped)
+            head = (f"fastbegan.optimize (backend {self.backend}): fused {len(self.replaced)} "
+                    f"of {n_conv} Conv2d")
+            if self.already_fused:
+                head += f"; {len(self.already_fused)} already fused"
+        lines = [head]
+        if self.replaced:
+            lines.append("  replaced:")
+            lines += [f"    {r}" for r in self.replaced]
+        if self.skipped:
+            lines.append("  left alone:")
+            lines += [f"    {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _scan_sequential(seq: _nn.Sequential, prefix: str, report: OptimizeReport,
+                     handled: set[int]) -> list[tuple[str, _nn.Module]]:
+    """Plan the swaps inside one Sequential; returns [(child name, new module)]."""
+    names = list(seq._modules.keys())
+    mods = [seq._modules[k] for k in names]
+    swaps: list[tuple[str, _nn.Module]] = []
+    for i, m in enumerate(mods):
+        if not isinstance(m, _nn.Conv2d) or isinstance(m, Conv2dELU):
+            continue
+        path = _join(prefix, names[i])
+        why = conv2d_support(m)
+        if why is not None:
+            report.skipped.append(Skipped(path, why))
+            handled.add(id(m))
+            continue
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        prv = mods[i - 1] if i > 0 else None
+        act = nxt is not None and elu_support(nxt) is None
+        act_note = ""
+        if not act and isinstance(nxt, _nn.ELU):
+            act_note = elu_support(nxt)
+        up = False
+        up_note = ""
+        if prv is not None and isinstance(prv, (_nn.Upsample, _nn.UpsamplingNearest2d)):
+            up_why = upsample_support(prv)
+            if up_why is None and tuple(m.stride) != (1, 1):
+                up_why = "a stride-2 conv after an upsample is not fused"
+            up = up_why is None
+            if not up:
+                up_note = f"upsample at {_join(prefix, names[i - 1])} kept: {up_why}"
+        if not (act or up):
+            reason = act_note or "no ELU after it (and no 2x nearest upsample before it)"
+            report.skipped.append(Skipped(path, reason + (f"; {up_note}" if up_note else "")))
+            handled.add(id(m))
+            continue
+        parts, absorbed = [], []
+        if up:
+            parts.append("Upsample(2x nearest)")
+            absorbed.append(_join(prefix, names[i - 1]))
+            swaps.append((names[i - 1], _nn.Identity()))
+        stride = "/2" if tuple(m.stride) == (2, 2) else ""
+        parts.append(f"Conv2d(3x3{stride}, {m.in_channels}->{m.out_channels})")
+        if act:
+            parts.append("ELU")
+            absorbed.append(_join(prefix, names[i + 1]))
+            swaps.append((names[i + 1], _nn.Identity()))
+        swaps.append((names[i], Conv2dELU.from_conv2d(m, upsample=up, activation=act)))
+        report.replaced.append(Replacement(path, " + ".join(parts), absorbed, up_note))
+        handled.add(id(m))
+    return swaps
+
+
+def optimize(model: _nn.Module, *, inplace: bool = False,
+             backend: str = "auto") -> tuple[_nn.Module, OptimizeReport]:
+    """Swap fusable ``[Upsample] + Conv2d(3x3) + ELU`` runs for :class:`fastbegan.nn.Conv2dELU`.
+
+    Returns ``(model, report)``; ``print(report)`` says what was fused and why each other
+    ``Conv2d`` was left alone. With ``inplace=False`` (default) the model is deep-copied
+    first and the original is untouched; with ``inplace=True`` it is changed in place and
+    the fused modules hold the very same ``Parameter`` objects (an existing optimizer keeps
+    working). Parameter names, shapes and values never change: ``state_dict()`` keys are
+    the same and old checkpoints load. Idempotent: a second call finds nothing new.
+
+    ``backend``:
+
+    - ``"auto"``: on a CUDA GPU that Triton supports, select the ``triton`` backend for all
+      fastbegan ops (:func:`fastbegan.ops.set_backend`, process-wide) and swap. Anywhere
+      else (CPU, no Triton, old GPU) the fused modules would only run the PyTorch
+      reference -- the same math as the original modules, no faster -- so the model is
+      returned unchanged (a copy unless ``inplace``) with a warning saying why.
+    - ``"triton"``: select it and swap; raises if Triton cannot run here.
+    - ``"torch"``: select the pure-PyTorch reference and swap anyway (for testing, or to
+      keep one model definition across machines).
+
+    On the triton backend the fused modules run CPU tensors (outside the Triton
+    interpreter) and dtypes the kernels lack through the reference, so a model moved to
+    CPU later still works.
+    """
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(ops.BACKENDS)}")
+    if not isinstance(model, _nn.Module):
+        raise TypeError(f"fastbegan.optimize expects an nn.Module, got {type(model).__name__}")
+    if backend == "auto":
+        ok, why = ops.triton_status()
+        if ok and os.environ.get("TRITON_INTERPRET") == "1":
+            ok, why = False, "the Triton interpreter is for tests (pass backend='triton')"
+        if not ok:
+            note = (f"no fused kernels can run here ({why}); pass backend='torch' to swap in "
+                    "the reference modules anyway")
+            warnings.warn(f"fastbegan.optimize: model left unchanged: {note}", stacklevel=2)
+            out = model if inplace else copy.deepcopy(model)
+            return out, OptimizeReport(backend=None, applied=False, note=note)
+        backend = "triton"
+    chosen = ops.set_backend(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = OptimizeReport(backend=chosen)
+    handled: set[int] = set()
+    # named_modules() lists a shared submodule once (under its first path): each
+    # Sequential is planned once, and a conv shared by two Sequentials is fused in both.
+    containers = [(p, m) for p, m in model.named_modules() if _is_plain_sequential(m)]
+    plans = [(seq, _scan_sequential(seq, prefix, report, handled)) for prefix, seq in containers]
+    new_ids: set[int] = set()
+    for seq, swaps in plans:
+        for name, new in swaps:
+            setattr(seq, name, new)
+            new_ids.add(id(new))
+    for path, m in model.named_modules():
+        if isinstance(m, Conv2dELU):
+            if id(m) not in new_ids:
+                report.already_fused.append(path)
+        elif isinstance(m, _nn.Conv2d) and id(m) not in handled:
+            why = conv2d_support(m)
+            report.skipped.append(Skipped(path, why or (
+                "not inside an nn.Sequential next to an ELU (calls in a forward() are "
+                "invisible here: use torch.compile(model, backend='fastbegan'))")))
+    return model, report
+
+
+# ========================================================================================
+# torch.compile(backend="fastbegan"): the FX pass
+# ========================================================================================
+@dataclass
+class RewriteReport:
+    """What :func:`rewrite_graph` did to one graph. ``fused``: one entry per fused call
+    (the pattern); ``skipped``: ``(node name, reason)`` for 3x3-conv-like nodes left alone."""
+    backend: str
+    fused: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.fused)
+
+    def __str__(self) -> str:
+        lines = [f"fastbegan compile pass (backend {self.backend}): fused {len(self.fused)}"]
+        lines += [f"  fused: {f}" for f in self.fused]
+        lines += [f"  left alone: {n}: {r}" for n, r in self.skipped]
+        return "\n".join(lines)
+
+
+#: One RewriteReport per graph the "fastbegan" compile backend has compiled, oldest first
+#: (a hook for tests and for users asking "did it fuse anything?"); clear it at will.
+compile_reports: list[RewriteReport] = []
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_ELU_C_NAMES = ("input", "alpha", "scale", "input_scale")
+_ELU_C_DEFAULTS = {"alpha": 1.0, "scale": 1.0, "input_scale": 1.0}
+_ELU_C = (torch._C._nn.elu, torch._C._nn.elu_)
+_UPSAMPLE_FNS = (F.interpolate, F.upsample, F.upsample_nearest)
+
+
+def _bind_builtin(node: fx.Node, names, defaults) -> dict[str, Any] | None:
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return None
+    out = dict(defaults)
+    out.update(zip(names, node.args))
+    out.update(node.kwargs)
+    return out if names[0] in out else None
+
+
+def _bind_py(fn: Callable, node: fx.Node) -> dict[str, Any] | None:
+    try:
+        b = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    b.apply_defaults()
+    return dict(b.arguments)
+
+
+def _val(node: Any) -> Any:
+    """The example (fake) value dynamo recorded for ``node``, if any."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _attr(gm: fx.GraphModule, node: Any) -> Any:
+    v = _val(node)
+    if v is None and isinstance(node, fx.Node) and node.op == "get_attr":
+        try:
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            v = obj
+        except AttributeError:
+            v = None
+    return v
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> _nn.Module | None:
+    if node.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def _as_pair(v: Any) -> tuple | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2:
+        return tuple(v)
+    return None
+
+
+@dataclass
+class _Conv:
+    x: Any
+    weight: Any        # fx.Node, or a str attribute path for call_module convs
+    bias: Any
+    stride: int
+
+
+def _match_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[_Conv | None, str | None]:
+    """(match, None), (None, reason) for a conv node we will not fuse, (None, None) else."""
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if not isinstance(m, _nn.Conv2d) or isinstance(m, Conv2dELU):
+            return None, None
+        why = conv2d_support(m)
+        if why is not None:
+            return None, why
+        if len(node.args) != 1 or node.kwargs:
+            return None, "unexpected call signature"
+        bias = f"{node.target}.bias" if m.bias is not None else None
+        return _Conv(node.args[0], f"{node.target}.weight", bias, m.stride[0]), None
+    if node.op != "call_function" or node.target is not torch.conv2d:
+        return None, None
+    a = _bind_builtin(node, _CONV_NAMES, _CONV_DEFAULTS)
+    if a is None:
+        return None, "unexpected call signature"
+    w = _attr(gm, a["weight"])
+    x = _val(a["input"])
+    if not isinstance(w, torch.Tensor) or w.dim() != 4:
+        return None, "weight shape unknown"
+    if tuple(w.shape[2:]) != (3, 3):
+        return None, f"kernel {tuple(w.shape[2:])} is not 3x3"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None, "input is not a known 4-D tensor"
+    stride, dil = _as_pair(a["stride"]), _as_pair(a["dilation"])
+    if stride not in ((1, 1), (2, 2)):
+        return None, f"stride {a['stride']!r} is not 1 or 2"
+    if dil != (1, 1):
+        return None, f"dilation {a['dilation']!r} is not 1"
+    if a["groups"] != 1:
+        return None, f"groups={a['groups']!r}"
+    pad = a["padding"]
+    if not ((pad == "same" and stride == (1, 1)) or _as_pair(pad) == (1, 1)):
+        return None, f"padding {pad!r} is not 1"
+    if a["bias"] is not None and not isinstance(a["bias"], fx.Node):
+        return None, "bias is not a tensor"
+    return _Conv(a["input"], a["weight"], a["bias"], stride[0]), None
+
+
+def _match_elu(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
+    """Is ``node`` ELU(alpha=1) of ``src`` (module, F.elu, F.elu_ / torch._C._nn.elu[_])?"""
+    if node.op == "call_module":
+        m = _module(gm, node)
+        return (m is not None and elu_support(m) is None and len(node.args) == 1
+                and not node.kwargs and node.args[0] is src)
+    if node.op != "call_function":
+        return False
+    if node.target is F.elu:
+        a = _bind_py(F.elu, node)
+    elif node.target in _ELU_C:
+        a = _bind_builtin(node, _ELU_C_NAMES, _ELU_C_DEFAULTS)
+        if a is not None and (a["scale"] != 1 or a["input_scale"] != 1):
+            return False
+    else:
+        return False
+    return a is not None and a["input"] is src and a["alpha"] == 1
+
+
+def _match_upsample(gm: fx.GraphModule, node: Any) -> Any:
+    """If ``node`` is a 2x nearest upsample of a 4-D tensor, its input node; else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if m is None or upsample_support(m) is not None or len(node.args) != 1 or node.kwargs:
+            return None
+        src = node.args[0]
+    elif node.op == "call_function" and node.target in _UPSAMPLE_FNS:
+        a = _bind_py(node.target, node)
+        if a is None:
+            return None
+        mode = a.get("mode", "nearest")
+        if mode not in ("nearest", "nearest-exact") or a.get("align_corners") is not None:
+            return None
+        if a.get("antialias"):
+            return None
+        src = a["input"]
+        if a["size"] is not None:
+            # fused only when the size is exactly twice the (static) input size
+            sv, ov = _val(src), _val(node)
+            if not (isinstance(sv, torch.Tensor) and isinstance(ov, torch.Tensor)
+                    and sv.dim() == 4 and ov.dim() == 4
+                    and all(isinstance(d, int) for d in (*sv.shape, *ov.shape))
+                    and tuple(ov.shape[2:]) == (2 * sv.shape[2], 2 * sv.shape[3])):
+                return None
+        elif not _is_two(a["scale_factor"]):
+            return None
+    else:
+        return None
+    sv = _val(src)
+    if not (isinstance(sv, torch.Tensor) and sv.dim() == 4):
+        return None
+    return src
+
+
+def _copy_meta(new: fx.Node, value: Any) -> None:
+    if value is not None:
+        new.meta["example_value"] = value
+
+
+def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteReport:
+    """Rewrite ``gm`` in place: each ``[upsample] -> conv3x3 -> [ELU]`` run with something to
+    fuse becomes one ``fastbegan.ops.conv3x3_elu`` call. Returns what it did.
+
+    Rules: the conv's output must have no user but the ELU for the ELU to be fused, and
+    the upsample's output no user but the conv for the upsample to be fused (otherwise that
+    part stays as it was). ``backend`` is the one the graph will be traced with: on
+    ``"triton"`` activations in dtypes the kernels lack are not fused, and where the
+    original output was NCHW a ``.contiguous()`` keeps it so (the kernels write NHWC).
+    """
+    graph = gm.graph
+    report = RewriteReport(backend=backend)
+    erased: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if node in erased:
+            continue
+        conv, why = _match_conv(gm, node)
+        if conv is None:
+            if why is not None:
+                report.skipped.append((node.name, why))
+            continue
+        xv = _val(conv.x)
+        if backend == "triton" and isinstance(xv, torch.Tensor) and \
+                xv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            report.skipped.append((node.name, f"dtype {xv.dtype} not supported by the kernels"))
+            continue
+        users = list(node.users)
+        elu = users[0] if len(users) == 1 and _match_elu(gm, users[0], node) else None
+        up = None
+        x = conv.x
+        if conv.stride == 1 and isinstance(x, fx.Node) and len(x.users) == 1:
+            src = _match_upsample(gm, x)
+            if src is not None:
+                up, x = x, src
+        if elu is None and up is None:
+            report.skipped.append((node.name, "no ELU after it and no upsample before it"))
+            continue
+        tail = elu if elu is not None else node
+        out_val = _val(tail)
+        with graph.inserting_before(node):
+            w, b = conv.weight, conv.bias
+            if isinstance(w, str):
+                w = graph.get_attr(w)
+                _copy_meta(w, _attr(gm, w))
+            if isinstance(b, str):
+                b = graph.get_attr(b)
+                _copy_meta(b, _attr(gm, b))
+            conv_val, in_val = _val(node), _val(x)
+            if (isinstance(conv_val, torch.Tensor) and isinstance(in_val, torch.Tensor)
+                    and conv_val.dtype != in_val.dtype):
+                # autocast region: the conv computed in conv_val.dtype
+                x = graph.call_method("to", (x, conv_val.dtype))
+                _copy_meta(x, torch.empty_like(in_val, dtype=conv_val.dtype))
+            fused = graph.call_function(ops.conv3x3_elu, (x, w, b), {
+                "upsample": up is not None, "stride": conv.stride,
+                "activation": elu is not None})
+            result = fused
+            if backend == "triton" and isinstance(out_val, torch.Tensor):
+                if out_val.dim() == 4 and out_val.is_contiguous():
+                    _copy_meta(fused, torch.empty_like(out_val,
+                                                       memory_format=torch.channels_last))
+                    result = graph.call_method("contiguous", (fused,))
+            _copy_meta(result, out_val)
+        tail.replace_all_uses_with(result)
+        for dead in (elu, node, up):
+            if dead is not None:
+                graph.erase_node(dead)
+                erased.add(dead)
+        parts = (["upsample2x"] if up is not None else []) + \
+            [f"conv3x3{'/2' if conv.stride == 2 else ''}"] + (["elu"] if elu is not None else [])
+        report.fused.append(" + ".join(parts))
+    graph.lint()
+    gm.recompile()
+    return report
+
+
+def _choose_backend(example_inputs) -> str:
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    on_cuda = any(t.device.type == "cuda" for t in tensors)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if ops.get_backend() == "triton" and (on_cuda or interp):
+        return "triton"
+    ok, _ = ops.triton_status()
+    if ok and on_cuda and not interp:
+        return "triton"
+    return "torch"
+
+
+def compile_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = None,
+                    options: dict | None = None, inner: Any = "inductor"):
+    """The ``"fastbegan"`` torch.compile backend: :func:`rewrite_graph`, then inductor.
+
+    The fused calls are traced with the ``triton`` backend when the graph's inputs are on a
+    CUDA GPU Triton supports (or when ``fastbegan.ops`` is set to ``triton``, e.g. under the
+    interpreter in tests), else with the ``torch`` reference (then the result computes what
+    plain ``backend="inductor"`` would). The choice is made per graph at compile time and
+    does not change the process-wide backend. ``mode`` / ``options`` are inductor's, as in
+    ``torch.compile(model, backend="fastbegan", mode="max-autotune")``. ``inner``: the
+    compiler the rewritten graph is handed to: ``"inductor"``, or another registered
+    backend name / callable (``"aot_eager"`` is handy for debugging).
+    """
+    backend = _choose_backend(example_inputs)
+    report = rewrite_graph(gm, backend=backend)
+    compile_reports.append(report)
+    with ops.use_backend(backend):
+        if inner == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            patches: dict = {}
+            if mode not in (None, "default"):
+                patches.update(torch._inductor.list_mode_options(mode))
+            if options:
+                patches.update(options)
+            return compile_fx(gm, example_inputs, config_patches=patches or None)
+        if isinstance(inner, str):
+            from torch._dynamo.backends.registry import lookup_backend
+            inner = lookup_backend(inner)
+        return inner(gm, example_inputs)

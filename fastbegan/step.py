@@ -1,0 +1,366 @@
+"""The fused single-pass BEGAN training step (DESIGN 1 "same-z global step", 3.2, 3.3, 4).
+
+One step, all on the device, no host synchronisation::
+
+    idx, flip ~ gen;  x = uint8 data[idx] (flipped) -> [-1, 1]     (device gather)
+    z ~ U(-1, 1);     fake = G(z)                                   (G forward, once)
+    s = [1]*B + [-k_t]*B                                            (device tensor)
+    rec = D([x; fake], wgrad_scale=s)                               (D forward over 2B, once)
+    L_real, L_fake, k_next, M = l1 pair + BEGAN update              (2 tiny launches on triton)
+    (L_real + L_fake).backward()                                    (ONE backward)
+    Adam(D); Adam(G)                                                (fused, capturable)
+    k_t <- k_next;  step_t += 1                                     (in place, on the device)
+
+Why one backward is exact. D has no cross-sample operation (no batch norm), so sample
+n's activation gradients inside D come from its own loss term only: L_real for the real
+half, L_fake for the fake half. D's weight (and bias) gradients are per-sample sums
+weighted by ``s``: ``dL_real/dtheta_D - k_t * dL_fake/dtheta_D = dL_D/dtheta_D``. The
+activation gradients are *not* scaled, so the gradient reaching ``fake`` (through D's
+input and as the target of the L1) is the full ``dL_fake/dfake``, and G (whose layers
+get no scale) receives exactly ``dL_G/dtheta_G`` with ``L_G = L_fake``. L_real does not
+depend on ``fake``. The tests check every gradient against ``Trainer.compute_grads``.
+
+D's convolutions take ``wgrad_scale`` themselves (``ops.conv3x3_elu``). Its two
+``nn.Linear`` layers (the encoder's and decoder's fc) do not: model.py does not pass the
+scale to them, and without it their weight gradients would be those of
+``L_real + L_fake``. :func:`scaled_linear_wgrads` patches every ``nn.Linear`` of D for
+the duration of the forward with a linear whose weight/bias gradient is scaled per
+sample (:class:`ScaledWgradLinear`); :class:`FusedStep` refuses a D with any other
+parametrised layer. (Moving the scale into model.py's fc layers would make the patch
+unnecessary.)
+
+Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; indices,
+flips (done on the uint8 batch) and z come from the trainer's device generator in the
+same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
+[-1, 1] conversion is a separate elementwise op (optionally compiled): it is *not* fused
+into the first conv's load.
+
+On CUDA the whole step is captured once into a CUDA graph and replayed (``cuda_graph``,
+default on CUDA): ``warmup`` eager steps run on a side stream first (Triton autotuning,
+Adam state creation), the next call captures and replays. Every call is one real
+training step, so eager and graph runs follow the same trajectory. Static state: k_t,
+the step counter and the learning rate are device tensors updated in place; the host
+values of the trainer (``trainer.k``, ``trainer.step``, ``trainer.lr``) are mirrored into
+them before each step only when they changed (after a checkpoint load or an lr
+halving: a ``fill_``/``copy_`` launch, no sync). A checkpoint load that replaces the
+optimisers' state makes the step drop its graph and capture a new one.
+
+Adam: the trainer's two optimisers, switched to the fused implementation (CUDA, and CPU
+where torch has it) and, for the capture, ``capturable=True`` with the learning rate as
+a device tensor. Logging: the step returns device scalars; the trainer reads them every
+``log_every`` steps only. In graph mode the returned tensors are static buffers that the
+next replay overwrites (read them before the next step, as ``Trainer.fit`` does).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .model import Conv3x3
+from .ops import reference
+
+__all__ = ["FusedStep", "ScaledWgradLinear", "scaled_linear_wgrads", "fused_step_status",
+           "l1_pair_and_update"]
+
+
+# ----------------------------------------------------------------------------------------
+# per-sample weight-gradient scale for nn.Linear
+# ----------------------------------------------------------------------------------------
+class ScaledWgradLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)``; the weight/bias gradients weight sample n by scale[n].
+
+    The input gradient is the plain one. Under autocast the forward runs in the autocast
+    dtype (as ``F.linear`` does) and the backward in the gradient's dtype; the weight
+    gradients are returned in the parameters' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale):
+        ctx.save_for_backward(x, weight, scale)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, scale = ctx.saved_tensors
+        dt = dy.dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = (dy @ weight.to(dt)).to(x.dtype)
+        if need_w or (need_b and ctx.has_bias):
+            s = scale.to(dt).view(-1, *([1] * (dy.dim() - 1)))
+            dys = (dy * s).flatten(0, -2)
+            if need_w:
+                dw = (dys.t() @ x.to(dt).flatten(0, -2)).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                db = dys.sum(0).to(weight.dtype)
+        return dx, dw, db, None
+
+
+@contextlib.contextmanager
+def scaled_linear_wgrads(module: nn.Module, scale: Tensor):
+    """Within the block, every ``nn.Linear`` in ``module`` scales its weight gradient per
+    sample by ``scale`` (shape (N,), N = the linear's input batch)."""
+    patched = []
+    try:
+        for lin in module.modules():
+            if isinstance(lin, nn.Linear):
+                prev = lin.__dict__.get("forward")
+                lin.forward = (lambda x, _l=lin: ScaledWgradLinear.apply(x, _l.weight, _l.bias, scale))
+                patched.append((lin, prev))
+        yield
+    finally:
+        for lin, prev in patched:
+            if prev is None:
+                del lin.forward
+            else:
+                lin.forward = prev
+
+
+def _check_scalable(d: nn.Module) -> None:
+    """Every parameter of D must get the per-sample scale: Conv3x3 or nn.Linear only."""
+    covered = set()
+    for m in d.modules():
+        if isinstance(m, (Conv3x3, nn.Linear)):
+            covered |= {id(p) for p in m.parameters(recurse=False)}
+    missing = [n for n, p in d.named_parameters() if id(p) not in covered]
+    if missing:
+        raise NotImplementedError(
+            "the fused step scales D's weight gradients per sample in Conv3x3 and nn.Linear "
+            f"layers only; these parameters are in other layers: {missing[:4]}")
+
+
+# ----------------------------------------------------------------------------------------
+# losses + BEGAN update
+# ----------------------------------------------------------------------------------------
+def l1_pair_and_update(x_real: Tensor, x_fake: Tensor, recon: Tensor, k: Tensor, gamma: float,
+                       lambda_k: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(losses, k_next, M)`` with ``losses = [L_real, L_fake]`` (a (2,) fp32 tensor,
+    differentiable), ``recon = D([x_real; x_fake])``; on the current backend.
+
+    triton: the fused pair-loss kernel with the BEGAN update in its finalize launch.
+    torch: :func:`reference.l1_recon_loss_ref` per half and :func:`reference.began_update_ref`.
+    """
+    if ops.get_backend() == "triton":
+        from .ops.triton_loss import l1_recon_loss_pair_began
+        return l1_recon_loss_pair_began(x_real, x_fake, recon, k, gamma, lambda_k)
+    b = x_real.shape[0]
+    loss_real = reference.l1_recon_loss_ref(x_real, recon[:b])
+    loss_fake = reference.l1_recon_loss_ref(x_fake, recon[b:])
+    k_next, m = reference.began_update_ref(k, loss_real.detach(), loss_fake.detach(), gamma,
+                                           lambda_k)
+    return torch.stack([loss_real, loss_fake]), k_next, m
+
+
+# ----------------------------------------------------------------------------------------
+# the step
+# ----------------------------------------------------------------------------------------
+def fused_step_status(trainer) -> tuple[bool, str]:
+    """(use it, why): should ``trainer`` take the fused step by default?
+
+    Yes on a CUDA device with the triton backend and the same-z step; otherwise the
+    reference step (the fused step also runs on the torch backend and on CPU, when asked
+    for explicitly: ``FusedStep(trainer)``).
+    """
+    if trainer.cfg.separate_z:
+        return False, "--separate-z needs two G passes (the fused step is the same-z step)"
+    if trainer.device.type != "cuda":
+        return False, f"device is {trainer.device.type}, not a CUDA GPU"
+    if trainer.backend != "triton":
+        return False, f"backend is {trainer.backend}, not triton"
+    try:
+        _check_scalable(trainer.D)
+    except NotImplementedError as e:
+        return False, str(e)
+    return True, "CUDA GPU with the triton backend: fused single-pass step"
+
+
+class FusedStep:
+    """The single-pass global step for a :class:`fastbegan.train.Trainer`.
+
+    ``FusedStep(trainer)()`` does what ``trainer.train_step()`` does (same batches, same
+    losses, gradients, Adam updates and k_t up to float rounding; step counter and lr
+    schedule advanced) and returns the same dict of device scalars
+    (loss_real, loss_fake, loss_d, k, M).
+
+    cuda_graph: capture the step into a CUDA graph after ``warmup`` eager steps (default:
+    on CUDA). compile: ``torch.compile`` the uint8 -> [-1, 1] batch conversion (the part
+    of the step that is neither a fastbegan kernel, nor cuBLAS, nor fused Adam); pass a
+    mode string to pick the mode. fused_adam: switch the trainer's Adam optimisers to
+    the fused implementation (on CPU too, where it removes the ``.item()`` the for-each
+    Adam does on its step counters).
+    """
+
+    def __init__(self, trainer, *, cuda_graph: bool | None = None, warmup: int = 2,
+                 compile: bool | str = False, fused_adam: bool = True):
+        cfg = trainer.cfg
+        if cfg.separate_z:
+            raise ValueError("the fused step is the same-z step: it does not support separate_z")
+        _check_scalable(trainer.D)
+        self.tr = trainer
+        self.device = dev = trainer.device
+        if cuda_graph is None:
+            cuda_graph = dev.type == "cuda"
+        if cuda_graph and dev.type != "cuda":
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        self.cuda_graph, self.warmup = cuda_graph, max(1, int(warmup))
+        self.opts = (trainer.opt_d, trainer.opt_g)
+        if fused_adam and (dev.type == "cuda" or _cpu_fused_adam()):
+            for opt in self.opts:
+                for group in opt.param_groups:
+                    group["fused"], group["foreach"] = True, False
+        # device-resident state; the trainer's tensors become these static buffers
+        self.k = trainer.k.detach().to(dev, torch.float32).clone()
+        trainer.k = self.k
+        self.step_t = torch.full((), trainer.step, device=dev, dtype=torch.int64)
+        self.lr_t = torch.full((), trainer.lr, device=dev, dtype=torch.float32)
+        self._host_step, self._host_lr = trainer.step, trainer.lr
+        self._ones = torch.ones(cfg.batch_size, device=dev)
+        self._convert = _to_unit_range_flipped
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._convert = torch.compile(_to_unit_range_flipped, mode=mode, dynamic=False)
+        self._graph = None
+        self._static: dict[str, Tensor] | None = None
+        self._static_batch: dict[str, Tensor] = {}
+        self._graph_keys = None
+        self._warm = 0
+        self._side = torch.cuda.Stream(dev) if cuda_graph else None
+
+    # ------------------------------------------------------------------ host side
+    def __call__(self) -> dict[str, Tensor]:
+        tr = self.tr
+        self._sync_host_state()
+        if self.cuda_graph:
+            vals = self._graph_step()
+        else:
+            vals = self._device_step(zero_grad=True)
+        tr.step += 1
+        self._host_step = tr.step
+        tr._schedule_lr()
+        tr.last_batch = dict(self._static_batch)
+        return vals
+
+    def _sync_host_state(self) -> None:
+        """Mirror host-side changes (checkpoint load, lr halving) into the device state."""
+        tr = self.tr
+        if tr.k is not self.k:
+            self.k.copy_(tr.k.detach())
+            tr.k = self.k
+        if tr.step != self._host_step:
+            self.step_t.fill_(tr.step)
+            self._host_step = tr.step
+        if tr.lr != self._host_lr:
+            self.lr_t.fill_(tr.lr)
+            self._host_lr = tr.lr
+        if self._graph is not None and any(a is not b for a, b in zip(self._graph_keys, self._keys())):
+            self.reset_graph()
+
+    def _keys(self) -> list:
+        """What a captured graph depends on: the optimisers' state objects (a checkpoint
+        load replaces them) and the tensors of their first parameter's state."""
+        keys = []
+        for opt in self.opts:
+            st = opt.state.get(opt.param_groups[0]["params"][0], {})
+            keys += [opt.state, st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step")]
+        return keys
+
+    def reset_graph(self) -> None:
+        """Drop the captured graph; the next calls warm up and capture again."""
+        self._graph, self._static, self._warm = None, None, 0
+
+    # ------------------------------------------------------------------ device side
+    def _real_batch(self) -> Tensor:
+        tr, cfg = self.tr, self.tr.cfg
+        b = cfg.batch_size
+        idx = torch.randint(len(tr.data), (b,), device=self.device, generator=tr.gen)
+        flip = (torch.rand(b, device=self.device, generator=tr.gen) < 0.5) if cfg.flip else None
+        return self._convert(tr.data[idx], flip)
+
+    def _device_step(self, zero_grad: bool) -> dict[str, Tensor]:
+        """The whole step as device work only (what the CUDA graph captures)."""
+        tr, cfg = self.tr, self.tr.cfg
+        b = cfg.batch_size
+        if cfg.vanishing_residual:
+            tr.model.set_carry((1.0 - self.step_t.double() / cfg.vanishing_residual).clamp(0.0, 1.0))
+        x = self._real_batch()
+        z = torch.rand(b, cfg.z_dim, device=self.device, generator=tr.gen).mul_(2).sub_(1)
+        k = self.k
+        scale = torch.cat([self._ones, k.neg().expand(b)])
+        if zero_grad:
+            for opt in self.opts:
+                opt.zero_grad(set_to_none=True)
+        with tr.autocast():
+            fake = tr.G(z)
+            with scaled_linear_wgrads(tr.D, scale):
+                rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
+            losses, k_next, m_global = l1_pair_and_update(x, fake, rec, k, cfg.gamma, cfg.lambda_k)
+        losses.sum().backward()
+        for opt in self.opts:
+            opt.step()
+        lv = losses.detach()
+        loss_d = lv[0] - k * lv[1]
+        k.copy_(k_next)
+        self.step_t.add_(1)
+        self._static_batch = {"x": x, "fake": fake.detach()}
+        return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global}
+
+    def _graph_step(self) -> dict[str, Tensor]:
+        if self._graph is None:
+            if self._warm < self.warmup:
+                self._warm += 1
+                cur = torch.cuda.current_stream(self.device)
+                self._side.wait_stream(cur)
+                with torch.cuda.stream(self._side):
+                    vals = self._device_step(zero_grad=True)
+                cur.wait_stream(self._side)
+                return vals
+            self._capture()
+        self._graph.replay()
+        return self._static
+
+    def _capture(self) -> None:
+        tr = self.tr
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors itself
+            for group in opt.param_groups:
+                group["capturable"] = True
+                group["lr"] = self.lr_t
+        graph = torch.cuda.CUDAGraph()
+        if hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(tr.gen)
+        try:
+            with torch.cuda.graph(graph):
+                static = self._device_step(zero_grad=False)
+        finally:
+            for opt in self.opts:
+                for group in opt.param_groups:
+                    group["lr"] = self._host_lr  # the graph reads lr_t; eager code sees floats
+        self._graph, self._static = graph, static
+        self._graph_keys = self._keys()
+
+
+def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:
+    """(B, H, W, 3) uint8, optional (B,) bool -> (B, 3, H, W) in [-1, 1], channels_last.
+
+    The flip (of the width axis) is applied to the uint8 batch, which gives the same
+    values as ``Trainer.real_batch`` (which flips after the conversion).
+    """
+    if flip is not None:
+        batch_u8 = torch.where(flip.view(-1, 1, 1, 1), batch_u8.flip(2), batch_u8)
+    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _cpu_fused_adam() -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return "cpu" in _get_fused_kernels_supported_devices()
+    except Exception:
+        return False

@@ -27,9 +27,12 @@ arch >= 90), so both are tried.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -86,7 +89,28 @@ def sm90_unavailable_reason() -> str | None:
 
 
 def _ptxas_report(ptx: str) -> dict:
-    """Run ptxas -v on the PTX; parse registers and spill bytes. Empty dict on failure."""
+    """Run ptxas -v on the PTX; parse registers and spill bytes. Empty dict on failure.
+    Results are cached on disk by the PTX's hash (Triton caches the compile itself)."""
+    cache = os.path.join(tempfile.gettempdir(), "fastbegan_ptxas_cache",
+                         hashlib.sha256(ptx.encode()).hexdigest()[:40] + ".json")
+    try:
+        with open(cache) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    out = _run_ptxas(ptx)
+    if out:
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with open(cache + f".{os.getpid()}", "w") as f:
+                json.dump(out, f)
+            os.replace(cache + f".{os.getpid()}", cache)
+        except OSError:
+            pass
+    return out
+
+
+def _run_ptxas(ptx: str) -> dict:
     for name in ("ptxas-blackwell", "ptxas"):
         exe = _tool(name)
         if exe is None:
@@ -197,3 +221,102 @@ def check_resources(res: dict) -> list[str]:
     if res["registers"] is not None and res["registers"] > H100_MAX_REGISTERS:
         bad.append(f"{res['registers']} registers > {H100_MAX_REGISTERS}")
     return bad
+
+
+# ----------------------------------------------------------------------------------------
+# Tables: compile a list of specs (in parallel) in a process without TRITON_INTERPRET
+# ----------------------------------------------------------------------------------------
+def _load_specs(factory: str):
+    """``"package.module:function"`` -> the list of spec dicts that function returns. Each
+    spec has keys ``kernel, variant, config, fn, signature, constexprs, num_warps,
+    num_stages`` and optionally ``divisible_by_16`` (see ``conv3x3.aot_specs``)."""
+    import importlib
+    mod, _, func = factory.partition(":")
+    return getattr(importlib.import_module(mod), func)()
+
+
+def _compile_one(factory: str, i: int) -> dict:
+    sp = _load_specs(factory)[i]
+    res = compile_for_sm90(sp["fn"], sp["signature"], sp["constexprs"], sp["num_warps"],
+                           sp["num_stages"], divisible_by_16=sp.get("divisible_by_16", ()))
+    row = {"kernel": sp["kernel"], "variant": sp["variant"], "config": sp["config"]}
+    row.update({k: res[k] for k in ("registers", "shared_bytes", "spill_bytes", "spill_stores",
+                                    "spill_loads", "local_bytes", "uses_tma", "uses_wgmma")})
+    row["problems"] = check_resources(res)
+    return row
+
+
+def compile_table(factory: str, workers: int | None = None) -> list[dict]:
+    """Compile every spec of ``factory`` (``"module:function"``) for sm_90, ``workers``
+    processes in parallel; one row per spec: kernel, variant, config, registers,
+    shared_bytes, spill_bytes, ..., problems (``check_resources``). Must run where
+    TRITON_INTERPRET is unset (kernels are interpreter objects otherwise): see
+    :func:`compile_table_subprocess`."""
+    n = len(_load_specs(factory))
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers <= 1:
+        return [_compile_one(factory, i) for i in range(n)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        return list(ex.map(_compile_one, [factory] * n, range(n)))
+
+
+class Sm90Unavailable(RuntimeError):
+    """This Triton / machine cannot compile for sm_90 (the message says why)."""
+
+
+def compile_table_subprocess(factories: list[str], workers: int | None = None,
+                             timeout: float = 600) -> list[dict]:
+    """:func:`compile_table` for each factory, run in a fresh Python without
+    TRITON_INTERPRET (usable from the interpreter-mode test suite). Raises
+    :class:`Sm90Unavailable` if this Triton cannot compile for sm_90 here, RuntimeError
+    with the child's output if compiling fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "table.json")
+        cmd = [sys.executable, "-m", "fastbegan.kernels.aot", "--out", out,
+               "--workers", str(workers or 0), *factories]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"sm_90 compile failed ({' '.join(cmd)}):\n{r.stdout[-4000:]}\n"
+                               f"{r.stderr[-4000:]}")
+        with open(out) as f:
+            data = json.load(f)
+    if isinstance(data, dict) and "unavailable" in data:
+        raise Sm90Unavailable(data["unavailable"])
+    return data
+
+
+def _main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Compile kernel specs for sm_90 and print a "
+                                "resource table (registers, shared memory, spills).")
+    p.add_argument("factories", nargs="+", help="module:function returning specs, e.g. "
+                   "fastbegan.kernels.conv3x3:aot_specs")
+    p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument("--workers", type=int, default=0)
+    a = p.parse_args(argv)
+    reason = sm90_unavailable_reason()
+    if reason is not None:
+        print(f"cannot compile for sm_90: {reason}")
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump({"unavailable": reason}, fh)
+        return 0
+    rows = []
+    for f in a.factories:
+        rows += compile_table(f, a.workers or None)
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    for r in rows:
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        print(f"{r['kernel']:28s} {r['variant']:24s} {cfg:50s} regs={r['registers']} "
+              f"smem={r['shared_bytes']} spills={r['spill_bytes']} {'; '.join(r['problems'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

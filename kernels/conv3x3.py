@@ -59,50 +59,47 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
 
 
-if INTERPRET:
-    PTR_CONFIGS = [_cfg(32, 16, 16, 4, 1)]
-    TMA_CONFIGS = [_cfg(64, 16, 16, 4, 1)]
-else:
-    PTR_CONFIGS = [
-        _cfg(128, 128, 32, 8, 3),
-        _cfg(128, 64, 32, 4, 3),
-        _cfg(64, 128, 32, 4, 3),
-        _cfg(64, 64, 32, 4, 2),
-    ]
-    TMA_CONFIGS = [
-        _cfg(128, 128, 64, 8, 3),
-        _cfg(128, 128, 32, 8, 4),
-        _cfg(128, 64, 64, 4, 3),
-        _cfg(64, 128, 64, 4, 3),
-    ]
+# Shipped GPU configs (every one is compiled for sm_90 by tests/test_sm90_compile.py).
+PTR_CONFIGS_GPU = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(64, 128, 32, 4, 3),
+    _cfg(64, 64, 32, 4, 2),
+]
+TMA_CONFIGS_GPU = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 64, 64, 4, 3),
+    _cfg(64, 128, 64, 4, 3),
+]
+# The interpreter runs one small config (tests stay fast; BK=16 keeps phase views valid
+# for channel counts that are multiples of 16).
+PTR_CONFIGS = [_cfg(32, 16, 16, 4, 1)] if INTERPRET else PTR_CONFIGS_GPU
+TMA_CONFIGS = [_cfg(64, 16, 16, 4, 1)] if INTERPRET else TMA_CONFIGS_GPU
 
 _AUTOTUNE_KEY = ["C_x", "C_s", "C_out", "H_out", "W_out"]
 
 
 def _prune_ptr(configs, nargs, **kwargs):
-    """Drop configs whose tiles are much larger than the problem (tiny layers)."""
+    """Drop configs whose BN is much wider than C_out (tiny layers such as C_out = 3)."""
     c_out = nargs["C_out"]
     kept = [c for c in configs if c.kwargs["BN"] <= max(64, triton.next_power_of_2(c_out))]
     return kept or configs[-1:]
 
 
+def _phase_bk_ok(bk: int, c_x: int, c_s: int, x_phase: bool, s_phase: bool) -> bool:
+    """A phase-view box must not cross from phase 0's channels into phase 1's: BK | C."""
+    return not (x_phase and c_x % bk) and not (s_phase and c_s % bk)
+
+
 def _prune_tma(configs, nargs, **kwargs):
-    """Phase views need BK | channels (a box must not cross into the other phase's
-    channels); drop BN tiles far wider than C_out; fp32 tiles need half the BK."""
-    c_out, c_x, c_s = nargs["C_out"], nargs["C_x"], nargs["C_s"]
-    x_phase = nargs["X_PHASE"]
-    s_phase = nargs["S_PHASE"]
-    kept = []
-    for c in configs:
-        bk = c.kwargs["BK"]
-        if x_phase and c_x % bk:
-            continue
-        if s_phase and c_s % bk:
-            continue
-        if c.kwargs["BN"] > max(64, triton.next_power_of_2(c_out)):
-            continue
-        kept.append(c)
-    return kept or configs[-1:]
+    """Keep configs valid for the phase views (BK | C, required: the launcher only picks
+    this kernel when one exists), then prefer BN not much wider than C_out."""
+    a = {**nargs, **kwargs}
+    valid = [c for c in configs if _phase_bk_ok(c.kwargs["BK"], a["C_x"], a["C_s"],
+                                                 a["X_PHASE"], a["S_PHASE"])]
+    narrow = [c for c in valid if c.kwargs["BN"] <= max(64, triton.next_power_of_2(a["C_out"]))]
+    return narrow or valid
 
 
 # ----------------------------------------------------------------------------------------
@@ -469,16 +466,18 @@ def tma_eligible(x, weight2d, skip, upsample: bool, stride: int) -> bool:
     if not _aligned16(x) or (weight2d.stride(0) * weight2d.element_size()) % 16 \
             or weight2d.data_ptr() % 16:
         return False
-    H, W = x.shape[2], x.shape[3]
-    if stride == 2 and (H % 2 or W % 2 or x.shape[1] % 16):
+    x_phase = stride == 2
+    s_phase = skip is not None and (upsample or stride == 2)
+    if x_phase and (x.shape[2] % 2 or x.shape[3] % 2):
         return False
     if skip is not None:
         if not _aligned16(skip):
             return False
-        if (upsample or stride == 2) and (skip.shape[2] % 2 or skip.shape[3] % 2
-                                          or skip.shape[1] % 16):
+        if s_phase and (skip.shape[2] % 2 or skip.shape[3] % 2):
             return False
-    return True
+    c_s = skip.shape[1] if skip is not None else 0
+    return any(_phase_bk_ok(c.kwargs["BK"], x.shape[1], c_s, x_phase, s_phase)
+               for c in TMA_CONFIGS)
 
 
 _allocator_set = False
@@ -588,3 +587,67 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
     upsample_nearest2x_kernel[grid](x, y, P, H, W, C, x.stride(0), x.stride(2), x.stride(3),
                                     y.stride(0), y.stride(2), y.stride(3), BP=BP, BC=BC)
     return y
+
+
+# ----------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_sm90_compile.py, kernels/aot.py)
+# ----------------------------------------------------------------------------------------
+# name -> (UPSAMPLE, STRIDE, HAS_SKIP, ACTIVATION)
+AOT_VARIANTS = {
+    "plain": (False, 1, False, True),
+    "upsample": (True, 1, False, True),
+    "stride2": (False, 2, False, True),
+    "skip": (False, 1, True, True),
+    "upsample_skip": (True, 1, True, True),
+    "linear": (False, 1, False, False),
+}
+
+
+def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
+    """Everything needed to compile each shipped forward kernel, variant and GPU config
+    ahead of time: a list of dicts with keys ``kernel, variant, config, fn, signature,
+    constexprs, num_warps, num_stages, divisible_by_16`` (for
+    :func:`fastbegan.kernels.aot.compile_for_sm90`). Sizes and strides are marked
+    16-divisible as Triton's launcher specialises them at the real shapes (channels 64+).
+    ``act_dtype`` / ``weight_dtype``: Triton type names (bf16, fp16, fp32).
+    """
+    ptrs = {"x_ptr": f"*{act_dtype}", "s_ptr": f"*{act_dtype}", "w_ptr": f"*{weight_dtype}",
+            "b_ptr": "*fp32", "y_ptr": f"*{act_dtype}"}
+    prec = "tf32"
+    specs = []
+    ptr_ints = ["M", "H_c", "W_c", "H_out", "W_out", "C_x", "C_s", "C_out", "sxn", "sxh", "sxw",
+                "ssn", "ssh", "ssw", "w_row", "syn", "syh", "syw"]
+    tma_ints = ["N", "H_x", "W_x", "H_out", "W_out", "C_x", "C_s", "C_out", "sxn", "sxh", "sxw",
+                "ssn", "ssh", "ssw", "syn", "syh", "syw"]
+    not_div = {"N", "M", "H_c", "W_c", "H_out", "W_out", "H_x", "W_x"}   # sizes: 8..128, vary
+    for kname, fn, ints, configs in (("ptr", conv3x3_fwd_ptr_kernel, ptr_ints, PTR_CONFIGS_GPU),
+                                     ("tma", conv3x3_fwd_tma_kernel, tma_ints, TMA_CONFIGS_GPU)):
+        sig = dict(ptrs, **{k: "i32" for k in ints})
+        div = [k for k in sig if k not in not_div]
+        for vname, (up, stride, skip, act) in AOT_VARIANTS.items():
+            tilings = [(16, 128)]
+            if kname == "tma" and vname in ("plain", "upsample"):
+                tilings.append((8, 8))          # 8x8 images: a box of 2 (or 1) images
+            for tile_w, tile_h in tilings:
+                for cfg in configs:
+                    ce = dict(UPSAMPLE=up, STRIDE=stride, HAS_SKIP=skip, HAS_BIAS=True,
+                              ACTIVATION=act, DOT_PRECISION=prec, **cfg.kwargs)
+                    variant = vname
+                    if kname == "tma":
+                        ce.update(X_PHASE=stride == 2, S_PHASE=skip and (up or stride == 2),
+                                  TILE_W=tile_w, TILE_H_MAX=tile_h)
+                        variant = f"{vname}@tile{tile_w}x{min(tile_h, cfg.kwargs['BM'] // tile_w)}"
+                    specs.append(dict(kernel=f"conv3x3_fwd_{kname}", variant=variant,
+                                      config=dict(cfg.kwargs, num_warps=cfg.num_warps,
+                                                  num_stages=cfg.num_stages),
+                                      fn=fn, signature=sig, constexprs=ce,
+                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                      divisible_by_16=div))
+    up_sig = {"x_ptr": f"*{act_dtype}", "y_ptr": f"*{act_dtype}",
+              **{k: "i32" for k in ["P", "H", "W", "C", "sxn", "sxh", "sxw", "syn", "syh", "syw"]}}
+    specs.append(dict(kernel="upsample_nearest2x", variant="C>=64", config=dict(BP=64, BC=64),
+                      fn=upsample_nearest2x_kernel, signature=up_sig,
+                      constexprs=dict(BP=64, BC=64), num_warps=4, num_stages=3,
+                      divisible_by_16=["x_ptr", "y_ptr", "C", "sxn", "sxh", "sxw", "syn", "syh",
+                                       "syw"]))
+    return specs

@@ -1,0 +1,78 @@
+"""Hopper resource check without a GPU (DESIGN 8).
+
+Every shipped autotune config of every forward-kernel variant (kernels/conv3x3.py
+``aot_specs``) is compiled ahead of time for ``GPUTarget("cuda", 90, 32)``; registers, spills
+and shared memory are read from the cubin (cuobjdump) and ``ptxas -v``. The test fails on
+any spill or on shared memory beyond the H100's per-block limit (227 KB), and writes the
+table to benchmarks/results/sm90_resources.json.
+
+Compiling runs in a child process without TRITON_INTERPRET (conftest sets it for the
+interpreter tests, and interpreted kernels cannot be compiled), in parallel over the CPU
+cores; Triton's on-disk cache makes reruns fast.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from fastbegan.kernels import aot
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sm90_resources.json"
+FACTORIES = ["fastbegan.kernels.conv3x3:aot_specs"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    try:
+        rows = aot.compile_table_subprocess(FACTORIES)
+    except aot.Sm90Unavailable as e:
+        pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
+    import triton
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "what": "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
+                "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
+                "one row per shipped autotune config and variant; bf16 activations, fp32 "
+                "weights. Written by tests/test_sm90_compile.py.",
+        "target": "GPUTarget('cuda', 90, 32)",
+        "triton_version": triton.__version__,
+        "limits": {"shared_bytes": aot.H100_MAX_SHARED_BYTES,
+                   "registers": aot.H100_MAX_REGISTERS, "spill_bytes": 0},
+        "rows": rows,
+    }
+    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    return rows
+
+
+def test_every_shipped_config_compiled(table):
+    from fastbegan.kernels import conv3x3
+    assert len(table) == len(conv3x3.aot_specs())
+    kernels = {r["kernel"] for r in table}
+    assert {"conv3x3_fwd_ptr", "conv3x3_fwd_tma", "upsample_nearest2x"} <= kernels
+    for kname in ("conv3x3_fwd_ptr", "conv3x3_fwd_tma"):
+        variants = {r["variant"].split("@")[0] for r in table if r["kernel"] == kname}
+        assert variants == set(conv3x3.AOT_VARIANTS), kname
+        n_cfg = len(conv3x3.PTR_CONFIGS_GPU if kname.endswith("ptr") else conv3x3.TMA_CONFIGS_GPU)
+        for v in conv3x3.AOT_VARIANTS:
+            rows = [r for r in table if r["kernel"] == kname and r["variant"].split("@")[0] == v]
+            assert len(rows) >= n_cfg, (kname, v)
+
+
+def test_no_spills_and_shared_memory_fits_h100(table):
+    bad = [f"{r['kernel']} {r['variant']} {r['config']}: {'; '.join(r['problems'])}"
+           for r in table if r["problems"]]
+    assert not bad, "\n".join(bad)
+    for r in table:
+        assert r["registers"] is not None and r["registers"] > 0
+        assert r["spill_bytes"] == 0
+        assert r["shared_bytes"] <= aot.H100_MAX_SHARED_BYTES
+
+
+def test_hopper_path_uses_tma_and_wgmma(table):
+    """The descriptor kernel must really lower to TMA loads and wgmma on sm_90, and the
+    pointer kernel at least to wgmma (tensor cores)."""
+    for r in table:
+        if r["kernel"] == "conv3x3_fwd_tma":
+            assert r["uses_tma"] and r["uses_wgmma"], r
+        elif r["kernel"] == "conv3x3_fwd_ptr":
+            assert r["uses_wgmma"], r

@@ -83,17 +83,23 @@ def main():
 @click.option("--ckpt-every", type=int, default=1000, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True)
 @click.option("--keep-ckpts", type=int, default=3, show_default=True)
+@click.option("--max-restores", type=int, default=3, show_default=True,
+              help="On a NaN/Inf loss, restore the last good checkpoint with lr halved, at most this often.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
-          sample_every, ckpt_every, log_every, keep_ckpts, no_progress):
-    """Train BEGAN (on the embedded procedural faces unless --data is given)."""
+          sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress):
+    """Train BEGAN (on the embedded procedural faces unless --data is given).
+
+    Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
+    from .distributed import is_main_process
     from .train import TrainConfig, resolve_device, train as run_training
     dev = resolve_device(device)
+    main_rank = is_main_process()
     if steps is None:
         steps = 100_000 if dev.type == "cuda" else 300
-    if dev.type == "cpu":
+    if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
@@ -101,11 +107,13 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lambda_k=lambda_k, separate_z=separate_z, skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
-                      ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts)
+                      ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
+                      max_restores=max_restores)
     check_writable(out)
     trainer = run_training(cfg, resume=resume, progress=not no_progress,
                            log=lambda m: click.echo(m, err=True))
-    click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
+    if main_rank:
+        click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
 
 
 @main.command()

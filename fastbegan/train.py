@@ -22,6 +22,15 @@ implementation rebuilds the optimisers and loses them).
 Host synchronisation happens only every ``log_every`` steps (reading the logged
 scalars); k_t lives on the device. Exact resume: the data/z generator's state, the
 optimiser state, k_t, step, lr and the stall tracker are all in the checkpoint.
+
+Divergence guard: every step ORs ``~isfinite(L_real + L_fake)`` into a device flag
+(no sync). The flag is read at log intervals and before each checkpoint (which also
+checks the parameters): on NaN/Inf the trainer restores the last good checkpoint (or the
+state it started from), halves lr and continues; after ``max_restores`` restores it
+stops with :class:`DivergenceError`. A checkpoint is never written from a diverged state.
+
+Several processes (torchrun): see :mod:`fastbegan.distributed` (global batch split
+across ranks, one all-reduce of grads + losses per step, rank 0 writes).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from . import ops
 from .model import BEGAN, check_resolution, default_filters
 
@@ -75,6 +85,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     log_every: int = 50
     keep_ckpts: int = 3
+    max_restores: int = 3               # divergence guard: restores before giving up
 
     def __post_init__(self):
         check_resolution(self.res)
@@ -89,6 +100,8 @@ class TrainConfig:
         for name in ("sample_every", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_restores < 0:
+            raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -110,6 +123,10 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+class DivergenceError(RuntimeError):
+    """Training kept producing NaN/Inf after ``max_restores`` restores."""
+
+
 def to_unit_range(batch_u8: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], channels_last (a permuted view)."""
     return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -119,12 +136,16 @@ class Trainer:
     """Owns the model, optimisers, device-resident data and BEGAN state of one run."""
 
     def __init__(self, cfg: TrainConfig, data: np.ndarray, log=print):
-        self.cfg, self.log = cfg, log
-        self.device = resolve_device(cfg.device)
+        self.cfg = cfg
+        self.dist = distributed.info()
+        self.log = log if self.dist.is_main else (lambda *_: None)
+        self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
         self.backend = ops.set_backend(cfg.backend)
         if len(data) < cfg.batch_size:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
                              "images): use a smaller --batch-size or more images")
+        distributed.check_batch(cfg.batch_size, self.dist)
+        self.shard = self.dist.shard(cfg.batch_size)  # this rank's rows of each global draw
         torch.manual_seed(cfg.seed)
         self.model = BEGAN(cfg.res, cfg.filters, cfg.z_dim, cfg.h, skip=cfg.skip,
                            vanishing_residual=cfg.vanishing_residual > 0).to(self.device)
@@ -132,12 +153,18 @@ class Trainer:
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         if self.device.type == "cuda":
             adam["fused"] = True
+        if self.dist.enabled:
+            distributed.broadcast_module(self.model)
         self.opt_g = torch.optim.Adam(self.G.parameters(), **adam)
         self.opt_d = torch.optim.Adam(self.D.parameters(), **adam)
         # The whole data set on the device, uint8 NHWC; batches are gathered there.
         self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.k = torch.zeros((), device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # divergence flag
+        self.restores = 0
+        self._good: tuple[dict, dict] | None = None  # in-memory restore point (no checkpoint yet)
+        self._stop_requested = False
         self.step = 0
         self.lr = cfg.lr
         self.best_m, self.best_m_step, self.lr_halvings = math.inf, 0, 0
@@ -148,7 +175,7 @@ class Trainer:
         # Called at every log interval as hook(trainer, row) -> str | None (a message for the
         # user, also stored in the metrics row). The health monitor and the divergence guard
         # plug in here: they run on the host only when the logged scalars are read anyway.
-        self.log_hooks: list = []
+        self.log_hooks: list = [Trainer._divergence_hook]
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
 
     # ------------------------------------------------------------------ sampling
@@ -158,10 +185,10 @@ class Trainer:
     def real_batch(self) -> torch.Tensor:
         b = self.cfg.batch_size
         idx = torch.randint(len(self.data), (b,), device=self.device, generator=self.gen)
-        x = to_unit_range(self.data[idx])
-        if self.cfg.flip:
-            flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5
-            x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5 if self.cfg.flip else None
+        x = to_unit_range(self.data[idx[self.shard]])  # several ranks: this rank's rows only
+        if flip is not None:
+            x = torch.where(flip[self.shard].view(-1, 1, 1, 1), x.flip(3), x)
         return x.contiguous(memory_format=torch.channels_last)
 
     def autocast(self):
@@ -209,9 +236,13 @@ class Trainer:
         if cfg.vanishing_residual:
             self.model.set_carry(max(0.0, 1.0 - self.step / cfg.vanishing_residual))
         x = self.real_batch()
-        z_d = self.sample_z(cfg.batch_size)
-        z_g = self.sample_z(cfg.batch_size) if cfg.separate_z else None
+        z_d = self.sample_z(cfg.batch_size)[self.shard]
+        z_g = self.sample_z(cfg.batch_size)[self.shard] if cfg.separate_z else None
         loss_real, loss_fake = self.compute_grads(x, z_d, z_g)
+        if self.dist.enabled:  # one all-reduce: mean grads of G and D, mean losses
+            loss_real, loss_fake = distributed.average_grads_and_losses(
+                self.model.parameters(), [loss_real, loss_fake])
+        self.nonfinite.logical_or_(~torch.isfinite(loss_real + loss_fake))  # no host sync
         self.opt_d.step()
         self.opt_g.step()
         k_used = self.k
@@ -259,9 +290,14 @@ class Trainer:
 
     def host_state(self) -> dict:
         return {"lr": self.lr, "best_m": None if math.isinf(self.best_m) else self.best_m,
-                "best_m_step": self.best_m_step, "lr_halvings": self.lr_halvings}
+                "best_m_step": self.best_m_step, "lr_halvings": self.lr_halvings,
+                "restores": self.restores}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Write ``ckpt_<step>`` (rank 0; every rank must call it). Never from a diverged
+        state: the divergence check runs first, and restores instead of saving."""
+        if self.check_divergence(params=True) is not None or not self.dist.is_main:
+            return None
         path = ckpt.checkpoint_path(self.cfg.out, self.step)
         return ckpt.save_checkpoint(path, self.state_tensors(), self.cfg.to_dict(), self.host_state(),
                                     keep=self.cfg.keep_ckpts)
@@ -269,6 +305,10 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         tensors, cfg, state = ckpt.load_checkpoint(path, "cpu")
         ckpt.check_compatible(cfg, self.cfg.to_dict(), path)
+        self.load_state(tensors, state)
+
+    def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Set everything from checkpoint tensors + host state (see :meth:`state_tensors`)."""
         ckpt.load_into(self.G, ckpt.unprefixed("G.", tensors))
         ckpt.load_into(self.D, ckpt.unprefixed("D.", tensors))
         for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
@@ -287,10 +327,64 @@ class Trainer:
         self.best_m = math.inf if best is None else best
         self.best_m_step = state.get("best_m_step", 0)
         self.lr_halvings = state.get("lr_halvings", 0)
+        self.nonfinite.zero_()  # ``restores`` is not loaded: the retry budget is per launch
+
+    # ------------------------------------------------------------------ divergence guard
+    @staticmethod
+    def _divergence_hook(trainer: "Trainer", row: dict) -> str | None:
+        return trainer.check_divergence()
+
+    def _snapshot(self) -> None:
+        """Keep the current state in host memory as the restore point, unless a checkpoint
+        of this very step exists (a resumed run): then that file is the restore point."""
+        last = ckpt.latest_checkpoint(self.cfg.out)
+        if last is not None and _ckpt_step(last) == self.step:
+            self._good = None
+            return
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.state_tensors().items()}
+        self._good = (tensors, self.host_state())
+
+    def check_divergence(self, params: bool = False) -> str | None:
+        """Host side: if a loss was NaN/Inf since the last check (or, with ``params``, a
+        parameter is), restore the last good state with lr halved and return a message;
+        raise :class:`DivergenceError` after ``max_restores`` restores. None if all is well."""
+        bad = self.nonfinite
+        if params:
+            finite = [torch.isfinite(p).all() for p in self.model.parameters()]
+            bad = bad | ~torch.stack(finite).all()
+        if not bool(bad):  # host synchronisation (log intervals and checkpoints only)
+            return None
+        bad_step, lr, restores = self.step, self.lr, self.restores + 1
+        last = ckpt.latest_checkpoint(self.cfg.out)
+        good_step = self._good[0]["state.step"].item() if self._good is not None else -1
+        if restores > self.cfg.max_restores:
+            where = last if last is not None and _ckpt_step(last) >= good_step else None
+            raise DivergenceError(
+                f"training diverged (NaN/Inf loss by step {bad_step}) again after "
+                f"{self.cfg.max_restores} restores with halved lr (lr now {lr:.3g}). Start a new run "
+                "with a lower --lr, --precision fp32 or another --gamma"
+                + (f"; the last good checkpoint is {where}" if where else "")
+                + " (--max-restores sets the number of retries)")
+        if last is not None and _ckpt_step(last) >= good_step:
+            self.load_checkpoint(last)
+            source = str(last)
+        elif self._good is not None:
+            tensors, state = self._good
+            self.load_state({k: v.clone() for k, v in tensors.items()}, dict(state))  # keep it pristine
+            source = "the state this run started from"
+        else:  # pragma: no cover - _snapshot runs at the start of fit
+            raise DivergenceError(f"training diverged (NaN/Inf loss by step {bad_step}) and there "
+                                  "is no checkpoint to go back to")
+        self.restores = restores
+        self._set_lr(min(lr, self.lr) * 0.5)
+        return (f"NaN/Inf loss by step {bad_step}: restored {source} (step {self.step}), lr halved "
+                f"to {self.lr:.3g} (restore {restores} of at most {self.cfg.max_restores})")
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
-    def write_samples(self) -> Path:
+    def write_samples(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
         from .images import save_grid
         out = Path(self.cfg.out) / "samples"
         with self.autocast():
@@ -304,7 +398,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def request_stop(self, *_):
-        self._stop = True
+        if self.dist.enabled:
+            self._stop_requested = True  # agreed on by all ranks at the next log interval
+        else:
+            self._stop = True
 
     def fit(self, steps: int | None = None, progress: bool = True) -> list[dict]:
         """Train until ``steps`` total steps; returns the logged rows. Ctrl-C / SIGTERM save and stop."""
@@ -320,13 +417,14 @@ class Trainer:
             for s in old:
                 signal.signal(s, self.request_stop)
         bar = None
-        if progress:
+        self._snapshot()
+        if progress and self.dist.is_main:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                        file=sys.stderr, disable=not progress)
         t_last, s_last = time.perf_counter(), self.step
         try:
-            with open(metrics_path, "a") as metrics:
+            with open(metrics_path if self.dist.is_main else os.devnull, "a") as metrics:
                 while self.step < total and not self._stop:
                     vals = self.train_step()
                     if self.step % cfg.log_every == 0 or self.step == total:
@@ -342,6 +440,8 @@ class Trainer:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         rows.append(row)
+                        if self.dist.enabled:
+                            self._stop = distributed.any_true(self._stop_requested, self.device)
                         if bar is not None:
                             bar.set_postfix(k=f"{row['k']:.4f}", M=f"{row['M']:.4f}",
                                             Lr=f"{row['loss_real']:.4f}", Lf=f"{row['loss_fake']:.4f}")
@@ -375,6 +475,10 @@ class Trainer:
         return row
 
 
+def _ckpt_step(path: Path) -> int:
+    return int(path.name[len("ckpt_"):].split(".")[0])
+
+
 def _in_main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -397,8 +501,13 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:
-    """Load data, build the trainer, resume if asked, train to ``cfg.steps``."""
+    """Load data, build the trainer, resume if asked, train to ``cfg.steps``.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group first; only rank 0 logs."""
     from .data import load_dataset
+    di = distributed.init_from_env(cfg.device)
+    if not di.is_main:
+        log, progress = (lambda *_: None), False
     arr, report = load_dataset(cfg.data, cfg.res, n_procedural=cfg.n_procedural, seed=cfg.seed,
                                progress=progress)
     log(f"data: {report.summary()}")
@@ -417,6 +526,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         raise ckpt.CheckpointError(f"{cfg.out} already holds checkpoints: pass --resume to continue "
                                    "that run, or choose another --out")
     log(f"device {trainer.device.type}, backend {trainer.backend}, precision {cfg.precision}, "
-        f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}")
-    trainer.fit(progress=progress)
+        f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
+        + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
+    try:
+        trainer.fit(progress=progress)
+    finally:
+        distributed.cleanup()
     return trainer

@@ -32,6 +32,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Launch parameters on a GPU (the launcher uses smaller ones under the interpreter). The cap
+# on partial sums per half is a power of two (the finalize kernel loads them as one block)
+# and does not depend on the device, so results are the same on every GPU.
+GPU_BLOCK = 4096
+GPU_BLOCK_BWD = 2048
+GPU_MAX_PARTS = 256
+NUM_WARPS = 8
+NUM_WARPS_BWD = 4
+
 
 # ----------------------------------------------------------------------------------------
 # forward: partial sums
@@ -148,3 +157,36 @@ def l1_backward_kernel(xa_ptr, xb_ptr, r_ptr, g_ptr, gxa_ptr, gxb_ptr, gr_ptr, n
         else:
             _bwd_block(xb_ptr, gxb_ptr, r_ptr + n_half, gr_ptr + n_half, offs, mask, g_over_n,
                        WRITE_XB)
+
+
+# ----------------------------------------------------------------------------------------
+# ahead-of-time compile specs (fastbegan.kernels.aot)
+# ----------------------------------------------------------------------------------------
+def aot_specs():
+    """Every kernel and variant with the GPU launch parameters, for
+    :func:`fastbegan.kernels.aot.compile_for_sm90` (bf16 activations, fp32 data)."""
+    specs = []
+
+    def add(kernel, variant, fn, sig, ce, warps):
+        specs.append(dict(kernel=kernel, variant=variant, config=dict(ce, num_warps=warps),
+                          fn=fn, signature=sig, constexprs=ce, num_warps=warps, num_stages=1))
+
+    for halves in (1, 2):
+        add("l1_partial", f"halves={halves}", l1_partial_kernel,
+            {"xa_ptr": "*fp32", "xb_ptr": "*bf16", "r_ptr": "*bf16", "part_ptr": "*fp32",
+             "n_half": "i32", "P": "i32"}, dict(HALVES=halves, BLOCK=GPU_BLOCK), NUM_WARPS)
+        for update in ((False, True) if halves == 2 else (False,)):
+            add("l1_finalize", f"halves={halves},update={update}", l1_finalize_kernel,
+                {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_half": "i32", "P": "i32",
+                 "k_ptr": "*fp32", "k_next_ptr": "*fp32", "m_ptr": "*fp32", "gamma": "fp32",
+                 "lambda_k": "fp32"},
+                dict(HALVES=halves, UPDATE=update, BLOCK_P=GPU_MAX_PARTS), 4)
+        add("l1_backward", f"halves={halves}", l1_backward_kernel,
+            {"xa_ptr": "*fp32", "xb_ptr": "*bf16", "r_ptr": "*bf16", "g_ptr": "*fp32",
+             "gxa_ptr": "*fp32", "gxb_ptr": "*bf16", "gr_ptr": "*bf16", "n_half": "i32"},
+            dict(HALVES=halves, WRITE_XA=halves == 1, WRITE_XB=True, BLOCK=GPU_BLOCK_BWD),
+            NUM_WARPS_BWD)
+    add("began_update", "", began_update_kernel,
+        {"k_ptr": "*fp32", "lr_ptr": "*fp32", "lf_ptr": "*fp32", "k_next_ptr": "*fp32",
+         "m_ptr": "*fp32", "gamma": "fp64", "lambda_k": "fp64"}, {}, 1)
+    return specs

@@ -42,12 +42,12 @@ from fastbegan.kernels import l1_loss as _k
 __all__ = ["l1_recon_loss", "l1_recon_loss_pair", "l1_recon_loss_pair_began", "began_update"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Block sizes and the cap on partial sums per half (a power of two: the finalize kernel
-# loads them as one block). Fixed, not device dependent, so results are reproducible.
-_BLOCK = 1024 if _INTERPRET else 4096
-_BLOCK_BWD = 1024 if _INTERPRET else 2048
-_MAX_PARTS = 16 if _INTERPRET else 256
-_NUM_WARPS = 8
+# Block sizes and the cap on partial sums per half (see the kernels module); smaller
+# under the interpreter so that the tests exercise several blocks and partials.
+_BLOCK = 1024 if _INTERPRET else _k.GPU_BLOCK
+_BLOCK_BWD = 1024 if _INTERPRET else _k.GPU_BLOCK_BWD
+_MAX_PARTS = 16 if _INTERPRET else _k.GPU_MAX_PARTS
+_NUM_WARPS = _k.NUM_WARPS
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def _launch_backward(xa: Tensor, xb: Tensor, recon: Tensor, grad: Tensor, halves
     _k.l1_backward_kernel[(triton.cdiv(n, _BLOCK_BWD), halves)](
         xa, xb, recon, grad, g_xa if need_xa else recon, g_xb if g_xb is not None else recon,
         g_recon, n, HALVES=halves, WRITE_XA=need_xa, WRITE_XB=g_xb is not None,
-        BLOCK=_BLOCK_BWD, num_warps=4)
+        BLOCK=_BLOCK_BWD, num_warps=_k.NUM_WARPS_BWD)
     return g_xa, g_xb, g_recon
 
 

@@ -171,6 +171,8 @@ def fused_step_status(trainer) -> tuple[bool, str]:
     """
     if trainer.cfg.separate_z:
         return False, "--separate-z needs two G passes (the fused step is the same-z step)"
+    if getattr(getattr(trainer, "dist", None), "enabled", False):
+        return False, "several processes (torchrun): the reference step all-reduces the gradients"
     if trainer.device.type != "cuda":
         return False, f"device is {trainer.device.type}, not a CUDA GPU"
     if trainer.backend != "triton":
@@ -203,6 +205,8 @@ class FusedStep:
         cfg = trainer.cfg
         if cfg.separate_z:
             raise ValueError("the fused step is the same-z step: it does not support separate_z")
+        if getattr(getattr(trainer, "dist", None), "enabled", False):
+            raise ValueError("the fused step runs in one process: use the reference step under torchrun")
         _check_scalable(trainer.D)
         self.tr = trainer
         self.device = dev = trainer.device
@@ -264,9 +268,11 @@ class FusedStep:
             self.reset_graph()
 
     def _keys(self) -> list:
-        """What a captured graph depends on: the optimisers' state objects (a checkpoint
-        load replaces them) and the tensors of their first parameter's state."""
-        keys = []
+        """What a captured graph depends on besides the parameters (loaded in place): the
+        trainer's data, generator and divergence flag, the optimisers' state objects (a
+        checkpoint load replaces them) and the tensors of their first parameter's state."""
+        tr = self.tr
+        keys = [tr.data, tr.gen, tr.nonfinite]
         for opt in self.opts:
             st = opt.state.get(opt.param_groups[0]["params"][0], {})
             keys += [opt.state, st.get("exp_avg"), st.get("exp_avg_sq"), st.get("step")]
@@ -303,9 +309,10 @@ class FusedStep:
                 rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
             losses, k_next, m_global = l1_pair_and_update(x, fake, rec, k, cfg.gamma, cfg.lambda_k)
         losses.sum().backward()
+        lv = losses.detach()
+        tr.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
         for opt in self.opts:
             opt.step()
-        lv = losses.detach()
         loss_d = lv[0] - k * lv[1]
         k.copy_(k_next)
         self.step_t.add_(1)
@@ -328,9 +335,11 @@ class FusedStep:
 
     def _capture(self) -> None:
         tr = self.tr
+        saved = []
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)  # the graph allocates the .grad tensors itself
             for group in opt.param_groups:
+                saved.append((group, group.get("capturable", False)))
                 group["capturable"] = True
                 group["lr"] = self.lr_t
         graph = torch.cuda.CUDAGraph()
@@ -340,9 +349,10 @@ class FusedStep:
             with torch.cuda.graph(graph):
                 static = self._device_step(zero_grad=False)
         finally:
-            for opt in self.opts:
-                for group in opt.param_groups:
-                    group["lr"] = self._host_lr  # the graph reads lr_t; eager code sees floats
+            # The graph reads lr_t; eager code (and checkpoints) keep seeing float rates and
+            # the capturable flag as it was (the fused kernels ignore it outside a capture).
+            for group, capturable in saved:
+                group["lr"], group["capturable"] = self._host_lr, capturable
         self._graph, self._static = graph, static
         self._graph_keys = self._keys()
 

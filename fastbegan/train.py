@@ -177,6 +177,12 @@ class Trainer:
         # plug in here: they run on the host only when the logged scalars are read anyway.
         self.log_hooks: list = [Trainer._divergence_hook]
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
+        # The fused single-pass step (fastbegan.step: one backward, CUDA graph) on a CUDA GPU
+        # with the triton backend; the reference step below otherwise. step_path says which.
+        from .step import FusedStep, fused_step_status
+        use_fused, why = fused_step_status(self)
+        self.fused_step = FusedStep(self) if use_fused else None
+        self.step_path = f"{'fused' if use_fused else 'reference'} training step ({why})"
 
     # ------------------------------------------------------------------ sampling
     def sample_z(self, n: int) -> torch.Tensor:
@@ -232,6 +238,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One BEGAN step; returns device scalars (no host synchronisation)."""
+        if self.fused_step is not None:
+            return self.fused_step()
         cfg = self.cfg
         if cfg.vanishing_residual:
             self.model.set_carry(max(0.0, 1.0 - self.step / cfg.vanishing_residual))
@@ -518,6 +526,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         last = ckpt.latest_checkpoint(cfg.out)
         if last is None:
             log(f"no checkpoint in {cfg.out}/checkpoints: starting from scratch")
+            truncate_metrics(Path(cfg.out) / "metrics.jsonl", 0)  # a run killed before its first checkpoint
         else:
             trainer.load_checkpoint(last)
             truncate_metrics(Path(cfg.out) / "metrics.jsonl", trainer.step)
@@ -525,6 +534,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     elif ckpt.latest_checkpoint(cfg.out) is not None:
         raise ckpt.CheckpointError(f"{cfg.out} already holds checkpoints: pass --resume to continue "
                                    "that run, or choose another --out")
+    log(trainer.step_path)
     log(f"device {trainer.device.type}, backend {trainer.backend}, precision {cfg.precision}, "
         f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))

@@ -371,8 +371,7 @@ def _mark_step(device: torch.device) -> None:
 def _triton_available(device: torch.device) -> None:
     """Raise NotAvailable unless the triton backend can run real kernels here."""
     if device.type != "cuda":
-        raise NotAvailable("GPU only: the Triton kernels need a CUDA GPU (on CPU they run only in the "
-                           "interpreter, which tests/ covers)")
+        raise NotAvailable("GPU only (the Triton kernels need CUDA; tests/ runs them in the interpreter)")
     ok, why = ops.triton_status()
     if not ok:
         raise NotAvailable(f"triton backend unusable: {why}")
@@ -452,7 +451,8 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
             factory, name = _fused_step_api()
             step = factory(trainer)
             call = step if callable(step) else step.step
-            return Prepared(call, batch, fl, what=f"triton backend + {name} (bf16)")
+            return Prepared(call, batch, fl, what=f"triton backend + {name} (single pass, fused Adam, "
+                            "CUDA graph), bf16 autocast")
         except NotAvailable as e:
             note = str(e)
         return Prepared(trainer.train_step, batch, fl,
@@ -681,8 +681,7 @@ def _compile_allowed(workload: str, session: BenchSession) -> str | None:
                 f"{session.compile_budget_s:.0f} s; FASTBEGAN_BENCH_COMPILE_BUDGET_S)")
     if session.device.type == "cpu" and session.compile_policy == "auto":
         if workload != "train_step" or session.cpu_compiled >= 1:
-            return ("on CPU one compiled case only (the first train_step), to keep the run short; "
-                    "FASTBEGAN_BENCH_COMPILE=all compiles every case")
+            return "CPU: one compiled case only (FASTBEGAN_BENCH_COMPILE=all for all)"
     return None
 
 

@@ -155,5 +155,9 @@ def prepare(folder, res, out):
         click.echo(f"  unreadable: {bad}", err=True)
 
 
+from .bench import bench as _bench  # noqa: E402 - `fastbegan bench` (fastbegan/bench.py)
+main.add_command(_bench)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -32,6 +32,10 @@ _session: bench.BenchSession | None = None
 def get_session() -> bench.BenchSession:
     global _session
     if _session is None:
+        if DEVICE.type == "cpu":
+            # Tiny CPU cases on shared cores time far more steadily on one thread (CPU numbers
+            # are a smoke test, not performance evidence). FASTBEGAN_BENCH_CPU_THREADS overrides.
+            torch.set_num_threads(int(os.environ.get("FASTBEGAN_BENCH_CPU_THREADS", 1)))
         _session = bench.BenchSession.from_env(DEVICE, results_dir=RESULTS_DIR)
     return _session
 

@@ -98,6 +98,9 @@ ROW_KEYS = ("workload", "variant", "case", "status", "reason", "what", "params",
             "flops", "tflops", "bytes", "gbps", "peak_mem_mb")
 
 
+D_BACKEND = "triton"  # the backend of variant (d); the CPU tests of the (d) plumbing use "torch"
+
+
 class NotAvailable(Exception):
     """The variant does not exist for this case or device (row status 'n/a')."""
 
@@ -257,10 +260,6 @@ class BenchSession:
         policy = os.environ.get("FASTBEGAN_BENCH_COMPILE", "auto")
         if policy not in ("auto", "all", "none"):
             raise ValueError(f"FASTBEGAN_BENCH_COMPILE must be auto, all or none, got {policy!r}")
-        if not gpu:
-            # Tiny CPU cases on shared cores: one thread times far more steadily (CPU numbers
-            # are a smoke test, not performance evidence). FASTBEGAN_BENCH_CPU_THREADS overrides.
-            torch.set_num_threads(int(os.environ.get("FASTBEGAN_BENCH_CPU_THREADS", 1)))
         s = cls(device=device, budget_s=budget, compile_budget_s=cbudget, compile_policy=policy, **kw)
         s.meta = {"device": device_info(device), "env": env_info(),
                   "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -428,7 +427,7 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
     res, batch, n = p["res"], p["batch"], p["filters"]
     fl = _flops.train_step_flops(res, n, batch)
     precision = "fp32" if variant == "a" else "bf16"
-    backend = "triton" if variant == "d" else "torch"
+    backend = D_BACKEND if variant == "d" else "torch"
     if variant == "d":
         _triton_available(device)
     cfg = TrainConfig(res=res, filters=n, batch_size=batch, precision=precision, backend=backend,
@@ -754,7 +753,7 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
         torch.cuda.reset_peak_memory_stats(device)
     prep = None
     try:
-        backend = "triton" if variant == "d" else "torch"
+        backend = D_BACKEND if variant == "d" else "torch"
         if variant == "d":
             _triton_available(device)
         with _cudnn_benchmark(variant in ("b", "c", "d")), ops.use_backend(backend):

@@ -1,0 +1,141 @@
+"""fastbegan.bench: report maths, results files, the `fastbegan bench` command (CPU, fast)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fastbegan import bench, ops
+from fastbegan.cli import main
+
+CPU = torch.device("cpu")
+
+
+def _row(workload, variant, case, ms, flops=None, images=16, status="ok", reason=None):
+    r = {k: None for k in bench.ROW_KEYS}
+    r.update(workload=workload, variant=variant, case=case, status=status, reason=reason, params={},
+             what=bench.VARIANTS.get(variant, "x"))
+    if status == "ok":
+        r.update(ms_median=ms, ms_q1=ms * 0.9, ms_q3=ms * 1.1, ms_iqr=ms * 0.2, ms_min=ms * 0.8, rounds=5,
+                 inner=1, images=images, images_per_s=images / ms * 1e3 if images else None, flops=flops,
+                 tflops=flops / ms * 1e-9 if flops else None)
+    return r
+
+
+def _meta(spec=1000.0):
+    return {"device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "slug": "h100-80gb-hbm3",
+                       "capability": "9.0", "sms": 132, "memory_gb": 79.2,
+                       "peak_bf16_tflops_spec": spec, "peak_spec_entry": "H100 SXM"},
+            "env": {"torch": "2.11.0", "triton": "3.6.0", "python": "3.11", "commit": "abc123", "dirty": False,
+                    "cuda": "12.8", "cudnn": 91000},
+            "created": "2026-01-01T00:00:00+00:00", "complete": True}
+
+
+def _rows():
+    f = 10 ** 12  # 1 TFLOP per step
+    return [_row("matmul_peak", "bf16", "8192^3", 2.0, flops=2 * 10 ** 12, images=None),  # 1000 TFLOP/s
+            _row("train_step", "a", "res128 b16 n128", 10.0, f), _row("train_step", "b", "res128 b16 n128", 5.0, f),
+            _row("train_step", "c", "res128 b16 n128", 4.0, f), _row("train_step", "d", "res128 b16 n128", 2.0, f),
+            _row("train_step", "c", "res64 b16 n64", None, status="skipped", reason="compile budget used up")]
+
+
+def test_peak_table():
+    assert bench.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == (989.4, "H100 SXM")
+    assert bench.peak_bf16_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert bench.peak_bf16_tflops("NVIDIA H100 NVL")[0] == 835.0
+    assert bench.peak_bf16_tflops("NVIDIA H200")[0] == 989.4
+    assert bench.peak_bf16_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert bench.peak_bf16_tflops("Some Future GPU") == (None, None)
+
+
+def test_summarize_quartiles():
+    s = bench.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["ms_median"] == 3.0 and s["ms_q1"] == 2.0 and s["ms_q3"] == 4.0 and s["ms_iqr"] == 2.0
+    assert s["ms_min"] == 1.0 and s["rounds"] == 5
+    assert bench.summarize([7.0])["ms_iqr"] == 0
+
+
+def test_speedups_and_peaks():
+    rows = {(r["workload"], r["variant"], r["case"]): r for r in bench.finalize_rows(_rows(), _meta())}
+    d = rows[("train_step", "d", "res128 b16 n128")]
+    assert d["speedup_vs_a"] == pytest.approx(5.0)
+    assert d["speedup_vs_best_bc"] == pytest.approx(2.0)       # best of b (5 ms) and c (4 ms)
+    assert d["tflops"] == pytest.approx(500.0)
+    assert d["pct_peak_spec"] == pytest.approx(50.0)
+    assert d["pct_peak_measured"] == pytest.approx(50.0)        # matmul measured 1000 TFLOP/s
+    assert rows[("train_step", "a", "res128 b16 n128")]["speedup_vs_a"] == pytest.approx(1.0)
+    assert rows[("train_step", "c", "res64 b16 n64")]["speedup_vs_a"] is None
+
+
+def test_write_validate_render_and_cli_show(tmp_path):
+    j, m = bench.write_results(_rows(), _meta(), tmp_path, "h100-80gb-hbm3-2026-01-01-000000")
+    doc = json.loads(j.read_text())
+    assert bench.validate_results(doc) == []
+    md = m.read_text()
+    assert "NVIDIA H100 80GB HBM3" in md and "torch 2.11.0, triton 3.6.0" in md and "abc123" in md
+    assert "| res128 b16 n128 | d | 2.000 |" in md and "5.00x" in md and "**skipped**: compile budget" in md
+    # an older CPU file must not win over the newer GPU one
+    old = dict(_meta(), created="2025-01-01T00:00:00+00:00")
+    bench.write_results(_rows(), old, tmp_path, "cpu-2025-01-01-000000")
+    assert bench.newest_results(tmp_path) == j
+    res = CliRunner().invoke(main, ["bench", "--results", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "| res128 b16 n128 | d | 2.000 |" in res.output and str(j) in res.output
+
+
+def test_validate_catches_problems():
+    doc = {"schema": bench.SCHEMA, "meta": _meta(), "rows": bench.finalize_rows(_rows(), _meta())}
+    bad = json.loads(json.dumps(doc))
+    bad["rows"][1]["ms_median"] = float("nan")
+    del bad["rows"][2]["tflops"]
+    bad["rows"][5]["reason"] = None
+    errs = bench.validate_results(bad)
+    assert any("ms_median = nan" in e for e in errs)
+    assert any("keys missing: ['tflops']" in e for e in errs)
+    assert any("row 5: status skipped without a reason" in e for e in errs)
+    assert bench.validate_results({"schema": "x", "meta": {}, "rows": []})
+
+
+def test_cli_show_without_results(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--results", str(tmp_path / "none")])
+    assert res.exit_code == 1 and "no benchmark results" in res.output
+
+
+def test_run_case_matmul_and_policies():
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    row = bench.run_case("matmul_peak", "bf16", {"n": 64}, s)
+    assert row["status"] == "ok" and row["tflops"] > 0 and row["ms_q1"] <= row["ms_median"] <= row["ms_q3"]
+    s.compile_policy = "none"
+    assert bench.run_case("G_fwd", "c", dict(res=8, batch=2, filters=4), s)["status"] == "skipped"
+    assert bench.run_case("G_fwd", "d", dict(res=8, batch=2, filters=4), s)["status"] == "n/a"
+    s.budget_s = 0
+    assert "time budget" in bench.run_case("G_fwd", "a", dict(res=8, batch=2, filters=4), s)["reason"]
+    assert ops.get_backend() == "torch"
+
+
+def test_d_train_step_uses_the_fused_step(monkeypatch):
+    """The (d) plumbing, on CPU with the torch backend (the real (d) needs a GPU)."""
+    pytest.importorskip("fastbegan.step")
+    monkeypatch.setattr(bench, "_triton_available", lambda device: None)
+    monkeypatch.setattr(bench, "D_BACKEND", "torch")
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    with ops.use_backend("torch"):
+        prep = bench._prepare_train_step("d", dict(res=8, batch=2, filters=4), CPU, s)
+        assert "FusedStep" in prep.what
+        out = prep.fn()
+    assert {"loss_real", "loss_fake", "k", "M"} <= set(out)
+    # D/G workloads: CUDA graph capture is impossible on CPU -> eager with the reason
+    with ops.use_backend("torch"):
+        prep = bench._prepare_g_fwd("d", dict(res=8, batch=2, filters=4), CPU, s)
+    assert "eager (CUDA graph capture failed" in prep.what
+    assert prep.fn().shape == (2, 3, 8, 8)
+
+
+def test_cli_run_quick(tmp_path):
+    res = CliRunner().invoke(main, ["bench", "--run", "--res", "8", "--variants", "ab", "--device", "cpu",
+                                    "--save", "--results", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "| res8 b4 n8 | a |" in res.output and "| res8 b4 n8 | b |" in res.output
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("cpu-") and files[0].endswith(".json")
+    assert bench.validate_results(json.loads((tmp_path / files[0]).read_text())) == []

@@ -267,12 +267,12 @@ def _accumulate_tma(acc, src, w_desc, n0, r0, q0, n_off, C, k_base, C_tot, tile_
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def conv3x3_fwd_tma_kernel(
-    x_ptr, s_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr,
     N, H_x, W_x, H_out, W_out, C_x, C_s, C_out,
     sxn, sxh, sxw, ssn, ssh, ssw, syn, syh, syw,
     UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr, HAS_SKIP: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    X_PHASE: tl.constexpr, S_PHASE: tl.constexpr,
+    X_PHASE: tl.constexpr, S_PHASE: tl.constexpr, SUBPIXEL: tl.constexpr,
     TILE_W: tl.constexpr, TILE_H_MAX: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -284,6 +284,8 @@ def conv3x3_fwd_tma_kernel(
     output phases (py, px) and its tile covers the low-res pixels (i, j), i.e. outputs
     (2i + py, 2j + px). Then every tap of x (read at (h//2, w//2)) is one low-res box
     shifted by floor((p + k - 1) / 2), and the skip tensor (high-res) is a phase view.
+    With SUBPIXEL (DESIGN 3.1) the x-part is instead a 2x2 conv of the low-res input with
+    the phase's summed weights ``ws`` (see ``subpixel_weight``): 4 taps instead of 9.
     With STRIDE=2, x (and skip) are phase views and the tile grid is the output.
     The C_out tile varies fastest across programs (L2 reuse of the input tile).
     Epilogue: bias, ELU, masked pointer store (handles the phase interleave and C_out
@@ -325,10 +327,20 @@ def conv3x3_fwd_tma_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if UPSAMPLE:
-        # x is low-res: each tap is a low-res box shifted by floor((p + k - 1) / 2).
         x_desc = _plain_view(x_ptr, N, H_x, W_x, C_x, sxn, sxh, sxw, BB, BH, BW, BK)
-        acc = _accumulate_tma_up(acc, x_desc, w_desc, n0, r0, q0, n_off, C_x, C_tot,
-                                 tile_py, tile_px, BM, BK, DOT_PRECISION)
+        if SUBPIXEL:
+            # ws: (4*C_out, 4*C_x) row-major, row phase*C_out + co, column (a*2+b)*C_x + c.
+            # Rows past this phase's C_out read the next phase's weights: those output
+            # columns are masked at the store.
+            ws_desc = tl.make_tensor_descriptor(ws_ptr, shape=[4 * C_out, 4 * C_x],
+                                                strides=[4 * C_x, 1], block_shape=[BN, BK])
+            acc = _accumulate_tma_subpixel(acc, x_desc, ws_desc, n0, r0, q0,
+                                           phase * C_out + n_off, C_x, tile_py, tile_px,
+                                           BM, BK, DOT_PRECISION)
+        else:
+            # each 3x3 tap is a low-res box shifted by floor((p + k - 1) / 2)
+            acc = _accumulate_tma_up(acc, x_desc, w_desc, n0, r0, q0, n_off, C_x, C_tot,
+                                     tile_py, tile_px, BM, BK, DOT_PRECISION)
     elif X_PHASE:
         # stride 2: output row ho reads input row 2*ho + kh - 1 (phase view, t = kh - 1)
         x_desc = _phase_view(x_ptr, N, H_x, W_x, C_x, sxn, sxh, sxw, BB, BH, BW, BK)
@@ -388,6 +400,75 @@ def _accumulate_tma_up(acc, x_desc, w_desc, n0, r0, q0, n_off, C, C_tot, tile_py
         b = w_desc.load([n_off, tap * C_tot + c0])
         acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit
+def _accumulate_tma_subpixel(acc, x_desc, ws_desc, n0, r0, q0, w_row0, C, tile_py, tile_px,
+                             BM: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Sub-pixel UPSAMPLE x-part: output phase (py, px) of a 3x3 conv of the 2x-upsampled x
+    is a 2x2 conv of x itself: tap (a, b) reads the low-res box at
+    (r0 + a - 1 + py, q0 + b - 1 + px) (offsets -1/0 for phase 0, 0/+1 for phase 1) with
+    the summed weights ws[w_row0 + n, (a*2 + b)*C + c]. 4 taps x cdiv(C, BK) blocks."""
+    n_cb = tl.cdiv(C, BK)
+    for it in range(0, 4 * n_cb):
+        tap = it // n_cb
+        c0 = (it - tap * n_cb) * BK
+        ta = tap // 2
+        tb = tap - ta * 2
+        a = x_desc.load([n0, r0 + ta - 1 + tile_py, q0 + tb - 1 + tile_px, c0])
+        a = a.reshape(BM, BK)
+        b = ws_desc.load([w_row0, tap * C + c0])
+        acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _subpixel_sum(v0, v1, v2, P: tl.constexpr, A: tl.constexpr):
+    """Which 3x3 taps along one axis fold into 2x2 tap A of output phase P (DESIGN 8):
+    P=0: A=0 <- {0}, A=1 <- {1, 2};  P=1: A=0 <- {0, 1}, A=1 <- {2}."""
+    if P == 0:
+        if A == 0:
+            r = v0
+        else:
+            r = v1 + v2
+    else:
+        if A == 0:
+            r = v0 + v1
+        else:
+            r = v2
+    return r
+
+
+@triton.jit
+def subpixel_weight_kernel(w_ptr, ws_ptr, C_out, C_x, C_tot, BLOCK: tl.constexpr):
+    """ws[(py*2 + px)*C_out + co, (a*2 + b)*C_x + c] = sum of the 3x3 taps of
+    w[co, c] that land on low-res tap (a, b) of output phase (py, px), in fp32, stored in
+    ws's dtype. w: the (C_out, 9*C_tot) matrix (x's channels are the first C_x of each
+    tap); one program handles BLOCK (co, c) pairs and writes their 16 sub-pixel weights."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < C_out * C_x
+    co = offs // C_x
+    c = offs - co * C_x
+    src = w_ptr + co * (9 * C_tot) + c
+    w00 = tl.load(src + 0 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w01 = tl.load(src + 1 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w02 = tl.load(src + 2 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w10 = tl.load(src + 3 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w11 = tl.load(src + 4 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w12 = tl.load(src + 5 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w20 = tl.load(src + 6 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w21 = tl.load(src + 7 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    w22 = tl.load(src + 8 * C_tot, mask=ok, other=0.0).to(tl.float32)
+    for py in tl.static_range(2):
+        for a in tl.static_range(2):
+            r0 = _subpixel_sum(w00, w10, w20, py, a)      # kh folded, kw = 0, 1, 2
+            r1 = _subpixel_sum(w01, w11, w21, py, a)
+            r2 = _subpixel_sum(w02, w12, w22, py, a)
+            for px in tl.static_range(2):
+                for b in tl.static_range(2):
+                    v = _subpixel_sum(r0, r1, r2, px, b)
+                    dst = ws_ptr + ((py * 2 + px) * C_out + co) * (4 * C_x) + (a * 2 + b) * C_x + c
+                    tl.store(dst, v.to(ws_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,16 +577,30 @@ def _ensure_allocator():
     _allocator_set = True
 
 
+def subpixel_weight(weight2d: torch.Tensor, c_x: int, dtype: torch.dtype) -> torch.Tensor:
+    """The sub-pixel weights of the x channels: (4*C_out, 4*C_x) in ``dtype``, row
+    (py*2 + px)*C_out + co, column (a*2 + b)*C_x + c (see ``subpixel_weight_kernel``).
+    weight2d: the (C_out, 9*C_tot) matrix of :func:`weight_matrix`. One small launch."""
+    c_out, c_tot = weight2d.shape[0], weight2d.shape[1] // 9
+    ws = torch.empty((4 * c_out, 4 * c_x), device=weight2d.device, dtype=dtype)
+    block = 64 if INTERPRET else 256
+    subpixel_weight_kernel[(triton.cdiv(c_out * c_x, block),)](weight2d, ws, c_out, c_x, c_tot,
+                                                                BLOCK=block)
+    return ws
+
+
 def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 skip: torch.Tensor | None = None, upsample: bool = False, stride: int = 1,
-                activation: bool = True, kernel: str = "auto",
+                activation: bool = True, kernel: str = "auto", subpixel: bool = True,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the fused conv. Inputs are assumed validated (see fastbegan.ops.triton_conv).
 
     x: (N, C_x, H, W); skip: (N, C_s, H', W') with H' = 2H if upsample else H; weight:
     (C_out, C_x + C_s, 3, 3) any dtype/layout (channels_last read without a copy); bias:
-    (C_out,) or None. ``kernel``: "auto" | "ptr" | "tma". Returns y (N, C_out, H_out, W_out)
-    channels_last, H_out = (H' - 1) // stride + 1, in x's dtype.
+    (C_out,) or None. ``kernel``: "auto" | "ptr" | "tma". ``subpixel``: with upsample on the
+    descriptor kernel, fold the 3x3 taps of x into 4 per output phase (2.25x fewer MACs on
+    x's channels; one extra tiny launch to sum the weights). Returns y
+    (N, C_out, H_out, W_out) channels_last, H_out = (H' - 1) // stride + 1, in x's dtype.
     """
     _check_runnable(x, "conv3x3_elu")
     x = _nhwc(x)
@@ -540,6 +635,8 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         tile_w = min(16, triton.next_power_of_2(W_t))
         tile_h_max = triton.next_power_of_2(H_t)
         n_phase = 4 if upsample else 1
+        use_sub = bool(upsample and subpixel)
+        ws = subpixel_weight(w2, C_x, x.dtype) if use_sub else w2
 
         def grid(meta):
             bw = tile_w
@@ -549,10 +646,11 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             return (tiles * n_phase * triton.cdiv(C_out, meta["BN"]),)
 
         conv3x3_fwd_tma_kernel[grid](
-            x, s, w2, b, y, N, H_x, W_x, H_out, W_out, C_x, C_s, C_out,
+            x, s, w2, ws, b, y, N, H_x, W_x, H_out, W_out, C_x, C_s, C_out,
             x.stride(0), x.stride(2), x.stride(3), s.stride(0), s.stride(2), s.stride(3),
             y.stride(0), y.stride(2), y.stride(3),
             X_PHASE=stride == 2, S_PHASE=skip is not None and (upsample or stride == 2),
+            SUBPIXEL=use_sub,
             TILE_W=tile_w, TILE_H_MAX=tile_h_max, **flags)
     elif kernel == "ptr":
         M = N * H_out * W_out
@@ -596,6 +694,7 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
 AOT_VARIANTS = {
     "plain": (False, 1, False, True),
     "upsample": (True, 1, False, True),
+    "upsample_9tap": (True, 1, False, True),      # descriptor kernel: SUBPIXEL=False
     "stride2": (False, 2, False, True),
     "skip": (False, 1, True, True),
     "upsample_skip": (True, 1, True, True),
@@ -623,8 +722,12 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
     for kname, fn, ints, configs in (("ptr", conv3x3_fwd_ptr_kernel, ptr_ints, PTR_CONFIGS_GPU),
                                      ("tma", conv3x3_fwd_tma_kernel, tma_ints, TMA_CONFIGS_GPU)):
         sig = dict(ptrs, **{k: "i32" for k in ints})
+        if kname == "tma":
+            sig = dict(ptrs, ws_ptr=f"*{act_dtype}", **{k: "i32" for k in ints})
         div = [k for k in sig if k not in not_div]
         for vname, (up, stride, skip, act) in AOT_VARIANTS.items():
+            if kname == "ptr" and vname == "upsample_9tap":
+                continue                        # the pointer kernel has no sub-pixel path
             tilings = [(16, 128)]
             if kname == "tma" and vname in ("plain", "upsample"):
                 tilings.append((8, 8))          # 8x8 images: a box of 2 (or 1) images
@@ -635,6 +738,7 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
                     variant = vname
                     if kname == "tma":
                         ce.update(X_PHASE=stride == 2, S_PHASE=skip and (up or stride == 2),
+                                  SUBPIXEL=up and vname != "upsample_9tap",
                                   TILE_W=tile_w, TILE_H_MAX=tile_h)
                         variant = f"{vname}@tile{tile_w}x{min(tile_h, cfg.kwargs['BM'] // tile_w)}"
                     specs.append(dict(kernel=f"conv3x3_fwd_{kname}", variant=variant,
@@ -650,4 +754,10 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
                       constexprs=dict(BP=64, BC=64), num_warps=4, num_stages=3,
                       divisible_by_16=["x_ptr", "y_ptr", "C", "sxn", "sxh", "sxw", "syn", "syh",
                                        "syw"]))
+    specs.append(dict(kernel="subpixel_weight", variant=f"fp32->{act_dtype}",
+                      config=dict(BLOCK=256), fn=subpixel_weight_kernel,
+                      signature={"w_ptr": f"*{weight_dtype}", "ws_ptr": f"*{act_dtype}",
+                                 "C_out": "i32", "C_x": "i32", "C_tot": "i32"},
+                      constexprs=dict(BLOCK=256), num_warps=4, num_stages=3,
+                      divisible_by_16=["w_ptr", "ws_ptr", "C_out", "C_x", "C_tot"]))
     return specs

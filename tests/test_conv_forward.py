@@ -93,6 +93,35 @@ def test_variants_fp32(kernel, case):
     check(y, x, skip, wt, b, FP32_TOL, upsample=up, stride=stride, activation=act)
 
 
+@pytest.mark.parametrize("subpixel", [True, False], ids=["subpixel", "9tap"])
+@pytest.mark.parametrize("c_s,c_out", [(0, 5), (16, 16)], ids=["cout5", "skip"])
+def test_upsample_subpixel_and_9tap(subpixel, c_s, c_out):
+    """Descriptor kernel, UPSAMPLE: the sub-pixel path (2x2 convs of the low-res input with
+    summed weights, DESIGN 3.1) and the 9-tap path give the reference result; C_out = 5
+    checks that a phase's weight rows past C_out (the next phase's) are masked out."""
+    if not K.HAS_TENSOR_DESCRIPTOR or (HAS_CUDA and torch.cuda.get_device_capability()[0] < 9):
+        pytest.skip("tensor-descriptor kernel not available here")
+    x, skip, wt, b = make(1, 16, c_out, 4, 6, c_s=c_s, upsample=True)
+    y = K.conv3x3_fwd(x, wt, b, skip=skip, upsample=True, kernel="tma", subpixel=subpixel)
+    check(y, x, skip, wt, b, FP32_TOL, upsample=True)
+
+
+def test_subpixel_weights():
+    """ws[phase, co, tap, c] sums the 3x3 taps that the 2x2 tap covers (DESIGN 8)."""
+    _, _, wt, _ = make(1, 4, 3, 4, 4, c_s=2)
+    ws = K.subpixel_weight(K.weight_matrix(wt), 4, torch.float32).cpu()
+    w = wt[:, :4].float().cpu()                          # (C_out, C_x, 3, 3)
+    fold = {0: [[0], [1, 2]], 1: [[0, 1], [2]]}
+    for py in range(2):
+        for px in range(2):
+            for a in range(2):
+                for b in range(2):
+                    exp = sum(w[:, :, kh, kw] for kh in fold[py][a] for kw in fold[px][b])
+                    got = ws[(py * 2 + px) * 3:(py * 2 + px + 1) * 3,
+                             (a * 2 + b) * 4:(a * 2 + b + 1) * 4]
+                    torch.testing.assert_close(got, exp)
+
+
 # Odd shapes: channel counts that are not multiples of 16 (the 3-channel first layer),
 # odd and non-square spatial sizes, batch 1. These go through the custom op (auto pick).
 ODD = [

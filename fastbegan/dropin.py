@@ -234,10 +234,12 @@ def optimize(model: _nn.Module, *, inplace: bool = False,
     if backend == "auto":
         ok, why = ops.triton_status()
         if ok and os.environ.get("TRITON_INTERPRET") == "1":
-            ok, why = False, "the Triton interpreter is for tests (pass backend='triton')"
+            ok, why = False, ("only the Triton interpreter is available, which 'auto' never "
+                              "picks (backend='triton' uses it)")
         if not ok:
-            note = (f"no fused kernels can run here ({why}); pass backend='torch' to swap in "
-                    "the reference modules anyway")
+            note = (f"no fused kernels here: {why}. The fused modules would run the PyTorch "
+                    "reference, the same math as the original ones; backend='torch' swaps "
+                    "them in anyway")
             warnings.warn(f"fastbegan.optimize: model left unchanged: {note}", stacklevel=2)
             out = model if inplace else copy.deepcopy(model)
             return out, OptimizeReport(backend=None, applied=False, note=note)
@@ -265,6 +267,9 @@ def optimize(model: _nn.Module, *, inplace: bool = False,
             report.skipped.append(Skipped(path, why or (
                 "not inside an nn.Sequential next to an ELU (calls in a forward() are "
                 "invisible here: use torch.compile(model, backend='fastbegan'))")))
+    order = {path: i for i, (path, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    report.replaced.sort(key=lambda r: order.get(r.path, len(order)))
+    report.skipped.sort(key=lambda r: order.get(r.path, len(order)))
     return model, report
 
 
@@ -543,6 +548,9 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
     return report
 
 
+_warned_reference = False
+
+
 def _choose_backend(example_inputs) -> str:
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     on_cuda = any(t.device.type == "cuda" for t in tensors)
@@ -568,7 +576,15 @@ def compile_backend(gm: fx.GraphModule, example_inputs, *, mode: str | None = No
     compiler the rewritten graph is handed to: ``"inductor"``, or another registered
     backend name / callable (``"aot_eager"`` is handy for debugging).
     """
+    global _warned_reference
     backend = _choose_backend(example_inputs)
+    if backend == "torch" and not _warned_reference:
+        _warned_reference = True
+        ok, why = ops.triton_status()
+        why = why if not ok else "the graph's inputs are not on a CUDA GPU"
+        warnings.warn(f"torch.compile backend 'fastbegan': the fused calls run the PyTorch "
+                      f"reference here ({why}); the result computes what backend='inductor' "
+                      "would.", stacklevel=2)
     report = rewrite_graph(gm, backend=backend)
     compile_reports.append(report)
     with ops.use_backend(backend):

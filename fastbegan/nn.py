@@ -69,10 +69,13 @@ def conv2d_support(conv: _nn.Module) -> str | None:
     """
     if not isinstance(conv, _nn.Conv2d):
         return f"not an nn.Conv2d ({type(conv).__name__})"
-    if type(conv) is not _nn.Conv2d:
-        return f"{type(conv).__name__} is a subclass of nn.Conv2d (its forward may differ)"
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(conv):
+        return "weight is parametrized (e.g. weight/spectral norm)"
     if isinstance(conv.weight, _nn.parameter.UninitializedParameter):
         return "lazy module not initialised yet (run one forward first)"
+    if type(conv) is not _nn.Conv2d:
+        return f"{type(conv).__name__} is a subclass of nn.Conv2d (its forward may differ)"
     if tuple(conv.kernel_size) != (3, 3):
         return f"kernel_size {tuple(conv.kernel_size)} is not 3x3"
     if tuple(conv.dilation) != (1, 1):
@@ -90,12 +93,6 @@ def conv2d_support(conv: _nn.Module) -> str | None:
             return f"padding={pad!r} is not 1"
     elif tuple(pad) != (1, 1):
         return f"padding {tuple(pad)} is not 1"
-    try:
-        from torch.nn.utils import parametrize
-        if parametrize.is_parametrized(conv):
-            return "weight is parametrized (e.g. weight/spectral norm)"
-    except ImportError:  # pragma: no cover
-        pass
     if _has_hooks(conv):
         return "has forward hooks or pre-hooks (weight_norm/spectral_norm or user hooks)"
     return None

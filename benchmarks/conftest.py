@@ -76,7 +76,8 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     if _session is not None and _session.rows:
-        _session.write(complete=True, exitstatus=int(exitstatus))
+        # exit status 2: interrupted (e.g. the GPU suite's `timeout -s INT`): rows so far
+        _session.write(complete=int(exitstatus) != 2, exitstatus=int(exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -344,9 +344,12 @@ def _nchw_hooks(model: torch.nn.Module) -> None:
             m.register_forward_pre_hook(pre, with_kwargs=True)
 
 
+_COMPILE_MODE_OVERRIDE: str | None = None  # set for the retry without CUDA graphs
+
+
 def _compile_mode(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"mode": os.environ.get("FASTBEGAN_BENCH_COMPILE_MODE", "max-autotune")}
+        return {"mode": _COMPILE_MODE_OVERRIDE or os.environ.get("FASTBEGAN_BENCH_COMPILE_MODE", "max-autotune")}
     backend = os.environ.get("FASTBEGAN_BENCH_CPU_COMPILE_BACKEND", "aot_eager")
     return {"backend": backend}
 
@@ -655,15 +658,22 @@ def default_cases(device: torch.device, quick: bool = False) -> list[tuple[str, 
         up_shapes = [dict(batch=2, c_in=8, c_out=8, hw=8)]
         l1_shapes = [dict(batch=8, res=16)]
         mm = [dict(n=512)]
+    # D fwd+bwd and G fwd: the larger batch only on GPU (the step covers both batches)
+    part_shapes = [p for p in model_shapes if p["batch"] == 64] if gpu else model_shapes
     if quick:
-        model_shapes = model_shapes[:1]
+        model_shapes = part_shapes = model_shapes[:1]
     cases = [("matmul_peak", "bf16", p) for p in mm]
+    # priority order: the step, the kernels, then D and G; compiled cases last, the
+    # res-128/64 step first among them (a budget cut drops the tail)
     eager, compiled = [], []
-    for wl, shapes in (("train_step", model_shapes), ("D_fwd_bwd", model_shapes), ("G_fwd", model_shapes),
-                       ("conv_elu", conv_shapes), ("up_conv_elu", up_shapes), ("l1_loss", l1_shapes)):
+    for wl, shapes in (("train_step", model_shapes), ("conv_elu", conv_shapes), ("up_conv_elu", up_shapes),
+                       ("l1_loss", l1_shapes), ("D_fwd_bwd", part_shapes), ("G_fwd", part_shapes)):
         for p in shapes:
             for v in "abcd":
                 (compiled if v == "c" else eager).append((wl, v, p))
+    first = [c for c in compiled if c[0] == "train_step" and c[2]["batch"] == model_shapes[0]["batch"]][:2]
+    kernels = [c for c in compiled if c[0] in ("conv_elu", "up_conv_elu", "l1_loss")]
+    compiled = first + kernels + [c for c in compiled if c not in first and c not in kernels]
     return cases + eager + compiled
 
 
@@ -745,6 +755,42 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
         if device.type == "cpu":
             session.cpu_compiled += 1
         torch._dynamo.reset()  # fresh caches: no recompile limit across cases
+    try:
+        _attempt(row, workload, variant, params, session, measure, policy, compiles)
+    except NotAvailable as e:
+        row.update(status="n/a", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one broken case must not end the run
+        msg = _err(e)
+        retry = (compiles and device.type == "cuda" and _compile_mode(device).get("mode") == "max-autotune"
+                 and _compile_allowed(workload, session) is None)
+        if not retry:
+            row.update(status="error", reason=msg)
+        else:  # max-autotune's CUDA graphs are the usual suspect: one retry without them
+            global _COMPILE_MODE_OVERRIDE
+            _COMPILE_MODE_OVERRIDE = "max-autotune-no-cudagraphs"
+            try:
+                _attempt(row, workload, variant, params, session, measure, policy, compiles)
+                row["what"] += f" [mode 'max-autotune' failed ({msg[:200]}); retried without CUDA graphs]"
+            except Exception as e2:  # noqa: BLE001
+                row.update(status="error", reason=f"max-autotune: {msg[:240]}; max-autotune-no-cudagraphs: "
+                                                  f"{_err(e2)[:240]}")
+            finally:
+                _COMPILE_MODE_OVERRIDE = None
+    return session.add(row)
+
+
+def _err(e: BaseException) -> str:
+    if isinstance(e, _Alarm):
+        return f"first call (compile) {e}"
+    return f"{e.__class__.__name__}: {e}"[:500]
+
+
+def _attempt(row: dict, workload: str, variant: str, params: dict, session: BenchSession, measure,
+             policy: TimingPolicy, compiles: bool) -> None:
+    """Prepare, warm up, time; fill ``row`` (status ok) or raise."""
+    device = session.device
+    if compiles:
+        torch._dynamo.reset()  # fresh caches: no recompile limit across cases
     _free(device)
     prev_backend = ops.get_backend()
     base_mem = 0
@@ -759,8 +805,9 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
         with _cudnn_benchmark(variant in ("b", "c", "d")), ops.use_backend(backend):
             prep = PREPARE[workload](variant, params, device, session)
             row["what"] = prep.what or row["what"]
-            remaining = max(30.0, session.budget_s - session.elapsed() + 30.0)
-            limit = min(remaining, 240.0) if compiles else None
+            # a compile may overrun the budgets by 30 s at most, then the case is an error
+            remaining = min(session.budget_s - session.elapsed(), session.compile_budget_s - session.compile_used_s)
+            limit = min(max(remaining, 0.0) + 30.0, 300.0) if compiles else None
             t0 = time.perf_counter()
             try:
                 with _time_limit(limit):
@@ -779,7 +826,8 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
             rounds = max(policy.min_rounds, min(policy.max_rounds, rounds))
             times = measure(prep.fn, device, inner, rounds)
         row.update(summarize(times))
-        row.update(status="ok", inner=inner, images=prep.images, flops=prep.flops, bytes=prep.bytes)
+        row.update(status="ok", reason=None, inner=inner, images=prep.images, flops=prep.flops,
+                   bytes=prep.bytes)
         sec = row["ms_median"] / 1e3
         if prep.images:
             row["images_per_s"] = prep.images / sec
@@ -789,20 +837,12 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
             row["gbps"] = prep.bytes / sec / 1e9
         if device.type == "cuda":
             row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated(device) - base_mem) / 2 ** 20, 1)
-    except NotAvailable as e:
-        row.update(status="n/a", reason=str(e))
-    except _Alarm as e:
-        row.update(status="error", reason=f"first call (compile) {e}")
-    except Exception as e:  # noqa: BLE001 - one broken case must not end the run
-        msg = f"{e.__class__.__name__}: {e}"
-        row.update(status="error", reason=msg[:500])
     finally:
         ops.set_backend(prev_backend)
         del prep
         if compiles:
             torch._dynamo.reset()
         _free(device)
-    return session.add(row)
 
 
 # =========================================================================== reports

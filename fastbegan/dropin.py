@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -278,10 +279,11 @@ def optimize(model: _nn.Module, *, inplace: bool = False,
 # ========================================================================================
 @dataclass
 class RewriteReport:
-    """What :func:`rewrite_graph` did to one graph. ``fused``: one entry per fused call
-    (the pattern); ``skipped``: ``(node name, reason)`` for 3x3-conv-like nodes left alone."""
+    """What :func:`rewrite_graph` did to one graph. ``fused``: ``(where, pattern)`` per fused
+    call; ``skipped``: ``(where, reason)`` per conv left alone. ``where`` is the conv
+    module's path when the conv is a module, else ``file:line `source```."""
     backend: str
-    fused: list[str] = field(default_factory=list)
+    fused: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -290,7 +292,7 @@ class RewriteReport:
 
     def __str__(self) -> str:
         lines = [f"fastbegan compile pass (backend {self.backend}): fused {len(self.fused)}"]
-        lines += [f"  fused: {f}" for f in self.fused]
+        lines += [f"  fused: {n}: {p}" for n, p in self.fused]
         lines += [f"  left alone: {n}: {r}" for n, r in self.skipped]
         return "\n".join(lines)
 
@@ -430,6 +432,19 @@ def _match_elu(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> bool:
     return a is not None and a["input"] is src and a["alpha"] == 1
 
 
+def _elu_alpha(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """alpha of an ELU node (module or functional), None if ``node`` is no ELU."""
+    m = _module(gm, node)
+    if isinstance(m, _nn.ELU):
+        return float(m.alpha)
+    a = None
+    if node.op == "call_function" and node.target is F.elu:
+        a = _bind_py(F.elu, node)
+    elif node.op == "call_function" and node.target in _ELU_C:
+        a = _bind_builtin(node, _ELU_C_NAMES, _ELU_C_DEFAULTS)
+    return None if a is None or not isinstance(a["alpha"], (int, float)) else float(a["alpha"])
+
+
 def _match_upsample(gm: fx.GraphModule, node: Any) -> Any:
     """If ``node`` is a 2x nearest upsample of a 4-D tensor, its input node; else None."""
     if not isinstance(node, fx.Node):
@@ -467,6 +482,24 @@ def _match_upsample(gm: fx.GraphModule, node: Any) -> Any:
     return src
 
 
+def _where(node: fx.Node) -> str:
+    """A readable location of a conv node: module path, or the user's source line."""
+    stack = node.meta.get("nn_module_stack")
+    if node.op == "call_module":
+        return str(node.target)
+    if stack:
+        path, cls = list(stack.values())[-1]
+        if isinstance(cls, type) and issubclass(cls, _nn.Conv2d):
+            return re.sub(r"^L\['self'\]\.?", "", str(path)) or node.name
+    lines = (node.meta.get("stack_trace") or "").rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        m = re.match(r'\s*File "(.+)", line (\d+)', lines[i])
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{os.path.basename(m[1])}:{m[2]} `{code}`"
+    return node.name
+
+
 def _copy_meta(new: fx.Node, value: Any) -> None:
     if value is not None:
         new.meta["example_value"] = value
@@ -491,12 +524,12 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
         conv, why = _match_conv(gm, node)
         if conv is None:
             if why is not None:
-                report.skipped.append((node.name, why))
+                report.skipped.append((_where(node), why))
             continue
         xv = _val(conv.x)
         if backend == "triton" and isinstance(xv, torch.Tensor) and \
                 xv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            report.skipped.append((node.name, f"dtype {xv.dtype} not supported by the kernels"))
+            report.skipped.append((_where(node), f"dtype {xv.dtype} not supported by the kernels"))
             continue
         users = list(node.users)
         elu = users[0] if len(users) == 1 and _match_elu(gm, users[0], node) else None
@@ -507,9 +540,16 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
             if src is not None:
                 up, x = x, src
         if elu is None and up is None:
-            report.skipped.append((node.name, "no ELU after it and no upsample before it"))
+            if len(users) > 1:
+                why = f"its output has {len(users)} users (an ELU is fused only into its sole user)"
+            elif users and _elu_alpha(gm, users[0]) not in (None, 1.0):
+                why = f"ELU alpha={_elu_alpha(gm, users[0])} (only 1.0 is fused)"
+            else:
+                why = "no ELU after it and no upsample before it"
+            report.skipped.append((_where(node), why))
             continue
         tail = elu if elu is not None else node
+        where = _where(node)
         out_val = _val(tail)
         with graph.inserting_before(node):
             w, b = conv.weight, conv.bias
@@ -542,7 +582,7 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
                 erased.add(dead)
         parts = (["upsample2x"] if up is not None else []) + \
             [f"conv3x3{'/2' if conv.stride == 2 else ''}"] + (["elu"] if elu is not None else [])
-        report.fused.append(" + ".join(parts))
+        report.fused.append((where, " + ".join(parts)))
     graph.lint()
     gm.recompile()
     return report

@@ -12,6 +12,8 @@ import copy
 import functools
 import importlib
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -351,6 +353,23 @@ def test_backend_registered_by_import():
     assert fn.__module__ == "fastbegan._compile_registration"
 
 
+def test_backend_registered_in_fresh_process_before_dynamo_import():
+    """`import fastbegan` registers the backend without importing torch._dynamo itself
+    (an import hook registers it when torch.compile imports dynamo)."""
+    code = ("import sys, fastbegan\n"
+            "lazy = 'torch._dynamo' not in sys.modules\n"
+            "import torch\n"
+            "f = torch.compile(lambda x: x + 1, backend='fastbegan')\n"
+            "import torch._dynamo\n"
+            "print(lazy, 'fastbegan' in torch._dynamo.list_backends())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lazy, registered = out.stdout.split()[-2:]
+    assert registered == "True"
+    # lazy == "False" only if some other import now pulls torch._dynamo in at import time
+
+
 aot_eager_backend = functools.partial(dropin.compile_backend, inner="aot_eager")
 
 
@@ -376,12 +395,27 @@ def test_compile_rewrites_and_matches(name):
     skipped = [why for r in reports for _, why in r.skipped]
     if name == "skip":
         assert any("5, 5" in w for w in skipped) and any("dilation" in w for w in skipped)
-        assert any("groups" in w for w in skipped)
+        assert any("groups" in w for w in skipped) and any("alpha=0.5" in w for w in skipped)
     else:
-        assert any("no ELU" in w for w in skipped)  # the conv whose output has 2 users
+        assert any("2 users" in w for w in skipped)  # conv output used twice: not fused
     y0, gx0, g0 = grads_of(model, x)
     torch.testing.assert_close(y, y0)
     torch.testing.assert_close(gx, gx0)
+    for n in g0:
+        torch.testing.assert_close(g[n], g0[n])
+
+
+def test_compile_an_optimized_model():
+    """Both paths together: an optimize()d model compiled with the backend (the torch
+    reference inside Conv2dELU decomposes and is found again)."""
+    model = make("sequential")
+    fast, _ = fastbegan.optimize(model, backend="torch")
+    compiled = torch.compile(fast, backend=aot_eager_backend)
+    x = x_input()
+    (y, gx, g), reports = _compiled_reports(lambda: grads_of(compiled, x))
+    assert sum(r.num_fused for r in reports) == len(SEQ_FUSED)
+    y0, gx0, g0 = grads_of(model, x)
+    torch.testing.assert_close(y, y0)
     for n in g0:
         torch.testing.assert_close(g[n], g0[n])
 
@@ -410,7 +444,8 @@ def test_rewrite_graph_module_form():
                           nn.ReLU())
     gm = torch.fx.symbolic_trace(model)
     report = dropin.rewrite_graph(gm)
-    assert report.fused == ["conv3x3 + elu"]
+    assert report.fused == [("0", "conv3x3 + elu")]
+    assert report.skipped == [("2", "no ELU after it and no upsample before it")]
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets == [ops.conv3x3_elu]
     x = x_input()

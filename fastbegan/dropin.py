@@ -490,7 +490,7 @@ def _where(node: fx.Node) -> str:
     if stack:
         path, cls = list(stack.values())[-1]
         if isinstance(cls, type) and issubclass(cls, _nn.Conv2d):
-            return re.sub(r"^L\['self'\]\.?", "", str(path)) or node.name
+            return re.sub(r"^L\['[^']*'\]\.?", "", str(path)) or node.name
     lines = (node.meta.get("stack_trace") or "").rstrip().splitlines()
     for i in range(len(lines) - 1, -1, -1):
         m = re.match(r'\s*File "(.+)", line (\d+)', lines[i])
@@ -498,6 +498,23 @@ def _where(node: fx.Node) -> str:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{os.path.basename(m[1])}:{m[2]} `{code}`"
     return node.name
+
+
+def _may_mutate_between(first: fx.Node, last: fx.Node) -> bool:
+    """Could a node strictly between ``first`` and ``last`` mutate a tensor in place?
+    (Conservative: in-place-looking calls and module calls count.)"""
+    n = first.next
+    while n is not last and n.op != "root":
+        if n.op == "call_module":
+            return True
+        if n.op in ("call_function", "call_method"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if (name.endswith("_") and not name.endswith("__")) or n.kwargs.get("inplace"):
+                return True
+            if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+                return True
+        n = n.next
+    return False
 
 
 def _copy_meta(new: fx.Node, value: Any) -> None:
@@ -537,7 +554,8 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
         x = conv.x
         if conv.stride == 1 and isinstance(x, fx.Node) and len(x.users) == 1:
             src = _match_upsample(gm, x)
-            if src is not None:
+            # the fused call reads src where the conv was: nothing in between may mutate it
+            if src is not None and not _may_mutate_between(x, node):
                 up, x = x, src
         if elu is None and up is None:
             if len(users) > 1:

@@ -420,6 +420,27 @@ def test_compile_an_optimized_model():
         torch.testing.assert_close(g[n], g0[n])
 
 
+class MutatingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x * 1.0
+        u = F.interpolate(x, scale_factor=2, mode="nearest")
+        x.mul_(2)  # mutates the upsample's input after the upsample read it
+        return F.elu(self.conv(u)) + x.mean()
+
+
+def test_compile_does_not_move_reads_past_mutations():
+    model = MutatingNet()
+    compiled = torch.compile(model, backend=aot_eager_backend)
+    x = x_input(n=1, h=4)
+    y, reports = _compiled_reports(lambda: compiled(x))
+    assert [p for r in reports for _, p in r.fused] == ["conv3x3 + elu"]  # upsample kept
+    torch.testing.assert_close(y, model(x))
+
+
 def test_compile_triton_backend_interpreter():
     _triton_or_skip()
     model = make("functional").to(DEV)

@@ -44,14 +44,17 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# "auto" (descriptor kernel where eligible, else pointer kernel), "ptr" or "tma": lets a GPU
+# run force one kernel (e.g. FASTBEGAN_CONV_KERNEL=ptr) without touching code.
+DEFAULT_KERNEL = os.environ.get("FASTBEGAN_CONV_KERNEL", "auto")
 HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor")
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # ----------------------------------------------------------------------------------------
-# Autotune configs. Keyed on (C_x, C_s, C_out, H_out, W_out) plus the dtypes of all tensor
-# arguments (Triton's autotuner appends those to the key by itself). BM = 128 output pixels
+# Autotune configs. Keyed on (C_x, C_s, C_out, H_out, W_out, variant flags) plus the dtypes
+# of all tensor arguments (Triton's autotuner appends those to the key by itself). BM = 128 output pixels
 # fits one 128-wide wgmma tile per warpgroup pair; BK 32/64; 2-4 stages; 4/8 warps.
 # Under the interpreter only one small config is used so tests stay fast.
 # ----------------------------------------------------------------------------------------
@@ -77,7 +80,11 @@ TMA_CONFIGS_GPU = [
 PTR_CONFIGS = [_cfg(32, 16, 16, 4, 1)] if INTERPRET else PTR_CONFIGS_GPU
 TMA_CONFIGS = [_cfg(64, 16, 16, 4, 1)] if INTERPRET else TMA_CONFIGS_GPU
 
-_AUTOTUNE_KEY = ["C_x", "C_s", "C_out", "H_out", "W_out"]
+# The constexpr variant flags are part of the key: a config is only reused for the same
+# variant (for phase views not every BK is valid, see _prune_tma).
+_AUTOTUNE_KEY = ["C_x", "C_s", "C_out", "H_out", "W_out", "UPSAMPLE", "STRIDE", "HAS_SKIP",
+                 "HAS_BIAS", "ACTIVATION"]
+_TMA_AUTOTUNE_KEY = _AUTOTUNE_KEY + ["X_PHASE", "S_PHASE", "SUBPIXEL", "TILE_W", "TILE_H_MAX"]
 
 
 def _prune_ptr(configs, nargs, **kwargs):
@@ -263,7 +270,7 @@ def _accumulate_tma(acc, src, w_desc, n0, r0, q0, n_off, C, k_base, C_tot, tile_
     return acc
 
 
-@triton.autotune(configs=TMA_CONFIGS, key=_AUTOTUNE_KEY,
+@triton.autotune(configs=TMA_CONFIGS, key=_TMA_AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": _prune_tma})
 @triton.jit
 def conv3x3_fwd_tma_kernel(
@@ -561,20 +568,23 @@ def tma_eligible(x, weight2d, skip, upsample: bool, stride: int) -> bool:
                for c in TMA_CONFIGS)
 
 
-_allocator_set = False
+def _torch_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
 def _ensure_allocator():
-    """Device-side tensor descriptors need a global scratch allocator (Triton >= 3.3)."""
-    global _allocator_set
-    if _allocator_set or not hasattr(triton, "set_allocator"):
+    """Device-side tensor descriptors need a global scratch allocator (``triton.set_allocator``,
+    Triton >= 3.3). Triton keeps it in a ContextVar (per thread), so this runs on every
+    launch; an allocator the user set is left alone."""
+    if not hasattr(triton, "set_allocator"):
         return
-
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, device="cuda", dtype=torch.int8)
-
-    triton.set_allocator(alloc)
-    _allocator_set = True
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except Exception:  # private API moved: set ours
+        pass
+    triton.set_allocator(_torch_alloc)
 
 
 def subpixel_weight(weight2d: torch.Tensor, c_x: int, dtype: torch.dtype) -> torch.Tensor:
@@ -591,13 +601,15 @@ def subpixel_weight(weight2d: torch.Tensor, c_x: int, dtype: torch.dtype) -> tor
 
 def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 skip: torch.Tensor | None = None, upsample: bool = False, stride: int = 1,
-                activation: bool = True, kernel: str = "auto", subpixel: bool = True,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                activation: bool = True, kernel: str = "auto",
+                subpixel: bool = True) -> torch.Tensor:
     """Launch the fused conv. Inputs are assumed validated (see fastbegan.ops.triton_conv).
 
     x: (N, C_x, H, W); skip: (N, C_s, H', W') with H' = 2H if upsample else H; weight:
     (C_out, C_x + C_s, 3, 3) any dtype/layout (channels_last read without a copy); bias:
-    (C_out,) or None. ``kernel``: "auto" | "ptr" | "tma". ``subpixel``: with upsample on the
+    (C_out,) or None. ``kernel``: "auto" (the descriptor kernel where :func:`tma_eligible`,
+    else the pointer kernel; the FASTBEGAN_CONV_KERNEL environment variable can force
+    "ptr" or "tma" for "auto" calls) | "ptr" | "tma" (forced). ``subpixel``: with upsample on the
     descriptor kernel, fold the 3x3 taps of x into 4 per output phase (2.25x fewer MACs on
     x's channels; one extra tiny launch to sum the weights). Returns y
     (N, C_out, H_out, W_out) channels_last, H_out = (H' - 1) // stride + 1, in x's dtype.
@@ -611,10 +623,8 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     C_s = skip.shape[1] if skip is not None else 0
     C_out = weight.shape[0]
     w2 = weight_matrix(weight)
-    if out is None:
-        out = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last)
-    y = out
+    y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
     if y.numel() == 0:
         return y
     for t in (x, skip, y):
@@ -626,6 +636,10 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     flags = dict(UPSAMPLE=upsample, STRIDE=stride, HAS_SKIP=skip is not None,
                  HAS_BIAS=bias is not None, ACTIVATION=activation, DOT_PRECISION=prec)
 
+    if kernel == "auto":
+        kernel = DEFAULT_KERNEL              # FASTBEGAN_CONV_KERNEL, normally "auto"
+        if kernel == "tma" and not tma_eligible(x, w2, skip, upsample, stride):
+            kernel = "ptr"
     if kernel == "auto":
         kernel = "tma" if tma_eligible(x, w2, skip, upsample, stride) else "ptr"
     if kernel == "tma":

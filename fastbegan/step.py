@@ -45,6 +45,9 @@ them before each step only when they changed (after a checkpoint load or an lr
 halving: a ``fill_``/``copy_`` launch, no sync). A checkpoint load that replaces the
 optimisers' state makes the step drop its graph and capture a new one.
 
+Divergence guard: ``~isfinite(L_real + L_fake)`` is OR-ed into ``trainer.nonfinite`` on
+the device, as in the reference step.
+
 Adam: the trainer's two optimisers, switched to the fused implementation (CUDA, and CPU
 where torch has it) and, for the capture, ``capturable=True`` with the learning rate as
 a device tensor. Logging: the step returns device scalars; the trainer reads them every
@@ -303,7 +306,7 @@ class FusedStep:
         if zero_grad:
             for opt in self.opts:
                 opt.zero_grad(set_to_none=True)
-        with tr.autocast():
+        with self._autocast():
             fake = tr.G(z)
             with scaled_linear_wgrads(tr.D, scale):
                 rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
@@ -318,6 +321,12 @@ class FusedStep:
         self.step_t.add_(1)
         self._static_batch = {"x": x, "fake": fake.detach()}
         return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global}
+
+    def _autocast(self):
+        """The trainer's autocast (bf16 precision), without the cast cache: casts made inside
+        a graph capture must not outlive it."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.tr.cfg.precision == "bf16", cache_enabled=False)
 
     def _graph_step(self) -> dict[str, Tensor]:
         if self._graph is None:
@@ -346,7 +355,8 @@ class FusedStep:
         if hasattr(graph, "register_generator_state"):
             graph.register_generator_state(tr.gen)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a background thread (checkpoint writer) cannot break the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static = self._device_step(zero_grad=False)
         finally:
             # The graph reads lr_t; eager code (and checkpoints) keep seeing float rates and

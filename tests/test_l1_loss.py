@@ -143,6 +143,7 @@ def test_opcheck(device):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.slow
 def test_sm90_compile():
     """Every loss kernel variant compiles for Hopper (sm_90) without spills (no GPU needed)."""
     from fastbegan.kernels import aot

@@ -48,6 +48,8 @@ from .ops import reference
 __all__ = ["Conv2dELU", "conv2d_support"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Read once, like the kernels do (triton.jit reads it at import), and dynamo-friendly.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -197,8 +199,7 @@ class Conv2dELU(_nn.Module):
             x = x.to(dt)
             skip = None if skip is None else skip.to(dt)
         kernel_ok = (x.dtype in _KERNEL_DTYPES and self.weight.dtype in _KERNEL_DTYPES
-                     and (dev == "cuda" or (dev == "cpu"
-                                            and os.environ.get("TRITON_INTERPRET") == "1")))
+                     and (dev == "cuda" or (dev == "cpu" and _INTERPRET)))
         if not kernel_ok:
             return reference.conv3x3_elu_ref(x, self.weight, self.bias, **kw)
         # nn.Conv2d's rule: channels_last in -> channels_last out, otherwise NCHW out.

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The whole GPU check as ONE command (README "Development: GPU suite"):
+#
+#   benchmarks/gpu_suite.sh OUTDIR
+#
+# On a fresh GPU machine with torch and triton already installed (no internet):
+#   1. installs the project without touching torch (pip --no-deps --no-build-isolation -e .)
+#   2. runs the test suite on the GPU            (pytest tests -x -q, TRITON_INTERPRET unset)
+#   3. a short training run at res 128           (fastbegan train --res 128 --steps N)
+#   4. the benchmarks                             (pytest benchmarks/, budgeted to the time left)
+# and leaves few files in OUTDIR (the device tool brings back at most 8):
+#   summary.txt               stage, exit code, seconds (also printed)
+#   <device>-<date>.json/.md  benchmark results (copied from the run's results folder)
+#   samples.png               the training run's newest sample grid
+#   logs.tar.gz               every stage's log, the run's metrics.jsonl, pytest-benchmark json
+#
+# Each stage runs under `timeout` (SIGINT first, so pytest still writes its results), and
+# the whole script stays under TOTAL_S (default 470 s): a stage gets min(its limit, time
+# left). Tunables (environment): TOTAL_S, T_INSTALL, T_TESTS, T_TRAIN, T_BENCH,
+# TRAIN_STEPS, TRAIN_ARGS, PYTHON, FASTBEGAN_BENCH_COMPILE_BUDGET_S, SKIP_TESTS=1,
+# SKIP_TRAIN=1, SKIP_BENCH=1.
+set -u -o pipefail
+
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+
+PY=${PYTHON:-python3}
+TOTAL_S=${TOTAL_S:-470}
+T_INSTALL=${T_INSTALL:-45}
+T_TESTS=${T_TESTS:-110}
+T_TRAIN=${T_TRAIN:-75}
+T_BENCH=${T_BENCH:-230}
+TRAIN_STEPS=${TRAIN_STEPS:-400}
+T0=$(date +%s)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastbegan-gpu-suite.XXXXXX")
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+export FASTBEGAN_CACHE=$WORK/cache          # procedural data cache, outside the repo
+export FASTBEGAN_BENCH_RESULTS=$WORK/results  # this run's results only
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
+
+# stage NAME LIMIT_S CMD...: run with a time limit, log to $LOGS/NAME.log, record rc + seconds
+stage() {
+    local name=$1 limit=$2; shift 2
+    local l; l=$(left)
+    (( l - 15 < limit )) && limit=$(( l - 15 ))
+    if (( limit < 5 )); then
+        say "$(printf '%-8s skipped: no time left (%ss of %ss used)' "$name" "$(( $(date +%s) - T0 ))" "$TOTAL_S")"
+        return 0
+    fi
+    local s rc; s=$(date +%s.%N)
+    timeout -s INT -k 20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    rc=$?
+    local dt; dt=$(awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    local note=""
+    (( rc == 124 || rc == 137 )) && note=" TIMEOUT"
+    say "$(printf '%-8s rc=%-3s %6ss (limit %ss)%s' "$name" "$rc" "$dt" "$limit" "$note")"
+    tail -n 3 "$LOGS/$name.log" | sed 's/^/         | /' | tee -a "$SUMMARY"
+    return 0
+}
+
+say "fastbegan GPU suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $REPO, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+
+# --- 0. environment (what the machine has)
+stage env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"gpu\", torch.cuda.is_available() and torch.cuda.get_device_name()); print(\"triton\", triton.__version__)'; $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|numpy|pillow|click|safetensors|tqdm|hypothesis|setuptools) '"
+
+# --- 1. install without touching torch / triton
+stage install "$T_INSTALL" "$PY" -m pip install --no-deps --no-build-isolation --no-input -e .
+if ! "$PY" -c "import fastbegan.kernels" > /dev/null 2>&1; then
+    # pip could not build (e.g. an old setuptools without bdist_wheel): the editable
+    # install by hand, a .pth hook that puts the repo on sys.path and maps kernels/ to
+    # fastbegan.kernels (what setuptools' editable finder does). Nothing else changes.
+    stage install2 20 "$PY" - "$REPO" <<'PYEOF'
+import sys, sysconfig
+from pathlib import Path
+repo = sys.argv[1]
+site = Path(sysconfig.get_paths()["purelib"])
+(site / "_fastbegan_dev.py").write_text(f"""import importlib.abc, importlib.util, sys
+REPO = {repo!r}
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastbegan.kernels":
+            return importlib.util.spec_from_file_location(
+                name, REPO + "/kernels/__init__.py", submodule_search_locations=[REPO + "/kernels"])
+        return None
+sys.meta_path.insert(0, _Finder())
+""")
+(site / "_fastbegan_dev.pth").write_text("import _fastbegan_dev\n")
+import importlib; importlib.invalidate_caches()
+print("wrote", site / "_fastbegan_dev.pth")
+PYEOF
+    "$PY" -c "import fastbegan.kernels, fastbegan.cli; print('fastbegan importable')" >> "$LOGS/install2.log" 2>&1 \
+        && say "install: fallback .pth hook works" || say "install: fastbegan NOT importable (see install*.log)"
+fi
+
+# procedural faces for the training run, drawn in the background while the tests run
+timeout 150 "$PY" -c "from fastbegan.data import load_procedural; print(load_procedural(128)[1].summary())" \
+    > "$LOGS/data.log" 2>&1 &
+DATA_PID=$!
+
+# --- 2. tests on the GPU
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+    stage tests "$T_TESTS" "$PY" -m pytest tests -x -q -p no:cacheprovider --durations=15
+fi
+
+# --- 3. short training run at res 128 (defaults otherwise: the user's `fastbegan train --res 128`)
+if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
+    wait "$DATA_PID" 2>/dev/null
+    RUN=$WORK/run128
+    # shellcheck disable=SC2086
+    stage train "$T_TRAIN" "$PY" -m fastbegan train --res 128 --steps "$TRAIN_STEPS" --out "$RUN" \
+        --sample-every 100 --ckpt-every 200 --log-every 50 --no-progress ${TRAIN_ARGS:-}
+    PNG=$(ls -t "$RUN"/samples/fake_*.png 2>/dev/null | head -n 1)
+    if [[ -z "$PNG" ]]; then  # cut short before the first grid: sample from the newest checkpoint
+        CK=$(ls -t "$RUN"/checkpoints/*.safetensors 2>/dev/null | head -n 1)
+        if [[ -n "$CK" ]]; then
+            stage sample 30 "$PY" -m fastbegan sample "$CK" --out "$RUN/samples/from_checkpoint.png" --device cuda
+            PNG=$RUN/samples/from_checkpoint.png
+        fi
+    fi
+    if [[ -n "$PNG" && -f "$PNG" ]]; then
+        cp "$PNG" "$OUT/samples.png" && say "samples: $(basename "$PNG") -> samples.png"
+    else
+        say "samples: none (see train.log)"
+    fi
+    cp "$RUN/metrics.jsonl" "$LOGS/train_metrics.jsonl" 2>/dev/null
+fi
+kill "$DATA_PID" 2>/dev/null
+
+# --- 4. benchmarks, budgeted to the time left
+if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
+    L=$(left); LIM=$T_BENCH
+    (( L - 25 < LIM )) && LIM=$(( L - 25 ))
+    # no new case after BUDGET s; the last case and the report fit in the rest
+    BUDGET=$(( LIM - 40 )); (( BUDGET < 10 )) && BUDGET=10
+    export FASTBEGAN_BENCH_BUDGET_S=$BUDGET
+    export FASTBEGAN_BENCH_COMPILE_BUDGET_S=${FASTBEGAN_BENCH_COMPILE_BUDGET_S:-$(( BUDGET / 3 ))}
+    say "benchmarks: case budget ${BUDGET}s, compile budget ${FASTBEGAN_BENCH_COMPILE_BUDGET_S}s"
+    BJSON=()  # pytest-benchmark's own json, when the plugin is installed (the suite works without)
+    "$PY" -c "import pytest_benchmark" 2>/dev/null && BJSON=(--benchmark-json="$LOGS/pytest-benchmark.json")
+    stage bench "$LIM" "$PY" -m pytest benchmarks -q -p no:cacheprovider "${BJSON[@]}"
+    for f in "$FASTBEGAN_BENCH_RESULTS"/*.json "$FASTBEGAN_BENCH_RESULTS"/*.md; do
+        [[ -f "$f" ]] && cp "$f" "$OUT/" && say "results: $(basename "$f")"
+    done
+fi
+
+# --- 5. logs: one archive (no checkpoints, no data cache)
+say "total $(( $(date +%s) - T0 ))s"
+cp "$SUMMARY" "$LOGS/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
+ls -la "$OUT"

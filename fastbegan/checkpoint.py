@@ -92,10 +92,10 @@ _CHUNK = 1 << 22
 
 def _write_file(path: Path, data: bytes) -> None:
     """Write ``data`` in chunks and fsync. ``FASTBEGAN_TEST_SLOW_CKPT=<seconds>`` (tests
-    only) writes 64 KiB chunks with that pause after each, so that a test can kill the
+    only) writes 4 KiB chunks with that pause after each, so that a test can kill the
     process while a temporary file is half written."""
     delay = float(os.environ.get("FASTBEGAN_TEST_SLOW_CKPT", "0") or 0)
-    chunk = 1 << 16 if delay else _CHUNK
+    chunk = 1 << 12 if delay else _CHUNK
     view = memoryview(data)
     with open(path, "wb") as f:
         for i in range(0, len(view), chunk):

@@ -759,6 +759,9 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
         _attempt(row, workload, variant, params, session, measure, policy, compiles)
     except NotAvailable as e:
         row.update(status="n/a", reason=str(e))
+    except _Alarm as e:  # a compile that outgrew the budget: not a failure of the case
+        row.update(status="skipped", reason=f"compile stopped: first call {e} (compile budget "
+                                            f"{session.compile_budget_s:.0f} s; FASTBEGAN_BENCH_COMPILE_BUDGET_S)")
     except Exception as e:  # noqa: BLE001 - one broken case must not end the run
         msg = _err(e)
         retry = (compiles and device.type == "cuda" and _compile_mode(device).get("mode") == "max-autotune"
@@ -771,6 +774,9 @@ def run_case(workload: str, variant: str, params: dict, session: BenchSession,
             try:
                 _attempt(row, workload, variant, params, session, measure, policy, compiles)
                 row["what"] += f" [mode 'max-autotune' failed ({msg[:200]}); retried without CUDA graphs]"
+            except _Alarm as e2:
+                row.update(status="skipped", reason=f"max-autotune: {msg[:240]}; retry without CUDA graphs: "
+                                                    f"compile stopped, first call {e2}")
             except Exception as e2:  # noqa: BLE001
                 row.update(status="error", reason=f"max-autotune: {msg[:240]}; max-autotune-no-cudagraphs: "
                                                   f"{_err(e2)[:240]}")

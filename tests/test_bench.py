@@ -139,3 +139,28 @@ def test_cli_run_quick(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].startswith("cpu-") and files[0].endswith(".json")
     assert bench.validate_results(json.loads((tmp_path / files[0]).read_text())) == []
+
+
+def test_compile_over_its_time_limit_is_skipped_not_failed(monkeypatch):
+    import time
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    s.compile_policy = "all"
+    orig = bench.PREPARE["G_fwd"]
+
+    def slow_first_call(v, p, d, sess):
+        prep = orig(v, p, d, sess)
+        fn, calls = prep.fn, []
+
+        def first_slow():
+            if not calls:
+                calls.append(1)
+                time.sleep(3)
+            return fn()
+        prep.fn = first_slow
+        return prep
+    monkeypatch.setitem(bench.PREPARE, "G_fwd", slow_first_call)
+    real = bench._time_limit
+    monkeypatch.setattr(bench, "_time_limit", lambda sec: real(0.5 if sec else None))
+    row = bench.run_case("G_fwd", "c", dict(res=8, batch=2, filters=4), s)
+    assert row["status"] == "skipped" and "compile stopped" in row["reason"]
+    assert s.compile_used_s > 0

@@ -57,7 +57,7 @@ next replay overwrites (read them before the next step, as ``Trainer.fit`` does)
 from __future__ import annotations
 
 import contextlib
-import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -338,7 +338,14 @@ class FusedStep:
                     vals = self._device_step(zero_grad=True)
                 cur.wait_stream(self._side)
                 return vals
-            self._capture()
+            try:
+                self._capture()
+            except Exception as e:  # keep training: eager steps are the same steps
+                self.cuda_graph = False
+                warnings.warn(f"fastbegan: CUDA graph capture of the training step failed "
+                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+                              "continuing with eager steps", stacklevel=3)
+                return self._device_step(zero_grad=True)
         self._graph.replay()
         return self._static
 

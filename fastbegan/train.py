@@ -86,6 +86,8 @@ class TrainConfig:
     log_every: int = 50
     keep_ckpts: int = 3
     max_restores: int = 3               # divergence guard: restores before giving up
+    on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
+    health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
 
     def __post_init__(self):
         check_resolution(self.res)
@@ -102,6 +104,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_restores < 0:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
+        if self.on_collapse not in ("warn", "stop", "restore"):
+            raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
+        if self.health_patience < 0:
+            raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -176,6 +182,9 @@ class Trainer:
         # user, also stored in the metrics row). The health monitor and the divergence guard
         # plug in here: they run on the host only when the logged scalars are read anyway.
         self.log_hooks: list = [Trainer._divergence_hook]
+        if cfg.health_patience:  # mode collapse, k_t pinned, M trend (fastbegan.health)
+            from .health import HealthMonitor
+            self.log_hooks.append(HealthMonitor.from_config(cfg))
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
         # The fused single-pass step (fastbegan.step: one backward, CUDA graph) on a CUDA GPU
         # with the triton backend; the reference step below otherwise. step_path says which.

@@ -1,0 +1,434 @@
+"""Training health: cheap checks for BEGAN's common failures, live and after the fact.
+
+BEGAN runs go wrong in a few well-known ways: the generator collapses to one mode (all
+samples alike), k_t sticks at 0 (or 1) because the balance ``L(G(z)) = gamma * L(x)`` is
+out of reach, the losses blow up (NaN/Inf), or M_global, the convergence measure, stops
+improving or starts to rise. This module watches for each of them.
+
+Live: :class:`HealthMonitor` is one of ``Trainer.log_hooks``. It runs only at log
+intervals, when the trainer reads its scalars anyway, and then does one small device
+computation on ``trainer.last_batch`` (mean pairwise distance of the fake batch and of
+the real batch, on 4x average-pooled images) and one host read. Nothing runs inside the
+training step. The signals go into the metrics row (``diversity_ratio``, ``diversity_fake``,
+``diversity_real``, ``health``), and a message is printed when a condition has held for
+``patience`` steps. ``on_collapse`` says what happens on a suspected mode collapse:
+``warn`` (message only), ``stop`` (save a checkpoint and stop) or ``restore`` (go back to
+the newest checkpoint written before the collapse began, with the lr halved).
+
+After the fact: :func:`diagnose_run` reads a run folder's ``metrics.jsonl`` and returns
+the same findings (used by ``fastbegan eval`` and the plots).
+
+Which way to turn gamma. ``k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)``:
+- k_t pinned at 0 means ``L_fake > gamma * L_real`` step after step: even with D ignoring
+  the fakes (k = 0), G cannot make fakes D reconstructs gamma times as well as real images.
+  A *higher* gamma asks less of G.
+- k_t pinned at 1 means ``L_fake < gamma * L_real`` even with D pushing fakes away at full
+  strength: a *lower* gamma (or lr) lets D catch up.
+- Mode collapse: gamma is the diversity ratio; a *higher* gamma (or a lower lr) gives more
+  diverse samples (BEGAN paper, section 3.1 and figure 2).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ON_COLLAPSE = ("warn", "stop", "restore")
+
+# Defaults, tuned on the embedded faces (res 16 and 32, CPU, 300 steps): a normal run's
+# fake/real diversity ratio stays above ~0.12 after its first 50 steps (a fresh G is
+# nearly constant: 0.01 at step 10), a constant generator gives 0.
+DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
+COLLAPSE_RATIO = 0.05       # fake diversity below this x real's = mode collapse
+STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
+RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
+MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
+
+
+@dataclass
+class Finding:
+    """One health problem: what, since when, the numbers behind it, and a message."""
+    kind: str            # mode_collapse | k_zero | k_one | m_rising | m_stalled | non_finite
+    step: int            # step at which it was reported
+    since: int           # first logged step at which the condition held
+    message: str
+    values: dict = field(default_factory=dict)
+    ongoing: bool = True  # still holding at the last row seen
+
+    def __str__(self) -> str:
+        return self.message
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "step": self.step, "since": self.since, "message": self.message,
+                "values": self.values, "ongoing": self.ongoing}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt_lr(lr) -> str:
+    return f"{lr:.2g}" if _finite(lr) else "?"
+
+
+class HealthTracker:
+    """Host-side detectors fed one metrics row at a time (live or from metrics.jsonl).
+
+    A row needs ``step``, ``k``, ``M``, ``loss_real``, ``loss_fake`` and, for the collapse
+    detector, ``diversity_ratio``; ``lr`` is used in messages. ``update(row)`` returns the
+    findings newly reported at that row (a condition is reported once per episode, when it
+    has held at every logged row for at least ``patience`` steps; non-finite values at once).
+    """
+
+    def __init__(self, gamma: float = 0.5, patience: int = DEFAULT_PATIENCE,
+                 collapse_ratio: float = COLLAPSE_RATIO, warmup: int | None = None,
+                 stall: int | None = None, rise_tol: float = RISE_TOL, report_stall: bool = True):
+        self.gamma = gamma
+        self.patience = max(int(patience), 1)
+        self.collapse_ratio = collapse_ratio
+        # a fresh generator is nearly constant: diversity is judged only after warmup steps
+        self.warmup = min(self.patience, 100) if warmup is None else warmup
+        self.stall = STALL_FACTOR * self.patience if stall is None else stall
+        self.rise_tol = rise_tol
+        self.report_stall = report_stall
+        self.findings: list[Finding] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget streaks and the M trend (after a restore, or a step going back in a log)."""
+        for f in getattr(self, "reported", {}).values():
+            if f is not None:
+                f.ongoing = False
+        self.since: dict[str, int | None] = {k: None for k in ("mode_collapse", "k_zero", "k_one", "m_rising")}
+        self.reported: dict[str, Finding | None] = {k: None for k in
+                                                    ("mode_collapse", "k_zero", "k_one", "m_rising",
+                                                     "m_stalled", "non_finite")}
+        self.m_smooth: float | None = None
+        self.best_m, self.best_step = math.inf, None
+        self.first_step: int | None = None
+
+    # ------------------------------------------------------------------ detectors
+    def update(self, row: dict) -> list[Finding]:
+        step = int(row["step"])
+        if self.first_step is None:
+            self.first_step = step
+        new: list[Finding] = []
+        lr = row.get("lr")
+        vals = {k: row.get(k) for k in ("loss_real", "loss_fake", "k", "M")}
+
+        # non-finite values: at once
+        bad = [k for k, v in vals.items() if v is not None and not _finite(v)]
+        if row.get("fake_nonfinite"):
+            bad.append("generator output")
+        if bad:
+            if self.reported["non_finite"] is None:
+                shown = ", ".join(f"{k}={vals[k]}" if k in vals else f"{k} has NaN/Inf" for k in bad)
+                new.append(self._report("non_finite", step, step, {"bad": bad},
+                           f"non-finite values at step {step} ({shown}): training diverged; go back to "
+                           f"an earlier checkpoint and train with a lower lr (now {_fmt_lr(lr)})"))
+            # nothing else is meaningful on NaN rows
+            return self._finish(new, step, held={"non_finite"})
+        self._clear("non_finite")
+        held = set()
+
+        k, m, lreal, lfake = vals["k"], vals["M"], vals["loss_real"], vals["loss_fake"]
+        g = self.gamma
+        drive = g * lreal - lfake if _finite(lreal) and _finite(lfake) else None
+
+        # k_t pinned at 0: L_fake > gamma * L_real at every step
+        if _finite(k) and k <= 1e-7:
+            since = self._held("k_zero", step)
+            held.add("k_zero")
+            if step - since >= self.patience and self.reported["k_zero"] is None:
+                hint = f" (0.3-0.7 is usual)" if g < 0.3 else ""
+                new.append(self._report("k_zero", step, since,
+                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                           f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
+                           f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
+                           f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
+                           f"fakes and G cannot reach the balance; try a higher --gamma (now {g:g}{hint}) "
+                           f"or a lower --lr (now {_fmt_lr(lr)})"))
+        # k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully
+        if _finite(k) and k >= 1 - 1e-7:
+            since = self._held("k_one", step)
+            held.add("k_one")
+            if step - since >= self.patience and self.reported["k_one"] is None:
+                new.append(self._report("k_one", step, since,
+                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                           f"k_t has been 1 for {step - since} steps (since step {since}): the fakes are "
+                           f"reconstructed better than gamma x the real images even with D pushing them "
+                           f"away at full strength (L_fake {lfake:.4f} < gamma*L_real {g * lreal:.4f}), so G "
+                           f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
+                           f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
+
+        # mode collapse: the fake batch much less diverse than the real one
+        ratio = row.get("diversity_ratio")
+        if _finite(ratio) and step >= self.warmup and ratio < self.collapse_ratio:
+            since = self._held("mode_collapse", step)
+            held.add("mode_collapse")
+            if step - since >= self.patience and self.reported["mode_collapse"] is None:
+                df, dr = row.get("diversity_fake"), row.get("diversity_real")
+                nums = (f"; mean pairwise distance {df:.4f} vs {dr:.4f} on 4x-downsampled batches"
+                        if _finite(df) and _finite(dr) else "")
+                new.append(self._report("mode_collapse", step, since,
+                           {"diversity_ratio": ratio, "diversity_fake": df, "diversity_real": dr,
+                            "gamma": g, "lr": lr},
+                           f"mode collapse suspected since step {since}: fake diversity is {ratio:.2f}x "
+                           f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
+                           f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
+
+        # M_global trend, on a smoothed M (one batch's M is noisy)
+        if _finite(m):
+            self.m_smooth = m if self.m_smooth is None else 0.7 * self.m_smooth + 0.3 * m
+            ms = self.m_smooth
+            if ms < self.best_m * 0.99:
+                self.best_m, self.best_step = ms, step
+                self._clear("m_stalled")
+            elif (self.report_stall and step - self.best_step >= self.stall
+                  and self.reported["m_stalled"] is None):
+                held.add("m_stalled")
+                new.append(self._report("m_stalled", step, self.best_step,
+                           {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
+                           f"M_global stalled for {step - self.best_step} steps: best {self.best_m:.4f} "
+                           f"at step {self.best_step}, now {ms:.4f} (smoothed; no 1% improvement); if the "
+                           f"samples still look wrong, lower the lr (--lr-stall halves it automatically), "
+                           f"else the run has converged"))
+            elif self.reported["m_stalled"] is not None:
+                held.add("m_stalled")
+            if ms > self.best_m * (1 + self.rise_tol):
+                since = self._held("m_rising", step)
+                held.add("m_rising")
+                if step - since >= self.patience and self.reported["m_rising"] is None:
+                    new.append(self._report("m_rising", step, since,
+                               {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
+                               f"M_global rising since step {since}: {ms:.4f} now (smoothed) vs best "
+                               f"{self.best_m:.4f} at step {self.best_step} "
+                               f"(+{100 * (ms / self.best_m - 1):.0f}%): training is becoming unstable; "
+                               f"try a lower --lr (now {_fmt_lr(lr)})"))
+        return self._finish(new, step, held)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _held(self, kind: str, step: int) -> int:
+        if self.since[kind] is None:
+            self.since[kind] = step
+        return self.since[kind]
+
+    def _clear(self, kind: str) -> None:
+        f = self.reported.get(kind)
+        if f is not None:
+            f.ongoing = False
+        self.reported[kind] = None
+
+    def _report(self, kind, step, since, values, message) -> Finding:
+        f = Finding(kind, step, since, message, values)
+        self.reported[kind] = f
+        self.findings.append(f)
+        return f
+
+    def _finish(self, new, step, held) -> list[Finding]:
+        for kind in self.since:
+            if kind not in held:
+                self.since[kind] = None
+                self._clear(kind)
+        if "non_finite" not in held:
+            self._clear("non_finite")
+        return new
+
+    def active(self) -> list[str]:
+        """Kinds reported and still holding."""
+        return [k for k, f in self.reported.items() if f is not None]
+
+
+# ---------------------------------------------------------------------- live monitor
+def batch_diversity(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Mean pairwise RMS distance between the images of a batch, on ``factor``x average-pooled
+    images (0-d device tensor; no host synchronisation)."""
+    x = x.detach().float()
+    f = max(1, min(factor, x.shape[-1] // 4))
+    d = F.avg_pool2d(x, f).flatten(1) if f > 1 else x.flatten(1)
+    n = d.shape[0]
+    if n < 2:
+        return torch.full((), float("nan"), device=x.device)
+    dist = torch.cdist(d, d)
+    return dist.sum() / (n * (n - 1) * math.sqrt(d.shape[1]))
+
+
+class HealthMonitor:
+    """``Trainer.log_hooks`` entry: ``monitor(trainer, row) -> message | None``."""
+
+    def __init__(self, gamma: float = 0.5, patience: int = DEFAULT_PATIENCE, on_collapse: str = "warn",
+                 collapse_ratio: float = COLLAPSE_RATIO, report_stall: bool = True,
+                 max_restores: int = MAX_RESTORES):
+        if on_collapse not in ON_COLLAPSE:
+            raise ValueError(f"on_collapse must be one of {', '.join(ON_COLLAPSE)}, got {on_collapse!r}")
+        self.tracker = HealthTracker(gamma, patience, collapse_ratio, report_stall=report_stall)
+        self.on_collapse = on_collapse
+        self.max_restores = max_restores
+        self.restores: list[dict] = []
+
+    @classmethod
+    def from_config(cls, cfg) -> "HealthMonitor":
+        # with --lr-stall the trainer already reports (and acts on) a stalled M
+        return cls(cfg.gamma, cfg.health_patience, cfg.on_collapse, report_stall=not cfg.lr_stall)
+
+    @torch.no_grad()
+    def measure(self, trainer) -> dict:
+        """Diversity of the newest fake and real batches: one small computation, one host read."""
+        batch = trainer.last_batch
+        if not batch or "fake" not in batch or "x" not in batch:
+            return {}
+        fake, x = batch["fake"], batch["x"]
+        nonfinite = (~torch.isfinite(fake)).any().float()
+        div_f, div_r = batch_diversity(fake), batch_diversity(x)
+        vec = torch.stack([div_f, div_r, nonfinite])
+        dist = getattr(trainer, "dist", None)
+        if dist is not None and dist.enabled:  # every rank sees the same numbers, takes the same action
+            import torch.distributed as tdist
+            tdist.all_reduce(vec)
+            vec = vec / dist.world
+        df, dr, nf = vec.tolist()  # the one host read
+        ratio = df / dr if dr > 0 else float("nan")
+        out = {"diversity_fake": round(df, 6), "diversity_real": round(dr, 6),
+               "diversity_ratio": round(ratio, 4) if math.isfinite(ratio) else ratio}
+        if nf:
+            out["fake_nonfinite"] = True
+        return out
+
+    def __call__(self, trainer, row: dict) -> str | None:
+        if trainer.step != row["step"]:
+            # an earlier hook (the divergence guard) has just gone back to a checkpoint:
+            # this row's batch is gone, and the streaks start again from the restored state
+            self.tracker.reset()
+            return None
+        row.update(self.measure(trainer))
+        found = self.tracker.update(row)
+        row["health"] = self.tracker.active()
+        notes = [f.message for f in found]
+        if any(f.kind == "mode_collapse" for f in found) and self.on_collapse != "warn":
+            collapse = next(f for f in found if f.kind == "mode_collapse")
+            notes.append(self.act(trainer, row, collapse))
+        return "\n".join(notes) if notes else None
+
+    # ------------------------------------------------------------------ actions
+    def act(self, trainer, row: dict, finding: Finding) -> str:
+        if self.on_collapse == "restore":
+            if len(self.restores) >= getattr(trainer.cfg, "max_restores", self.max_restores):
+                trainer.request_stop()
+                return (f"--on-collapse restore: collapsed again after {len(self.restores)} restores; "
+                        "stopping (a checkpoint is saved)")
+            msg = self.restore(trainer, row, finding.since)
+            if msg is not None:
+                return msg
+            trainer.request_stop()
+            return (f"--on-collapse restore: no checkpoint from before step {finding.since} to go back to "
+                    f"(one is written every --ckpt-every {trainer.cfg.ckpt_every} steps); stopping instead "
+                    "(a checkpoint is saved)")
+        trainer.request_stop()
+        return (f"--on-collapse stop: stopping at step {trainer.step} (a checkpoint is saved); "
+                f"the collapse began at step {finding.since}")
+
+    def restore(self, trainer, row: dict, since: int) -> str | None:
+        """Load the newest checkpoint written before step ``since``, halve the lr; the
+        checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
+        from . import checkpoint as ckpt
+        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if _ckpt_step(p) < since]
+        old_step, old_lr = trainer.step, trainer.lr
+        good = getattr(trainer, "_good", None)  # the divergence guard's in-memory start state
+        if before:
+            path = before[-1]
+            trainer.load_checkpoint(path)
+            source = f"{path.name} (step {trainer.step}, written before the collapse began at step {since})"
+        elif good is not None and int(good[0]["state.step"]) < since and hasattr(trainer, "load_state"):
+            tensors, state = good
+            trainer.load_state({k: v.clone() for k, v in tensors.items()}, dict(state))
+            source = (f"the state this run started from (step {trainer.step}; no checkpoint was written "
+                      f"before the collapse began at step {since})")
+        else:
+            return None
+        new_lr = min(old_lr, trainer.lr) * 0.5
+        trainer._set_lr(new_lr)
+        dist = getattr(trainer, "dist", None)
+        moved = _discard_after(trainer.cfg.out, trainer.step) if dist is None or dist.is_main else 0
+        self.tracker.reset()
+        self.restores.append({"from": old_step, "to": trainer.step, "lr": new_lr})
+        row["restored_to"] = trainer.step
+        row["lr_after_restore"] = new_lr
+        note = f"; {moved} later checkpoint(s) moved to checkpoints/discarded/" if moved else ""
+        return f"--on-collapse restore: back to {source} with the lr halved to {new_lr:.3g}{note}"
+
+
+def _ckpt_step(path: Path) -> int:
+    return int(path.stem.split("_")[-1])
+
+
+def _discard_after(out: str | os.PathLike, step: int) -> int:
+    from . import checkpoint as ckpt
+    later = [p for p in ckpt.list_checkpoints(out) if _ckpt_step(p) > step]
+    if later:
+        dest = Path(out) / "checkpoints" / "discarded"
+        dest.mkdir(exist_ok=True)
+        for p in later:
+            os.replace(p, dest / p.name)
+    return len(later)
+
+
+# ---------------------------------------------------------------------- finished runs
+def _run_config(run_dir: Path) -> dict:
+    """The run's config from its newest checkpoint's metadata (cheap: tensors are not read)."""
+    from . import checkpoint as ckpt
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        return {}
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("config", "{}"))
+    except Exception:  # an unreadable checkpoint: fall back to defaults
+        return {}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
+                 gamma: float | None = None) -> list[Finding]:
+    """Health findings of a run folder, from its metrics.jsonl (empty list: nothing found).
+
+    The same detectors as the live monitor. ``gamma`` and ``patience`` default to the run's
+    own (from its newest checkpoint), else 0.5 and 200 steps. The collapse detector needs
+    the ``diversity_ratio`` the live monitor logs; a step that goes back (a restore) starts
+    a new episode. Each finding has ``kind``, ``step``, ``since``, ``message``, ``values``
+    and ``ongoing`` (still holding at the last row); ``str(finding)`` is its message.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}: is it a fastbegan run folder?")
+    cfg = _run_config(run_dir)
+    g = gamma if gamma is not None else cfg.get("gamma", 0.5)
+    p = patience if patience is not None else (cfg.get("health_patience") or DEFAULT_PATIENCE)
+    tracker = HealthTracker(g, p, report_stall=not cfg.get("lr_stall"))
+    last = None
+    for row in read_metrics(metrics):
+        if last is not None and row["step"] <= last:
+            tracker.reset()
+        tracker.update(row)
+        last = row["step"]
+        if "restored_to" in row:
+            tracker.reset()
+            last = row["restored_to"]
+    return tracker.findings

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import warnings
 
 import torch
@@ -27,8 +28,10 @@ from torch import Tensor
 from . import reference
 
 BACKENDS = ("auto", "torch", "triton")
+MIN_TRITON = (3, 0)  # as pyproject.toml requires; tensor-descriptor kernels need newer, with a fallback
 _backend = "torch"
 _warned = False
+_triton_ops = None  # fastbegan.ops.triton_ops, imported once when the backend is selected
 
 
 def triton_status() -> tuple[bool, str]:
@@ -37,6 +40,10 @@ def triton_status() -> tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
         return False, f"Triton is not importable ({e.__class__.__name__}: {e})"
+    version = str(getattr(triton, "__version__", "0"))
+    if _version_tuple(version) < MIN_TRITON:
+        return False, (f"Triton {version} is too old (fastbegan needs >= "
+                       f"{'.'.join(map(str, MIN_TRITON))}: pip install -U triton)")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, "Triton interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
@@ -45,6 +52,16 @@ def triton_status() -> tuple[bool, str]:
     if major < 8:
         return False, f"GPU compute capability {major}.{minor} < 8.0 (bf16 tensor cores needed)"
     return True, f"CUDA GPU sm_{major}{minor}"
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split(".")[:3]:
+        m = re.match(r"\d+", p)
+        if not m:
+            break
+        parts.append(int(m.group()))
+    return tuple(parts) or (0,)
 
 
 def resolve_backend(name: str) -> str:
@@ -70,8 +87,12 @@ def resolve_backend(name: str) -> str:
 
 def set_backend(name: str) -> str:
     """Select the backend for all ops; returns the concrete backend picked."""
-    global _backend
-    _backend = resolve_backend(name)
+    global _backend, _triton_ops
+    backend = resolve_backend(name)
+    if backend == "triton" and _triton_ops is None:
+        # Import here, not per call: dynamo cannot trace importlib (fullgraph=True would break).
+        _triton_ops = importlib.import_module("fastbegan.ops.triton_ops")
+    _backend = backend
     return _backend
 
 
@@ -91,7 +112,7 @@ def use_backend(name: str):
 
 
 def _triton():
-    return importlib.import_module("fastbegan.ops.triton_ops")
+    return _triton_ops
 
 
 def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: bool = False,

@@ -85,11 +85,18 @@ def main():
 @click.option("--keep-ckpts", type=int, default=3, show_default=True)
 @click.option("--max-restores", type=int, default=3, show_default=True,
               help="On a NaN/Inf loss, restore the last good checkpoint with lr halved, at most this often.")
+@click.option("--on-collapse", type=click.Choice(["warn", "stop", "restore"]), default="warn", show_default=True,
+              help="On a suspected mode collapse: warn; stop (save and stop); restore (go back to the "
+                   "last checkpoint before it, with lr halved). See README, Training health.")
+@click.option("--health-patience", type=int, default=200, show_default=True,
+              help="Steps a health problem (collapse, k_t stuck at 0/1, M rising) must last before "
+                   "it is reported; 0 turns the health monitor off.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
-          sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress):
+          sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
+          on_collapse="warn", health_patience=200):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
@@ -108,7 +115,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
-                      max_restores=max_restores)
+                      max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience)
     check_writable(out)
     trainer = run_training(cfg, resume=resume, progress=not no_progress,
                            log=lambda m: click.echo(m, err=True))

@@ -65,7 +65,10 @@ stage() {
     local note=""
     (( rc == 124 || rc == 137 )) && note=" TIMEOUT"
     say "$(printf '%-8s rc=%-3s %6ss (limit %ss)%s' "$name" "$rc" "$dt" "$limit" "$note")"
-    tail -n 3 "$LOGS/$name.log" | sed 's/^/         | /' | tee -a "$SUMMARY"
+    # the log's outcome lines (pytest summary, errors), else its last lines
+    { grep -E '(passed|failed|[0-9] errors?|no tests ran|Traceback|Error:|error:|done: step|results:)' \
+        "$LOGS/$name.log" || tail -n 3 "$LOGS/$name.log"; } | tail -n 3 | cut -c1-300 \
+        | sed 's/^/         | /' | tee -a "$SUMMARY"
     return 0
 }
 

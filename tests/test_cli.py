@@ -62,34 +62,8 @@ def test_prepare_then_train_on_cache(runner, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--res", "12"], "power of two"),
-    (["--res", "512"], "power of two"),
-    (["--data", "/nonexistent/folder"], "does not exist"),
-    (["--data", "EMPTY"], "holds no images"),
-    (["--batch-size", "100000"], "larger than the data set"),
-    (["--batch-size", "0"], "batch size"),
-    (["--device", "cuda"], "no CUDA GPU"),
-    (["--backend", "triton", "--device", "cpu"], "triton backend cannot run here"),
-])
-def test_bad_input_is_one_clear_line(runner, tmp_path, monkeypatch, args, match):
-    if "EMPTY" in args:
-        (tmp_path / "empty").mkdir()
-        args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
-    if "triton" in args:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    base = [a for a in TINY if a not in ("--device", "cpu")]
-    r = runner.invoke(main, ["train", *base, "--steps", "1", "--out", str(tmp_path / "o"), *args])
-    assert r.exit_code != 0
-    assert match in r.output, r.output
-    assert "Traceback" not in r.output
-
-
-def test_unwritable_out(runner, tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    r = runner.invoke(main, ["train", *TINY, "--steps", "1", "--out", str(blocker / "sub")])
-    assert r.exit_code != 0 and "cannot write to output folder" in r.output
+# Bad inputs of `train` (data, res, batch, output folder, device, backend, checkpoints):
+# tests/test_bad_inputs.py, one matrix.
 
 
 def test_sample_missing_checkpoint(runner, tmp_path):

@@ -45,17 +45,6 @@ def check_writable(folder: str) -> None:
                                    "choose another --out") from None
 
 
-def remove_if_empty(folder: str) -> None:
-    """Delete ``folder`` if it holds nothing but empty files and folders."""
-    import shutil
-    p = Path(folder)
-    try:
-        if p.is_dir() and all(f.is_dir() or f.stat().st_size == 0 for f in p.rglob("*")):
-            shutil.rmtree(p)
-    except OSError:
-        pass
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastbegan")
 def main():
@@ -127,37 +116,48 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
                       max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience)
-    created = not Path(out).exists()
     check_writable(out)
-    try:
-        trainer = run_training(cfg, resume=resume, progress=not no_progress,
-                               log=lambda m: click.echo(m, err=True))
-    except BaseException:
-        if created:
-            remove_if_empty(out)  # a run that failed before writing anything leaves no folder
-        raise
+    trainer = run_training(cfg, resume=resume, progress=not no_progress,
+                           log=lambda m: click.echo(m, err=True))
     if main_rank:
         click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("--out", type=click.Path(), default="samples.png", show_default=True)
-@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of samples.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Grid PNG (default samples.png; with --each, a grid is written only if --out or --grid is given).")
+@click.option("--n", "n", type=int, default=None, help="Number of samples (default 64, or COLS*ROWS of --grid).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--truncate", type=float, default=1.0, show_default=True,
+              help="Truncation: z ~ U(-t, t) with 0 < t <= 1 (smaller: more typical, less varied).")
+@click.option("--grid", "grid", default=None, metavar="COLSxROWS", help="Grid layout, e.g. 8x4.")
+@click.option("--each", type=click.Path(), default=None,
+              help="Also write every sample as its own PNG in this folder (sample_000000.png, ...).")
 @click.option("--device", default="cpu", show_default=True)
 @user_errors
-def sample(checkpoint, out, n, seed, device):
-    """Draw samples from a checkpoint's generator into a PNG grid."""
-    import torch
+def sample(checkpoint, out, n, seed, truncate, grid, each, device):
+    """Draw samples from a checkpoint's generator into a PNG grid (and/or one file each)."""
     from .images import save_grid
     from .model import Generator
+    from .sampling import generate, parse_grid, sample_z, save_each
+    cols = rows = None
+    if grid:
+        cols, rows = parse_grid(grid)
+    if n is None:
+        n = cols * rows if grid else 64
+    if n < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--n")
+    if grid and n > cols * rows:
+        raise click.BadParameter(f"{n} samples do not fit a {grid} grid", param_hint="--n")
     g = Generator.from_checkpoint(checkpoint, map_location=device)
-    gen = torch.Generator().manual_seed(seed)
-    z = (torch.rand(n, g.fc.in_features, generator=gen) * 2 - 1).to(device)
-    with torch.no_grad():
-        path = save_grid(g(z), out)
-    click.echo(f"wrote {n} samples to {path}")
+    images = generate(g, sample_z(n, g.fc.in_features, seed, truncate))
+    if each:
+        save_each(images, each)
+        click.echo(f"wrote {n} samples to {each}/sample_*.png")
+    if out is not None or grid is not None or not each:
+        path = save_grid(images, out or "samples.png", nrow=cols)
+        click.echo(f"wrote {n} samples to {path}")
 
 
 @main.command()
@@ -181,6 +181,10 @@ def prepare(folder, res, out):
 
 from .bench import bench as _bench  # noqa: E402 - `fastbegan bench` (fastbegan/bench.py)
 main.add_command(_bench)
+
+
+from .research_cli import register as _register_research  # noqa: E402 - interpolate, eval, plot
+_register_research(main, user_errors)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,365 @@
+"""``fastbegan eval CHECKPOINT``: a quality report (JSON + Markdown + PNG) for one checkpoint.
+
+What it measures (see fastbegan/quality.py for the metrics themselves):
+
+- M_global: the last value logged in the run's metrics.jsonl (RUN_DIR/checkpoints/ckpt.. ->
+  RUN_DIR/metrics.jsonl), and M measured now with the checkpoint's D on a batch of
+  training images and generated images (the same formula the trainer logs).
+- SWD (x1e3, per Laplacian level and mean) between generated images and real images.
+- On the embedded procedural faces: the factor score (coverage of the 8 known factors),
+  W1 per factor and precision/recall in factor space.
+- Every distance comes with a *real-vs-real baseline*: the same metric between two
+  independent real sets of the same size, i.e. the best score reachable at this sample
+  size (SWD is biased upwards for finite sets; coverage is below 1 for finite sets).
+- Memorisation check: each generated image's nearest training image in pixel L2 (RMS,
+  on the [-1, 1] scale), compared with the same distance for real images that are not
+  in the training set; a ratio far below 1 means the generator copies training images.
+  nearest_neighbours.png shows generated images (left column) next to their closest
+  training images.
+- Training health: the section reads ``fastbegan.health`` when that module exists.
+- FID / IS only with ``--fid-weights PATH`` (local Inception weights) and torch-fidelity.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import quality as Q
+from .checkpoint import CheckpointError, load_checkpoint, load_into, unprefixed
+
+HEALTH_FUNCTIONS = ("diagnose_run", "summarize", "summarize_run", "health_report")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/ckpt_*.safetensors (else the checkpoint's folder)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def last_logged(run_dir: Path, max_step: int | None = None) -> dict | None:
+    """The last metrics.jsonl row at or before ``max_step`` (None if there is no log)."""
+    from .plots import read_metrics
+    try:
+        rows = read_metrics(run_dir)
+    except FileNotFoundError:
+        return None
+    rows = [r for r in rows if max_step is None or r["step"] <= max_step]
+    return rows[-1] if rows else None
+
+
+def health_section(run_dir: Path) -> dict:
+    """Training-health signals from ``fastbegan.health`` when that module is importable.
+
+    Uses the first of ``diagnose_run(run_dir)`` / ``summarize`` / ``summarize_run`` /
+    ``health_report`` that exists; its result (a list of findings or a dict; objects
+    with ``as_dict()`` are converted) goes into the report. Never fails the evaluation.
+    """
+    try:
+        from . import health
+    except ImportError:
+        return {"available": False, "note": "fastbegan.health is not part of this installation"}
+    except Exception as e:  # a broken module must not break the report
+        return {"available": False, "error": f"importing fastbegan.health failed: {e}"}
+    for name in HEALTH_FUNCTIONS:
+        fn = getattr(health, name, None)
+        if not callable(fn):
+            continue
+        try:
+            res = fn(run_dir)
+        except FileNotFoundError as e:
+            return {"available": True, "source": f"fastbegan.health.{name}", "note": str(e)}
+        except Exception as e:
+            return {"available": True, "source": f"fastbegan.health.{name}", "error": f"{type(e).__name__}: {e}"}
+        return {"available": True, "source": f"fastbegan.health.{name}",
+                "signals": json.loads(json.dumps(_plain(res), default=str))}
+    return {"available": False, "note": "fastbegan.health has none of " + ", ".join(HEALTH_FUNCTIONS)}
+
+
+def _plain(obj):
+    for conv in ("as_dict", "to_dict"):
+        if hasattr(obj, conv):
+            return getattr(obj, conv)()
+    if isinstance(obj, (list, tuple)):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _load_d(tensors, cfg):
+    from .model import Discriminator
+    d = Discriminator(cfg["res"], cfg["filters"], cfg["h"], skip=cfg.get("skip", False),
+                      vanishing_residual=cfg.get("vanishing_residual_on", False))
+    load_into(d, unprefixed("D.", tensors))
+    if cfg.get("vanishing_residual_on"):
+        d.decoder.carry.fill_(0.0)
+    return d.eval()
+
+
+@torch.no_grad()
+def measure_m(g, d, real: torch.Tensor, z: torch.Tensor, gamma: float, batch: int = 64) -> dict:
+    """L_real, L_fake and M_global = L_real + |gamma L_real - L_fake| over whole sets."""
+    dev = next(d.parameters()).device
+    lr_sum = lf_sum = 0.0
+    n = len(real)
+    for i in range(0, n, batch):
+        x = real[i:i + batch].to(dev).contiguous(memory_format=torch.channels_last)
+        fake = g(z[i:i + batch].to(dev))
+        lr_sum += float((x - d(x)).abs().mean()) * len(x)
+        lf_sum += float((fake - d(fake)).abs().mean()) * len(x)
+    l_real, l_fake = lr_sum / n, lf_sum / n
+    return {"L_real": l_real, "L_fake": l_fake, "M_global": l_real + abs(gamma * l_real - l_fake),
+            "n": n}
+
+
+def nearest_neighbours(queries: torch.Tensor, train_u8: np.ndarray, k: int = 5, chunk: int = 1024
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-L2 nearest training images: (RMS distances (Q, k) on the [-1, 1] scale, indices (Q, k))."""
+    q = queries.float().flatten(1)
+    qn = (q * q).sum(1, keepdim=True)
+    best_d = torch.full((len(q), k), math.inf)
+    best_i = torch.zeros((len(q), k), dtype=torch.long)
+    for s in range(0, len(train_u8), chunk):
+        t = Q.as_float_images(train_u8[s:s + chunk]).flatten(1)
+        d2 = (qn - 2 * q @ t.T + (t * t).sum(1)[None]).clamp_min(0)
+        cat_d = torch.cat([best_d, d2], 1)
+        cat_i = torch.cat([best_i, torch.arange(s, s + len(t)).expand(len(q), -1)], 1)
+        best_d, pos = cat_d.topk(k, dim=1, largest=False)
+        best_i = cat_i.gather(1, pos)
+    return (best_d / q.shape[1]).sqrt(), best_i
+
+
+def _real_sets(cfg: dict, data: str | None, n: int, seed: int, log):
+    """(training set uint8, reference set, baseline set or None, held_out: bool, source)."""
+    from .data import load_dataset, procedural_faces
+    data = data if data is not None else cfg.get("data")
+    res = cfg["res"]
+    train, report = load_dataset(data, res, n_procedural=cfg.get("n_procedural", 4096),
+                                 seed=cfg.get("seed", 0))
+    if data is None:
+        # fresh faces from the same law, not in the training set (seeds far from the run's)
+        ref, _ = procedural_faces(n, res, seed=1_000_003 + seed)
+        base, _ = procedural_faces(n, res, seed=2_000_003 + seed)
+        return train, ref, base, True, report.source
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(train))
+    ref = train[perm[:n]]
+    base = train[perm[n:2 * n]] if len(train) >= 2 * n else None
+    if base is None:
+        log(f"only {len(train)} training images: no real-vs-real baseline (needs {2 * n}); "
+            "lower --n to get one")
+    return train, ref, base, False, report.source
+
+
+def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: int = 512, seed: int = 0,
+             device: str = "cpu", data: str | None = None, fid_weights: str | None = None,
+             swd_patches: int = 64, swd_dirs: int = 512, factors: bool = True, nn_rows: int = 8,
+             log=print) -> dict:
+    """Write report.json, report.md, samples.png, nearest_neighbours.png (+ metrics.png) and return the report."""
+    from .images import save_grid
+    from .interpolate import images_to_tensor
+    from .model import Generator
+    from .sampling import generate, sample_z
+
+    t0 = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    if n < 16:
+        raise ValueError(f"--n must be >= 16 for meaningful statistics, got {n}")
+    if fid_weights is not None:
+        if not Path(fid_weights).is_file():
+            raise ValueError(f"--fid-weights {fid_weights!r} does not exist: pass a local Inception "
+                             "weights file (fastbegan never downloads it)")
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--fid-weights needs torch-fidelity, which is not installed: "
+                               "pip install torch-fidelity (fastbegan does not depend on it)") from None
+    tensors, cfg, state = load_checkpoint(checkpoint, "cpu")
+    step = int(tensors["state.step"]) if "state.step" in tensors else None
+    run_dir = run_dir_of(checkpoint)
+    out = Path(out_dir) if out_dir else run_dir / "eval" / checkpoint.stem
+    out.mkdir(parents=True, exist_ok=True)
+    g = Generator.from_checkpoint(str(checkpoint), map_location=device)
+    d = _load_d(tensors, cfg).to(device)
+    res = cfg["res"]
+    report: dict = {
+        "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir),
+        "config": {k: cfg.get(k) for k in ("res", "filters", "z_dim", "h", "gamma", "batch_size",
+                                           "data", "n_procedural", "seed", "precision")},
+        "n": n, "seed": seed,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+    # -- M_global: logged and measured
+    row = last_logged(run_dir, step)
+    report["logged"] = None if row is None else {
+        k: row.get(k) for k in ("step", "M", "k", "loss_real", "loss_fake", "lr", "steps_per_s")}
+    log(f"{checkpoint.name}: step {step}, res {res}; drawing {n} samples and {n} real images")
+
+    train, ref, base, held_out, source = _real_sets(cfg, data, n, seed, log)
+    report["real_data"] = {"source": source, "training_images": int(len(train)),
+                           "reference": "fresh procedural faces (not in the training set)" if held_out
+                           else "random training images"}
+    z = sample_z(n, cfg["z_dim"], seed)
+    fake = generate(g, z)
+    rng = np.random.default_rng(seed + 1)
+    n_m = min(n, 128, len(train))
+    x_m = images_to_tensor(train[rng.choice(len(train), n_m, replace=False)])
+    report["measured"] = measure_m(g, d, x_m, z[:n_m], cfg.get("gamma", 0.5))
+    report["measured"]["k_checkpoint"] = float(tensors["state.k"]) if "state.k" in tensors else None
+
+    # -- SWD
+    ts = time.perf_counter()
+    r_swd = Q.swd(ref, fake, patches_per_image=swd_patches, n_dirs=swd_dirs, seed=seed)
+    report["swd"] = r_swd.as_dict()
+    if base is not None:
+        report["swd_real_baseline"] = Q.swd(ref, base, patches_per_image=swd_patches, n_dirs=swd_dirs,
+                                            seed=seed).as_dict()
+    log(f"SWD x1e3 mean {r_swd.mean:.1f}" + (f" (real-vs-real {report['swd_real_baseline']['swd_x1e3_mean']:.1f})"
+                                               if base is not None else "")
+        + f" [{time.perf_counter() - ts:.1f}s]")
+
+    # -- factor score (procedural faces only)
+    if factors and held_out:
+        tf = time.perf_counter()
+        est = Q.FactorEstimator.load_or_train(res, log=log)
+        f_ref = est.predict(ref)
+        report["factors"] = Q.compare_factors(f_ref, est.predict(fake), est.r2)
+        report["factors_real_baseline"] = Q.compare_factors(f_ref, est.predict(base), est.r2)
+        log(f"factor score {report['factors']['factor_score']:.3f} (real-vs-real "
+            f"{report['factors_real_baseline']['factor_score']:.3f}), recall {report['factors']['recall']:.3f}"
+            f" [{time.perf_counter() - tf:.1f}s]")
+    else:
+        report["factors"] = None
+        report["factors_note"] = ("the factor score needs the embedded procedural data set (a run without "
+                                  "--data)" if not held_out else "skipped (--no-factors)")
+
+    # -- memorisation check
+    d_fake, i_fake = nearest_neighbours(fake, train, k=5)
+    mem = {"nn_rms_generated_median": float(d_fake[:, 0].median())}
+    if held_out:
+        d_real, _ = nearest_neighbours(images_to_tensor(ref), train, k=1)
+        mem["nn_rms_heldout_real_median"] = float(d_real[:, 0].median())
+        mem["ratio"] = mem["nn_rms_generated_median"] / max(mem["nn_rms_heldout_real_median"], 1e-12)
+        mem["note"] = ("ratio = median NN distance of generated images / of real images not in the "
+                       "training set; well below 1 suggests memorisation")
+    report["memorisation"] = mem
+
+    # -- images
+    save_grid(fake[:64], out / "samples.png", nrow=8)
+    rows = min(nn_rows, n)
+    nn_imgs = images_to_tensor(train[i_fake[:rows].flatten().numpy()]).view(rows, 5, 3, res, res)
+    save_grid(torch.cat([fake[:rows, None], nn_imgs], 1).flatten(0, 1), out / "nearest_neighbours.png", nrow=6)
+    report["files"] = {"samples": "samples.png", "nearest_neighbours": "nearest_neighbours.png"}
+    if row is not None:
+        try:
+            from .plots import plot_run
+            plot_run(run_dir, out / "metrics.png")
+            report["files"]["curves"] = "metrics.png"
+        except Exception as e:  # matplotlib missing: the report says so
+            report["curves_note"] = str(e)
+
+    report["health"] = health_section(run_dir)
+
+    # -- FID / IS (optional)
+    if fid_weights is not None:
+        from .images import save_png
+        from .sampling import save_each
+        tmp = Path(tempfile.mkdtemp(prefix="fastbegan-fid-"))
+        try:
+            save_each(fake, tmp / "fake")
+            (tmp / "real").mkdir()
+            for i, a in enumerate(ref):
+                save_png(a, tmp / "real" / f"real_{i:06d}.png")
+            report["fid_is"] = Q.fid_is(str(tmp / "real"), str(tmp / "fake"), fid_weights,
+                                        cuda=torch.cuda.is_available())
+            report["fid_is"]["weights"] = str(fid_weights)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    report["out"] = str(out)
+    log(f"report in {out} ({report['seconds']}s)")
+    return report
+
+
+def _f(v, fmt="{:.4f}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def markdown(r: dict) -> str:
+    """The human-readable report.md."""
+    L = [f"# fastbegan evaluation: step {r['step']}", "",
+         f"Checkpoint `{r['checkpoint']}`; {r['n']} generated vs {r['n']} real images "
+         f"({r['real_data']['reference']}; data: {r['real_data']['source']}), seed {r['seed']}.", "",
+         "| metric | value | real-vs-real baseline | meaning |", "|---|---|---|---|"]
+    lg, ms = r.get("logged") or {}, r["measured"]
+    L.append(f"| M_global (last logged, step {lg.get('step', 'n/a')}) | {_f(lg.get('M'))} | | "
+             "convergence measure; lower is better |")
+    L.append(f"| M_global (measured on {ms['n']} images) | {_f(ms['M_global'])} | | L_real {_f(ms['L_real'])}, "
+             f"L_fake {_f(ms['L_fake'])}, k_t {_f(ms.get('k_checkpoint'))} |")
+    base = r.get("swd_real_baseline")
+    L.append(f"| SWD x1e3 (mean over levels) | {_f(r['swd']['swd_x1e3_mean'], '{:.1f}')} | "
+             f"{_f(base['swd_x1e3_mean'], '{:.1f}') if base else 'n/a'} | patch statistics; lower is better |")
+    for res_, v in r["swd"]["swd_x1e3_per_level"].items():
+        b = base["swd_x1e3_per_level"][res_] if base else None
+        L.append(f"| SWD x1e3 at {res_}px | {v:.1f} | {_f(b, '{:.1f}')} | |")
+    f, fb = r.get("factors"), r.get("factors_real_baseline")
+    if f:
+        L.append(f"| factor score (mean coverage) | {f['factor_score']:.3f} | {fb['factor_score']:.3f} | "
+                 "1 = known factors spread like real faces; 0.1 = collapsed |")
+        L.append(f"| factor precision | {f['precision']:.3f} | {fb['precision']:.3f} | generated faces "
+                 "with realistic factor combinations |")
+        L.append(f"| factor recall | {f['recall']:.3f} | {fb['recall']:.3f} | real factor combinations "
+                 "the generator covers |")
+    mem = r["memorisation"]
+    L.append(f"| NN distance, generated -> train (RMS) | {mem['nn_rms_generated_median']:.4f} | "
+             f"{_f(mem.get('nn_rms_heldout_real_median'))} (held-out real -> train) | ratio "
+             f"{_f(mem.get('ratio'), '{:.2f}')}; well below 1 = memorising |")
+    if r.get("fid_is"):
+        L.append(f"| FID | {r['fid_is']['fid']:.2f} | | Inception features (torch-fidelity) |")
+        L.append(f"| IS | {r['fid_is']['is_mean']:.2f} +- {r['fid_is']['is_std']:.2f} | | |")
+    if f:
+        L += ["", "## Factors", "", "| factor | coverage | baseline | W1 | baseline | regressor R^2 |",
+              "|---|---|---|---|---|---|"]
+        for name, v in f["per_factor"].items():
+            b = fb["per_factor"][name]
+            used = "" if name in f["factors_used"] else " (not used: R^2 < 0.5)"
+            L.append(f"| {name} | {v['coverage']:.3f} | {b['coverage']:.3f} | {v['w1']:.4f} | {b['w1']:.4f} | "
+                     f"{_f(v.get('regressor_r2'), '{:.2f}')}{used} |")
+    elif r.get("factors_note"):
+        L += ["", f"Factor score: {r['factors_note']}."]
+    h = r.get("health") or {}
+    L += ["", "## Training health", ""]
+    sig = h.get("signals")
+    if isinstance(sig, list):
+        L.append("No problems found in metrics.jsonl." if not sig else
+                 "\n".join(f"- step {f.get('step')}: {f.get('message', f)}" if isinstance(f, dict) else f"- {f}"
+                           for f in sig))
+    elif sig is not None:
+        L.append("```json")
+        L.append(json.dumps(sig, indent=2))
+        L.append("```")
+    else:
+        L.append(h.get("error") or h.get("note") or "not available")
+    L += ["", "## Images", "", "Samples:", "", "![samples](samples.png)", "",
+          "Nearest neighbours (left: generated; right: the 5 closest training images in pixel L2):", "",
+          "![nearest neighbours](nearest_neighbours.png)", ""]
+    if "curves" in r.get("files", {}):
+        L += ["Training curves:", "", "![curves](metrics.png)", ""]
+    elif r.get("curves_note"):
+        L += [f"Training curves: {r['curves_note']}", ""]
+    L.append(f"Evaluated in {r.get('seconds', '?')}s.")
+    return "\n".join(L) + "\n"
+
+
+__all__ = ["evaluate", "markdown", "health_section", "nearest_neighbours", "measure_m", "CheckpointError"]

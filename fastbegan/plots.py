@@ -1,0 +1,95 @@
+"""Training curves from a run's metrics.jsonl: k_t, M_global, L_real, L_fake and lr over steps.
+
+``fastbegan plot RUN_DIR`` and ``plot_run(run_dir)`` (called by the trainer at the end of
+``fit``) write ``RUN_DIR/metrics.png``. matplotlib is optional
+(``pip install fastbegan[plots]``); without it :class:`PlotsUnavailable` says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# panel: (metrics.jsonl key, title, log scale)
+PANELS = (("k", "k_t (equilibrium control)", False),
+          ("M", "M_global (convergence measure)", False),
+          ("loss_real", "L_real = L(x)", False),
+          ("loss_fake", "L_fake = L(G(z))", False),
+          ("lr", "learning rate", True))
+FIG_INCHES = (8.0, 11.0)
+DPI = 100  # -> an 800 x 1100 pixel PNG
+
+
+class PlotsUnavailable(RuntimeError):
+    """matplotlib is missing."""
+
+
+MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install fastbegan[plots]"
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl (a RUN_DIR or the file itself); torn or non-JSON lines are skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {str(path)!r}: pass a run folder written by "
+                                "`fastbegan train` (its --out)")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotsUnavailable(MISSING_MATPLOTLIB) from None
+    return plt
+
+
+def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw RUN_DIR/metrics.jsonl into ``out`` (default RUN_DIR/metrics.png) and return the path."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}/metrics.jsonl holds no rows yet")
+    plt = _pyplot()
+    out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / "metrics.png"
+    steps = [r["step"] for r in rows]
+    events = [(r["step"], r["event"]) for r in rows if r.get("event")]
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=FIG_INCHES, dpi=DPI, sharex=True)
+    try:
+        for ax, (key, title, log) in zip(axes, PANELS):
+            pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), lw=1.2, marker="." if len(pts) < 50 else None)
+                if log and all(v > 0 for _, v in pts):
+                    ax.set_yscale("log")
+            else:
+                ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center", transform=ax.transAxes)
+            for s, _ in events:
+                ax.axvline(s, color="tab:red", lw=0.8, ls="--")
+            ax.set_title(title, fontsize=10, loc="left")
+            ax.grid(alpha=0.3)
+        axes[-1].set_xlabel("step")
+        fig.suptitle(f"{run_dir.name}: {len(rows)} logged steps, last {steps[-1]}", fontsize=11)
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        try:
+            fig.savefig(tmp, format="png", dpi=DPI)  # fixed size: no bbox_inches="tight"
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    finally:
+        plt.close(fig)
+    return out

@@ -70,7 +70,7 @@ def invert(g: torch.nn.Module, x: Tensor, steps: int = 300, lr: float = 0.05, re
         history = []
         for _ in range(steps):
             err = _per_image_l1(g(z).float(), x)
-            history.append(float(err.mean()))
+            history.append(float(err.detach().mean()))
             opt.zero_grad(set_to_none=True)
             err.sum().backward()  # per-image losses are independent: sum keeps each one's scale
             opt.step()

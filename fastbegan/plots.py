@@ -65,7 +65,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     plt = _pyplot()
     out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / "metrics.png"
     steps = [r["step"] for r in rows]
-    events = [(r["step"], r["event"]) for r in rows if r.get("event")]
+    events = [r["step"] for r in rows if r.get("event") or r.get("events")]  # lr halvings, health notes
     fig, axes = plt.subplots(len(PANELS), 1, figsize=FIG_INCHES, dpi=DPI, sharex=True)
     try:
         for ax, (key, title, log) in zip(axes, PANELS):
@@ -76,7 +76,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
                     ax.set_yscale("log")
             else:
                 ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center", transform=ax.transAxes)
-            for s, _ in events:
+            for s in events:
                 ax.axvline(s, color="tab:red", lw=0.8, ls="--")
             ax.set_title(title, fontsize=10, loc="left")
             ax.grid(alpha=0.3)

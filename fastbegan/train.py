@@ -440,6 +440,8 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                        file=sys.stderr, disable=not progress)
         t_last, s_last = time.perf_counter(), self.step
+        from .tb import TBWriter
+        tb = TBWriter(out / "tb") if self.dist.is_main else None  # a no-op without tensorboard
         try:
             with open(metrics_path if self.dist.is_main else os.devnull, "a") as metrics:
                 while self.step < total and not self._stop:
@@ -457,6 +459,8 @@ class Trainer:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         rows.append(row)
+                        if tb is not None:
+                            tb.log_row(row)
                         if self.dist.enabled:
                             self._stop = distributed.any_true(self._stop_requested, self.device)
                         if bar is not None:
@@ -469,6 +473,8 @@ class Trainer:
                     if self.step % cfg.ckpt_every == 0:
                         self.save_checkpoint()
         finally:
+            if tb is not None:
+                tb.close()
             if bar is not None:
                 bar.close()
             if in_main:
@@ -481,6 +487,12 @@ class Trainer:
             self.log(f"stopped at step {self.step}; checkpoint saved. Resume with --resume.")
         else:
             self.write_samples()
+        if self.dist.is_main:
+            try:  # RUN_DIR/metrics.png; never fails training (matplotlib is optional)
+                from .plots import plot_run
+                plot_run(out)
+            except Exception as e:
+                self.log(f"no metrics plot: {e}")
         return rows
 
     def _log_row(self, vals: dict[str, torch.Tensor], steps_per_s: float) -> dict:

@@ -27,7 +27,9 @@ arch >= 90), so both are tried.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -88,25 +90,44 @@ def sm90_unavailable_reason() -> str | None:
     return None
 
 
-def _ptxas_report(ptx: str) -> dict:
-    """Run ptxas -v on the PTX; parse registers and spill bytes. Empty dict on failure.
-    Results are cached on disk by the PTX's hash (Triton caches the compile itself)."""
-    cache = os.path.join(tempfile.gettempdir(), "fastbegan_ptxas_cache",
-                         hashlib.sha256(ptx.encode()).hexdigest()[:40] + ".json")
+def _cache_path(ptx: str) -> str:
+    return os.path.join(tempfile.gettempdir(), "fastbegan_ptxas_cache",
+                        hashlib.sha256(ptx.encode()).hexdigest()[:40] + ".json")
+
+
+def _cache_store(ptx: str, report: dict) -> None:
+    path = _cache_path(ptx)
     try:
-        with open(cache) as f:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + f".{os.getpid()}", "w") as f:
+            json.dump(report, f)
+        os.replace(path + f".{os.getpid()}", path)
+    except OSError:
+        pass
+
+
+def _parse_ptxas_log(log: str) -> dict:
+    out = {}
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if m:
+        out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
+    m = re.search(r"Used (\d+) registers", log)
+    if m:
+        out["registers"] = int(m.group(1))
+    return out
+
+
+def _ptxas_report(ptx: str) -> dict:
+    """ptxas -v report (registers, spill bytes) of the PTX, cached on disk by the PTX's
+    hash; runs ptxas when not cached. Empty dict on failure."""
+    try:
+        with open(_cache_path(ptx)) as f:
             return json.load(f)
     except (OSError, ValueError):
         pass
     out = _run_ptxas(ptx)
     if out:
-        try:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            with open(cache + f".{os.getpid()}", "w") as f:
-                json.dump(out, f)
-            os.replace(cache + f".{os.getpid()}", cache)
-        except OSError:
-            pass
+        _cache_store(ptx, out)
     return out
 
 
@@ -123,15 +144,7 @@ def _run_ptxas(ptx: str) -> dict:
                                capture_output=True, text=True)
         if r.returncode != 0:
             continue
-        log = r.stdout + r.stderr
-        out = {"ptxas": name}
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        if m:
-            out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
-        m = re.search(r"Used (\d+) registers", log)
-        if m:
-            out["registers"] = int(m.group(1))
-        return out
+        return _parse_ptxas_log(r.stdout + r.stderr)
     return {}
 
 
@@ -182,13 +195,32 @@ def compile_for_sm90(jit_fn, signature: dict, constexprs: dict, num_warps: int =
         attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature={a: sig[a] for a in fn.arg_names}, constexprs=dict(constexprs),
                     attrs=attrs)
-    compiled = triton.compile(src, target=sm90_target(),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    # Triton runs `ptxas -v` itself; with TRITON_DUMP_PTXAS_LOG it prints the log, which we
+    # capture (no second ptxas run). On a Triton cache hit there is no log: then the report
+    # comes from our own cache, or one more ptxas run.
+    log = io.StringIO()
+    old = os.environ.get("TRITON_DUMP_PTXAS_LOG")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=sm90_target(),
+                                      options={"num_warps": num_warps, "num_stages": num_stages})
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
+        else:
+            os.environ["TRITON_DUMP_PTXAS_LOG"] = old
     md = compiled.metadata
     cubin = compiled.asm["cubin"]
     ptx = compiled.asm.get("ptx", "")
     cu = _cuobjdump_report(cubin)
-    px = _ptxas_report(ptx) if run_ptxas else {}
+    px = {}
+    if run_ptxas:
+        px = _parse_ptxas_log(log.getvalue())
+        if "spill_stores" in px:
+            _cache_store(ptx, px)
+        else:
+            px = _ptxas_report(ptx)
     dyn_shared = int(getattr(md, "shared", 0) or 0)
     res = {
         "name": getattr(md, "name", fn.__name__),

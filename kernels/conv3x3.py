@@ -23,17 +23,26 @@ Two kernels compute the same thing:
     step is a few scalar ops plus one add per row.
 
 ``conv3x3_fwd_tma_kernel``
-    Hopper-shaped: the input is read through tensor descriptors (TMA on sm_90) whose box
-    is a spatial tile ``[BB, BH, BW, BK]`` of ``BM = BB*BH*BW`` output pixels; each of the
-    9 taps loads the same box shifted by ``(kh-1, kw-1)``. TMA fills out-of-bounds rows and
-    columns with zeros, so the conv's zero padding costs nothing. ``STRIDE=2`` and the
-    ``UPSAMPLE`` variant use a "phase view" of the input (see ``_phase_view``) so that each
-    tap is still one rectangular box. Needs channel counts that keep rows 16-byte aligned;
-    the launcher falls back to the pointer kernel otherwise.
+    Hopper-shaped (DESIGN 3.1): the input is read through device-side tensor descriptors
+    (TMA on sm_90) whose box is a spatial tile ``[BB, BH, BW, BK]`` of ``BM = BB*BH*BW``
+    output pixels (several whole images per box for 8x8 layers); each of the 9 taps loads
+    the same box shifted by ``(kh-1, kw-1)`` inside one flat K loop. TMA fills
+    out-of-bounds rows and columns with zeros, so the conv's zero padding costs nothing.
+    ``STRIDE=2`` and a high-resolution skip read a "phase view" of the input (see
+    ``_phase_view``) so that each tap is still one rectangular box. ``UPSAMPLE`` tiles the
+    low-res grid, one output phase (py, px) per program; by default (``SUBPIXEL``) it runs
+    the sub-pixel decomposition: a 2x2 conv of the low-res input with summed weights,
+    4 taps instead of 9 on x's channels. Needs 16-byte aligned rows (channel counts that
+    are multiples of 8 in bf16); the launcher falls back to the pointer kernel otherwise.
 
-Public API: :func:`conv3x3_fwd` (launcher), :func:`upsample_nearest2x_fwd`, the jitted kernels
-and their config lists (``PTR_CONFIGS``, ``TMA_CONFIGS``) for the ahead-of-time resource
-check, and :func:`tma_eligible` (which kernel the launcher will pick).
+Public API:
+    :func:`conv3x3_fwd` (launcher), :func:`upsample_nearest2x_fwd`, :func:`tma_eligible`
+    (which kernel "auto" picks), :func:`weight_matrix` (the (C_out, 9*C_tot) view),
+    :func:`subpixel_weight`; the jitted kernels ``conv3x3_fwd_ptr_kernel``,
+    ``conv3x3_fwd_tma_kernel``, ``upsample_nearest2x_kernel``, ``subpixel_weight_kernel``;
+    the shipped configs ``PTR_CONFIGS_GPU`` / ``TMA_CONFIGS_GPU`` (``PTR_CONFIGS`` /
+    ``TMA_CONFIGS``: those in use, one small config under the interpreter); and
+    :func:`aot_specs` / ``AOT_VARIANTS`` for the sm_90 resource check (kernels/aot.py).
 """
 from __future__ import annotations
 
@@ -53,9 +62,9 @@ _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp3
 
 
 # ----------------------------------------------------------------------------------------
-# Autotune configs. Keyed on (C_x, C_s, C_out, H_out, W_out, variant flags) plus the dtypes
-# of all tensor arguments (Triton's autotuner appends those to the key by itself). BM = 128 output pixels
-# fits one 128-wide wgmma tile per warpgroup pair; BK 32/64; 2-4 stages; 4/8 warps.
+# Autotune configs, keyed on (C_x, C_s, C_out, H_out, W_out, variant flags) plus the dtypes
+# of all tensor arguments (Triton's autotuner appends those by itself). BM = 128 output
+# pixels = two 64-row wgmma warpgroups with 8 warps; BN 64/128; BK 32/64; 2-4 stages.
 # Under the interpreter only one small config is used so tests stay fast.
 # ----------------------------------------------------------------------------------------
 def _cfg(bm, bn, bk, warps, stages):

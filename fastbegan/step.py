@@ -43,7 +43,8 @@ the step counter and the learning rate are device tensors updated in place; the 
 values of the trainer (``trainer.k``, ``trainer.step``, ``trainer.lr``) are mirrored into
 them before each step only when they changed (after a checkpoint load or an lr
 halving: a ``fill_``/``copy_`` launch, no sync). A checkpoint load that replaces the
-optimisers' state makes the step drop its graph and capture a new one.
+optimisers' state makes the step give the loaded moments their parameters' memory layout
+(:func:`match_state_layout`: fused Adam needs it) and drop its graph to capture a new one.
 
 Divergence guard: ``~isfinite(L_real + L_fake)`` is OR-ed into ``trainer.nonfinite`` on
 the device, as in the reference step.
@@ -69,7 +70,7 @@ from .model import Conv3x3
 from .ops import reference
 
 __all__ = ["FusedStep", "ScaledWgradLinear", "scaled_linear_wgrads", "fused_step_status",
-           "l1_pair_and_update"]
+           "l1_pair_and_update", "match_state_layout"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class FusedStep:
         self._graph = None
         self._static: dict[str, Tensor] | None = None
         self._static_batch: dict[str, Tensor] = {}
-        self._graph_keys = None
+        self._state_keys = self._keys()
         self._warm = 0
         self._side = torch.cuda.Stream(dev) if cuda_graph else None
 
@@ -267,13 +268,20 @@ class FusedStep:
         if tr.lr != self._host_lr:
             self.lr_t.fill_(tr.lr)
             self._host_lr = tr.lr
-        if self._graph is not None and any(a is not b for a, b in zip(self._graph_keys, self._keys())):
-            self.reset_graph()
+        keys = self._keys()
+        if any(a is not b for a, b in zip(self._state_keys, keys)):
+            # new optimiser state (first step, checkpoint load, divergence restore)
+            for opt in self.opts:
+                match_state_layout(opt)
+            if self._graph is not None:
+                self.reset_graph()
+            self._state_keys = keys
 
     def _keys(self) -> list:
         """What a captured graph depends on besides the parameters (loaded in place): the
         trainer's data, generator and divergence flag, the optimisers' state objects (a
-        checkpoint load replaces them) and the tensors of their first parameter's state."""
+        checkpoint load replaces them) and the tensors of their first parameter's state.
+        Compared by identity before every step (a few dict lookups)."""
         tr = self.tr
         keys = [tr.data, tr.gen, tr.nonfinite]
         for opt in self.opts:
@@ -371,7 +379,28 @@ class FusedStep:
             for group, capturable in saved:
                 group["lr"], group["capturable"] = self._host_lr, capturable
         self._graph, self._static = graph, static
-        self._graph_keys = self._keys()
+
+
+def match_state_layout(opt: torch.optim.Optimizer) -> int:
+    """Give every optimiser state tensor its parameter's memory layout; returns how many
+    were changed.
+
+    ``Optimizer.load_state_dict`` casts the loaded state to the parameter's dtype and
+    device but keeps the checkpoint's strides: moments saved contiguous (NCHW) come back
+    NCHW for channels_last conv weights. Fused Adam walks param, grad and moments as flat
+    buffers: on CUDA it refuses mismatched layouts ("params, grads, exp_avgs, and
+    exp_avg_sqs must have same dtype, device, and layout"), on CPU it silently pairs the
+    wrong elements. Call this after loading optimiser state.
+    """
+    changed = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            for key, val in (st or {}).items():
+                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=val.dtype).copy_(val)
+                    changed += 1
+    return changed
 
 
 def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:

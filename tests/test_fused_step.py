@@ -163,6 +163,33 @@ def test_host_state_mirrored_into_device_state():
     assert fus.k is step.k  # the trainer's k is the step's static buffer again
 
 
+def test_fit_checkpoint_resume_with_fused_step(tmp_path):
+    """Trainer.fit on the fused step: logging, checkpoints, and a resumed run that
+    continues exactly like an uninterrupted one (state mirrored after the load)."""
+    from fastbegan.checkpoint import latest_checkpoint
+
+    def make(out, steps):
+        t = _trainer(out=str(out), steps=steps, log_every=1, sample_every=100, ckpt_every=2)
+        t.fused_step = FusedStep(t)
+        return t
+
+    full = make(tmp_path / "a", 4)
+    rows = full.fit(progress=False)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    make(tmp_path / "b", 2).fit(progress=False)
+    resumed = make(tmp_path / "b", 4)
+    resumed.load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert resumed.step == 2
+    resumed.fit(progress=False)
+    # the loaded moments got their channels_last parameters' layout back (fused Adam pairs
+    # param / grad / moments element by element in memory order)
+    for p in resumed.G.parameters():
+        assert resumed.opt_g.state[p]["exp_avg"].stride() == p.stride()
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.fused_step.k
+
+
 def test_status_and_trainer_path():
     ok, why = fused_step_status(_trainer())
     assert not ok and "cpu" in why

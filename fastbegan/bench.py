@@ -283,6 +283,8 @@ class BenchSession:
         if self.stem is None:
             stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
             self.stem = f"{self.meta['device']['slug']}-{stamp}"
+            if self.meta["device"]["type"] == "cpu":
+                prune_cpu_results(self.results_dir)
         meta = dict(self.meta, complete=complete, exitstatus=exitstatus,
                     elapsed_s=round(self.elapsed(), 1), compile_used_s=round(self.compile_used_s, 1))
         return write_results(self.rows, meta, self.results_dir, self.stem)
@@ -972,6 +974,16 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tup
         os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def prune_cpu_results(results_dir: Path | None, keep: int = 4) -> None:
+    """Delete all but the newest ``keep`` cpu-* results (git-ignored smoke-test output)."""
+    if results_dir is None or not Path(results_dir).is_dir():
+        return
+    stems = sorted({p.stem for p in Path(results_dir).glob("cpu-*.json")})
+    for stem in stems[:-keep] if keep else stems:
+        for suffix in (".json", ".md"):
+            (Path(results_dir) / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
 def validate_results(doc: dict) -> list[str]:

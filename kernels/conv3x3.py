@@ -725,13 +725,16 @@ AOT_VARIANTS = {
 }
 
 
-def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
+def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32", variants=None,
+              helpers: bool = True):
     """Everything needed to compile each shipped forward kernel, variant and GPU config
     ahead of time: a list of dicts with keys ``kernel, variant, config, fn, signature,
     constexprs, num_warps, num_stages, divisible_by_16`` (for
     :func:`fastbegan.kernels.aot.compile_for_sm90`). Sizes and strides are marked
     16-divisible as Triton's launcher specialises them at the real shapes (channels 64+).
-    ``act_dtype`` / ``weight_dtype``: Triton type names (bf16, fp16, fp32).
+    ``act_dtype`` / ``weight_dtype``: Triton type names (bf16, fp16, fp32); variant names
+    get a ``/<act_dtype>`` suffix unless bf16. ``variants``: a subset of ``AOT_VARIANTS``
+    (default all); ``helpers``: include the upsample and sub-pixel-weight kernels.
     """
     ptrs = {"x_ptr": f"*{act_dtype}", "s_ptr": f"*{act_dtype}", "w_ptr": f"*{weight_dtype}",
             "b_ptr": "*fp32", "y_ptr": f"*{act_dtype}"}
@@ -749,6 +752,8 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
             sig = dict(ptrs, ws_ptr=f"*{act_dtype}", **{k: "i32" for k in ints})
         div = [k for k in sig if k not in not_div]
         for vname, (up, stride, skip, act) in AOT_VARIANTS.items():
+            if variants is not None and vname not in variants:
+                continue
             if kname == "ptr" and vname == "upsample_9tap":
                 continue                        # the pointer kernel has no sub-pixel path
             tilings = [(16, 128)]
@@ -764,12 +769,16 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
                                   SUBPIXEL=up and vname != "upsample_9tap",
                                   TILE_W=tile_w, TILE_H_MAX=tile_h)
                         variant = f"{vname}@tile{tile_w}x{min(tile_h, cfg.kwargs['BM'] // tile_w)}"
+                    if act_dtype != "bf16":
+                        variant += f"/{act_dtype}"
                     specs.append(dict(kernel=f"conv3x3_fwd_{kname}", variant=variant,
                                       config=dict(cfg.kwargs, num_warps=cfg.num_warps,
                                                   num_stages=cfg.num_stages),
                                       fn=fn, signature=sig, constexprs=ce,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                       divisible_by_16=div))
+    if not helpers:
+        return specs
     up_sig = {"x_ptr": f"*{act_dtype}", "y_ptr": f"*{act_dtype}",
               **{k: "i32" for k in ["P", "H", "W", "C", "sxn", "sxh", "sxw", "syn", "syh", "syw"]}}
     specs.append(dict(kernel="upsample_nearest2x", variant="C>=64", config=dict(BP=64, BC=64),
@@ -784,3 +793,9 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str = "fp32"):
                       constexprs=dict(BLOCK=256), num_warps=4, num_stages=3,
                       divisible_by_16=["w_ptr", "ws_ptr", "C_out", "C_x", "C_tot"]))
     return specs
+
+
+def aot_specs_fp32():
+    """fp32 activations and weights (TF32 dots), for the variants with the largest tiles in
+    shared memory: the plain conv and upsample + skip (two descriptors)."""
+    return aot_specs("fp32", "fp32", variants=("plain", "upsample_skip"), helpers=False)

@@ -18,7 +18,12 @@ import pytest
 from fastbegan.kernels import aot
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sm90_resources.json"
-FACTORIES = ["fastbegan.kernels.conv3x3:aot_specs"]
+FACTORIES = ["fastbegan.kernels.conv3x3:aot_specs", "fastbegan.kernels.conv3x3:aot_specs_fp32"]
+
+
+def _base(variant: str) -> str:
+    """'upsample@tile16x8/fp32' -> 'upsample'."""
+    return variant.split("@")[0].split("/")[0]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +37,9 @@ def table():
     doc = {
         "what": "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
                 "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
-                "one row per shipped autotune config and variant; bf16 activations, fp32 "
-                "weights. Written by tests/test_sm90_compile.py.",
+                "one row per shipped autotune config and variant; bf16 activations with fp32 "
+                "weights unless the variant ends in /fp32 (fp32 activations and weights). "
+                "Written by tests/test_sm90_compile.py.",
         "target": "GPUTarget('cuda', 90, 32)",
         "triton_version": triton.__version__,
         "limits": {"shared_bytes": aot.H100_MAX_SHARED_BYTES,
@@ -46,18 +52,18 @@ def table():
 
 def test_every_shipped_config_compiled(table):
     from fastbegan.kernels import conv3x3
-    assert len(table) == len(conv3x3.aot_specs())
+    assert len(table) == len(conv3x3.aot_specs()) + len(conv3x3.aot_specs_fp32())
     kernels = {r["kernel"] for r in table}
     assert {"conv3x3_fwd_ptr", "conv3x3_fwd_tma", "upsample_nearest2x",
             "subpixel_weight"} <= kernels
     for kname in ("conv3x3_fwd_ptr", "conv3x3_fwd_tma"):
-        variants = {r["variant"].split("@")[0] for r in table if r["kernel"] == kname}
+        variants = {_base(r["variant"]) for r in table if r["kernel"] == kname}
         expected = set(conv3x3.AOT_VARIANTS) - ({"upsample_9tap"} if kname.endswith("ptr")
                                                 else set())
         assert variants == expected, kname
         n_cfg = len(conv3x3.PTR_CONFIGS_GPU if kname.endswith("ptr") else conv3x3.TMA_CONFIGS_GPU)
         for v in expected:
-            rows = [r for r in table if r["kernel"] == kname and r["variant"].split("@")[0] == v]
+            rows = [r for r in table if r["kernel"] == kname and _base(r["variant"]) == v]
             assert len(rows) >= n_cfg, (kname, v)
 
 

@@ -62,8 +62,9 @@ def health_section(run_dir: Path) -> dict:
     ``health_report`` that exists; its result (a list of findings or a dict; objects
     with ``as_dict()`` are converted) goes into the report. Never fails the evaluation.
     """
+    import importlib
     try:
-        from . import health
+        health = importlib.import_module("fastbegan.health")
     except ImportError:
         return {"available": False, "note": "fastbegan.health is not part of this installation"}
     except Exception as e:  # a broken module must not break the report

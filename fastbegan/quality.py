@@ -341,30 +341,52 @@ class FactorEstimator:
 
     # cached, so that repeated evaluations do not retrain
     @classmethod
-    def load_or_train(cls, res: int, cache_dir=None, log=None) -> "FactorEstimator":
+    def cache_path(cls, res: int, cache_dir=None) -> Path:
+        from .data import default_cache_dir
+        return Path(cache_dir or default_cache_dir()) / f"factor-regressor-v{cls.VERSION}-{res}.safetensors"
+
+    def save(self, path) -> Path:
         import json
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        width = self.net.body[0].out_channels
+        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(tmp),
+                  metadata={"r2": json.dumps(self.r2), "res": str(self.res), "width": str(width)})
+        tmp.replace(path)
+        return path
 
-        from .data import default_cache_dir
-        path = Path(cache_dir or default_cache_dir()) / f"factor-regressor-v{cls.VERSION}-{res}.safetensors"
+    @classmethod
+    def load(cls, path) -> "FactorEstimator":
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        net = FactorNet(int(meta["width"]))
+        net.load_state_dict(load_file(str(path)))
+        return cls(int(meta["res"]), net, json.loads(meta["r2"]))
+
+    @classmethod
+    def load_or_train(cls, res: int, cache_dir=None, log=None) -> "FactorEstimator":
+        """The cached regressor for ``res`` (FASTBEGAN_CACHE or ~/.cache/fastbegan), trained once if absent."""
+        path = cls.cache_path(res, cache_dir)
         if path.exists():
             try:
-                from safetensors import safe_open
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata()
-                net = FactorNet()
-                net.load_state_dict(load_file(str(path)))
-                return cls(res, net, json.loads(meta["r2"]))
+                est = cls.load(path)
+                if est.res == res:
+                    return est
             except Exception:  # damaged cache: retrain
-                path.unlink(missing_ok=True)
+                pass
+            path.unlink(missing_ok=True)
+        if log:
+            log(f"training the factor regressor for {res}x{res} once (cached in {path.parent})...")
         est = cls.train(res, log=log)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.contiguous() for k, v in est.net.state_dict().items()}, str(tmp),
-                      metadata={"r2": json.dumps(est.r2)})
-            tmp.replace(path)
+            est.save(path)
         except OSError:
             pass
         return est

@@ -209,3 +209,25 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}")
+
+
+def match_state_layout(opt: torch.optim.Optimizer) -> int:
+    """Give every optimiser state tensor its parameter's memory layout; returns how many
+    were changed.
+
+    ``Optimizer.load_state_dict`` casts the loaded state to the parameter's dtype and
+    device but keeps the checkpoint's strides: moments saved contiguous (NCHW) come back
+    NCHW for channels_last conv weights. Fused Adam walks param, grad and moments as flat
+    buffers: on CUDA it refuses mismatched layouts ("params, grads, exp_avgs, and
+    exp_avg_sqs must have same dtype, device, and layout"), on CPU it silently pairs the
+    wrong elements. Call this after loading optimiser state.
+    """
+    changed = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            for key, val in (st or {}).items():
+                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=val.dtype).copy_(val)
+                    changed += 1
+    return changed

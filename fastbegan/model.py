@@ -88,7 +88,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
         # fc output viewed as NHWC, then permuted: a channels_last NCHW view, no copy.
-        x = self.fc(z).view(-1, 8, 8, self.n).permute(0, 3, 1, 2)
+        x = ops.linear(z, self.fc.weight, self.fc.bias, wgrad_scale)
+        x = x.view(-1, 8, 8, self.n).permute(0, 3, 1, 2)
         h0 = x
         for level in range(self.levels):
             first, second = self.convs[2 * level], self.convs[2 * level + 1]
@@ -125,7 +126,7 @@ class Encoder(nn.Module):
         for conv in self.convs:
             x = conv(x, wgrad_scale=wgrad_scale)
         # channels_last -> NHWC flatten is a view; fc weights use that (h, 8*8*C) order.
-        return self.fc(x.permute(0, 2, 3, 1).flatten(1))
+        return ops.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc.weight, self.fc.bias, wgrad_scale)
 
 
 class Generator(Decoder):

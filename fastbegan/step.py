@@ -20,14 +20,10 @@ input and as the target of the L1) is the full ``dL_fake/dfake``, and G (whose l
 get no scale) receives exactly ``dL_G/dtheta_G`` with ``L_G = L_fake``. L_real does not
 depend on ``fake``. The tests check every gradient against ``Trainer.compute_grads``.
 
-D's convolutions take ``wgrad_scale`` themselves (``ops.conv3x3_elu``). Its two
-``nn.Linear`` layers (the encoder's and decoder's fc) do not: model.py does not pass the
-scale to them, and without it their weight gradients would be those of
-``L_real + L_fake``. :func:`scaled_linear_wgrads` patches every ``nn.Linear`` of D for
-the duration of the forward with a linear whose weight/bias gradient is scaled per
-sample (:class:`ScaledWgradLinear`); :class:`FusedStep` refuses a D with any other
-parametrised layer. (Moving the scale into model.py's fc layers would make the patch
-unnecessary.)
+Every parametrised layer of D takes ``wgrad_scale``: the convolutions
+(``ops.conv3x3_elu``) and the two fc layers (``ops.linear``); without it the fc weight
+gradients would be those of ``L_real + L_fake``. :class:`FusedStep` refuses a D with any
+other parametrised layer.
 
 Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; indices,
 flips (done on the uint8 batch) and z come from the trainer's device generator in the
@@ -57,75 +53,18 @@ next replay overwrites (read them before the next step, as ``Trainer.fit`` does)
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .checkpoint import match_state_layout
 from .model import Conv3x3
 from .ops import reference
 
-__all__ = ["FusedStep", "ScaledWgradLinear", "scaled_linear_wgrads", "fused_step_status",
-           "l1_pair_and_update", "match_state_layout"]
-
-
-# ----------------------------------------------------------------------------------------
-# per-sample weight-gradient scale for nn.Linear
-# ----------------------------------------------------------------------------------------
-class ScaledWgradLinear(torch.autograd.Function):
-    """``F.linear(x, weight, bias)``; the weight/bias gradients weight sample n by scale[n].
-
-    The input gradient is the plain one. Under autocast the forward runs in the autocast
-    dtype (as ``F.linear`` does) and the backward in the gradient's dtype; the weight
-    gradients are returned in the parameters' dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale):
-        ctx.save_for_backward(x, weight, scale)
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, scale = ctx.saved_tensors
-        dt = dy.dtype
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if need_x:
-            dx = (dy @ weight.to(dt)).to(x.dtype)
-        if need_w or (need_b and ctx.has_bias):
-            s = scale.to(dt).view(-1, *([1] * (dy.dim() - 1)))
-            dys = (dy * s).flatten(0, -2)
-            if need_w:
-                dw = (dys.t() @ x.to(dt).flatten(0, -2)).to(weight.dtype)
-            if need_b and ctx.has_bias:
-                db = dys.sum(0).to(weight.dtype)
-        return dx, dw, db, None
-
-
-@contextlib.contextmanager
-def scaled_linear_wgrads(module: nn.Module, scale: Tensor):
-    """Within the block, every ``nn.Linear`` in ``module`` scales its weight gradient per
-    sample by ``scale`` (shape (N,), N = the linear's input batch)."""
-    patched = []
-    try:
-        for lin in module.modules():
-            if isinstance(lin, nn.Linear):
-                prev = lin.__dict__.get("forward")
-                lin.forward = (lambda x, _l=lin: ScaledWgradLinear.apply(x, _l.weight, _l.bias, scale))
-                patched.append((lin, prev))
-        yield
-    finally:
-        for lin, prev in patched:
-            if prev is None:
-                del lin.forward
-            else:
-                lin.forward = prev
+__all__ = ["FusedStep", "fused_step_status", "l1_pair_and_update", "match_state_layout"]
 
 
 def _check_scalable(d: nn.Module) -> None:
@@ -316,8 +255,7 @@ class FusedStep:
                 opt.zero_grad(set_to_none=True)
         with self._autocast():
             fake = tr.G(z)
-            with scaled_linear_wgrads(tr.D, scale):
-                rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
+            rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
             losses, k_next, m_global = l1_pair_and_update(x, fake, rec, k, cfg.gamma, cfg.lambda_k)
         losses.sum().backward()
         lv = losses.detach()
@@ -379,28 +317,6 @@ class FusedStep:
             for group, capturable in saved:
                 group["lr"], group["capturable"] = self._host_lr, capturable
         self._graph, self._static = graph, static
-
-
-def match_state_layout(opt: torch.optim.Optimizer) -> int:
-    """Give every optimiser state tensor its parameter's memory layout; returns how many
-    were changed.
-
-    ``Optimizer.load_state_dict`` casts the loaded state to the parameter's dtype and
-    device but keeps the checkpoint's strides: moments saved contiguous (NCHW) come back
-    NCHW for channels_last conv weights. Fused Adam walks param, grad and moments as flat
-    buffers: on CUDA it refuses mismatched layouts ("params, grads, exp_avgs, and
-    exp_avg_sqs must have same dtype, device, and layout"), on CPU it silently pairs the
-    wrong elements. Call this after loading optimiser state.
-    """
-    changed = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            for key, val in (st or {}).items():
-                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
-                    st[key] = torch.empty_like(p, dtype=val.dtype).copy_(val)
-                    changed += 1
-    return changed
 
 
 def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:

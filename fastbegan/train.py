@@ -335,6 +335,7 @@ class Trainer:
                 i, field = key.split(".", 1)
                 sd["state"].setdefault(int(i), {})[field] = val
             opt.load_state_dict(sd)  # moves the moments to the parameters' device
+            ckpt.match_state_layout(opt)  # ... but not to their memory format (channels_last)
         self.k = tensors["state.k"].to(self.device)
         self.step = int(tensors["state.step"])
         self.gen.set_state(tensors["rng.gen"])

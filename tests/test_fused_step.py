@@ -11,7 +11,6 @@ one-backward weight gradient sums the real and -k * fake contributions in one re
 instead of two). k_t is set to 0.37 first: at k_t = 0 the fake half's D gradient vanishes
 and half of what is tested would be trivially zero.
 """
-import contextlib
 
 import numpy as np
 import pytest
@@ -78,10 +77,10 @@ def test_fused_equals_reference_res16_skip_vanishing_residual():
 
 
 def test_linear_layers_need_the_scale(monkeypatch):
-    """Without scaling D's fc weight gradients the single pass is wrong (model.py passes
-    wgrad_scale to the convs only): the equivalence test above would catch it."""
-    import fastbegan.step as step_mod
-    monkeypatch.setattr(step_mod, "scaled_linear_wgrads", lambda m, s: contextlib.nullcontext())
+    """Without scaling D's fc weight gradients per sample the single pass is wrong: the
+    equivalence test above would catch it."""
+    from fastbegan import ops
+    monkeypatch.setattr(ops, "linear", lambda x, w, b, wgrad_scale=None: torch.nn.functional.linear(x, w, b))
     with pytest.raises(AssertionError, match="fc"):
         _run_pair("torch", steps=1)
 

@@ -141,6 +141,12 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
                                      activation=activation, skip=skip)
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, wgrad_scale: Tensor | None = None) -> Tensor:
+    """The model's fc layers: ``F.linear`` with the same optional per-sample weight-gradient
+    scale as :func:`conv3x3_elu`. One implementation on every backend (a cuBLAS GEMM)."""
+    return reference.linear_ref(x, weight, bias, wgrad_scale)
+
+
 def upsample_nearest2x(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, 2H, 2W) nearest. Prefer ``conv3x3_elu(upsample=True)``."""
     if _backend == "triton":
@@ -164,4 +170,4 @@ def began_update(k: Tensor, loss_real: Tensor, loss_fake: Tensor, gamma: float,
 
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
-           "triton_status", "conv3x3_elu", "upsample_nearest2x", "l1_recon_loss", "began_update"]
+           "triton_status", "conv3x3_elu", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update"]

@@ -76,6 +76,45 @@ def conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, *, upsample=False, stri
     return _ScaledWgradConv.apply(x, weight, bias, wgrad_scale, upsample, stride, activation, skip)
 
 
+class _ScaledWgradLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)``; the weight/bias gradients weight sample n by scale[n].
+
+    The input gradient is the plain one (the same contract as the conv's ``wgrad_scale``).
+    Under autocast the forward runs in the autocast dtype (as ``F.linear`` does) and the
+    backward in the gradient's dtype; weight gradients come back in the parameters' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale):
+        ctx.save_for_backward(x, weight, scale)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, scale = ctx.saved_tensors
+        dt = dy.dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_x:
+            dx = (dy @ weight.to(dt)).to(x.dtype)
+        if need_w or (need_b and ctx.has_bias):
+            s = scale.to(dt).view(-1, *([1] * (dy.dim() - 1)))
+            dys = (dy * s).flatten(0, -2)
+            if need_w:
+                dw = (dys.t() @ x.to(dt).flatten(0, -2)).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                db = dys.sum(0).to(weight.dtype)
+        return dx, dw, db, None
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, wgrad_scale: Tensor | None = None) -> Tensor:
+    """``F.linear``; with ``wgrad_scale`` (N,) the weight/bias gradients weight sample n by it."""
+    if wgrad_scale is None:
+        return F.linear(x, weight, bias)
+    return _ScaledWgradLinear.apply(x, weight, bias, wgrad_scale)
+
+
 def upsample_nearest2x_ref(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, 2H, 2W), nearest neighbour."""
     return F.interpolate(x, scale_factor=2, mode="nearest")

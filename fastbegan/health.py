@@ -47,6 +47,7 @@ DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
 COLLAPSE_RATIO = 0.05       # fake diversity below this x real's = mode collapse
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
+WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
 
@@ -92,7 +93,7 @@ class HealthTracker:
         self.patience = max(int(patience), 1)
         self.collapse_ratio = collapse_ratio
         # a fresh generator is nearly constant: diversity is judged only after warmup steps
-        self.warmup = min(self.patience, 100) if warmup is None else warmup
+        self.warmup = WARMUP if warmup is None else warmup
         self.stall = STALL_FACTOR * self.patience if stall is None else stall
         self.rise_tol = rise_tol
         self.report_stall = report_stall
@@ -145,7 +146,7 @@ class HealthTracker:
             since = self._held("k_zero", step)
             held.add("k_zero")
             if step - since >= self.patience and self.reported["k_zero"] is None:
-                hint = f" (0.3-0.7 is usual)" if g < 0.3 else ""
+                hint = "; 0.3-0.7 is usual" if g < 0.3 else ""
                 new.append(self._report("k_zero", step, since,
                            {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
                            f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
@@ -405,11 +406,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
-                 gamma: float | None = None) -> list[Finding]:
+                 gamma: float | None = None, warmup: int | None = None) -> list[Finding]:
     """Health findings of a run folder, from its metrics.jsonl (empty list: nothing found).
 
     The same detectors as the live monitor. ``gamma`` and ``patience`` default to the run's
-    own (from its newest checkpoint), else 0.5 and 200 steps. The collapse detector needs
+    own (from its newest checkpoint), else 0.5 and 200 steps; ``warmup`` (steps before the
+    collapse detector starts) defaults to 100. The collapse detector needs
     the ``diversity_ratio`` the live monitor logs; a step that goes back (a restore) starts
     a new episode. Each finding has ``kind``, ``step``, ``since``, ``message``, ``values``
     and ``ongoing`` (still holding at the last row); ``str(finding)`` is its message.
@@ -421,7 +423,7 @@ def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
     cfg = _run_config(run_dir)
     g = gamma if gamma is not None else cfg.get("gamma", 0.5)
     p = patience if patience is not None else (cfg.get("health_patience") or DEFAULT_PATIENCE)
-    tracker = HealthTracker(g, p, report_stall=not cfg.get("lr_stall"))
+    tracker = HealthTracker(g, p, warmup=warmup, report_stall=not cfg.get("lr_stall"))
     last = None
     for row in read_metrics(metrics):
         if last is not None and row["step"] <= last:

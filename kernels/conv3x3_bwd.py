@@ -71,7 +71,7 @@ def _cfg(bm, bn, bk, warps, stages):
 # counts (the first / last layers of BEGAN have 3 channels on one side).
 DGRAD_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 64, 32, 4, 4),
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
     _cfg(128, 32, 32, 4, 4),
@@ -84,27 +84,34 @@ WGRAD_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
     _cfg(64, 32, 64, 4, 3),
-    _cfg(32, 16, 64, 4, 3),
+    _cfg(64, 16, 64, 4, 3),   # 3-channel sources (the encoder's first conv)
+    _cfg(32, 32, 64, 4, 3),   # 3-channel outputs (the decoder's last conv)
 ]
-# The interpreter runs one config (it has nothing to tune and every config costs time).
-_INTERP_DGRAD = [_cfg(64, 32, 32, 4, 1)]
-_INTERP_WGRAD = [_cfg(32, 32, 64, 4, 1)]
+# The interpreter runs one config (it has nothing to tune and every config costs time):
+# long pixel blocks (few loop iterations, the interpreter's cost) and narrow channel
+# blocks, so that the tests' 20-40 channel tensors still span several channel tiles.
+_INTERP_DGRAD = [_cfg(128, 16, 16, 4, 1)]
+_INTERP_WGRAD = [_cfg(16, 16, 128, 4, 1)]
 
 
-def _prune(named_args, n_name, k_name):
-    """Drop configs whose N / K block is far wider than the tensor (e.g. 128 for 3 channels)."""
-    def prune(configs, nargs, **kw):
-        n = nargs[n_name]
-        k = nargs[k_name]
-        keep = [c for c in configs
-                if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
-                and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(k))]
-        return keep or configs[-1:]
-    return prune
+def for_element_size(cfg, itemsize: int):
+    """The config as run on ``itemsize``-byte activations: fp32 tiles take half the K
+    block, so the pipeline's shared memory stays what the 16-bit config needs."""
+    if itemsize < 4 or cfg.kwargs["BLOCK_K"] <= 16:
+        return cfg
+    return triton.Config(dict(cfg.kwargs, BLOCK_K=cfg.kwargs["BLOCK_K"] // 2),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _prune_dgrad(configs, nargs, **kw):
-    return _prune(nargs, "C", "Co")(configs, nargs)
+    """Drop configs whose channel blocks are far wider than the tensor (e.g. BLOCK_N = 128
+    for 3 source channels); adapt the rest to the element size."""
+    n, k = nargs["C"], nargs["Co"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
+            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(k))]
+    size = nargs["dy_ptr"].element_size()
+    return [for_element_size(c, size) for c in (keep or configs[-1:])]
 
 
 def _prune_wgrad(configs, nargs, **kw):
@@ -112,21 +119,23 @@ def _prune_wgrad(configs, nargs, **kw):
     keep = [cf for cf in configs
             if cf.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(co))
             and cf.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(c))]
-    return keep or configs[-1:]
+    size = nargs["src_ptr"].element_size()
+    return [for_element_size(cf, size) for cf in (keep or configs[-1:])]
 
 
 # --------------------------------------------------------------------------------------
 # shared helper: dy -> dpre (ELU derivative from the saved output, applied on load)
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _load_dpre(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr):
-    """fp32 ``dpre = dy * elu'(pre)`` at ``offs``; 0 where ``mask`` is false.
+def _load_dpre(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr, ACC: tl.constexpr):
+    """``dpre = dy * elu'(pre)`` at ``offs`` in ACC precision (fp32; fp64 for fp64
+    tensors); 0 where ``mask`` is false.
 
     elu'(pre) = 1 for pre > 0, exp(pre) = y + 1 otherwise, and y > 0 <=> pre > 0.
     """
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
     if ACT:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
         dy = tl.where(y > 0.0, dy, dy * (y + 1.0))
     return dy
 
@@ -139,14 +148,12 @@ def _load_dpre(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr):
                  prune_configs_by={"early_config_prune": _prune_dgrad})
 @triton.jit
 def _dgrad_kernel(
-    dy_ptr, y_ptr, w_ptr, out_ptr,
+    dy_ptr, y_ptr, wt_ptr, out_ptr,
     Hs, Ws, C,              # source (= output of this kernel): NHWC, C channels
     Ho, Wo, Co,             # dy / y: NHWC, Co channels
     Hb, Wb, M,              # base grid of one phase (M = N * Hb * Wb rows of the GEMM)
-    c_off,                  # first weight input channel of this source
-    sw_o, sw_i, sw_h, sw_w,  # weight strides (logical O, I, kh, kw)
     ACT: tl.constexpr, UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr,
-    IN_PREC: tl.constexpr,
+    IN_PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: a [BLOCK_M pixels, BLOCK_N channels] tile of dsrc for one phase.
@@ -161,7 +168,9 @@ def _dgrad_kernel(
                 the 3x3 taps kh in [max(0, 2 - a), min(2, 3 - a)] (same for columns)
 
     The K loop is one flat loop over (tap, C_out chunk); A = dpre (masked where the dy
-    pixel is outside the image: the zero padding), B = W[co, c_off + ci, kh, kw].
+    pixel is outside the image: the zero padding), B = wt[tap, co, ci], the weights
+    prepared by ``_dgrad_weight_kernel`` (this source's channels, activation dtype,
+    taps already summed for UPSAMPLE): one contiguous 16-bit tile per step.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -195,7 +204,6 @@ def _dgrad_kernel(
     # ---- columns: source channels
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C
-    w_col = (c_off + offs_n) * sw_i
     offs_k = tl.arange(0, BLOCK_K)
 
     # ---- taps of this phase
@@ -211,30 +219,27 @@ def _dgrad_kernel(
     k_chunks = tl.cdiv(Co, BLOCK_K)
     n_iter = nth * ntw * k_chunks
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for it in range(0, n_iter):
         tap = it // k_chunks
         c0 = (it % k_chunks) * BLOCK_K
         th = tap // ntw
         tw = tap % ntw
-        # dy pixel offset (dh, dw) of this tap, and the 3x3 weight tap(s) it uses
+        # dy pixel offset (dh, dw) of this tap, and its row in the prepared weights
         if UPSAMPLE:
             dh = th
             dw = tw
-            kh0 = tl.maximum(2 - th, 0)
-            kh1 = tl.minimum(3 - th, 2)
-            kw0 = tl.maximum(2 - tw, 0)
-            kw1 = tl.minimum(3 - tw, 2)
+            wtap = tap
         elif STRIDE == 2:
-            kh0 = tl.where(py == 0, 1, 2 * th)
-            kw0 = tl.where(px == 0, 1, 2 * tw)
-            dh = (py + 1 - kh0) // 2      # >= 0: exact division
-            dw = (px + 1 - kw0) // 2
+            kh = tl.where(py == 0, 1, 2 * th)
+            kw = tl.where(px == 0, 1, 2 * tw)
+            dh = (py + 1 - kh) // 2       # >= 0: exact division
+            dw = (px + 1 - kw) // 2
+            wtap = kh * 3 + kw
         else:
-            kh0 = th
-            kw0 = tw
             dh = 1 - th
             dw = 1 - tw
+            wtap = tap
 
         # A tile [BLOCK_M, BLOCK_K]: dpre at dy pixel (hb + dh, wb + dw), channels c0..
         hh = hb + dh
@@ -244,24 +249,11 @@ def _dgrad_kernel(
         k_ok = ck < Co
         a_offs = ((dy_row + hh * Wo + ww) * Co)[:, None] + ck[None, :]
         a_mask = row_ok[:, None] & k_ok[None, :]
-        a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT).to(dy_ptr.dtype.element_ty)
+        a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT, ACC).to(dy_ptr.dtype.element_ty)
 
-        # B tile [BLOCK_K, BLOCK_N]: W[co, c_off + ci, kh, kw] (summed taps for UPSAMPLE)
-        b_base = w_ptr + (ck * sw_o)[:, None] + w_col[None, :]
-        b_mask = k_ok[:, None] & n_ok[None, :]
-        b = tl.load(b_base + kh0 * sw_h + kw0 * sw_w, mask=b_mask, other=0.0).to(tl.float32)
-        if UPSAMPLE:
-            # rows kh0..kh1 x columns kw0..kw1 (1, 2 or 4 taps); the second row / column
-            # is weighted 0 when it repeats the first (always in range, so no mask needed)
-            fh = (kh1 != kh0).to(tl.float32)
-            fw = (kw1 != kw0).to(tl.float32)
-            b += fw * tl.load(b_base + kh0 * sw_h + kw1 * sw_w, mask=b_mask,
-                              other=0.0).to(tl.float32)
-            b += fh * tl.load(b_base + kh1 * sw_h + kw0 * sw_w, mask=b_mask,
-                              other=0.0).to(tl.float32)
-            b += (fh * fw) * tl.load(b_base + kh1 * sw_h + kw1 * sw_w, mask=b_mask,
-                                     other=0.0).to(tl.float32)
-        b = b.to(dy_ptr.dtype.element_ty)
+        # B tile [BLOCK_K, BLOCK_N]: wt[wtap, co, ci]
+        b_offs = ((wtap * Co + ck) * C)[:, None] + offs_n[None, :]
+        b = tl.load(wt_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
 
         acc = tl.dot(a, b, acc, input_precision=IN_PREC)
 
@@ -269,6 +261,52 @@ def _dgrad_kernel(
     o_offs = (((nb * Hs + oh) * Ws + ow) * C)[:, None] + offs_n[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dgrad_weight_kernel(
+    w_ptr, wt_ptr, Co, C, c_off, sw_o, sw_i, sw_h, sw_w,
+    UPSAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Weights of one source for ``_dgrad_kernel``: ``wt[t, co, ci]`` in the activation dtype.
+
+    One program: BLOCK consecutive elements of wt, numbered (t, co, ci).
+    * plain / stride 2: t = kh * 3 + kw, wt = W[co, c_off + ci, kh, kw];
+    * UPSAMPLE: t = a * 4 + b (the 4x4 sub-pixel taps), wt = the fp32 sum of
+      W[co, c_off + ci, kh, kw] over kh in [max(0, 2 - a), min(2, 3 - a)] and kw likewise.
+    A weight-sized pass (Co * C * 9 or 16 elements) per backward: it casts fp32 master
+    weights to 16 bits once instead of in every dgrad tile, and leaves the dgrad loop one
+    contiguous 16-bit weight load per step.
+    """
+    pid = tl.program_id(0)
+    n_tap = 16 if UPSAMPLE else 9
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_tap * Co * C
+    t = offs // (Co * C)
+    rem = offs % (Co * C)
+    co = rem // C
+    ci = rem % C
+    base = w_ptr + co * sw_o + (c_off + ci) * sw_i
+    if UPSAMPLE:
+        ta = t // 4
+        tb = t % 4
+        kh0 = tl.maximum(2 - ta, 0)
+        kh1 = tl.minimum(3 - ta, 2)
+        kw0 = tl.maximum(2 - tb, 0)
+        kw1 = tl.minimum(3 - tb, 2)
+        two_h = kh1 != kh0
+        two_w = kw1 != kw0
+        v = tl.load(base + kh0 * sw_h + kw0 * sw_w, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(base + kh0 * sw_h + kw1 * sw_w, mask=mask & two_w, other=0.0).to(tl.float32)
+        v += tl.load(base + kh1 * sw_h + kw0 * sw_w, mask=mask & two_h, other=0.0).to(tl.float32)
+        v += tl.load(base + kh1 * sw_h + kw1 * sw_w, mask=mask & two_h & two_w,
+                     other=0.0).to(tl.float32)
+    else:
+        v = tl.load(base + (t // 3) * sw_h + (t % 3) * sw_w, mask=mask, other=0.0)
+    tl.store(wt_ptr + offs, v.to(wt_ptr.dtype.element_ty), mask=mask)
+
+
+_PREP_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------------------
@@ -287,6 +325,7 @@ def _wgrad_kernel(
     T,                      # taps: 9, or 16 (phase, tap) combinations with SUBPIXEL
     ACT: tl.constexpr, SUBPIXEL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_SCALE: tl.constexpr, DO_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: partial dW[co tile, tap t, ci tile] over one K chunk of pixels.
@@ -336,8 +375,8 @@ def _wgrad_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     hw_b = Hb * Wb
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    bacc = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         pix = k0 + tl.arange(0, BLOCK_K)
         p_ok = pix < k_hi
@@ -358,9 +397,9 @@ def _wgrad_kernel(
 
         # A tile [BLOCK_M co, BLOCK_K pixels] = (scale * dpre)^T
         a_offs = (((nb * Ho + oh) * Wo + ow) * Co)[None, :] + offs_co[:, None]
-        a = _load_dpre(dy_ptr, y_ptr, a_offs, co_ok[:, None] & p_ok[None, :], ACT)
+        a = _load_dpre(dy_ptr, y_ptr, a_offs, co_ok[:, None] & p_ok[None, :], ACT, ACC)
         if HAS_SCALE:
-            s = tl.load(scale_ptr + nb, mask=p_ok, other=0.0).to(tl.float32)
+            s = tl.load(scale_ptr + nb, mask=p_ok, other=0.0).to(ACC)
             a = a * s[None, :]
         if DO_BIAS:
             bacc += tl.sum(a, axis=1)
@@ -373,7 +412,7 @@ def _wgrad_kernel(
         acc = tl.dot(a.to(src_ptr.dtype.element_ty), b.to(src_ptr.dtype.element_ty), acc,
                      input_precision=IN_PREC)
 
-    # partial tile -> part[s, co, t, ci] (fp32)
+    # partial tile -> part[s, co, t, ci] (fp32; fp64 for fp64 tensors)
     p_offs = (((pid_s * Co + offs_co) * T + t) * C)[:, None] + offs_ci[None, :]
     tl.store(part_ptr + p_offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
     if DO_BIAS:
@@ -416,7 +455,7 @@ def _wgrad_reduce_kernel(
         ci = rem % C
         kh = tap // 3
         kw = tap % 3
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
         for s in range(0, S):
             base = part_ptr + (s * Co + co) * T * C + ci
             if SUBPIXEL:
@@ -445,7 +484,7 @@ def _wgrad_reduce_kernel(
                 nph = 1
             offs = (pid - n_w_blocks) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < Co
-            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
             for s in range(0, S):
                 for ph in tl.static_range(nph):
                     acc += tl.load(bpart_ptr + (s * nph + ph) * Co + offs, mask=mask, other=0.0)
@@ -468,9 +507,16 @@ def _cl(t):
 
 def _in_prec(dtype) -> str:
     """fp32 dots: TF32 when PyTorch allows it for convolutions (its default), else IEEE."""
+    if dtype == torch.float64:
+        return "ieee"
     if dtype != torch.float32:
         return "tf32"  # ignored for 16-bit operands
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _acc(dtype):
+    """Accumulator / partial-sum precision: fp32, or fp64 for fp64 tensors (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _check_sizes(*ts):
@@ -483,7 +529,7 @@ def _check_sizes(*ts):
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 1  # the interpreter: fewest programs
 
 
 def conv_input_size(x, upsample: bool):
@@ -522,15 +568,21 @@ def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False
         Hb, Wb, phases = Hs, Ws, 1
     M = N * Hb * Wb
     sw = weight.stride()
+    n_tap = 16 if upsample else 9
+    wt = torch.empty((n_tap, Co, C), device=dy.device, dtype=dy.dtype)
+    _dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
+        weight, wt, Co, C, c_off, sw[0], sw[1], sw[2], sw[3],
+        UPSAMPLE=upsample, BLOCK=_PREP_BLOCK,
+    )
 
     def grid(meta):
         return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), phases)
 
     _dgrad_kernel[grid](
-        dy, y, weight, out,
-        Hs, Ws, C, Ho, Wo, Co, Hb, Wb, M, c_off,
-        sw[0], sw[1], sw[2], sw[3],
+        dy, y, wt, out,
+        Hs, Ws, C, Ho, Wo, Co, Hb, Wb, M,
         ACT=y is not dy, UPSAMPLE=upsample, STRIDE=stride, IN_PREC=_in_prec(dy.dtype),
+        ACC=_acc(dy.dtype),
     )
     return out
 
@@ -589,8 +641,9 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
         do_bias = need_bias and si == 0
         tiles = triton.cdiv(Co, 128) * T * triton.cdiv(C, 128)
         S, kps = _wgrad_split(K, tiles, dy.device, split_k)
-        part = torch.empty((S, Co, T, C), device=dy.device, dtype=torch.float32)
-        bpart = torch.empty((S, nph, Co), device=dy.device, dtype=torch.float32) \
+        pdt = torch.float64 if src.dtype == torch.float64 else torch.float32
+        part = torch.empty((S, Co, T, C), device=dy.device, dtype=pdt)
+        bpart = torch.empty((S, nph, Co), device=dy.device, dtype=pdt) \
             if do_bias else part
 
         def grid(meta):
@@ -600,7 +653,7 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
             dy, y, src, scale if scale is not None else dy, part, bpart,
             Hs, Ws, C, Ho, Wo, Co, Hb, Wb, K, kps, T,
             ACT=act, SUBPIXEL=subpix, STRIDE=stride, HAS_SCALE=scale is not None,
-            DO_BIAS=do_bias, IN_PREC=_in_prec(src.dtype),
+            DO_BIAS=do_bias, IN_PREC=_in_prec(src.dtype), ACC=_acc(src.dtype),
         )
         n_blocks = triton.cdiv(Co * 9 * C, _REDUCE_BLOCK) + \
             (triton.cdiv(Co, _REDUCE_BLOCK) if do_bias else 0)

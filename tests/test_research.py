@@ -213,6 +213,9 @@ def test_factor_estimator_end_to_end(cache_dir):
     bad = Q.factor_score(est, a, np.repeat(b[:1], 128, 0))
     assert good["factor_score"] > bad["factor_score"] + 0.4
     assert good["recall"] > bad["recall"] + 0.4
+    assert good["render_fidelity"] > 0.8                    # ~0.95 by construction
+    noise = np.random.default_rng(0).integers(0, 256, (128, 16, 16, 3), dtype=np.uint8)
+    assert Q.factor_score(est, a, noise)["render_fidelity"] < 0.1
     with pytest.raises(ValueError):
         est.predict(procedural_faces(2, 32, seed=0)[0])
 
@@ -233,10 +236,11 @@ def test_eval_report(tiny_run, tmp_path, cache_dir):
     f = rep["factors"]
     assert 0 <= f["factor_score"] <= 1 and set(f["per_factor"]) == set(FACTORS)
     assert 0 <= rep["factors_real_baseline"]["factor_score"] <= 1
+    assert 0 <= f["render_fidelity"] <= 1
     assert rep["memorisation"]["ratio"] > 0
     assert "available" in rep["health"]
     md = (out / "report.md").read_text()
-    for text in ("SWD x1e3", "factor score", "Training health", "nearest_neighbours.png", "samples.png"):
+    for text in ("SWD x1e3", "factor score", "render fidelity", "Training health", "nearest_neighbours.png", "samples.png"):
         assert text in md
     assert _png_size(out / "samples.png") == (8 * 18 + 2, 4 * 18 + 2)     # 32 samples, 8 per row
     assert _png_size(out / "nearest_neighbours.png") == (6 * 18 + 2, 8 * 18 + 2)

@@ -85,7 +85,7 @@ WGRAD_CONFIGS = [
     _cfg(64, 64, 64, 4, 3),
     _cfg(64, 32, 64, 4, 3),
     _cfg(64, 16, 64, 4, 3),   # 3-channel sources (the encoder's first conv)
-    _cfg(32, 32, 64, 4, 3),   # 3-channel outputs (the decoder's last conv)
+    _cfg(32, 64, 64, 4, 3),   # 3-channel outputs (the decoder's last conv)
 ]
 # The interpreter runs one config (it has nothing to tune and every config costs time):
 # long pixel blocks (few loop iterations, the interpreter's cost) and narrow channel
@@ -478,16 +478,13 @@ def _wgrad_reduce_kernel(
         tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     else:
         if DO_BIAS:
-            if SUBPIXEL:
-                nph = 4
-            else:
-                nph = 1
+            NPH: tl.constexpr = 3 * SUBPIXEL + 1     # bias partials per split: 4 phases or 1
             offs = (pid - n_w_blocks) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < Co
             acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
             for s in range(0, S):
-                for ph in tl.static_range(nph):
-                    acc += tl.load(bpart_ptr + (s * nph + ph) * Co + offs, mask=mask, other=0.0)
+                for ph in tl.static_range(NPH):
+                    acc += tl.load(bpart_ptr + (s * NPH + ph) * Co + offs, mask=mask, other=0.0)
             tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=mask)
 
 
@@ -665,4 +662,91 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
     return dw, db
 
 
-__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "DGRAD_CONFIGS", "WGRAD_CONFIGS"]
+# --------------------------------------------------------------------------------------
+# ahead-of-time specs (tests/test_sm90_compile_bwd.py, fastbegan.kernels.aot)
+# --------------------------------------------------------------------------------------
+# variant -> (UPSAMPLE / SUBPIXEL, STRIDE); all with ELU (its loads are the larger case)
+# and, for wgrad, a per-sample scale and the bias reduction.
+AOT_VARIANTS = {"plain": (False, 1), "upsample": (True, 1), "stride2": (False, 2)}
+
+
+def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
+    """Every shipped GPU config of the backward kernels, per variant, as compile specs for
+    :func:`fastbegan.kernels.aot.compile_for_sm90` (dicts with ``kernel, variant, config,
+    fn, signature, constexprs, num_warps, num_stages, divisible_by_16``).
+
+    ``act_dtype``: Triton name of the activations' dtype (bf16, fp16, fp32); configs are
+    adapted to it exactly as the autotuner's prune step does (``for_element_size``).
+    Pointers and channel counts are marked 16-divisible (the launcher's specialisation at
+    real channel counts, 64+); spatial sizes are not.
+    """
+    act = f"*{act_dtype}"
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}[act_dtype]
+    prec = "tf32"
+    suffix = "" if act_dtype == "bf16" else f"/{act_dtype}"
+    specs = []
+
+    def cfg_dict(cfg):
+        return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    dsig = {"dy_ptr": act, "y_ptr": act, "wt_ptr": act, "out_ptr": act,
+            **{k: "i32" for k in ("Hs", "Ws", "C", "Ho", "Wo", "Co", "Hb", "Wb", "M")}}
+    wsig = {"dy_ptr": act, "y_ptr": act, "src_ptr": act, "scale_ptr": "*fp32",
+            "part_ptr": "*fp32", "bpart_ptr": "*fp32",
+            **{k: "i32" for k in ("Hs", "Ws", "C", "Ho", "Wo", "Co", "Hb", "Wb", "K",
+                                  "K_PER_SPLIT", "T")}}
+    for vname, (up, stride) in AOT_VARIANTS.items():
+        if variants is not None and vname not in variants:
+            continue
+        for cfg in DGRAD_CONFIGS:
+            cfg = for_element_size(cfg, size)
+            specs.append(dict(
+                kernel="conv3x3_bwd_dgrad", variant=vname + suffix, config=cfg_dict(cfg),
+                fn=_dgrad_kernel, signature=dsig,
+                constexprs=dict(cfg.kwargs, ACT=True, UPSAMPLE=up, STRIDE=stride,
+                                IN_PREC=prec, ACC=tl.float32),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                divisible_by_16=["dy_ptr", "y_ptr", "wt_ptr", "out_ptr", "C", "Co"]))
+        for cfg in WGRAD_CONFIGS:
+            cfg = for_element_size(cfg, size)
+            specs.append(dict(
+                kernel="conv3x3_bwd_wgrad", variant=("subpixel" if up else vname) + suffix,
+                config=cfg_dict(cfg), fn=_wgrad_kernel, signature=wsig,
+                constexprs=dict(cfg.kwargs, ACT=True, SUBPIXEL=up, STRIDE=stride,
+                                HAS_SCALE=True, DO_BIAS=True, IN_PREC=prec, ACC=tl.float32),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                divisible_by_16=["dy_ptr", "y_ptr", "src_ptr", "part_ptr", "bpart_ptr",
+                                 "C", "Co"]))
+    if helpers:
+        for up in (False, True):
+            specs.append(dict(
+                kernel="conv3x3_bwd_dgrad_weight", variant="upsample" if up else "plain",
+                config=dict(BLOCK=_PREP_BLOCK, num_warps=4, num_stages=1),
+                fn=_dgrad_weight_kernel,
+                signature={"w_ptr": "*fp32", "wt_ptr": act,
+                           **{k: "i32" for k in ("Co", "C", "c_off", "sw_o", "sw_h", "sw_w")}},
+                constexprs=dict(UPSAMPLE=up, BLOCK=_PREP_BLOCK, sw_i=1),
+                num_warps=4, num_stages=1,
+                divisible_by_16=["w_ptr", "wt_ptr", "Co", "C", "c_off", "sw_o", "sw_h", "sw_w"]))
+            specs.append(dict(
+                kernel="conv3x3_bwd_wgrad_reduce", variant="subpixel" if up else "plain",
+                config=dict(BLOCK=_REDUCE_BLOCK, num_warps=4, num_stages=3),
+                fn=_wgrad_reduce_kernel,
+                signature={"part_ptr": "*fp32", "bpart_ptr": "*fp32", "dw_ptr": "*fp32",
+                           "db_ptr": "*fp32",
+                           **{k: "i32" for k in ("S", "Co", "C", "T", "c_off", "sw_o",
+                                                 "sw_h", "sw_w")}},
+                constexprs=dict(SUBPIXEL=up, DO_BIAS=True, BLOCK=_REDUCE_BLOCK, sw_i=1),
+                num_warps=4, num_stages=3,
+                divisible_by_16=["part_ptr", "bpart_ptr", "dw_ptr", "db_ptr", "Co", "C",
+                                 "sw_o", "sw_h", "sw_w"]))
+    return specs
+
+
+def aot_specs_fp32():
+    """fp32 activations (TF32 dots, half the K block): the plain and upsample variants."""
+    return aot_specs("fp32", variants=("plain", "upsample"), helpers=False)
+
+
+__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "DGRAD_CONFIGS", "WGRAD_CONFIGS",
+           "aot_specs", "aot_specs_fp32", "for_element_size"]

@@ -1,0 +1,76 @@
+"""Hopper resource check of the conv3x3_elu backward kernels, without a GPU (DESIGN 8).
+
+Every shipped autotune config of the dgrad and wgrad kernels, in each variant (plain,
+upsample / sub-pixel, stride 2; bf16 activations, and fp32 activations with the halved K
+block the autotuner's prune step gives them), plus the dgrad weight-prep and the split-K
+reduction kernels, is compiled ahead of time for ``GPUTarget("cuda", 90, 32)`` with
+:mod:`fastbegan.kernels.aot`. The test fails on any register spill or on shared memory
+beyond the H100's per-block limit (232448 bytes), and writes the table to
+benchmarks/results/sm90_resources_bwd.json.
+
+The compile runs in a child process without TRITON_INTERPRET (interpreted kernels cannot
+be compiled), in parallel over the CPU cores; Triton's on-disk cache makes reruns fast.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from fastbegan.kernels import aot
+from fastbegan.kernels import conv3x3_bwd as K
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sm90_resources_bwd.json"
+FACTORIES = ["fastbegan.kernels.conv3x3_bwd:aot_specs", "fastbegan.kernels.conv3x3_bwd:aot_specs_fp32"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    try:
+        rows = aot.compile_table_subprocess(FACTORIES)
+    except aot.Sm90Unavailable as e:
+        pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
+    import triton
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "what": "conv3x3_elu backward kernels (kernels/conv3x3_bwd.py) compiled ahead of time "
+                "for sm_90 (no GPU): registers/thread, shared memory/block (bytes), spill bytes "
+                "(ptxas -v); one row per shipped autotune config and variant, bf16 activations "
+                "unless the variant ends in /fp32 (fp32 activations, TF32 dots, BLOCK_K halved "
+                "as the autotuner's prune does). dgrad/wgrad with ELU; wgrad with per-sample "
+                "scale and bias. Written by tests/test_sm90_compile_bwd.py.",
+        "target": "GPUTarget('cuda', 90, 32)",
+        "triton_version": triton.__version__,
+        "limits": {"shared_bytes": aot.H100_MAX_SHARED_BYTES,
+                   "registers": aot.H100_MAX_REGISTERS, "spill_bytes": 0},
+        "rows": rows,
+    }
+    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    return rows
+
+
+def test_every_shipped_config_compiled(table):
+    assert len(table) == len(K.aot_specs()) + len(K.aot_specs_fp32())
+    for kname, configs, variants in (
+            ("conv3x3_bwd_dgrad", K.DGRAD_CONFIGS, {"plain", "upsample", "stride2"}),
+            ("conv3x3_bwd_wgrad", K.WGRAD_CONFIGS, {"plain", "subpixel", "stride2"})):
+        for v in variants:
+            rows = [r for r in table if r["kernel"] == kname and r["variant"] == v]
+            assert len(rows) == len(configs), (kname, v)
+    assert {"conv3x3_bwd_dgrad_weight", "conv3x3_bwd_wgrad_reduce"} <= {r["kernel"] for r in table}
+
+
+def test_no_spills_and_shared_memory_fits_h100(table):
+    bad = [f"{r['kernel']} {r['variant']} {r['config']}: {'; '.join(r['problems'])}"
+           for r in table if r["problems"]]
+    assert not bad, "\n".join(bad)
+    for r in table:
+        assert r["registers"] is not None and r["registers"] > 0
+        assert r["spill_bytes"] == 0
+        assert r["shared_bytes"] <= aot.H100_MAX_SHARED_BYTES
+
+
+def test_tensor_cores_on_hopper(table):
+    """Every dgrad/wgrad config whose M block is a multiple of 64 lowers to wgmma."""
+    for r in table:
+        if r["kernel"] in ("conv3x3_bwd_dgrad", "conv3x3_bwd_wgrad") and r["config"]["BLOCK_M"] >= 64:
+            assert r["uses_wgmma"], r

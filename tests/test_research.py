@@ -248,6 +248,26 @@ def test_eval_report(tiny_run, tmp_path, cache_dir):
     assert r["out"] == str(out)
 
 
+def test_eval_on_image_folder(tmp_path, cache_dir):
+    """A run trained on a folder: SWD against training images, no factor score, no held-out ratio."""
+    from fastbegan.data import load_folder
+    from fastbegan.evaluate import evaluate
+    from fastbegan.train import TrainConfig, Trainer
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, f in enumerate(procedural_faces(40, 20, seed=11)[0]):
+        Image.fromarray(f).save(folder / f"{i:03d}.png")
+    cfg = TrainConfig(res=16, filters=8, z_dim=8, h=8, batch_size=4, steps=2, data=str(folder),
+                      out=str(tmp_path / "run"), log_every=1, sample_every=1000, device="cpu", backend="torch")
+    Trainer(cfg, load_folder(folder, 16)[0], log=lambda m: None).fit(progress=False)
+    rep = evaluate(_ckpt(tmp_path / "run"), tmp_path / "ev", n=16, swd_patches=8, swd_dirs=32, log=lambda m: None)
+    assert rep["factors"] is None and "procedural" in rep["factors_note"]
+    assert rep["real_data"]["reference"] == "random training images"
+    assert rep["swd_real_baseline"]["swd_x1e3_mean"] > 0
+    assert "ratio" not in rep["memorisation"]
+    assert "n/a" in (tmp_path / "ev" / "report.md").read_text()
+
+
 def test_eval_health_hook(tmp_path, monkeypatch):
     from fastbegan import evaluate as E
     fake = types.ModuleType("fastbegan.health")

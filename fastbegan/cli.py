@@ -45,6 +45,17 @@ def check_writable(folder: str) -> None:
                                    "choose another --out") from None
 
 
+def remove_if_empty(folder: str) -> None:
+    """Delete ``folder`` if it holds nothing but empty files and folders."""
+    import shutil
+    p = Path(folder)
+    try:
+        if p.is_dir() and all(f.is_dir() or f.stat().st_size == 0 for f in p.rglob("*")):
+            shutil.rmtree(p)
+    except OSError:
+        pass
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastbegan")
 def main():
@@ -116,9 +127,15 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
                       max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience)
+    created = not Path(out).exists()
     check_writable(out)
-    trainer = run_training(cfg, resume=resume, progress=not no_progress,
-                           log=lambda m: click.echo(m, err=True))
+    try:
+        trainer = run_training(cfg, resume=resume, progress=not no_progress,
+                               log=lambda m: click.echo(m, err=True))
+    except BaseException:
+        if created:
+            remove_if_empty(out)  # a run that failed before writing anything leaves no folder
+        raise
     if main_rank:
         click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
 

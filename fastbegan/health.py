@@ -2,8 +2,8 @@
 
 BEGAN runs go wrong in a few well-known ways: the generator collapses to one mode (all
 samples alike), k_t sticks at 0 (or 1) because the balance ``L(G(z)) = gamma * L(x)`` is
-out of reach, the losses blow up (NaN/Inf), or M_global, the convergence measure, stops
-improving or starts to rise. This module watches for each of them.
+out of reach, the losses blow up (far above what images in [-1, 1] give, or NaN/Inf), or
+M_global, the convergence measure, stops improving or starts to rise. This module watches for each of them.
 
 Live: :class:`HealthMonitor` is one of ``Trainer.log_hooks``. It runs only at log
 intervals, when the trainer reads its scalars anyway, and then does one small device
@@ -47,6 +47,8 @@ DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
 COLLAPSE_RATIO = 0.05       # fake diversity below this x real's = mode collapse
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
+BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
+MIN_CONTRAST = 0.5          # ... and each fake has at least this x the real images' contrast
 WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
@@ -54,7 +56,7 @@ MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this 
 @dataclass
 class Finding:
     """One health problem: what, since when, the numbers behind it, and a message."""
-    kind: str            # mode_collapse | k_zero | k_one | m_rising | m_stalled | non_finite
+    kind: str            # mode_collapse | k_zero | k_one | blowup | m_rising | m_stalled | non_finite
     step: int            # step at which it was reported
     since: int           # first logged step at which the condition held
     message: str
@@ -88,10 +90,12 @@ class HealthTracker:
 
     def __init__(self, gamma: float = 0.5, patience: int = DEFAULT_PATIENCE,
                  collapse_ratio: float = COLLAPSE_RATIO, warmup: int | None = None,
+                 min_contrast: float = MIN_CONTRAST,
                  stall: int | None = None, rise_tol: float = RISE_TOL, report_stall: bool = True):
         self.gamma = gamma
         self.patience = max(int(patience), 1)
         self.collapse_ratio = collapse_ratio
+        self.min_contrast = min_contrast
         # a fresh generator is nearly constant: diversity is judged only after warmup steps
         self.warmup = WARMUP if warmup is None else warmup
         self.stall = STALL_FACTOR * self.patience if stall is None else stall
@@ -105,9 +109,10 @@ class HealthTracker:
         for f in getattr(self, "reported", {}).values():
             if f is not None:
                 f.ongoing = False
-        self.since: dict[str, int | None] = {k: None for k in ("mode_collapse", "k_zero", "k_one", "m_rising")}
+        self.since: dict[str, int | None] = {k: None for k in ("mode_collapse", "k_zero", "k_one", "blowup",
+                                                               "m_rising")}
         self.reported: dict[str, Finding | None] = {k: None for k in
-                                                    ("mode_collapse", "k_zero", "k_one", "m_rising",
+                                                    ("mode_collapse", "k_zero", "k_one", "blowup", "m_rising",
                                                      "m_stalled", "non_finite")}
         self.m_smooth: float | None = None
         self.best_m, self.best_step = math.inf, None
@@ -167,18 +172,36 @@ class HealthTracker:
                            f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
                            f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
 
+        # losses blown up (finite but far beyond what images in [-1, 1] give)
+        if _finite(lreal) and _finite(lfake) and max(lreal, lfake) > BLOWUP_LOSS:
+            since = self._held("blowup", step)
+            held.add("blowup")
+            if step - since >= self.patience and self.reported["blowup"] is None:
+                amax = row.get("fake_absmax")
+                out = (f"; generator outputs reach {amax:.3g} (images are in [-1, 1])" if _finite(amax) else "")
+                new.append(self._report("blowup", step, since,
+                           {"loss_real": lreal, "loss_fake": lfake, "fake_absmax": amax, "lr": lr},
+                           f"losses blown up since step {since}: L_real {lreal:.3g}, L_fake {lfake:.3g} "
+                           f"(normally below 0.5){out}; the lr is too high for this model: try a lower "
+                           f"--lr (now {_fmt_lr(lr)})"))
+
         # mode collapse: the fake batch much less diverse than the real one
-        ratio = row.get("diversity_ratio")
-        if _finite(ratio) and step >= self.warmup and ratio < self.collapse_ratio:
+        ratio, contrast = row.get("diversity_ratio"), row.get("contrast_ratio")
+        # a young G's outputs are flat blobs, alike because nothing is learnt yet (normal):
+        # a collapse is image-like fakes (contrast like the real images') that are all alike
+        image_like = not _finite(contrast) or contrast >= self.min_contrast
+        if _finite(ratio) and step >= self.warmup and ratio < self.collapse_ratio and image_like:
             since = self._held("mode_collapse", step)
             held.add("mode_collapse")
             if step - since >= self.patience and self.reported["mode_collapse"] is None:
                 df, dr = row.get("diversity_fake"), row.get("diversity_real")
                 nums = (f"; mean pairwise distance {df:.4f} vs {dr:.4f} on 4x-downsampled batches"
                         if _finite(df) and _finite(dr) else "")
+                if _finite(contrast):
+                    nums += f", while each fake has {contrast:.2f}x the real images' contrast"
                 new.append(self._report("mode_collapse", step, since,
                            {"diversity_ratio": ratio, "diversity_fake": df, "diversity_real": dr,
-                            "gamma": g, "lr": lr},
+                            "contrast_ratio": contrast, "gamma": g, "lr": lr},
                            f"mode collapse suspected since step {since}: fake diversity is {ratio:.2f}x "
                            f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
                            f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
@@ -246,12 +269,22 @@ class HealthTracker:
 
 
 # ---------------------------------------------------------------------- live monitor
+def _pooled(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C*h*w) float, ``factor``x average-pooled (less at tiny sizes)."""
+    x = x.detach().float()
+    f = max(1, min(factor, x.shape[-1] // 4))
+    return (F.avg_pool2d(x, f) if f > 1 else x).flatten(1)
+
+
+def batch_contrast(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Mean over the batch of each pooled image's pixel standard deviation (0-d device tensor)."""
+    return _pooled(x, factor).std(1).mean()
+
+
 def batch_diversity(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
     """Mean pairwise RMS distance between the images of a batch, on ``factor``x average-pooled
     images (0-d device tensor; no host synchronisation)."""
-    x = x.detach().float()
-    f = max(1, min(factor, x.shape[-1] // 4))
-    d = F.avg_pool2d(x, f).flatten(1) if f > 1 else x.flatten(1)
+    d = _pooled(x, factor)
     n = d.shape[0]
     if n < 2:
         return torch.full((), float("nan"), device=x.device)
@@ -286,16 +319,19 @@ class HealthMonitor:
         fake, x = batch["fake"], batch["x"]
         nonfinite = (~torch.isfinite(fake)).any().float()
         div_f, div_r = batch_diversity(fake), batch_diversity(x)
-        vec = torch.stack([div_f, div_r, nonfinite])
+        amax = fake.detach().float().abs().amax()
+        vec = torch.stack([div_f, div_r, nonfinite, amax, batch_contrast(fake), batch_contrast(x)])
         dist = getattr(trainer, "dist", None)
         if dist is not None and dist.enabled:  # every rank sees the same numbers, takes the same action
             import torch.distributed as tdist
             tdist.all_reduce(vec)
             vec = vec / dist.world
-        df, dr, nf = vec.tolist()  # the one host read
+        df, dr, nf, am, cf, cr = vec.tolist()  # the one host read
         ratio = df / dr if dr > 0 else float("nan")
-        out = {"diversity_fake": round(df, 6), "diversity_real": round(dr, 6),
-               "diversity_ratio": round(ratio, 4) if math.isfinite(ratio) else ratio}
+        contrast = cf / cr if cr > 0 else float("nan")
+        out = {"diversity_fake": round(df, 6), "diversity_real": round(dr, 6), "fake_absmax": round(am, 4),
+               "diversity_ratio": round(ratio, 4) if math.isfinite(ratio) else ratio,
+               "contrast_ratio": round(contrast, 4) if math.isfinite(contrast) else contrast}
         if nf:
             out["fake_nonfinite"] = True
         return out
@@ -313,7 +349,8 @@ class HealthMonitor:
         if any(f.kind == "mode_collapse" for f in found) and self.on_collapse != "warn":
             collapse = next(f for f in found if f.kind == "mode_collapse")
             notes.append(self.act(trainer, row, collapse))
-        return "\n".join(notes) if notes else None
+        # one message per line; the trainer prefixes the first with "step N: "
+        return f"\nstep {row['step']}: ".join(notes) if notes else None
 
     # ------------------------------------------------------------------ actions
     def act(self, trainer, row: dict, finding: Finding) -> str:

@@ -184,6 +184,7 @@ def force_collapse(mon, start, once=True):
         out = real_measure(trainer)
         forced = trainer.step >= start and not (once and mon.restores)
         out["diversity_ratio"] = 0.0 if forced else 1.0
+        out["contrast_ratio"] = 1.0
         return out
     mon.measure = measure
 

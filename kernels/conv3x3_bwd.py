@@ -478,13 +478,14 @@ def _wgrad_reduce_kernel(
         tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     else:
         if DO_BIAS:
-            NPH: tl.constexpr = 3 * SUBPIXEL + 1     # bias partials per split: 4 phases or 1
+            # bias partials per split: 4 phases (SUBPIXEL) or 1; a constexpr expression
             offs = (pid - n_w_blocks) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < Co
             acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
             for s in range(0, S):
-                for ph in tl.static_range(NPH):
-                    acc += tl.load(bpart_ptr + (s * NPH + ph) * Co + offs, mask=mask, other=0.0)
+                for ph in tl.static_range(3 * SUBPIXEL + 1):
+                    acc += tl.load(bpart_ptr + (s * (3 * SUBPIXEL + 1) + ph) * Co + offs,
+                                   mask=mask, other=0.0)
             tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=mask)
 
 

@@ -41,6 +41,21 @@ CASES = {
 HALF_CASES = ["plain_3to5", "upsample", "stride2_odd", "skip_upsample"]
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """These tensors are tiny: intra-op threads only add OpenMP overhead, which becomes
+    seconds per gradcheck when the CPU is shared with other jobs."""
+    if HAS_CUDA:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _inputs(case, dtype, device=DEVICE, seed=0, wdtype=torch.float32):
     cx, cs, co, n, h, w, up, stride, act, _ = CASES[case]
     g = torch.Generator().manual_seed(seed)

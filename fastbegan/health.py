@@ -44,7 +44,7 @@ ON_COLLAPSE = ("warn", "stop", "restore")
 # fake/real diversity ratio stays above ~0.12 after its first 50 steps (a fresh G is
 # nearly constant: 0.01 at step 10), a constant generator gives 0.
 DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
-COLLAPSE_RATIO = 0.05       # fake diversity below this x real's = mode collapse
+COLLAPSE_RATIO = 0.1        # fake diversity below this x real's = mode collapse ...
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)

@@ -16,28 +16,13 @@ FASTBEGAN_BENCH_COMPILE=auto|all|none. Cases over budget are reported as skipped
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from fastbegan import bench
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-RESULTS_DIR = Path(os.environ.get("FASTBEGAN_BENCH_RESULTS") or Path(__file__).parent / "results")
-_session: bench.BenchSession | None = None
-
-
-def get_session() -> bench.BenchSession:
-    global _session
-    if _session is None:
-        if DEVICE.type == "cpu":
-            # Tiny CPU cases on shared cores time far more steadily on one thread (CPU numbers
-            # are a smoke test, not performance evidence). FASTBEGAN_BENCH_CPU_THREADS overrides.
-            torch.set_num_threads(int(os.environ.get("FASTBEGAN_BENCH_CPU_THREADS", 1)))
-        _session = bench.BenchSession.from_env(DEVICE, results_dir=RESULTS_DIR)
-    return _session
+import benchsession  # noqa: E402
+from benchsession import DEVICE, RESULTS_DIR, get_session  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -75,12 +60,14 @@ def pytest_configure(config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _session = benchsession._session
     if _session is not None and _session.rows:
         # exit status 2: interrupted (e.g. the GPU suite's `timeout -s INT`): rows so far
         _session.write(complete=int(exitstatus) != 2, exitstatus=int(exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _session = benchsession._session
     if _session is not None and _session.rows and _session.stem:
         terminalreporter.write_line(
             f"fastbegan benchmark results: {RESULTS_DIR / _session.stem}.json / .md "

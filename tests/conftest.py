@@ -1,20 +1,7 @@
-"""Test configuration.
+"""Test configuration: the Triton interpreter without a GPU (see testutil), backend reset."""
+import pytest
 
-Without a CUDA GPU, Triton kernels run in the interpreter on CPU tensors. The variable
-must be set before any kernel module is imported (``triton.jit`` reads it then).
-"""
-import os
-
-import torch
-
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+from testutil import DEVICE  # noqa: F401  (first: sets TRITON_INTERPRET before kernels load)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from conftest import DEVICE, HAS_CUDA, requires_gpu
+from testutil import DEVICE, HAS_CUDA, requires_gpu
 from fastbegan import ops
 from fastbegan.kernels import conv3x3_bwd as K
 from fastbegan.ops import reference as R

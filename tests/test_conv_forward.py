@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, requires_gpu
+from testutil import DEVICE, HAS_CUDA, requires_gpu
 from fastbegan import ops
 from fastbegan.kernels import conv3x3 as K
 from fastbegan.ops import reference

@@ -26,7 +26,7 @@ import fastbegan
 from fastbegan import dropin, ops
 from fastbegan.nn import Conv2dELU, conv2d_support
 
-from conftest import HAS_CUDA
+from testutil import HAS_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 4  # channels: tiny, the Triton interpreter is slow

@@ -20,7 +20,7 @@ from fastbegan import ops
 from fastbegan.step import FusedStep, fused_step_status
 from fastbegan.train import TrainConfig, Trainer
 
-from conftest import requires_gpu
+from testutil import requires_gpu
 
 
 def _trainer(backend="torch", device="cpu", **kw):

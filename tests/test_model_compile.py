@@ -9,7 +9,7 @@ import torch
 from fastbegan import ops
 from fastbegan.model import BEGAN
 
-from conftest import DEVICE
+from testutil import DEVICE
 
 
 def test_model_compiles_fullgraph_on_triton_backend():

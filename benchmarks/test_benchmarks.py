@@ -10,7 +10,7 @@ import pytest
 
 from fastbegan import bench
 
-from conftest import DEVICE, RESULTS_DIR, get_session
+from benchsession import DEVICE, RESULTS_DIR, get_session
 
 CASES = bench.default_cases(DEVICE)
 

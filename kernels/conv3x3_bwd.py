@@ -7,8 +7,11 @@ Forward (kernels/conv3x3.py)::
     y   = elu(pre) if ACT else pre
 
 All activations are NHWC in memory (logical NCHW tensors in channels_last format).
-Three kernels compute the gradients:
+Four kernels compute the gradients:
 
+0. ``_dgrad_weight_kernel`` -- a weight-sized pass that lays out one source's weights for
+   dgrad as ``wt[tap, co, ci]`` in the activations' dtype (fp32 master weights are cast
+   here, once, instead of in every dgrad tile; the sub-pixel tap sums are formed here).
 1. ``_dgrad_kernel``  -- gradient of one *source* tensor (x, or the concatenated skip)::
 
        dsrc = conv_transpose3x3(dpre, W[:, c_off:c_off + C_src])      (+ adjoints)
@@ -17,9 +20,15 @@ Three kernels compute the gradients:
 2. ``_wgrad_kernel``  -- partial weight (and bias) gradients of one source: a GEMM with
    M = C_out, N = taps x C_src and K = the pixels of the whole batch, split into
    ``S`` chunks ("split-K"); every program writes its own fp32 partial tile, so the
-   result is deterministic (no atomics).
+   result is deterministic (no atomics). Sample n's pixels are multiplied by an optional
+   per-sample scale while dpre is loaded (D's fake half gets -k_t, DESIGN 1).
 3. ``_wgrad_reduce_kernel`` -- sums the split-K partials in fp32 and writes dW in the
    weight's own layout and dtype (and db).
+
+Launchers: :func:`conv3x3_elu_dgrad` (kernels 0 + 1) and :func:`conv3x3_elu_wgrad`
+(kernels 2 + 3, once per source); the custom ops ``fastbegan::conv3x3_elu_dgrad`` /
+``fastbegan::conv3x3_elu_wgrad`` and the autograd formula that calls them live in
+:mod:`fastbegan.ops.triton_conv_autograd`.
 
 The ELU derivative is taken from the saved *output* y:  d elu / d pre = 1 if y > 0
 else y + 1 (= exp(pre)).  It is applied while dy is loaded (``_load_dpre``), so the
@@ -43,9 +52,17 @@ Stride 2 dgrad is split by output phase as well: the source pixels of phase (py,
 (``h = 2i + py``) receive only from taps kh = 1 (py = 0) or kh in {0, 2} (py = 1), so no
 MACs are wasted on the zeros a masked stride-1 formulation would multiply.
 
-Data types: activations fp32 / fp16 / bf16, weights any float dtype (cast on load to the
-activations' dtype for ``tl.dot``), accumulation in fp32 always. Integer offsets are
-int32: the launchers check that every tensor has fewer than 2**31 elements.
+Data types: activations fp32 / fp16 / bf16, weights any float dtype (cast to the
+activations' dtype for ``tl.dot`` by kernel 0; dW / db come back in the weight's dtype),
+accumulation and split-K partials in fp32 (fp64 for fp64 tensors, which the tests use for
+gradcheck). fp32 dots use TF32 when ``torch.backends.cudnn.allow_tf32`` allows it (the
+PyTorch default for convolutions). Integer offsets are int32: the launchers check that
+every tensor has fewer than 2**31 elements.
+
+Hopper: pointer loads (masked gathers: the conv padding, the phase and upsample index
+maps), ``tl.dot`` lowered to wgmma; every config is compiled for sm_90 by
+tests/test_sm90_compile_bwd.py (no spills, shared memory <= 227 KB; table in
+benchmarks/results/sm90_resources_bwd.json).
 """
 from __future__ import annotations
 
@@ -266,13 +283,13 @@ def _dgrad_kernel(
 @triton.jit
 def _dgrad_weight_kernel(
     w_ptr, wt_ptr, Co, C, c_off, sw_o, sw_i, sw_h, sw_w,
-    UPSAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+    UPSAMPLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Weights of one source for ``_dgrad_kernel``: ``wt[t, co, ci]`` in the activation dtype.
 
     One program: BLOCK consecutive elements of wt, numbered (t, co, ci).
     * plain / stride 2: t = kh * 3 + kw, wt = W[co, c_off + ci, kh, kw];
-    * UPSAMPLE: t = a * 4 + b (the 4x4 sub-pixel taps), wt = the fp32 sum of
+    * UPSAMPLE: t = a * 4 + b (the 4x4 sub-pixel taps), wt = the ACC-precision sum of
       W[co, c_off + ci, kh, kw] over kh in [max(0, 2 - a), min(2, 3 - a)] and kw likewise.
     A weight-sized pass (Co * C * 9 or 16 elements) per backward: it casts fp32 master
     weights to 16 bits once instead of in every dgrad tile, and leaves the dgrad loop one
@@ -296,11 +313,11 @@ def _dgrad_weight_kernel(
         kw1 = tl.minimum(3 - tb, 2)
         two_h = kh1 != kh0
         two_w = kw1 != kw0
-        v = tl.load(base + kh0 * sw_h + kw0 * sw_w, mask=mask, other=0.0).to(tl.float32)
-        v += tl.load(base + kh0 * sw_h + kw1 * sw_w, mask=mask & two_w, other=0.0).to(tl.float32)
-        v += tl.load(base + kh1 * sw_h + kw0 * sw_w, mask=mask & two_h, other=0.0).to(tl.float32)
+        v = tl.load(base + kh0 * sw_h + kw0 * sw_w, mask=mask, other=0.0).to(ACC)
+        v += tl.load(base + kh0 * sw_h + kw1 * sw_w, mask=mask & two_w, other=0.0).to(ACC)
+        v += tl.load(base + kh1 * sw_h + kw0 * sw_w, mask=mask & two_h, other=0.0).to(ACC)
         v += tl.load(base + kh1 * sw_h + kw1 * sw_w, mask=mask & two_h & two_w,
-                     other=0.0).to(tl.float32)
+                     other=0.0).to(ACC)
     else:
         v = tl.load(base + (t // 3) * sw_h + (t % 3) * sw_w, mask=mask, other=0.0)
     tl.store(wt_ptr + offs, v.to(wt_ptr.dtype.element_ty), mask=mask)
@@ -416,12 +433,9 @@ def _wgrad_kernel(
     p_offs = (((pid_s * Co + offs_co) * T + t) * C)[:, None] + offs_ci[None, :]
     tl.store(part_ptr + p_offs, acc, mask=co_ok[:, None] & ci_ok[None, :])
     if DO_BIAS:
-        if SUBPIXEL:
-            nph = 4
-        else:
-            nph = 1
-        if bias_prog:
-            tl.store(bpart_ptr + (pid_s * nph + bias_slot) * Co + offs_co, bacc, mask=co_ok)
+        if bias_prog:  # bias partials per split: 4 phases (SUBPIXEL) or 1
+            tl.store(bpart_ptr + (pid_s * (3 * SUBPIXEL + 1) + bias_slot) * Co + offs_co, bacc,
+                     mask=co_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -570,7 +584,7 @@ def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False
     wt = torch.empty((n_tap, Co, C), device=dy.device, dtype=dy.dtype)
     _dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
         weight, wt, Co, C, c_off, sw[0], sw[1], sw[2], sw[3],
-        UPSAMPLE=upsample, BLOCK=_PREP_BLOCK,
+        UPSAMPLE=upsample, ACC=_acc(dy.dtype), BLOCK=_PREP_BLOCK,
     )
 
     def grid(meta):
@@ -726,7 +740,7 @@ def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
                 fn=_dgrad_weight_kernel,
                 signature={"w_ptr": "*fp32", "wt_ptr": act,
                            **{k: "i32" for k in ("Co", "C", "c_off", "sw_o", "sw_h", "sw_w")}},
-                constexprs=dict(UPSAMPLE=up, BLOCK=_PREP_BLOCK, sw_i=1),
+                constexprs=dict(UPSAMPLE=up, ACC=tl.float32, BLOCK=_PREP_BLOCK, sw_i=1),
                 num_warps=4, num_stages=1,
                 divisible_by_16=["w_ptr", "wt_ptr", "Co", "C", "c_off", "sw_o", "sw_h", "sw_w"]))
             specs.append(dict(

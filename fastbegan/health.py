@@ -8,10 +8,12 @@ M_global, the convergence measure, stops improving or starts to rise. This modul
 Live: :class:`HealthMonitor` is one of ``Trainer.log_hooks``. It runs only at log
 intervals, when the trainer reads its scalars anyway, and then does one small device
 computation on ``trainer.last_batch`` (mean pairwise distance of the fake batch and of
-the real batch, on 4x average-pooled images) and one host read. Nothing runs inside the
-training step. The signals go into the metrics row (``diversity_ratio``, ``diversity_fake``,
-``diversity_real``, ``health``), and a message is printed when a condition has held for
-``patience`` steps. ``on_collapse`` says what happens on a suspected mode collapse:
+the real batch, and each batch's mean per-image contrast, on 4x average-pooled images;
+the largest |fake| value; NaN/Inf in the fakes) and one host read. Nothing runs inside
+the training step. The signals go into the metrics row (``diversity_ratio``,
+``diversity_fake``, ``diversity_real``, ``contrast_ratio``, ``fake_absmax``, and ``health``:
+the problems reported and still holding), and a message is printed when a condition has
+held for ``patience`` steps. ``on_collapse`` says what happens on a suspected mode collapse:
 ``warn`` (message only), ``stop`` (save a checkpoint and stop) or ``restore`` (go back to
 the newest checkpoint written before the collapse began, with the lr halved).
 
@@ -40,16 +42,22 @@ import torch.nn.functional as F
 
 ON_COLLAPSE = ("warn", "stop", "restore")
 
-# Defaults, tuned on the embedded faces (res 16 and 32, CPU, 300 steps): a normal run's
-# fake/real diversity ratio stays above ~0.12 after its first 50 steps (a fresh G is
-# nearly constant: 0.01 at step 10), a constant generator gives 0.
+# Defaults, measured on the embedded faces on CPU (fake/real diversity "div", fake/real
+# contrast "con", both on 4x-pooled batches):
+# - a fresh G is nearly constant (div 0.01-0.02 at step 10);
+# - a young default G makes flat, alike blobs for hundreds of steps: res 16, 64 filters:
+#   div 0.02-0.05 with con 0.2-0.4 up to step 1500; res 32 at step 300: div 0.14, con 0.54;
+# - a small model that really collapsed (res 16, 16 filters, z 16: one face for every z,
+#   con ~1 from step ~1500 on): div 0.054-0.10;
+# - a single image repeated: div 0, con 1.
+# So a collapse is div < 0.1 while con >= 0.5, for `patience` steps after a 100-step warmup.
 DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
-COLLAPSE_RATIO = 0.1        # fake diversity below this x real's = mode collapse ...
+COLLAPSE_RATIO = 0.1        # fake diversity below this x real's ...
+MIN_CONTRAST = 0.5          # ... while each fake has at least this x the real images' contrast
+WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
-MIN_CONTRAST = 0.5          # ... and each fake has at least this x the real images' contrast
-WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
 

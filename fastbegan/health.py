@@ -124,13 +124,10 @@ class HealthTracker:
                                                      "m_stalled", "non_finite")}
         self.m_smooth: float | None = None
         self.best_m, self.best_step = math.inf, None
-        self.first_step: int | None = None
 
     # ------------------------------------------------------------------ detectors
     def update(self, row: dict) -> list[Finding]:
         step = int(row["step"])
-        if self.first_step is None:
-            self.first_step = step
         new: list[Finding] = []
         lr = row.get("lr")
         vals = {k: row.get(k) for k in ("loss_real", "loss_fake", "k", "M")}
@@ -152,33 +149,6 @@ class HealthTracker:
 
         k, m, lreal, lfake = vals["k"], vals["M"], vals["loss_real"], vals["loss_fake"]
         g = self.gamma
-        drive = g * lreal - lfake if _finite(lreal) and _finite(lfake) else None
-
-        # k_t pinned at 0: L_fake > gamma * L_real at every step
-        if _finite(k) and k <= 1e-7:
-            since = self._held("k_zero", step)
-            held.add("k_zero")
-            if step - since >= self.patience and self.reported["k_zero"] is None:
-                hint = "; 0.3-0.7 is usual" if g < 0.3 else ""
-                new.append(self._report("k_zero", step, since,
-                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
-                           f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
-                           f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
-                           f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
-                           f"fakes and G cannot reach the balance; try a higher --gamma (now {g:g}{hint}) "
-                           f"or a lower --lr (now {_fmt_lr(lr)})"))
-        # k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully
-        if _finite(k) and k >= 1 - 1e-7:
-            since = self._held("k_one", step)
-            held.add("k_one")
-            if step - since >= self.patience and self.reported["k_one"] is None:
-                new.append(self._report("k_one", step, since,
-                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
-                           f"k_t has been 1 for {step - since} steps (since step {since}): the fakes are "
-                           f"reconstructed better than gamma x the real images even with D pushing them "
-                           f"away at full strength (L_fake {lfake:.4f} < gamma*L_real {g * lreal:.4f}), so G "
-                           f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
-                           f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
 
         # losses blown up (finite but far beyond what images in [-1, 1] give)
         if _finite(lreal) and _finite(lfake) and max(lreal, lfake) > BLOWUP_LOSS:
@@ -192,6 +162,34 @@ class HealthTracker:
                            f"losses blown up since step {since}: L_real {lreal:.3g}, L_fake {lfake:.3g} "
                            f"(normally below 0.5){out}; the lr is too high for this model: try a lower "
                            f"--lr (now {_fmt_lr(lr)})"))
+
+        # k_t pinned at 0: L_fake > gamma * L_real at every step
+        if _finite(k) and k <= 1e-7:
+            since = self._held("k_zero", step)
+            held.add("k_zero")
+            if step - since >= self.patience and self.reported["k_zero"] is None:
+                hint = "; 0.3-0.7 is usual" if g < 0.3 else ""
+                advice = (f"try a higher --gamma (now {g:g}{hint}) or a lower --lr (now {_fmt_lr(lr)})"
+                          if lfake <= BLOWUP_LOSS else
+                          f"here L_fake itself is blown up: lower the --lr (now {_fmt_lr(lr)}) first")
+                new.append(self._report("k_zero", step, since,
+                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                           f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
+                           f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
+                           f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
+                           f"fakes and G cannot reach the balance; {advice}"))
+        # k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully
+        if _finite(k) and k >= 1 - 1e-7:
+            since = self._held("k_one", step)
+            held.add("k_one")
+            if step - since >= self.patience and self.reported["k_one"] is None:
+                new.append(self._report("k_one", step, since,
+                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                           f"k_t has been 1 for {step - since} steps (since step {since}): the fakes are "
+                           f"reconstructed better than gamma x the real images even with D pushing them "
+                           f"away at full strength (L_fake {lfake:.4f} < gamma*L_real {g * lreal:.4f}), so G "
+                           f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
+                           f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
 
         # mode collapse: the fake batch much less diverse than the real one
         ratio, contrast = row.get("diversity_ratio"), row.get("contrast_ratio")

@@ -312,7 +312,7 @@ class HealthMonitor:
         self.restores: list[dict] = []
 
     @classmethod
-    def from_config(cls, cfg) -> "HealthMonitor":
+    def from_config(cls, cfg) -> HealthMonitor:
         # with --lr-stall the trainer already reports (and acts on) a stalled M
         return cls(cfg.gamma, cfg.health_patience, cfg.on_collapse, report_stall=not cfg.lr_stall)
 
@@ -428,11 +428,11 @@ def _run_config(run_dir: Path) -> dict:
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return {}
+    from safetensors import SafetensorError, safe_open
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("config", "{}"))
-    except Exception:  # an unreadable checkpoint: fall back to defaults
+    except (SafetensorError, OSError, ValueError):  # an unreadable checkpoint: fall back to defaults
         return {}
 
 

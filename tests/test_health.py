@@ -8,8 +8,14 @@ import torch
 
 from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.data import procedural_faces
-from fastbegan.health import Finding, HealthMonitor, HealthTracker, batch_diversity, diagnose_run
-from fastbegan.train import Trainer, TrainConfig
+from fastbegan.health import (
+    Finding,
+    HealthMonitor,
+    HealthTracker,
+    batch_diversity,
+    diagnose_run,
+)
+from fastbegan.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +46,7 @@ def monitor_of(trainer) -> HealthMonitor:
 
 def rows(steps, **fields):
     """Synthetic metrics rows: fields are constants or functions of the step."""
-    base = dict(k=0.01, M=0.2, loss_real=0.2, loss_fake=0.1, lr=1e-4, diversity_ratio=0.5)
+    base = {"k": 0.01, "M": 0.2, "loss_real": 0.2, "loss_fake": 0.1, "lr": 1e-4, "diversity_ratio": 0.5}
     base.update(fields)
     return [{"step": s, **{k: (v(s) if callable(v) else v) for k, v in base.items()}} for s in steps]
 
@@ -120,7 +126,7 @@ def test_k_one_message_says_lower_gamma():
 
 def test_rising_m_triggers():
     t = HealthTracker(gamma=0.5, patience=100)
-    m = lambda s: 0.3 - 0.0005 * s if s <= 400 else 0.1 + 0.002 * (s - 400)  # noqa: E731
+    m = lambda s: 0.3 - 0.0005 * s if s <= 400 else 0.1 + 0.002 * (s - 400)
     found = feed(t, rows(range(10, 801, 10), M=m))
     assert [f.kind for f in found] == ["m_rising"]
     f = found[0]
@@ -130,7 +136,7 @@ def test_rising_m_triggers():
 
 def test_stalled_m_triggers():
     t = HealthTracker(gamma=0.5, patience=100)  # stall window 5 x patience = 500 steps
-    m = lambda s: max(0.3 - 0.001 * s, 0.15) + 0.001 * math.sin(s)  # noqa: E731
+    m = lambda s: max(0.3 - 0.001 * s, 0.15) + 0.001 * math.sin(s)
     found = feed(t, rows(range(10, 1001, 10), M=m))
     assert [f.kind for f in found] == ["m_stalled"]
     assert found[0].message.startswith("M_global stalled for 500 steps")

@@ -84,7 +84,7 @@ def _finite(v) -> bool:
 
 
 def _fmt_lr(lr) -> str:
-    return f"{lr:.2g}" if _finite(lr) else "?"
+    return f"{lr:.3g}" if _finite(lr) else "?"
 
 
 class HealthTracker:

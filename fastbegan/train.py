@@ -456,7 +456,7 @@ class Trainer:
                         if notes:
                             row["events"] = notes
                             for note in notes:
-                                self.log(f"step {self.step}: {note}")
+                                self.log(f"step {row['step']}: {note}")  # a hook may have restored an earlier step
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         rows.append(row)

@@ -320,3 +320,20 @@ def test_diagnose_run_reads_metrics(tmp_path):
     assert json.dumps([f.as_dict() for f in found])
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         diagnose_run(tmp_path / "nope")
+
+
+def test_cli_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from fastbegan.cli import main
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    tiny = ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--log-every", "1", "--steps", "4"]
+    r = CliRunner().invoke(main, [*tiny, "--gamma", "0", "--health-patience", "2", "--on-collapse", "stop",
+                                  "--out", str(tmp_path / "run")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "step 3: k_t has been 0 for 2 steps (since step 1)" in r.output
+    cfg = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])[1]
+    assert cfg["on_collapse"] == "stop" and cfg["health_patience"] == 2
+    r = CliRunner().invoke(main, [*tiny, "--on-collapse", "explode", "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "explode" in r.output

@@ -321,6 +321,28 @@ def compile_table_subprocess(factories: list[str], workers: int | None = None,
     return data
 
 
+def write_table(path, rows: list[dict], what: str) -> None:
+    """Write a resource table (rows of :func:`compile_table`) as JSON, with the target,
+    the Triton version and the limits it was checked against."""
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"what": what, "target": "GPUTarget('cuda', 90, 32)", "triton_version": triton.__version__,
+           "limits": {"shared_bytes": H100_MAX_SHARED_BYTES, "registers": H100_MAX_REGISTERS,
+                      "spill_bytes": 0},
+           "rows": rows}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def table_violations(rows: list[dict]) -> list[str]:
+    """One line per row that spills, overflows shared memory or has no register count."""
+    bad = [f"{r['kernel']} {r['variant']} {r['config']}: {'; '.join(r['problems'])}"
+           for r in rows if r["problems"]]
+    bad += [f"{r['kernel']} {r['variant']} {r['config']}: no register count"
+            for r in rows if not r["registers"]]
+    return bad
+
+
 def _main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(description="Compile kernel specs for sm_90 and print a "

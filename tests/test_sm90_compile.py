@@ -10,7 +10,6 @@ Compiling runs in a child process without TRITON_INTERPRET (conftest sets it for
 interpreter tests, and interpreted kernels cannot be compiled), in parallel over the CPU
 cores; Triton's on-disk cache makes reruns fast.
 """
-import json
 from pathlib import Path
 
 import pytest
@@ -32,21 +31,12 @@ def table():
         rows = aot.compile_table_subprocess(FACTORIES)
     except aot.Sm90Unavailable as e:
         pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
-    import triton
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "what": "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
-                "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
-                "one row per shipped autotune config and variant; bf16 activations with fp32 "
-                "weights unless the variant ends in /fp32 (fp32 activations and weights). "
-                "Written by tests/test_sm90_compile.py.",
-        "target": "GPUTarget('cuda', 90, 32)",
-        "triton_version": triton.__version__,
-        "limits": {"shared_bytes": aot.H100_MAX_SHARED_BYTES,
-                   "registers": aot.H100_MAX_REGISTERS, "spill_bytes": 0},
-        "rows": rows,
-    }
-    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    aot.write_table(RESULTS, rows,
+                    "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
+                    "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
+                    "one row per shipped autotune config and variant; bf16 activations with fp32 "
+                    "weights unless the variant ends in /fp32 (fp32 activations and weights). "
+                    "Written by tests/test_sm90_compile.py.")
     return rows
 
 
@@ -68,13 +58,8 @@ def test_every_shipped_config_compiled(table):
 
 
 def test_no_spills_and_shared_memory_fits_h100(table):
-    bad = [f"{r['kernel']} {r['variant']} {r['config']}: {'; '.join(r['problems'])}"
-           for r in table if r["problems"]]
+    bad = aot.table_violations(table)
     assert not bad, "\n".join(bad)
-    for r in table:
-        assert r["registers"] is not None and r["registers"] > 0
-        assert r["spill_bytes"] == 0
-        assert r["shared_bytes"] <= aot.H100_MAX_SHARED_BYTES
 
 
 def test_hopper_path_uses_tma_and_wgmma(table):

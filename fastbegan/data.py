@@ -125,6 +125,20 @@ def save_array_atomic(path: Path, arr: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _read_cache(cache: Path, report: DataReport) -> np.ndarray | None:
+    """The cached array, or None (no cache, or a damaged one: deleted and rebuilt, not trusted)."""
+    report.cache = str(cache)
+    if not cache.exists():
+        return None
+    try:
+        arr = np.load(cache)
+    except (OSError, ValueError):
+        cache.unlink(missing_ok=True)
+        return None
+    report.loaded, report.from_cache = len(arr), True
+    return arr
+
+
 def load_folder(folder: str | os.PathLike, res: int, cache_dir: str | os.PathLike | None = None,
                 progress: bool = False) -> tuple[np.ndarray, DataReport]:
     """Folder of images -> ((N, res, res, 3) uint8, report). Cached as .npy in cache_dir."""
@@ -132,14 +146,9 @@ def load_folder(folder: str | os.PathLike, res: int, cache_dir: str | os.PathLik
     report = DataReport(source=str(folder), found=len(files))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f"{Path(folder).expanduser().resolve().name}-{res}-{_folder_key(files, res)}.npy"
-    report.cache = str(cache)
-    if cache.exists():
-        try:
-            arr = np.load(cache)
-            report.loaded, report.from_cache = len(arr), True
-            return arr, report
-        except (OSError, ValueError):
-            cache.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
+    arr = _read_cache(cache, report)
+    if arr is not None:
+        return arr, report
     out = np.empty((len(files), res, res, 3), np.uint8)
     it = files
     if progress:
@@ -231,14 +240,9 @@ def load_procedural(res: int, n: int = 4096, seed: int = 0,
     """The procedural faces, cached like a folder (drawing 4096 faces takes a few seconds)."""
     report = DataReport(source=f"embedded procedural faces (n={n}, seed={seed})", found=n)
     cache = Path(cache_dir or default_cache_dir()) / f"procedural-faces-v1-{res}-{n}-{seed}.npy"
-    report.cache = str(cache)
-    if cache.exists():
-        try:
-            arr = np.load(cache)
-            report.loaded, report.from_cache = len(arr), True
-            return arr, report
-        except (OSError, ValueError):
-            cache.unlink(missing_ok=True)
+    arr = _read_cache(cache, report)
+    if arr is not None:
+        return arr, report
     arr, _ = procedural_faces(n, res, seed)
     report.loaded = n
     try:

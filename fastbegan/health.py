@@ -51,12 +51,17 @@ ON_COLLAPSE = ("warn", "stop", "restore")
 #   con ~1 from step ~1500 on): div 0.054-0.10;
 # - a single image repeated: div 0, con 1.
 # So a collapse is div < 0.1 while con >= 0.5, for `patience` steps after a 100-step warmup.
+# But a default res-32 run also drew one face for every z from step ~400 to at least 1500
+# (div 0.06-0.09, con 0.7-0.8; k_t falling to 0 at 1350): whether that is BEGAN's early
+# phase or a real collapse, the samples are all alike, so it is reported, with a hint that
+# early in a run it may pass.
 DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported
 COLLAPSE_RATIO = 0.1        # fake diversity below this x real's ...
 MIN_CONTRAST = 0.5          # ... while each fake has at least this x the real images' contrast
 WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
+EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
@@ -210,7 +215,9 @@ class HealthTracker:
                             "contrast_ratio": contrast, "gamma": g, "lr": lr},
                            f"mode collapse suspected since step {since}: fake diversity is {ratio:.2f}x "
                            f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
-                           f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
+                           f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"
+                           + ("; early in a run this can also be a phase that passes (look at the "
+                              "samples again in a few thousand steps)" if since < EARLY else "")))
 
         # M_global trend, on a smoothed M (one batch's M is noisy)
         if _finite(m):

@@ -45,6 +45,16 @@ def test_l1_forward_backward(dtype, layout, device):
     assert (ra.grad[0, 0, 0, :3] == 0).all()
 
 
+def test_l1_gradient_for_recon_only(device):
+    """The trainer's L_real: the target x needs no gradient, only D's output does (the
+    backward op then returns two empty placeholders, which must not alias each other)."""
+    x = _t((2, 3, 4, 4), seed=3, device=device)
+    r = _t((2, 3, 4, 4), seed=4, device=device).requires_grad_()
+    g, = torch.autograd.grad(tl_loss.l1_recon_loss(x, r), r)
+    want, = torch.autograd.grad(ref.l1_recon_loss_ref(x, r), r)
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32, torch.float32),
                                     (torch.float32, torch.float16, torch.float16)])
 def test_l1_pair(dtypes, device):

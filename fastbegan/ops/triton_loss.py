@@ -182,8 +182,9 @@ def _l1_loss_backward_op(xa: Tensor, xb: Tensor, recon: Tensor, grad: Tensor, ne
     """
     halves = grad.numel()
     g_xa, g_xb, g_r = _launch_backward(xa, xb, recon, grad.reshape(-1), halves, need_xa, need_xb)
-    empty = recon.new_empty((0,))
-    return (g_xa if g_xa is not None else empty, g_xb if g_xb is not None else empty, g_r)
+    # A fresh empty tensor per missing gradient: custom-op outputs must not alias each other.
+    return (g_xa if g_xa is not None else recon.new_empty((0,)),
+            g_xb if g_xb is not None else recon.new_empty((0,)), g_r)
 
 
 @_l1_loss_backward_op.register_fake

@@ -61,6 +61,7 @@ MIN_CONTRAST = 0.5          # ... while each fake has at least this x the real i
 WARMUP = 100                # steps before the collapse detector starts (a fresh G is nearly constant)
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
+K_EDGE = 1e-4               # k_t "at 0" below this (it bounces off 0 by ~1e-6), "at 1" above 1 - this
 EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
@@ -169,7 +170,7 @@ class HealthTracker:
                            f"--lr (now {_fmt_lr(lr)})"))
 
         # k_t pinned at 0: L_fake > gamma * L_real at every step
-        if _finite(k) and k <= 1e-7:
+        if _finite(k) and k < K_EDGE:
             since = self._held("k_zero", step)
             held.add("k_zero")
             if step - since >= self.patience and self.reported["k_zero"] is None:
@@ -184,7 +185,7 @@ class HealthTracker:
                            f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
                            f"fakes and G cannot reach the balance; {advice}"))
         # k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully
-        if _finite(k) and k >= 1 - 1e-7:
+        if _finite(k) and k > 1 - K_EDGE:
             since = self._held("k_one", step)
             held.add("k_one")
             if step - since >= self.patience and self.reported["k_one"] is None:

@@ -51,8 +51,8 @@ ON_COLLAPSE = ("warn", "stop", "restore")
 #   con ~1 from step ~1500 on): div 0.054-0.10;
 # - a single image repeated: div 0, con 1.
 # So a collapse is div < 0.1 while con >= 0.5, for `patience` steps after a 100-step warmup.
-# But a default res-32 run also drew one face for every z from step ~400 to at least 1500
-# (div 0.06-0.09, con 0.7-0.8; k_t falling to 0 at 1350): whether that is BEGAN's early
+# But a default res-32 run also drew one face for every z from step ~400 to 2500 at least
+# (div 0.09 falling to 0.04, con 0.7-0.8; k_t ~0 from 1350): whether that is BEGAN's early
 # phase or a real collapse, the samples are all alike, so it is reported, with a hint that
 # early in a run it may pass.
 DEFAULT_PATIENCE = 200      # steps a condition must hold before it is reported

@@ -29,7 +29,11 @@ Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; ind
 flips (done on the uint8 batch) and z come from the trainer's device generator in the
 same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
 [-1, 1] conversion is a separate elementwise op (optionally compiled): it is *not* fused
-into the first conv's load.
+into the first conv's load. Why not (yet): D's first conv reads [x_real; G(z)] as one
+batch, so a fused load would need a second, uint8 source for half the rows; and the op
+only touches B*3*H*W elements (1.5 MB at res 128, batch 16, bf16), next to the
+hundreds of MB of activations the convs read and write per step. It is a candidate for
+fusion only if a GPU profile shows it; inside the CUDA graph it costs one small launch.
 
 On CUDA the whole step is captured once into a CUDA graph and replayed (``cuda_graph``,
 default on CUDA): ``warmup`` eager steps run on a side stream first (Triton autotuning,

@@ -16,3 +16,15 @@ def _reset_backend():
     ops.set_backend("torch")
     yield
     ops.set_backend("torch")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op CPU thread (restored after): tiny tensors only pay OpenMP overhead, which
+    becomes seconds per test when the 2 CPU cores are shared. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

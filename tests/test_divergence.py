@@ -6,11 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from testutil import tiny_trainer
 from fastbegan import ops
 from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.cli import main
 from fastbegan.data import procedural_faces
-from fastbegan.train import DivergenceError, Trainer, TrainConfig
+from fastbegan.train import DivergenceError, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,7 @@ def faces8():
 
 
 def make(tmp_path, data, **kw):
-    cfg = TrainConfig(**{"res": 8, "filters": 4, "z_dim": 8, "h": 8, "batch_size": 2, "steps": 10,
-                         "device": "cpu", "backend": "torch", "out": str(tmp_path), "log_every": 2,
-                         "sample_every": 1000, "ckpt_every": 4, **kw})
-    return Trainer(cfg, data, log=lambda *_: None)
+    return tiny_trainer(tmp_path, data, **{"batch_size": 2, "steps": 10, "ckpt_every": 4, **kw})
 
 
 def inject_nan(t: Trainer, at_steps):

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from testutil import tiny_trainer
 from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.data import procedural_faces
 from fastbegan.health import (
@@ -15,16 +16,10 @@ from fastbegan.health import (
     batch_diversity,
     diagnose_run,
 )
-from fastbegan.train import TrainConfig, Trainer
+from fastbegan.train import TrainConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~10x faster than two on a shared, busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +28,7 @@ def faces16():
 
 
 def make(tmp_path, data, **kw):
-    cfg = TrainConfig(**{"res": 16, "filters": 4, "z_dim": 8, "h": 8, "batch_size": 8, "steps": 20,
-                         "device": "cpu", "backend": "torch", "out": str(tmp_path), "log_every": 2,
-                         "sample_every": 1000, "ckpt_every": 1000, "health_patience": 4, **kw})
-    return Trainer(cfg, data, log=lambda *_: None)
+    return tiny_trainer(tmp_path, data, **{"batch_size": 8, "steps": 20, "health_patience": 4, **kw})
 
 
 def monitor_of(trainer) -> HealthMonitor:

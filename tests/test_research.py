@@ -19,13 +19,7 @@ from fastbegan import quality as Q
 from fastbegan.data import FACTORS, procedural_faces, sample_factors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these small ops run faster so on shared CPUs (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from testutil import sm90_table
+
 from fastbegan.kernels import aot
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sm90_resources.json"
@@ -27,17 +29,12 @@ def _base(variant: str) -> str:
 
 @pytest.fixture(scope="module")
 def table():
-    try:
-        rows = aot.compile_table_subprocess(FACTORIES)
-    except aot.Sm90Unavailable as e:
-        pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
-    aot.write_table(RESULTS, rows,
-                    "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
-                    "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
-                    "one row per shipped autotune config and variant; bf16 activations with fp32 "
-                    "weights unless the variant ends in /fp32 (fp32 activations and weights). "
-                    "Written by tests/test_sm90_compile.py.")
-    return rows
+    return sm90_table(FACTORIES, RESULTS,
+                      "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
+                      "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
+                      "one row per shipped autotune config and variant; bf16 activations with fp32 "
+                      "weights unless the variant ends in /fp32 (fp32 activations and weights). "
+                      "Written by tests/test_sm90_compile.py.")
 
 
 def test_every_shipped_config_compiled(table):

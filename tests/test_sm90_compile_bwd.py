@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from testutil import sm90_table
+
 from fastbegan.kernels import aot
 from fastbegan.kernels import conv3x3_bwd as K
 
@@ -24,18 +26,13 @@ FACTORIES = ["fastbegan.kernels.conv3x3_bwd:aot_specs", "fastbegan.kernels.conv3
 
 @pytest.fixture(scope="module")
 def table():
-    try:
-        rows = aot.compile_table_subprocess(FACTORIES)
-    except aot.Sm90Unavailable as e:
-        pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
-    aot.write_table(RESULTS, rows,
-                    "conv3x3_elu backward kernels (kernels/conv3x3_bwd.py) compiled ahead of time "
-                    "for sm_90 (no GPU): registers/thread, shared memory/block (bytes), spill bytes "
-                    "(ptxas -v); one row per shipped autotune config and variant, bf16 activations "
-                    "unless the variant ends in /fp32 (fp32 activations, TF32 dots, BLOCK_K halved "
-                    "as the autotuner's prune does). dgrad/wgrad with ELU; wgrad with per-sample "
-                    "scale and bias. Written by tests/test_sm90_compile_bwd.py.")
-    return rows
+    return sm90_table(FACTORIES, RESULTS,
+                      "conv3x3_elu backward kernels (kernels/conv3x3_bwd.py) compiled ahead of time "
+                      "for sm_90 (no GPU): registers/thread, shared memory/block (bytes), spill bytes "
+                      "(ptxas -v); one row per shipped autotune config and variant, bf16 activations "
+                      "unless the variant ends in /fp32 (fp32 activations, TF32 dots, BLOCK_K halved "
+                      "as the autotuner's prune does). dgrad/wgrad with ELU; wgrad with per-sample "
+                      "scale and bias. Written by tests/test_sm90_compile_bwd.py.")
 
 
 def test_every_shipped_config_compiled(table):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from testutil import tiny_trainer
 from fastbegan import ops
 from fastbegan.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from fastbegan.data import procedural_faces
-from fastbegan.train import Trainer, TrainConfig, to_unit_range
+from fastbegan.train import TrainConfig, to_unit_range
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,7 @@ def faces16():
 
 
 def make(tmp_path, data, **kw):
-    cfg = TrainConfig(**{"res": 16, "filters": 4, "z_dim": 8, "h": 8, "batch_size": 4, "steps": 6,
-                         "device": "cpu", "backend": "torch", "out": str(tmp_path), "log_every": 2,
-                         "sample_every": 1000, "ckpt_every": 1000, **kw})
-    return Trainer(cfg, data, log=lambda *_: None)
+    return tiny_trainer(tmp_path, data, **kw)
 
 
 def test_uint8_to_unit_range():

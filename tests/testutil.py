@@ -16,3 +16,28 @@ if not HAS_CUDA:
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def tiny_trainer(out, data, **overrides):
+    """A reference Trainer for tests: tiny widths, CPU, torch backend, quiet, no samples.
+
+    ``data`` is a (N, res, res, 3) uint8 array; res is taken from it. Any TrainConfig
+    field can be overridden.
+    """
+    from fastbegan.train import Trainer, TrainConfig
+    cfg = {"res": data.shape[1], "filters": 4, "z_dim": 8, "h": 8, "batch_size": 4, "steps": 6,
+           "device": "cpu", "backend": "torch", "out": str(out), "log_every": 2,
+           "sample_every": 1000, "ckpt_every": 1000, **overrides}
+    return Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
+
+
+def sm90_table(factories, results_path, what):
+    """Compile the kernel specs of ``factories`` for sm_90 (no GPU needed), write the
+    resource table to ``results_path`` and return its rows; skips if this Triton cannot."""
+    from fastbegan.kernels import aot
+    try:
+        rows = aot.compile_table_subprocess(factories)
+    except aot.Sm90Unavailable as e:
+        pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
+    aot.write_table(results_path, rows, what)
+    return rows

@@ -87,6 +87,10 @@ class Decoder(nn.Module):
         self.register_buffer("carry", torch.ones(()), persistent=False)
 
     def forward(self, z: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        return self.to_rgb(self.features(z, wgrad_scale), wgrad_scale=wgrad_scale)
+
+    def features(self, z: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        """Everything but ``to_rgb``: (N, h) -> (N, n, res, res), the last conv's input."""
         # fc output viewed as NHWC, then permuted: a channels_last NCHW view, no copy.
         x = ops.linear(z, self.fc.weight, self.fc.bias, wgrad_scale)
         x = x.view(-1, 8, 8, self.n).permute(0, 3, 1, 2)
@@ -102,7 +106,7 @@ class Decoder(nn.Module):
                 x_in = ops.upsample_nearest2x(x) if level > 0 else x
                 y = self.carry * x_in + (1 - self.carry) * y
             x = y
-        return self.to_rgb(x, wgrad_scale=wgrad_scale)
+        return x
 
 
 class Encoder(nn.Module):
@@ -154,6 +158,11 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
         return self.decoder(self.encoder(x, wgrad_scale), wgrad_scale)
+
+    def features(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
+        """D(x) up to the decoder's last conv (``decoder.to_rgb``), whose input this is.
+        The fused step hands it to :func:`fastbegan.ops.conv3x3_l1_pair_began`."""
+        return self.decoder.features(self.encoder(x, wgrad_scale), wgrad_scale)
 
 
 class BEGAN(nn.Module):

@@ -68,7 +68,7 @@ from .checkpoint import match_state_layout
 from .model import Conv3x3
 from .ops import reference
 
-__all__ = ["FusedStep", "fused_step_status", "l1_pair_and_update", "match_state_layout"]
+__all__ = ["FusedStep", "fused_step_status", "d_losses", "l1_pair_and_update", "match_state_layout"]
 
 
 def _check_scalable(d: nn.Module) -> None:
@@ -104,6 +104,20 @@ def l1_pair_and_update(x_real: Tensor, x_fake: Tensor, recon: Tensor, k: Tensor,
     k_next, m = reference.began_update_ref(k, loss_real.detach(), loss_fake.detach(), gamma,
                                            lambda_k)
     return torch.stack([loss_real, loss_fake]), k_next, m
+
+
+def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Tensor,
+             gamma: float, lambda_k: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(losses, k_next, M)`` of D on ``[x_real; x_fake]`` in one pass, weight gradients
+    scaled per sample by ``scale``: D up to its last conv, then
+    :func:`ops.conv3x3_l1_pair_began` (the last conv, both L1 losses and the BEGAN update;
+    on triton the L1 gradient is made inside that conv's backward kernels)."""
+    last = d.decoder.to_rgb
+    feats = d.features(torch.cat([x_real, x_fake]), scale)
+    losses, k_next, m, _ = ops.conv3x3_l1_pair_began(feats, last.weight, last.bias, x_real,
+                                                     x_fake, k, gamma, lambda_k,
+                                                     wgrad_scale=scale)
+    return losses, k_next, m
 
 
 # ----------------------------------------------------------------------------------------
@@ -259,8 +273,7 @@ class FusedStep:
                 opt.zero_grad(set_to_none=True)
         with self._autocast():
             fake = tr.G(z)
-            rec = tr.D(torch.cat([x, fake]), wgrad_scale=scale)
-            losses, k_next, m_global = l1_pair_and_update(x, fake, rec, k, cfg.gamma, cfg.lambda_k)
+            losses, k_next, m_global = d_losses(tr.D, x, fake, scale, k, cfg.gamma, cfg.lambda_k)
         losses.sum().backward()
         lv = losses.detach()
         tr.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync

@@ -169,5 +169,27 @@ def began_update(k: Tensor, loss_real: Tensor, loss_fake: Tensor, gamma: float,
     return reference.began_update_ref(k, loss_real, loss_fake, gamma, lambda_k)
 
 
+def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Tensor | None, x_real: Tensor,
+                          x_fake: Tensor, k: Tensor, gamma: float, lambda_k: float, *,
+                          wgrad_scale: Tensor | None = None):
+    """D's last step: ``recon = conv3x3(h)`` (linear: the decoder's ``to_rgb``), the L1
+    losses of both halves and the BEGAN update, as one differentiable op.
+
+    h: (2B, C, H, W) channels_last, the input of D's last conv for ``[x_real; x_fake]``;
+    weight (3, C, 3, 3); x_real, x_fake (B, 3, H, W). Returns ``(losses, k_next, M,
+    recon)``: ``losses = [L_real, L_fake]`` (a (2,) fp32 tensor with gradients to h, weight,
+    bias and both targets), ``k_next``, ``M`` as :func:`began_update`, ``recon`` detached.
+    ``wgrad_scale`` (2B,) scales the weight/bias gradients per sample, as in
+    :func:`conv3x3_elu`. On triton the L1 gradient ``sign(recon - x) * dL / numel`` is
+    computed inside the conv's backward kernels (never written as a tensor).
+    """
+    if _backend == "triton":
+        return _triton().conv3x3_l1_pair_began(h, weight, bias, x_real, x_fake, k, gamma,
+                                               lambda_k, wgrad_scale=wgrad_scale)
+    return reference.conv3x3_l1_pair_began_ref(h, weight, bias, x_real, x_fake, k, gamma,
+                                               lambda_k, wgrad_scale)
+
+
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
-           "triton_status", "conv3x3_elu", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update"]
+           "triton_status", "conv3x3_elu", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
+           "conv3x3_l1_pair_began"]

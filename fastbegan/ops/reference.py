@@ -137,3 +137,23 @@ def began_update_ref(k: Tensor, loss_real: Tensor, loss_fake: Tensor, gamma: flo
     k_next = (k + lambda_k * balance).clamp(0.0, 1.0)
     m_global = loss_real + balance.abs()
     return k_next.detach(), m_global.detach()
+
+
+def conv3x3_l1_pair_began_ref(h: Tensor, weight: Tensor, bias: Tensor | None, x_real: Tensor,
+                              x_fake: Tensor, k: Tensor, gamma: float, lambda_k: float,
+                              wgrad_scale: Tensor | None = None):
+    """The decoder's last conv, the L1 pair loss and the BEGAN update, composed.
+
+    h: (2B, C, H, W), the last conv's input for the batch ``[x_real; x_fake]``; weight
+    (3, C, 3, 3), linear (no ELU). Returns ``(losses, k_next, M, recon)``: losses the
+    differentiable (2,) fp32 ``[L_real, L_fake]`` of ``recon = conv3x3(h)`` against
+    ``[x_real; x_fake]``; k_next, M as :func:`began_update_ref`; recon detached.
+    """
+    if wgrad_scale is None:
+        recon = conv3x3_elu_ref(h, weight, bias, activation=False)
+    else:
+        recon = conv3x3_elu_scaled_ref(h, weight, bias, wgrad_scale, activation=False)
+    b = x_real.shape[0]
+    losses = torch.stack([l1_recon_loss_ref(x_real, recon[:b]), l1_recon_loss_ref(x_fake, recon[b:])])
+    k_next, m = began_update_ref(k, losses[0].detach(), losses[1].detach(), gamma, lambda_k)
+    return losses, k_next, m, recon.detach()

@@ -120,22 +120,28 @@ def for_element_size(cfg, itemsize: int):
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _dgrad_fits(cfg, C: int, Co: int) -> bool:
+    """The config's channel blocks are not far wider than the tensor's (e.g. BLOCK_N = 128
+    for 3 source channels)."""
+    return (cfg.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(C))
+            and cfg.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(Co)))
+
+
+def _wgrad_fits(cfg, C: int, Co: int) -> bool:
+    return (cfg.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(Co))
+            and cfg.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(C)))
+
+
 def _prune_dgrad(configs, nargs, **kw):
-    """Drop configs whose channel blocks are far wider than the tensor (e.g. BLOCK_N = 128
-    for 3 source channels); adapt the rest to the element size."""
-    n, k = nargs["C"], nargs["Co"]
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n))
-            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(k))]
-    size = nargs["dy_ptr"].element_size()
+    """Drop the configs that do not fit the channel counts; adapt the rest to the element
+    size."""
+    keep = [c for c in configs if _dgrad_fits(c, nargs["C"], nargs["Co"])]
+    size = nargs["y_ptr"].element_size()  # = dy when there is no ELU; L1 mode: dy_ptr is a target
     return [for_element_size(c, size) for c in (keep or configs[-1:])]
 
 
 def _prune_wgrad(configs, nargs, **kw):
-    co, c = nargs["Co"], nargs["C"]
-    keep = [cf for cf in configs
-            if cf.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(co))
-            and cf.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(c))]
+    keep = [cf for cf in configs if _wgrad_fits(cf, nargs["C"], nargs["Co"])]
     size = nargs["src_ptr"].element_size()
     return [for_element_size(cf, size) for cf in (keep or configs[-1:])]
 
@@ -157,19 +163,42 @@ def _load_dpre(dy_ptr, y_ptr, offs, mask, ACT: tl.constexpr, ACC: tl.constexpr):
     return dy
 
 
+@triton.jit
+def _load_dpre_l1(xr_ptr, xf_ptr, y_ptr, offs, mask, fake, half_numel, g_real, g_fake,
+                  ACC: tl.constexpr):
+    """L1 mode (the decoder's last conv fused with the BEGAN losses): no dy tensor exists;
+    ``dpre = sign(y - x) * g`` where y is the conv output (linear, no ELU) at ``offs``,
+    x the L1 target, and g the upstream gradient of the sample's half divided by the
+    half's element count (``g_real`` / ``g_fake``, fp32 scalars).
+
+    y holds 2B samples ``[real; fake]``; the targets are two (B, ...) tensors in y's
+    memory layout, so a fake row's target offset is ``offs - half_numel``. ``fake``:
+    boolean, broadcastable to ``offs`` (sample index >= B). 0 where ``mask`` is false.
+    sign(0) = 0, like the derivative torch's autograd gives ``abs`` at 0.
+    """
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+    t = tl.load(xr_ptr + offs, mask=mask & (fake == 0), other=0.0).to(ACC)
+    t += tl.load(xf_ptr + (offs - half_numel), mask=mask & fake, other=0.0).to(ACC)
+    d = y - t
+    sgn = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+    return sgn * tl.where(fake, g_fake, g_real).to(ACC)
+
+
 # --------------------------------------------------------------------------------------
 # 1. dgrad
 # --------------------------------------------------------------------------------------
 @triton.autotune(configs=_INTERP_DGRAD if _INTERPRET else DGRAD_CONFIGS,
-                 key=["C", "Co", "Hs", "Ws", "UPSAMPLE", "STRIDE", "ACT"],
+                 key=["C", "Co", "Hs", "Ws", "UPSAMPLE", "STRIDE", "ACT", "L1"],
                  prune_configs_by={"early_config_prune": _prune_dgrad})
 @triton.jit
 def _dgrad_kernel(
     dy_ptr, y_ptr, wt_ptr, out_ptr,
+    xf_ptr, g_ptr, dxr_ptr, dxf_ptr, n_half, inv_n,   # L1 mode only (else unused)
     Hs, Ws, C,              # source (= output of this kernel): NHWC, C channels
     Ho, Wo, Co,             # dy / y: NHWC, Co channels
     Hb, Wb, M,              # base grid of one phase (M = N * Hb * Wb rows of the GEMM)
     ACT: tl.constexpr, UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr,
+    L1: tl.constexpr, WRITE_XR: tl.constexpr, WRITE_XF: tl.constexpr,
     IN_PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -188,6 +217,13 @@ def _dgrad_kernel(
     pixel is outside the image: the zero padding), B = wt[tap, co, ci], the weights
     prepared by ``_dgrad_weight_kernel`` (this source's channels, activation dtype,
     taps already summed for UPSAMPLE): one contiguous 16-bit tile per step.
+
+    L1 (plain variant only): dpre is made from y and the two L1 targets by
+    ``_load_dpre_l1`` (dy_ptr is then the real target x_r, xf_ptr the fake one, g_ptr the
+    (2,) upstream gradient of [L_real, L_fake], n_half = B). After the K loop the
+    programs of channel tile 0 also write the targets' gradients ``-dpre`` at their own
+    pixels (WRITE_XR / WRITE_XF): the fake target is G's output, whose gradient the L1
+    term contributes to.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -235,6 +271,11 @@ def _dgrad_kernel(
         ntw = 3
     k_chunks = tl.cdiv(Co, BLOCK_K)
     n_iter = nth * ntw * k_chunks
+    if L1:
+        half_numel = n_half * (Ho * Wo * Co)
+        g_real = tl.load(g_ptr).to(tl.float32) * inv_n
+        g_fake = tl.load(g_ptr + 1).to(tl.float32) * inv_n
+        fake_row = (nb >= n_half)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for it in range(0, n_iter):
@@ -266,7 +307,11 @@ def _dgrad_kernel(
         k_ok = ck < Co
         a_offs = ((dy_row + hh * Wo + ww) * Co)[:, None] + ck[None, :]
         a_mask = row_ok[:, None] & k_ok[None, :]
-        a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT, ACC).to(dy_ptr.dtype.element_ty)
+        if L1:
+            a = _load_dpre_l1(dy_ptr, xf_ptr, y_ptr, a_offs, a_mask, fake_row, half_numel,
+                              g_real, g_fake, ACC).to(y_ptr.dtype.element_ty)
+        else:
+            a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT, ACC).to(dy_ptr.dtype.element_ty)
 
         # B tile [BLOCK_K, BLOCK_N]: wt[wtap, co, ci]
         b_offs = ((wtap * Co + ck) * C)[:, None] + offs_n[None, :]
@@ -278,6 +323,23 @@ def _dgrad_kernel(
     o_offs = (((nb * Hs + oh) * Ws + ow) * C)[:, None] + offs_n[None, :]
     tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+    # ---- L1 mode: the targets' gradients -dpre at this tile's pixels (plain variant:
+    # source pixel = output pixel), written once, by channel tile 0
+    if WRITE_XR or WRITE_XF:
+        if pid_n == 0:
+            for c0 in range(0, Co, BLOCK_K):
+                ck = c0 + offs_k
+                t_offs = (((nb * Ho + oh) * Wo + ow) * Co)[:, None] + ck[None, :]
+                t_mask = m_ok[:, None] & (ck < Co)[None, :]
+                g = -_load_dpre_l1(dy_ptr, xf_ptr, y_ptr, t_offs, t_mask, fake_row, half_numel,
+                                   g_real, g_fake, ACC)
+                if WRITE_XR:
+                    tl.store(dxr_ptr + t_offs, g.to(dxr_ptr.dtype.element_ty),
+                             mask=t_mask & (fake_row == 0))
+                if WRITE_XF:
+                    tl.store(dxf_ptr + (t_offs - half_numel), g.to(dxf_ptr.dtype.element_ty),
+                             mask=t_mask & fake_row)
 
 
 @triton.jit
@@ -330,19 +392,20 @@ _PREP_BLOCK = 1024
 # 2. wgrad (split-K partials) + bias
 # --------------------------------------------------------------------------------------
 @triton.autotune(configs=_INTERP_WGRAD if _INTERPRET else WGRAD_CONFIGS,
-                 key=["C", "Co", "Ho", "Wo", "SUBPIXEL", "STRIDE", "ACT", "HAS_SCALE"],
+                 key=["C", "Co", "Ho", "Wo", "SUBPIXEL", "STRIDE", "ACT", "HAS_SCALE", "L1"],
                  prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
 def _wgrad_kernel(
     dy_ptr, y_ptr, src_ptr, scale_ptr, part_ptr, bpart_ptr,
+    xf_ptr, g_ptr, n_half, inv_n,   # L1 mode only (else unused)
     Hs, Ws, C,              # source (x or skip): NHWC, C channels
     Ho, Wo, Co,             # dy / y
     Hb, Wb, K,              # base grid: K = N * Hb * Wb pixels (the GEMM's K)
     K_PER_SPLIT,            # pixels per split (grid axis 2)
     T,                      # taps: 9, or 16 (phase, tap) combinations with SUBPIXEL
     ACT: tl.constexpr, SUBPIXEL: tl.constexpr, STRIDE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, DO_BIAS: tl.constexpr, IN_PREC: tl.constexpr,
-    ACC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DO_BIAS: tl.constexpr, L1: tl.constexpr,
+    IN_PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: partial dW[co tile, tap t, ci tile] over one K chunk of pixels.
@@ -357,6 +420,9 @@ def _wgrad_kernel(
 
     Bias: ``bpart[s, phase, co] = sum scale[n] * dpre`` is written by the programs of
     ci tile 0 and tap 0 (SUBPIXEL: the a = b = 0 tap of each of the 4 phases).
+
+    L1: dpre comes from y and the L1 targets (``_load_dpre_l1``; dy_ptr = real target),
+    as in ``_dgrad_kernel``; plain variant only.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -392,6 +458,11 @@ def _wgrad_kernel(
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     hw_b = Hb * Wb
 
+    if L1:
+        half_numel = n_half * (Ho * Wo * Co)
+        g_real = tl.load(g_ptr).to(tl.float32) * inv_n
+        g_fake = tl.load(g_ptr + 1).to(tl.float32) * inv_n
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     bacc = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -414,7 +485,12 @@ def _wgrad_kernel(
 
         # A tile [BLOCK_M co, BLOCK_K pixels] = (scale * dpre)^T
         a_offs = (((nb * Ho + oh) * Wo + ow) * Co)[None, :] + offs_co[:, None]
-        a = _load_dpre(dy_ptr, y_ptr, a_offs, co_ok[:, None] & p_ok[None, :], ACT, ACC)
+        a_mask = co_ok[:, None] & p_ok[None, :]
+        if L1:
+            a = _load_dpre_l1(dy_ptr, xf_ptr, y_ptr, a_offs, a_mask, (nb >= n_half)[None, :],
+                              half_numel, g_real, g_fake, ACC)
+        else:
+            a = _load_dpre(dy_ptr, y_ptr, a_offs, a_mask, ACT, ACC)
         if HAS_SCALE:
             s = tl.load(scale_ptr + nb, mask=p_ok, other=0.0).to(ACC)
             a = a * s[None, :]
@@ -591,12 +667,79 @@ def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False
         return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), phases)
 
     _dgrad_kernel[grid](
-        dy, y, wt, out,
+        dy, y, wt, out, *_L1_UNUSED_DGRAD(dy),
         Hs, Ws, C, Ho, Wo, Co, Hb, Wb, M,
-        ACT=y is not dy, UPSAMPLE=upsample, STRIDE=stride, IN_PREC=_in_prec(dy.dtype),
-        ACC=_acc(dy.dtype),
+        ACT=y is not dy, UPSAMPLE=upsample, STRIDE=stride, L1=False, WRITE_XR=False,
+        WRITE_XF=False, IN_PREC=_in_prec(dy.dtype), ACC=_acc(dy.dtype),
     )
     return out
+
+
+def _L1_UNUSED_DGRAD(t):
+    """Placeholders for the L1-mode arguments of ``_dgrad_kernel`` (L1=False)."""
+    return t, t, t, t, 0, 0.0
+
+
+def _L1_UNUSED_WGRAD(t):
+    return t, t, 0, 0.0
+
+
+def _check_l1(h, weight, x_real, x_fake, y, grad):
+    """Shapes of the L1 mode: y (2B, Co, H, W) = conv(h), targets (B, Co, H, W)."""
+    b2, co, ho, wo = y.shape
+    if h.shape[0] != b2 or tuple(h.shape[2:]) != (ho, wo) or weight.shape[0] != co:
+        raise ValueError(f"conv3x3_l1: h {tuple(h.shape)}, weight {tuple(weight.shape)} and "
+                         f"y {tuple(y.shape)} do not fit a stride-1 conv")
+    if b2 % 2 or tuple(x_real.shape) != (b2 // 2, co, ho, wo) or x_fake.shape != x_real.shape:
+        raise ValueError(f"conv3x3_l1: x_real {tuple(x_real.shape)} and x_fake "
+                         f"{tuple(x_fake.shape)} must both be half of y {tuple(y.shape)}")
+    if grad.numel() != 2:
+        raise ValueError(f"conv3x3_l1: the loss gradient must have 2 elements, got {grad.numel()}")
+
+
+def conv3x3_l1_dgrad(h, weight, x_real, x_fake, y, grad, need_x_real: bool = False,
+                     need_x_fake: bool = True):
+    """Backward of ``losses = [mean|x_real - y[:B]|, mean|x_fake - y[B:]|]`` with
+    ``y = conv3x3(h, weight) + b`` (stride 1, no activation: the decoder's last conv)
+    w.r.t. h and the targets, in one launch (plus the weight-layout pass).
+
+    grad: (2,) upstream gradient of the losses. The L1 gradient ``sign(y - x) * grad /
+    numel`` is formed while loading (L1 mode), never written. Returns ``(dh, dx_real,
+    dx_fake)``; a target gradient not asked for is None. All channels_last, each in its
+    tensor's dtype.
+    """
+    _check_l1(h, weight, x_real, x_fake, y, grad)
+    N, C, Hs, Ws = h.shape
+    Co, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    y = _cl(y)
+    xr, xf = _cl(x_real), _cl(x_fake)
+    g = grad.reshape(2).to(torch.float32).contiguous()
+    _check_sizes(y, h)
+    out = torch.empty((N, C, Hs, Ws), device=y.device, dtype=h.dtype,
+                      memory_format=torch.channels_last)
+    dxr = torch.empty_like(xr) if need_x_real else None
+    dxf = torch.empty_like(xf) if need_x_fake else None
+    if out.numel() == 0:
+        return out, dxr, dxf
+    wt = torch.empty((9, Co, C), device=y.device, dtype=y.dtype)
+    sw = weight.stride()
+    _dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
+        weight, wt, Co, C, 0, sw[0], sw[1], sw[2], sw[3],
+        UPSAMPLE=False, ACC=_acc(y.dtype), BLOCK=_PREP_BLOCK,
+    )
+    M = N * Hs * Ws
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), 1)
+
+    _dgrad_kernel[grid](
+        xr, y, wt, out, xf, g, dxr if need_x_real else y, dxf if need_x_fake else y,
+        N // 2, 1.0 / xr.numel(),
+        Hs, Ws, C, Ho, Wo, Co, Hs, Ws, M,
+        ACT=False, UPSAMPLE=False, STRIDE=1, L1=True, WRITE_XR=need_x_real,
+        WRITE_XF=need_x_fake, IN_PREC=_in_prec(y.dtype), ACC=_acc(y.dtype),
+    )
+    return out, dxr, dxf
 
 
 def _wgrad_split(K: int, tiles: int, device, split_k):
@@ -609,8 +752,21 @@ def _wgrad_split(K: int, tiles: int, device, split_k):
     return triton.cdiv(K, kps), kps
 
 
+def conv3x3_l1_wgrad(h, weight, x_real, x_fake, y, grad, scale=None, need_bias: bool = True,
+                     split_k: int | None = None):
+    """``(dW, db)`` of the L1 losses of :func:`conv3x3_l1_dgrad`, the L1 gradient formed
+    while loading (L1 mode); ``scale``: optional (2B,) per-sample factor, as in
+    :func:`conv3x3_elu_wgrad`."""
+    _check_l1(h, weight, x_real, x_fake, y, grad)
+    g = grad.reshape(2).to(torch.float32).contiguous()
+    l1 = (_cl(x_real), _cl(x_fake), g, y.shape[0] // 2, 1.0 / x_real.numel())
+    return conv3x3_elu_wgrad(y, None, h, None, weight, scale, need_bias=need_bias,
+                             split_k=split_k, _l1=l1)
+
+
 def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False,
-                      stride: int = 1, need_bias: bool = True, split_k: int | None = None):
+                      stride: int = 1, need_bias: bool = True, split_k: int | None = None,
+                      _l1=None):
     """Weight and bias gradients of ``conv3x3_elu``: ``(dW, db)``.
 
     dy, y: as in :func:`conv3x3_elu_dgrad`. x, skip: the forward's inputs (skip may be
@@ -618,6 +774,8 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
     channels_last weight gets a channels_last gradient). scale: optional (N,) per-sample
     factor on sample n's contribution. db (weight's dtype; None unless ``need_bias``): the bias
     gradient, in the same pass. ``split_k`` overrides the split-K heuristic (tests).
+    ``_l1`` (x_real, x_fake, grad, B, 1/numel): L1 mode, where ``dy`` is the forward
+    output y (see :func:`conv3x3_l1_wgrad`).
     """
     N = dy.shape[0]
     Co, Ci = weight.shape[0], weight.shape[1]
@@ -661,11 +819,16 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
         def grid(meta):
             return (triton.cdiv(Co, meta["BLOCK_M"]), T * triton.cdiv(C, meta["BLOCK_N"]), S)
 
+        if _l1 is None:
+            a_ptr, l1_args = dy, _L1_UNUSED_WGRAD(dy)
+        else:  # the kernel reads the real target where it would read dy, and y as y
+            a_ptr, y, l1_args = _l1[0], dy, _l1[1:]
         _wgrad_kernel[grid](
-            dy, y, src, scale if scale is not None else dy, part, bpart,
+            a_ptr, y, src, scale if scale is not None else dy, part, bpart, *l1_args,
             Hs, Ws, C, Ho, Wo, Co, Hb, Wb, K, kps, T,
             ACT=act, SUBPIXEL=subpix, STRIDE=stride, HAS_SCALE=scale is not None,
-            DO_BIAS=do_bias, IN_PREC=_in_prec(src.dtype), ACC=_acc(src.dtype),
+            DO_BIAS=do_bias, L1=_l1 is not None, IN_PREC=_in_prec(src.dtype),
+            ACC=_acc(src.dtype),
         )
         n_blocks = triton.cdiv(Co * 9 * C, _REDUCE_BLOCK) + \
             (triton.cdiv(Co, _REDUCE_BLOCK) if do_bias else 0)
@@ -682,7 +845,10 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
 # --------------------------------------------------------------------------------------
 # variant -> (UPSAMPLE / SUBPIXEL, STRIDE); all with ELU (its loads are the larger case)
 # and, for wgrad, a per-sample scale and the bias reduction.
-AOT_VARIANTS = {"plain": (False, 1), "upsample": (True, 1), "stride2": (False, 2)}
+# "l1": the decoder's last conv fused with the L1 losses (3 output channels; dgrad writes
+# the fake target's gradient), with the configs the autotuner keeps for 3 channels.
+AOT_VARIANTS = {"plain": (False, 1), "upsample": (True, 1), "stride2": (False, 2),
+                "l1": (False, 1)}
 
 
 def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
@@ -704,34 +870,49 @@ def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
     def cfg_dict(cfg):
         return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    l1_sig = {"xf_ptr": act, "g_ptr": "*fp32", "n_half": "i32", "inv_n": "fp32"}
     dsig = {"dy_ptr": act, "y_ptr": act, "wt_ptr": act, "out_ptr": act,
+            "xf_ptr": act, "g_ptr": "*fp32", "dxr_ptr": act, "dxf_ptr": act,
+            "n_half": "i32", "inv_n": "fp32",
             **{k: "i32" for k in ("Hs", "Ws", "C", "Ho", "Wo", "Co", "Hb", "Wb", "M")}}
     wsig = {"dy_ptr": act, "y_ptr": act, "src_ptr": act, "scale_ptr": "*fp32",
-            "part_ptr": "*fp32", "bpart_ptr": "*fp32",
+            "part_ptr": "*fp32", "bpart_ptr": "*fp32", **l1_sig,
             **{k: "i32" for k in ("Hs", "Ws", "C", "Ho", "Wo", "Co", "Hb", "Wb", "K",
                                   "K_PER_SPLIT", "T")}}
+    dplain = dict(L1=False, WRITE_XR=False, WRITE_XF=False)
     for vname, (up, stride) in AOT_VARIANTS.items():
         if variants is not None and vname not in variants:
             continue
+        l1 = vname == "l1"
+        # L1 mode: dy_ptr is the real target, fp32 in the training step (the exact
+        # uint8 -> [-1, 1] batch); Co = 3 is not 16-divisible
+        ds, ws = (dict(dsig, dy_ptr="*fp32"), dict(wsig, dy_ptr="*fp32")) if l1 else (dsig, wsig)
+        co16 = [] if l1 else ["Co"]
         for cfg in DGRAD_CONFIGS:
+            if l1 and not _dgrad_fits(cfg, 128, 3):
+                continue  # the L1 mode runs on the 3-channel last conv only
             cfg = for_element_size(cfg, size)
             specs.append(dict(
                 kernel="conv3x3_bwd_dgrad", variant=vname + suffix, config=cfg_dict(cfg),
-                fn=_dgrad_kernel, signature=dsig,
-                constexprs=dict(cfg.kwargs, ACT=True, UPSAMPLE=up, STRIDE=stride,
-                                IN_PREC=prec, ACC=tl.float32),
+                fn=_dgrad_kernel, signature=ds,
+                constexprs=dict(cfg.kwargs, ACT=not l1, UPSAMPLE=up, STRIDE=stride,
+                                IN_PREC=prec, ACC=tl.float32,
+                                **(dict(L1=True, WRITE_XR=False, WRITE_XF=True) if l1 else dplain)),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                divisible_by_16=["dy_ptr", "y_ptr", "wt_ptr", "out_ptr", "C", "Co"]))
+                divisible_by_16=["dy_ptr", "y_ptr", "wt_ptr", "out_ptr", "C", *co16]))
         for cfg in WGRAD_CONFIGS:
+            if l1 and not _wgrad_fits(cfg, 128, 3):
+                continue
             cfg = for_element_size(cfg, size)
             specs.append(dict(
                 kernel="conv3x3_bwd_wgrad", variant=("subpixel" if up else vname) + suffix,
-                config=cfg_dict(cfg), fn=_wgrad_kernel, signature=wsig,
-                constexprs=dict(cfg.kwargs, ACT=True, SUBPIXEL=up, STRIDE=stride,
-                                HAS_SCALE=True, DO_BIAS=True, IN_PREC=prec, ACC=tl.float32),
+                config=cfg_dict(cfg), fn=_wgrad_kernel, signature=ws,
+                constexprs=dict(cfg.kwargs, ACT=not l1, SUBPIXEL=up, STRIDE=stride,
+                                HAS_SCALE=True, DO_BIAS=True, L1=l1, IN_PREC=prec,
+                                ACC=tl.float32),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 divisible_by_16=["dy_ptr", "y_ptr", "src_ptr", "part_ptr", "bpart_ptr",
-                                 "C", "Co"]))
+                                 "C", *co16]))
     if helpers:
         for up in (False, True):
             specs.append(dict(
@@ -763,5 +944,6 @@ def aot_specs_fp32():
     return aot_specs("fp32", variants=("plain", "upsample"), helpers=False)
 
 
-__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "DGRAD_CONFIGS", "WGRAD_CONFIGS",
+__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "conv3x3_l1_dgrad", "conv3x3_l1_wgrad",
+           "DGRAD_CONFIGS", "WGRAD_CONFIGS",
            "aot_specs", "aot_specs_fp32", "for_element_size"]

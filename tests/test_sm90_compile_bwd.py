@@ -31,7 +31,9 @@ def table():
                       "for sm_90 (no GPU): registers/thread, shared memory/block (bytes), spill bytes "
                       "(ptxas -v); one row per shipped autotune config and variant, bf16 activations "
                       "unless the variant ends in /fp32 (fp32 activations, TF32 dots, BLOCK_K halved "
-                      "as the autotuner's prune does). dgrad/wgrad with ELU; wgrad with per-sample "
+                      "as the autotuner's prune does). dgrad/wgrad with ELU, except variant l1 (the "
+                      "decoder's last conv fused with the L1 losses: no ELU, dpre from y and the "
+                      "targets, fake-target gradient written by dgrad); wgrad with per-sample "
                       "scale and bias. Written by tests/test_sm90_compile_bwd.py.")
 
 
@@ -43,6 +45,11 @@ def test_every_shipped_config_compiled(table):
         for v in variants:
             rows = [r for r in table if r["kernel"] == kname and r["variant"] == v]
             assert len(rows) == len(configs), (kname, v)
+    # the L1 mode (last conv fused with the losses): the configs kept for 3 output channels
+    for kname, configs, fits in (("conv3x3_bwd_dgrad", K.DGRAD_CONFIGS, K._dgrad_fits),
+                                 ("conv3x3_bwd_wgrad", K.WGRAD_CONFIGS, K._wgrad_fits)):
+        rows = [r for r in table if r["kernel"] == kname and r["variant"] == "l1"]
+        assert len(rows) == sum(fits(c, 128, 3) for c in configs) >= 1, kname
     assert {"conv3x3_bwd_dgrad_weight", "conv3x3_bwd_wgrad_reduce"} <= {r["kernel"] for r in table}
 
 

@@ -106,6 +106,21 @@ def _check_backend_device(x: Tensor, op: str) -> None:
                        "use the torch backend: fastbegan.ops.set_backend('torch').")
 
 
+def _autocast_inputs(*ts: Optional[Tensor]):
+    """Activations in autocast's dtype when autocast is on for their device, as F.conv2d
+    would run (conv is on autocast's lower-precision list). Weights are not cast: the
+    kernels cast fp32 master weights tile by tile. Without this an fp32 input (the real
+    batch, or its concatenation with a bf16 fake batch) would run the whole encoder in fp32.
+    """
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    # autocast's rule: floating tensors other than fp64 are cast
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in _ACT_DTYPES and t.dtype != dt
+                 else t for t in ts)
+
+
 def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: bool = False,
                 stride: int = 1, activation: bool = True, skip: Optional[Tensor] = None,
                 wgrad_scale: Optional[Tensor] = None) -> Tensor:
@@ -131,6 +146,7 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: 
         raise ValueError(f"{op}: stride must be 1 or 2, got {stride}")
     if upsample and stride != 1:
         raise ValueError(f"{op}: upsample and stride 2 cannot be combined")
+    x, skip = _autocast_inputs(x, skip)
     if x.dtype not in _ACT_DTYPES:
         raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
     if not weight.is_floating_point():

@@ -18,12 +18,12 @@ autograd, so they work in eager, under ``torch.compile`` and inside CUDA graphs)
   alone (one one-program launch); not differentiable.
 - ``l1_loss_backward(...)``: the gradient kernel the autograd formulas call.
 
-The L1 gradient. DESIGN 3.3 wants ``sign(recon - x) / numel`` fused into the prologue of
-the last decoder conv's backward (so that d recon is never written). That needs the conv
-backward kernels (another module) to accept it; it is not done. Here the gradient is
-produced by the loss op's own backward: one elementwise launch over both halves writing
-``d recon = sign(recon - x) * g / n`` and ``d x = -d recon`` (the latter only for inputs
-that need it: in the training step x_real does not, x_fake = G(z) does).
+The L1 gradient. These ops produce it in their own backward: one elementwise launch
+over both halves writing ``d recon = sign(recon - x) * g / n`` and ``d x = -d recon`` (the
+latter only for inputs that need it). The training step does not use them for D's
+losses: :mod:`.triton_conv_l1` fuses D's last conv with the same forward kernels and forms
+the L1 gradient inside that conv's backward kernels (DESIGN 3.3), so d recon is never
+written. These ops stay for other callers (evaluation, interpolation, drop-in users).
 
 Layout: ``x`` and ``recon`` are read as flat buffers in one common memory layout; when
 ``recon`` is NCHW-contiguous or channels_last (what the model produces) nothing is

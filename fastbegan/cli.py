@@ -102,12 +102,16 @@ def main():
 @click.option("--health-patience", type=int, default=200, show_default=True,
               help="Steps a health problem (collapse, k_t stuck at 0/1, M rising) must last before "
                    "it is reported; 0 turns the health monitor off.")
+@click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
+              help="Fused GPU step only: torch.compile its forward (batch conversion, G, D, losses; "
+                   "mode max-autotune-no-cudagraphs, the first step compiles for a while). "
+                   "--no-compile: eager forward.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
-          on_collapse="warn", health_patience=200):
+          on_collapse="warn", health_patience=200, compile_step=True):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
@@ -126,7 +130,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
-                      max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience)
+                      max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience,
+                      compile_step=compile_step)
     created = not Path(out).exists()
     check_writable(out)
     try:

@@ -28,12 +28,35 @@ other parametrised layer.
 Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; indices,
 flips (done on the uint8 batch) and z come from the trainer's device generator in the
 same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
-[-1, 1] conversion is a separate elementwise op (optionally compiled): it is *not* fused
-into the first conv's load. Why not (yet): D's first conv reads [x_real; G(z)] as one
-batch, so a fused load would need a second, uint8 source for half the rows; and the op
+[-1, 1] conversion is a separate elementwise op (compiled with the rest of the
+forward, see below): it is *not* fused into the first conv's load. Why not (yet): D's
+first conv reads [x_real; G(z)] as one batch, so a fused load would need a second,
+uint8 source for half the rows; and the op
 only touches B*3*H*W elements (1.5 MB at res 128, batch 16, bf16), next to the
 hundreds of MB of activations the convs read and write per step. It is a candidate for
 fusion only if a GPU profile shows it; inside the CUDA graph it costs one small launch.
+
+torch.compile (``compile``; default on CUDA: mode ``"max-autotune-no-cudagraphs"``, off
+on CPU, where inductor's C++ build costs more than it saves): what our kernels do not
+cover is compiled, as one graph (``fullgraph=True, dynamic=False``). The compiled
+function is :func:`step_forward`: ``(data, idx, flip, z, k) -> (x, fake, losses,
+k_next, M)``, i.e. the uint8 gather, flip and [-1, 1] conversion, ``G(z)``, the scale
+vector ``[1]*B + [-k_t]*B``, D and the loss/BEGAN op (:func:`d_losses`), under the
+trainer's autocast. Our kernels stay opaque custom ops in that graph; inductor fuses
+and schedules the glue between them (conversion, concatenations, skip/residual
+arithmetic, the fc GEMMs' surroundings). The one backward then runs AOTAutograd's
+compiled backward. Outside the compiled region, eager: the random draws (indices, flip
+mask and z: ``torch.randint``/``torch.rand`` with the trainer's explicit
+``torch.Generator``, which dynamo cannot put in a graph (fullgraph=True fails on it), and
+inductor would replace eager's random streams by its own; drawn eagerly, the stream and
+its order are the reference step's, so both paths see the same batches and z, and the
+generator state stays what checkpoints save), the vanishing-residual ``set_carry``
+(an in-place buffer update before the forward), ``zero_grad``, fused Adam, the
+divergence flag and the in-place k_t / step updates. "no-cudagraphs": the step captures
+its own CUDA graph around all of this (forward, backward, Adam), so inductor's cudagraph
+trees must not be used inside it. Compilation happens in the first (warm-up) step; if it
+raises (an op or a torch version dynamo cannot handle), the step warns once with the
+reason and uses the eager forward for good (that step included: same draws, same step).
 
 On CUDA the whole step is captured once into a CUDA graph and replayed (``cuda_graph``,
 default on CUDA): ``warmup`` eager steps run on a side stream first (Triton autotuning,
@@ -68,7 +91,12 @@ from .checkpoint import match_state_layout
 from .model import Conv3x3
 from .ops import reference
 
-__all__ = ["FusedStep", "fused_step_status", "d_losses", "l1_pair_and_update", "match_state_layout"]
+__all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "l1_pair_and_update",
+           "match_state_layout", "DEFAULT_COMPILE_MODE"]
+
+# torch.compile mode of the step's forward on CUDA: no CUDA graphs of inductor's own (the
+# step captures its own graph around the whole step; cudagraph trees must not nest in it).
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 def _check_scalable(d: nn.Module) -> None:
@@ -154,15 +182,17 @@ class FusedStep:
     (loss_real, loss_fake, loss_d, k, M).
 
     cuda_graph: capture the step into a CUDA graph after ``warmup`` eager steps (default:
-    on CUDA). compile: ``torch.compile`` the uint8 -> [-1, 1] batch conversion (the part
-    of the step that is neither a fastbegan kernel, nor cuBLAS, nor fused Adam); pass a
-    mode string to pick the mode. fused_adam: switch the trainer's Adam optimisers to
-    the fused implementation (on CPU too, where it removes the ``.item()`` the for-each
-    Adam does on its step counters).
+    on CUDA). compile: ``torch.compile`` the step's forward region (:func:`step_forward`:
+    batch gather/conversion, G, D, losses; the random draws and Adam stay eager); False,
+    True (inductor's default mode) or a mode string; None (default):
+    :data:`DEFAULT_COMPILE_MODE` on CUDA, False on CPU. ``compile_mode`` says what is in
+    use (None: eager, also after a failed compilation fell back). fused_adam: switch the
+    trainer's Adam optimisers to the fused implementation (on CPU too, where it removes
+    the ``.item()`` the for-each Adam does on its step counters).
     """
 
     def __init__(self, trainer, *, cuda_graph: bool | None = None, warmup: int = 2,
-                 compile: bool | str = False, fused_adam: bool = True):
+                 compile: bool | str | None = None, fused_adam: bool = True):
         cfg = trainer.cfg
         if cfg.separate_z:
             raise ValueError("the fused step is the same-z step: it does not support separate_z")
@@ -188,10 +218,19 @@ class FusedStep:
         self.lr_t = torch.full((), trainer.lr, device=dev, dtype=torch.float32)
         self._host_step, self._host_lr = trainer.step, trainer.lr
         self._ones = torch.ones(cfg.batch_size, device=dev)
-        self._convert = _to_unit_range_flipped
+        if compile is None:
+            compile = DEFAULT_COMPILE_MODE if dev.type == "cuda" else False
+        self.compile_mode: str | None = None  # None: eager forward (also after a fallback)
+        self._forward_eager = step_forward(trainer.G, trainer.D, self._ones, gamma=cfg.gamma,
+                                           lambda_k=cfg.lambda_k, device_type=dev.type,
+                                           bf16=cfg.precision == "bf16")
+        self._forward = self._forward_eager
+        self._compile_pending = False  # compiled, first call (compilation) not done yet
         if compile:
-            mode = compile if isinstance(compile, str) else None
-            self._convert = torch.compile(_to_unit_range_flipped, mode=mode, dynamic=False)
+            self.compile_mode = compile if isinstance(compile, str) else "default"
+            self._forward = _compiled(self._forward_eager,
+                                      mode=compile if isinstance(compile, str) else None)
+            self._compile_pending = True
         self._graph = None
         self._static: dict[str, Tensor] | None = None
         self._static_batch: dict[str, Tensor] = {}
@@ -251,30 +290,51 @@ class FusedStep:
         self._graph, self._static, self._warm = None, None, 0
 
     # ------------------------------------------------------------------ device side
-    def _real_batch(self) -> Tensor:
+    def _draw(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(idx, flip, z) from the trainer's generator, in ``Trainer.train_step``'s order.
+        Eager: dynamo does not trace explicit generators (the compiled region starts after)."""
         tr, cfg = self.tr, self.tr.cfg
         b = cfg.batch_size
         idx = torch.randint(len(tr.data), (b,), device=self.device, generator=tr.gen)
         flip = (torch.rand(b, device=self.device, generator=tr.gen) < 0.5) if cfg.flip else None
-        return self._convert(tr.data[idx], flip)
+        z = torch.rand(b, cfg.z_dim, device=self.device, generator=tr.gen).mul_(2).sub_(1)
+        return idx, flip, z
+
+    def _forward_backward(self, args: tuple) -> tuple[Tensor, ...]:
+        """:func:`step_forward` (compiled or eager) on ``args``, then the one backward
+        (AOTAutograd's compiled backward when compiled). The first compiled call compiles
+        both; if that raises, warn once and run this and every later step eagerly (the same
+        step: the random draws are already made, and the forward changes no state)."""
+        if self._compile_pending:
+            try:
+                out = self._forward(*args)
+                out[2].sum().backward()
+                self._compile_pending = False
+                return out
+            except Exception as e:
+                self._forward, self._compile_pending = self._forward_eager, False
+                warnings.warn(f"fastbegan: torch.compile of the training step's forward (mode "
+                              f"{self.compile_mode}) failed ({e.__class__.__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:200]}); "
+                              "continuing with the eager forward", stacklevel=4)
+                self.compile_mode = None
+                for opt in self.opts:  # a failure inside the backward may have left grads
+                    opt.zero_grad(set_to_none=True)
+        out = self._forward(*args)
+        out[2].sum().backward()
+        return out
 
     def _device_step(self, zero_grad: bool) -> dict[str, Tensor]:
         """The whole step as device work only (what the CUDA graph captures)."""
         tr, cfg = self.tr, self.tr.cfg
-        b = cfg.batch_size
         if cfg.vanishing_residual:
             tr.model.set_carry((1.0 - self.step_t.double() / cfg.vanishing_residual).clamp(0.0, 1.0))
-        x = self._real_batch()
-        z = torch.rand(b, cfg.z_dim, device=self.device, generator=tr.gen).mul_(2).sub_(1)
+        idx, flip, z = self._draw()
         k = self.k
-        scale = torch.cat([self._ones, k.neg().expand(b)])
         if zero_grad:
             for opt in self.opts:
                 opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            fake = tr.G(z)
-            losses, k_next, m_global = d_losses(tr.D, x, fake, scale, k, cfg.gamma, cfg.lambda_k)
-        losses.sum().backward()
+        x, fake, losses, k_next, m_global = self._forward_backward((tr.data, idx, flip, z, k))
         lv = losses.detach()
         tr.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
         for opt in self.opts:
@@ -284,12 +344,6 @@ class FusedStep:
         self.step_t.add_(1)
         self._static_batch = {"x": x, "fake": fake.detach()}
         return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global}
-
-    def _autocast(self):
-        """The trainer's autocast (bf16 precision), without the cast cache: casts made inside
-        a graph capture must not outlive it."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.tr.cfg.precision == "bf16", cache_enabled=False)
 
     def _graph_step(self) -> dict[str, Tensor]:
         if self._graph is None:
@@ -334,6 +388,47 @@ class FusedStep:
             for group, capturable in saved:
                 group["lr"], group["capturable"] = self._host_lr, capturable
         self._graph, self._static = graph, static
+
+
+def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
+                 device_type: str, bf16: bool):
+    """The forward region of the fused step, as one function of device tensors (what
+    ``FusedStep(compile=...)`` hands to ``torch.compile(fullgraph=True, dynamic=False)``):
+
+    ``forward(data, idx, flip, z, k) -> (x, fake, losses, k_next, M)``: the uint8 gather
+    ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``, the scale vector
+    ``[1]*B + [-k]*B`` (``ones`` is the (B,) ones buffer) and :func:`d_losses`; G and D
+    under bf16 autocast when ``bf16`` (without the cast cache, as in a CUDA graph capture).
+    No random draws (the caller makes them with its generator) and no state changes.
+    """
+    def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
+        x = _to_unit_range_flipped(data[idx], flip)
+        scale = torch.cat([ones, k.neg().expand(ones.shape[0])])
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            fake = G(z)
+            losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)
+        return x, fake, losses, k_next, m
+    return forward
+
+
+def _compiled(fn, mode: str | None):
+    """``torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)``, called with dynamo's
+    ``trace_autograd_ops`` on where this torch has it: the torch backend's scaled-wgrad
+    autograd.Functions call ``torch.autograd.grad`` in their backward, which dynamo traces
+    (when it speculates the backward at forward time) only with that flag (without it,
+    fullgraph=True fails and the step falls back to the eager forward). The triton
+    backend's custom ops do not need it. The flag is read when dynamo traces, so it is set
+    around every call (a recompile can happen at any call), not globally."""
+    import torch._dynamo
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return compiled
+
+    def call(*args):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+    return call
 
 
 def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:

@@ -88,6 +88,7 @@ class TrainConfig:
     max_restores: int = 3               # divergence guard: restores before giving up
     on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
     health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
+    compile_step: bool = True           # fused step: torch.compile its forward (on CUDA)
 
     def __post_init__(self):
         check_resolution(self.res)
@@ -190,8 +191,12 @@ class Trainer:
         # with the triton backend; the reference step below otherwise. step_path says which.
         from .step import FusedStep, fused_step_status
         use_fused, why = fused_step_status(self)
-        self.fused_step = FusedStep(self) if use_fused else None
+        self.fused_step = FusedStep(self, compile=None if cfg.compile_step else False) if use_fused else None
         self.step_path = f"{'fused' if use_fused else 'reference'} training step ({why})"
+        if use_fused:
+            mode = self.fused_step.compile_mode
+            self.step_path += (f"; forward torch.compile'd, mode {mode} (the first step compiles)"
+                               if mode else "; eager forward (not compiled)")
 
     # ------------------------------------------------------------------ sampling
     def sample_z(self, n: int) -> torch.Tensor:

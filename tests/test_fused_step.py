@@ -12,6 +12,10 @@ instead of two). k_t is set to 0.37 first: at k_t = 0 the fake half's D gradient
 and half of what is tested would be trivially zero.
 """
 
+import contextlib
+import types
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,18 +54,19 @@ def _compare(a, b, va, vb, atol=1e-6, what=""):
         torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _run_pair(fused_backend, steps, ref_backend="torch", **kw):
+def _run_pair(fused_backend, steps, ref_backend="torch", step_kw=None, atol=1e-6, **kw):
     ref = _trainer(ref_backend, **kw)
     fus = _trainer(fused_backend, **kw)
     _use_fused_adam(ref)
-    step = FusedStep(fus)
+    step = FusedStep(fus, **(step_kw or {}))
     for i in range(steps):
         with ops.use_backend(ref_backend):
             vb = ref.train_step()
         with ops.use_backend(fused_backend):
             va = step()
-        _compare(fus, ref, va, vb, what=f"step {i}")
+        _compare(fus, ref, va, vb, atol=atol, what=f"step {i}")
         assert fus.step == ref.step == i + 1
+    fus.fused_step = step  # for the caller (Trainer.train_step is not used here)
     return fus, ref
 
 
@@ -258,12 +263,111 @@ def test_gpu_fused_equals_reference():
         _compare(fus, ref, va, vb, atol=1e-3, what=f"step {i}")
 
 
-@pytest.mark.slow
-def test_compiled_batch_conversion():
-    """compile=True (torch.compile of the uint8 -> [-1, 1] conversion) changes nothing.
-    Slow on CPU: inductor builds C++ (~10 s of CPU)."""
+# ---------------------------------------------------------------------------- torch.compile
+# FusedStep(compile=...) compiles step_forward (gather/convert, G, D, losses) with
+# fullgraph=True; the random draws and Adam stay eager. Inductor builds C++ on CPU: the
+# first compile of this tiny model takes ~15-25 s on 2 cores (the on-disk cache helps reruns).
+@contextlib.contextmanager
+def _no_compile_fallback():
+    """Turn the fallback warning into an error: these tests must run the compiled code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastbegan: torch.compile")
+        yield
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_step_equals_reference(precision):
+    """compile=True (inductor, CPU) gives the reference step's losses, k_t, M, gradients and
+    parameters for 2 steps: fp32 within 1e-6; bf16 (autocast inside the compiled region)
+    runs and stays within bf16 rounding (1e-2). ~20 s each with a cold inductor cache."""
+    with _no_compile_fallback():
+        fus, _ = _run_pair("torch", steps=2, step_kw={"compile": True}, precision=precision,
+                           atol=1e-6 if precision == "fp32" else 1e-2)
+    assert fus.fused_step.compile_mode == "default" and not fus.fused_step._compile_pending
+
+
+@pytest.mark.skipif(_triton_conv_reason() is not None, reason=str(_triton_conv_reason()))
+def test_compiled_step_triton_backend(device):
+    """The compiled step on the triton backend (our custom ops inside the inductor graph)
+    against the reference step. CPU: one step, kernels in the interpreter (~10 s with a
+    cold inductor cache). GPU: 4 steps, the last two captured in / replayed from the CUDA
+    graph around the compiled forward and backward."""
+    with _no_compile_fallback():
+        fus, _ = _run_pair("triton", steps=1 if device == "cpu" else 4, device=device, filters=4,
+                           step_kw={"compile": True}, atol=1e-6 if device == "cpu" else 1e-3)
+    assert fus.fused_step.compile_mode == "default"
+    assert fus.fused_step.cuda_graph == (device == "cuda")
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_compile_failure_falls_back_to_eager(monkeypatch, where):
+    """A compilation that raises at the first call (in the forward, or in the compiled
+    backward, which AOTAutograd builds at the first backward) warns once with the reason and
+    the step, that one included, runs eagerly: still the reference step."""
+    calls = []
+
+    def fake_compile(fn, **kw):
+        calls.append(kw)
+
+        def compiled(*args):
+            if where == "forward":
+                raise RuntimeError("boom: unsupported op")
+            out = fn(*args)
+            losses = out[2] + 0
+
+            def hook(grad):
+                raise RuntimeError("boom: backward compile")
+            losses.register_hook(hook)
+            return (*out[:2], losses, *out[3:])
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     ref, fus = _trainer(), _trainer()
     _use_fused_adam(ref)
-    step = FusedStep(fus, compile=True)
-    vb, va = ref.train_step(), step()
-    _compare(fus, ref, va, vb)
+    step = FusedStep(fus, compile="max-autotune-no-cudagraphs")
+    assert calls == [{"fullgraph": True, "dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    assert step.compile_mode == "max-autotune-no-cudagraphs"
+    with pytest.warns(UserWarning, match=r"torch.compile .*max-autotune-no-cudagraphs.*boom"):
+        va = step()
+    _compare(fus, ref, va, ref.train_step(), what="step 0")
+    assert step.compile_mode is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastbegan")
+        va = step()  # eager for good: no second warning
+    _compare(fus, ref, va, ref.train_step(), what="step 1")
+
+
+def test_compile_default_and_switch(monkeypatch, tmp_path):
+    """FusedStep compiles by default on CUDA only; the trainer takes that default unless
+    TrainConfig.compile_step / --no-compile is off."""
+    assert FusedStep(_trainer()).compile_mode is None  # CPU default: eager
+    import fastbegan.step as step_mod
+    seen = []
+
+    class Recorder:
+        compile_mode = "max-autotune-no-cudagraphs"
+
+        def __init__(self, trainer, **kw):
+            seen.append(kw)
+
+    monkeypatch.setattr(step_mod, "fused_step_status", lambda t: (True, "test"))
+    monkeypatch.setattr(step_mod, "FusedStep", Recorder)
+    t = _trainer()
+    assert seen[-1] == {"compile": None} and "compile'd, mode max-autotune" in t.step_path
+    _trainer(compile_step=False)
+    assert seen[-1] == {"compile": False}
+
+    from click.testing import CliRunner
+    import fastbegan.train as train_mod
+    from fastbegan.cli import main
+    cfgs = []
+
+    def fake_train(cfg, **kw):
+        cfgs.append(cfg)
+        return types.SimpleNamespace(step=0)
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    for flag, want in ((None, True), ("--no-compile", False), ("--compile", True)):
+        args = ["train", "--device", "cpu", "--out", str(tmp_path / "run")] + ([flag] if flag else [])
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        assert cfgs[-1].compile_step is want

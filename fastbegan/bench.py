@@ -455,8 +455,10 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
             factory, name = _fused_step_api()
             step = factory(trainer)
             call = step if callable(step) else step.step
+            compiled = getattr(step, "compile_mode", None)
             return Prepared(call, batch, fl, what=f"triton backend + {name} (single pass, fused Adam, "
-                            "CUDA graph), bf16 autocast")
+                            "CUDA graph" + (f", forward torch.compile'd ({compiled})" if compiled else "")
+                            + "), bf16 autocast")
         except NotAvailable as e:
             note = str(e)
         return Prepared(trainer.train_step, batch, fl,

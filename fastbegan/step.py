@@ -5,9 +5,12 @@ One step, all on the device, no host synchronisation::
     idx, flip ~ gen;  x = uint8 data[idx] (flipped) -> [-1, 1]     (device gather)
     z ~ U(-1, 1);     fake = G(z)                                   (G forward, once)
     s = [1]*B + [-k_t]*B                                            (device tensor)
-    rec = D([x; fake], wgrad_scale=s)                               (D forward over 2B, once)
-    L_real, L_fake, k_next, M = l1 pair + BEGAN update              (2 tiny launches on triton)
-    (L_real + L_fake).backward()                                    (ONE backward)
+    h = D.features([x; fake], wgrad_scale=s)                        (D forward over 2B, once,
+    L_real, L_fake, k_next, M, rec = conv3x3_l1_pair_began(h, ...)   its last conv fused with
+                                                                    both L1 losses + BEGAN update)
+    (L_real + L_fake).backward()                                    (ONE backward; the L1
+                                                                    gradient is formed inside
+                                                                    the last conv's kernels)
     Adam(D); Adam(G)                                                (fused, capturable)
     k_t <- k_next;  step_t += 1                                     (in place, on the device)
 
@@ -28,13 +31,17 @@ other parametrised layer.
 Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; indices,
 flips (done on the uint8 batch) and z come from the trainer's device generator in the
 same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
-[-1, 1] conversion is a separate elementwise op (compiled with the rest of the
-forward, see below): it is *not* fused into the first conv's load. Why not (yet): D's
-first conv reads [x_real; G(z)] as one batch, so a fused load would need a second,
-uint8 source for half the rows; and the op
-only touches B*3*H*W elements (1.5 MB at res 128, batch 16, bf16), next to the
-hundreds of MB of activations the convs read and write per step. It is a candidate for
-fusion only if a GPU profile shows it; inside the CUDA graph it costs one small launch.
+[-1, 1] conversion is compiled with the rest of the forward (inductor fuses the gather,
+flip, conversion and the concatenation with G(z) into the kernel that writes D's input);
+it is *not* folded into the first conv's load, a decision, not a gap: the converted
+real batch has four readers, D's first conv (forward and weight gradient) and the L1
+loss (forward and the last conv's backward), so folding the conversion into one of them
+saves nothing; folding it into all four gives each a second, uint8, gathered and flipped
+source for half of its rows, to save at res 128, batch 16 the write and re-read of a
+1.6 MB bf16 batch (and a 3.1 MB fp32 one), where one full-resolution activation of D is
+32 x 128 x 128 x 128 bf16 = 134 MB. The bigger item at that spot, for a GPU-profiled
+change: D's first conv computes its input gradient for all 2B rows, but only the fake
+half's is used (G's); splitting that conv's input by halves would skip the real half.
 
 torch.compile (``compile``; default on CUDA: mode ``"max-autotune-no-cudagraphs"``, off
 on CPU, where inductor's C++ build costs more than it saves): what our kernels do not
@@ -89,10 +96,9 @@ from torch import Tensor
 from . import ops
 from .checkpoint import match_state_layout
 from .model import Conv3x3
-from .ops import reference
 
-__all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "l1_pair_and_update",
-           "match_state_layout", "DEFAULT_COMPILE_MODE"]
+__all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "match_state_layout",
+           "DEFAULT_COMPILE_MODE"]
 
 # torch.compile mode of the step's forward on CUDA: no CUDA graphs of inductor's own (the
 # step captures its own graph around the whole step; cudagraph trees must not nest in it).
@@ -113,27 +119,8 @@ def _check_scalable(d: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# losses + BEGAN update
+# D's losses + BEGAN update
 # ----------------------------------------------------------------------------------------
-def l1_pair_and_update(x_real: Tensor, x_fake: Tensor, recon: Tensor, k: Tensor, gamma: float,
-                       lambda_k: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(losses, k_next, M)`` with ``losses = [L_real, L_fake]`` (a (2,) fp32 tensor,
-    differentiable), ``recon = D([x_real; x_fake])``; on the current backend.
-
-    triton: the fused pair-loss kernel with the BEGAN update in its finalize launch.
-    torch: :func:`reference.l1_recon_loss_ref` per half and :func:`reference.began_update_ref`.
-    """
-    if ops.get_backend() == "triton":
-        from .ops.triton_loss import l1_recon_loss_pair_began
-        return l1_recon_loss_pair_began(x_real, x_fake, recon, k, gamma, lambda_k)
-    b = x_real.shape[0]
-    loss_real = reference.l1_recon_loss_ref(x_real, recon[:b])
-    loss_fake = reference.l1_recon_loss_ref(x_fake, recon[b:])
-    k_next, m = reference.began_update_ref(k, loss_real.detach(), loss_fake.detach(), gamma,
-                                           lambda_k)
-    return torch.stack([loss_real, loss_fake]), k_next, m
-
-
 def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Tensor,
              gamma: float, lambda_k: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(losses, k_next, M)`` of D on ``[x_real; x_fake]`` in one pass, weight gradients
@@ -141,7 +128,9 @@ def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Ten
     :func:`ops.conv3x3_l1_pair_began` (the last conv, both L1 losses and the BEGAN update;
     on triton the L1 gradient is made inside that conv's backward kernels)."""
     last = d.decoder.to_rgb
-    feats = d.features(torch.cat([x_real, x_fake]), scale)
+    # D's input in the activations' dtype (what autocast would cast the concatenation to);
+    # the L1 target stays x_real itself (fp32: the exact uint8 -> [-1, 1] values)
+    feats = d.features(torch.cat([x_real.to(x_fake.dtype), x_fake]), scale)
     losses, k_next, m, _ = ops.conv3x3_l1_pair_began(feats, last.weight, last.bias, x_real,
                                                      x_fake, k, gamma, lambda_k,
                                                      wgrad_scale=scale)
@@ -412,23 +401,10 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
 
 
 def _compiled(fn, mode: str | None):
-    """``torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)``, called with dynamo's
-    ``trace_autograd_ops`` on where this torch has it: the torch backend's scaled-wgrad
-    autograd.Functions call ``torch.autograd.grad`` in their backward, which dynamo traces
-    (when it speculates the backward at forward time) only with that flag (without it,
-    fullgraph=True fails and the step falls back to the eager forward). The triton
-    backend's custom ops do not need it. The flag is read when dynamo traces, so it is set
-    around every call (a recompile can happen at any call), not globally."""
-    import torch._dynamo
-
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
-        return compiled
-
-    def call(*args):
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return compiled(*args)
-    return call
+    """``torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)``. One graph: the
+    model's ops are custom ops (triton backend) or plain aten ops and autograd.Functions
+    with written-out backwards (torch backend), none of which breaks the graph."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
 
 
 def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:

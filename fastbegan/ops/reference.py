@@ -38,37 +38,41 @@ class _ScaledWgradConv(torch.autograd.Function):
     one; the weight and bias gradients weight sample n's contribution by ``scale[n]``.
     The fused training step uses this to give D's fake half the factor ``-k_t`` in the
     same backward pass that sends G the unscaled gradient of L_G.
+
+    The backward is written out (no ``torch.autograd.grad`` inside, so that dynamo can
+    trace it under ``torch.compile(fullgraph=True)``): ELU's derivative from the saved
+    output (``y > 0 ? 1 : y + 1``), ``conv2d_input`` / ``conv2d_weight`` for the conv, the
+    sum over 2x2 blocks for the nearest upsample. It runs in dy's dtype (the autocast
+    dtype under autocast) and returns each gradient in its input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, upsample, stride, activation, skip):
-        ctx.cfg = (upsample, stride, activation, bias is not None, skip is not None)
-        ctx.save_for_backward(x, weight, bias, scale, skip)
-        with torch.no_grad():
-            return conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
-                                   activation=activation, skip=skip)
+        y = conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
+                            activation=activation, skip=skip)
+        ctx.cfg = (upsample, stride, activation, bias is not None)
+        ctx.save_for_backward(x, weight, scale, skip, y if activation else None)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale, skip = ctx.saved_tensors
-        upsample, stride, activation, has_bias, has_skip = ctx.cfg
-        with torch.enable_grad():
-            xi = x.detach().requires_grad_(True)
-            si = skip.detach().requires_grad_(True) if has_skip else None
-            inp = F.interpolate(xi, scale_factor=2, mode="nearest") if upsample else xi
-            if has_skip:
-                inp = torch.cat([inp, si], dim=1)
-            pre = F.conv2d(inp, weight.to(inp.dtype), None if bias is None else bias.to(inp.dtype),
-                           stride=stride, padding=1)
-            y = F.elu(pre) if activation else pre
-            dpre, = torch.autograd.grad(y, pre, dy, retain_graph=True)
-            grads = torch.autograd.grad(pre, [xi] + ([si] if has_skip else []), dpre)
-        s = scale.to(dpre.dtype).view(-1, 1, 1, 1)
-        dpre_s = dpre * s
-        dw = torch.nn.grad.conv2d_weight(inp.detach(), weight.shape, dpre_s, stride=stride,
+        x, weight, scale, skip, y = ctx.saved_tensors
+        upsample, stride, activation, has_bias = ctx.cfg
+        dt = dy.dtype
+        dpre = torch.where(y > 0, dy, dy * (y.to(dt) + 1)) if activation else dy
+        inp = F.interpolate(x, scale_factor=2, mode="nearest") if upsample else x
+        if skip is not None:
+            inp = torch.cat([inp, skip], dim=1)
+        dinp = torch.nn.grad.conv2d_input(inp.shape, weight.to(dt), dpre, stride=stride, padding=1)
+        dx = dinp[:, :x.shape[1]]
+        if upsample:  # adjoint of nearest 2x: each pixel receives its 2x2 block's sum
+            dx = dx.unflatten(3, (x.shape[3], 2)).unflatten(2, (x.shape[2], 2)).sum((3, 5))
+        dskip = dinp[:, x.shape[1]:].to(skip.dtype) if skip is not None else None
+        dpre_s = dpre * scale.to(dt).view(-1, 1, 1, 1)
+        dw = torch.nn.grad.conv2d_weight(inp.to(dt), weight.shape, dpre_s, stride=stride,
                                          padding=1).to(weight.dtype)
         db = dpre_s.sum((0, 2, 3)).to(weight.dtype) if has_bias else None
-        return grads[0], dw, db, None, None, None, None, (grads[1] if has_skip else None)
+        return dx.to(x.dtype), dw, db, None, None, None, None, dskip
 
 
 def conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, *, upsample=False, stride=1,

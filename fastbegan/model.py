@@ -126,8 +126,15 @@ class Encoder(nn.Module):
         self.convs = nn.ModuleList(layers)
         self.fc = nn.Linear(c * 8 * 8, h)
 
-    def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
-        for conv in self.convs:
+    def forward(self, x: Tensor, wgrad_scale: Tensor | None = None, x2: Tensor | None = None) -> Tensor:
+        """``x2``: an optional second batch; the encoder then runs on ``[x; x2]``, its first
+        conv reading the two halves without concatenating them (``ops.conv3x3_elu_pair``)."""
+        first = self.convs[0]
+        if x2 is None:
+            x = first(x, wgrad_scale=wgrad_scale)
+        else:
+            x = ops.conv3x3_elu_pair(x, x2, first.weight, first.bias, wgrad_scale=wgrad_scale)
+        for conv in self.convs[1:]:
             x = conv(x, wgrad_scale=wgrad_scale)
         # channels_last -> NHWC flatten is a view; fc weights use that (h, 8*8*C) order.
         return ops.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc.weight, self.fc.bias, wgrad_scale)
@@ -159,10 +166,12 @@ class Discriminator(nn.Module):
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
         return self.decoder(self.encoder(x, wgrad_scale), wgrad_scale)
 
-    def features(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
-        """D(x) up to the decoder's last conv (``decoder.to_rgb``), whose input this is.
-        The fused step hands it to :func:`fastbegan.ops.conv3x3_l1_pair_began`."""
-        return self.decoder.features(self.encoder(x, wgrad_scale), wgrad_scale)
+    def features(self, x: Tensor, wgrad_scale: Tensor | None = None,
+                 x2: Tensor | None = None) -> Tensor:
+        """D up to the decoder's last conv (``decoder.to_rgb``), whose input this is, for
+        the batch ``x`` or ``[x; x2]`` (see :meth:`Encoder.forward`). The fused step hands
+        it to :func:`fastbegan.ops.conv3x3_l1_pair_began`."""
+        return self.decoder.features(self.encoder(x, wgrad_scale, x2), wgrad_scale)
 
 
 class BEGAN(nn.Module):

@@ -5,7 +5,7 @@ One step, all on the device, no host synchronisation::
     idx, flip ~ gen;  x = uint8 data[idx] (flipped) -> [-1, 1]     (device gather)
     z ~ U(-1, 1);     fake = G(z)                                   (G forward, once)
     s = [1]*B + [-k_t]*B                                            (device tensor)
-    h = D.features([x; fake], wgrad_scale=s)                        (D forward over 2B, once,
+    h = D.features(x, s, x2=fake)                                   (D forward over 2B, once,
     L_real, L_fake, k_next, M, rec = conv3x3_l1_pair_began(h, ...)   its last conv fused with
                                                                     both L1 losses + BEGAN update)
     (L_real + L_fake).backward()                                    (ONE backward; the L1
@@ -32,16 +32,15 @@ Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; ind
 flips (done on the uint8 batch) and z come from the trainer's device generator in the
 same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
 [-1, 1] conversion is compiled with the rest of the forward (inductor fuses the gather,
-flip, conversion and the concatenation with G(z) into the kernel that writes D's input);
-it is *not* folded into the first conv's load, a decision, not a gap: the converted
-real batch has four readers, D's first conv (forward and weight gradient) and the L1
-loss (forward and the last conv's backward), so folding the conversion into one of them
-saves nothing; folding it into all four gives each a second, uint8, gathered and flipped
-source for half of its rows, to save at res 128, batch 16 the write and re-read of a
-1.6 MB bf16 batch (and a 3.1 MB fp32 one), where one full-resolution activation of D is
-32 x 128 x 128 x 128 bf16 = 134 MB. The bigger item at that spot, for a GPU-profiled
-change: D's first conv computes its input gradient for all 2B rows, but only the fake
-half's is used (G's); splitting that conv's input by halves would skip the real half.
+flip and conversion into one kernel); D's first conv reads the real batch and G(z) as
+two halves (:func:`ops.conv3x3_elu_pair`: no concatenated copy, and no input gradient
+computed for the real half, which only G's half needs). The conversion is *not* folded
+into the first conv's load, a decision, not a gap: the converted real batch has four
+readers, D's first conv (forward and weight gradient) and the L1 loss (forward and the
+last conv's backward), so folding it into one of them saves nothing, and folding it into
+all four gives each a uint8, gathered and flipped source, to save at res 128, batch 16
+the write and re-read of a 0.8 MB bf16 and a 3.1 MB fp32 batch, where one
+full-resolution activation of D is 32 x 128 x 128 x 128 bf16 = 134 MB.
 
 torch.compile (``compile``; default on CUDA: mode ``"max-autotune-no-cudagraphs"``, off
 on CPU, where inductor's C++ build costs more than it saves): what our kernels do not
@@ -128,9 +127,9 @@ def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Ten
     :func:`ops.conv3x3_l1_pair_began` (the last conv, both L1 losses and the BEGAN update;
     on triton the L1 gradient is made inside that conv's backward kernels)."""
     last = d.decoder.to_rgb
-    # D's input in the activations' dtype (what autocast would cast the concatenation to);
-    # the L1 target stays x_real itself (fp32: the exact uint8 -> [-1, 1] values)
-    feats = d.features(torch.cat([x_real.to(x_fake.dtype), x_fake]), scale)
+    # D's first conv reads the two halves as they are (no concatenated copy; no input
+    # gradient for the real half); the L1 target is x_real itself (fp32: exact values)
+    feats = d.features(x_real, scale, x2=x_fake)
     losses, k_next, m, _ = ops.conv3x3_l1_pair_began(feats, last.weight, last.bias, x_real,
                                                      x_fake, k, gamma, lambda_k,
                                                      wgrad_scale=scale)

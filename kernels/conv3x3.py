@@ -611,7 +611,7 @@ def subpixel_weight(weight2d: torch.Tensor, c_x: int, dtype: torch.dtype) -> tor
 def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 skip: torch.Tensor | None = None, upsample: bool = False, stride: int = 1,
                 activation: bool = True, kernel: str = "auto",
-                subpixel: bool = True) -> torch.Tensor:
+                subpixel: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the fused conv. Inputs are assumed validated (see fastbegan.ops.triton_conv).
 
     x: (N, C_x, H, W); skip: (N, C_s, H', W') with H' = 2H if upsample else H; weight:
@@ -621,7 +621,9 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     "ptr" or "tma" for "auto" calls) | "ptr" | "tma" (forced). ``subpixel``: with upsample on the
     descriptor kernel, fold the 3x3 taps of x into 4 per output phase (2.25x fewer MACs on
     x's channels; one extra tiny launch to sum the weights). Returns y
-    (N, C_out, H_out, W_out) channels_last, H_out = (H' - 1) // stride + 1, in x's dtype.
+    (N, C_out, H_out, W_out) channels_last, H_out = (H' - 1) // stride + 1, in x's dtype;
+    written into ``out`` when given (that shape, x's dtype, channels_last-dense: e.g. a
+    batch slice of a larger channels_last tensor).
     """
     _check_runnable(x, "conv3x3_elu")
     x = _nhwc(x)
@@ -632,8 +634,15 @@ def conv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     C_s = skip.shape[1] if skip is not None else 0
     C_out = weight.shape[0]
     w2 = weight_matrix(weight)
-    y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
-                    memory_format=torch.channels_last)
+    if out is None:
+        y = torch.empty((N, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
+                        memory_format=torch.channels_last)
+    else:
+        if (tuple(out.shape) != (N, C_out, H_out, W_out) or out.dtype != x.dtype
+                or not out.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"conv3x3_fwd: out must be a channels_last {x.dtype} tensor of shape "
+                             f"{(N, C_out, H_out, W_out)}")
+        y = out
     if y.numel() == 0:
         return y
     for t in (x, skip, y):

@@ -141,6 +141,23 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
                                      activation=activation, skip=skip)
 
 
+def conv3x3_elu_pair(xa: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None, *,
+                     activation: bool = True, wgrad_scale: Tensor | None = None) -> Tensor:
+    """``conv3x3_elu(torch.cat([xa, xb]), weight, bias)`` (stride 1, no upsample, no skip)
+    for a batch given as two halves: (Na + Nb, C_out, H, W).
+
+    On triton the concatenation is never formed and the backward computes the input
+    gradient only of the halves that need one (D's first conv in the fused step: G(z)
+    needs it, the real batch does not). ``wgrad_scale``: (Na + Nb,), as in
+    :func:`conv3x3_elu`.
+    """
+    if _backend == "triton":
+        return _triton().conv3x3_elu_pair(xa, xb, weight, bias, activation=activation,
+                                          wgrad_scale=wgrad_scale)
+    return conv3x3_elu(torch.cat([xa, xb]), weight, bias, activation=activation,
+                       wgrad_scale=wgrad_scale)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, wgrad_scale: Tensor | None = None) -> Tensor:
     """The model's fc layers: ``F.linear`` with the same optional per-sample weight-gradient
     scale as :func:`conv3x3_elu`. One implementation on every backend (a cuBLAS GEMM)."""
@@ -191,5 +208,5 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Tensor | None, x_real
 
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
-           "triton_status", "conv3x3_elu", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
+           "triton_status", "conv3x3_elu", "conv3x3_elu_pair", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
            "conv3x3_l1_pair_began"]

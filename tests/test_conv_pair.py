@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from testutil import DEVICE
+from testutil import DEVICE, requires_gpu
 from fastbegan import ops
 
 CL = torch.channels_last
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -108,3 +108,15 @@ def test_bad_inputs_say_what_is_wrong(kw, match):
     scale = kw.get("scale")
     with pytest.raises(ValueError, match=match):
         ops.conv3x3_elu_pair(xa, xb, w, b, wgrad_scale=None if scale is None else scale.to(DEVICE))
+
+
+@requires_gpu
+def test_gpu_real_shape_bf16():
+    """D's first conv at res 128, n 128: [x_real; G(z)] with batch 16 each."""
+    xa, xb, w, b = _inputs(16, 16, 3, 128, (128, 128), torch.bfloat16)
+    scale = torch.cat([torch.ones(16), torch.full((16,), -0.3)]).to(DEVICE)
+    y, g = _grads(ops.conv3x3_elu_pair, xa, xb, w, b, scale, need_a=False)
+    ry, rg = _grads(_reference, xa, xb, w, b, scale, need_a=False)
+    _close("y", y, ry, torch.bfloat16)
+    for name, a, r in zip(["xb", "weight", "bias"], g, rg):
+        _close("grad " + name, a, r, torch.bfloat16)

@@ -28,3 +28,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def triton_backend(one_thread):
+    """The triton backend for one test (the interpreter without a GPU), one CPU thread.
+    Use with ``pytestmark = pytest.mark.usefixtures("triton_backend")``."""
+    from fastbegan import ops
+    with ops.use_backend("triton"):
+        yield

@@ -11,19 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from testutil import DEVICE, requires_gpu
+from testutil import DEVICE, assert_close_rel, requires_gpu
 from fastbegan import ops
 from fastbegan.kernels import conv3x3_bwd as K
 from fastbegan.ops import reference as R
 
 CL = torch.channels_last
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _triton_backend(one_thread):
-    with ops.use_backend("triton"):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _inputs(b, c, hw, dtype, device=DEVICE, bias=True, nchw_targets=False, seed=0):
@@ -60,12 +56,6 @@ def _reference(h, w, b, xr, xf, k, gamma, lam, scale):
     return R.conv3x3_l1_pair_began_ref(h, w, b, xr, xf, k, gamma, lam, scale)
 
 
-def _close(name, got, want, dtype):
-    scale = max(want.abs().max().item(), 1e-6)
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
-
-
 # (B, C, (H, W)): tiny; odd sizes; several 128-pixel M tiles and 16-channel tiles of the
 # interpreter's config (dgrad writes the target gradients from channel tile 0 only)
 SHAPES = {"tiny": (1, 4, (5, 5)), "odd": (2, 5, (7, 6)), "tiles": (2, 20, (9, 9))}
@@ -82,10 +72,10 @@ def test_matches_reference_fp32(shape, scaled):
     vals, grads = _run(_triton, inp, k, scale, up)
     rvals, rgrads = _run(_reference, inp, k, scale, up)
     for name in vals:
-        _close(name, vals[name], rvals[name], torch.float32)
+        assert_close_rel(name, vals[name], rvals[name], torch.float32)
     assert set(grads) == set(rgrads)
     for name in grads:
-        _close("grad " + name, grads[name], rgrads[name], torch.float32)
+        assert_close_rel("grad " + name, grads[name], rgrads[name], torch.float32)
     assert not vals["recon"].requires_grad and not vals["k_next"].requires_grad
 
 
@@ -97,9 +87,9 @@ def test_matches_reference_fp16():
     vals, grads = _run(_triton, inp, k, scale, up)
     rvals, rgrads = _run(_reference, inp, k, scale, up)
     for name in ("losses", "recon"):
-        _close(name, vals[name], rvals[name], torch.float16)
+        assert_close_rel(name, vals[name], rvals[name], torch.float16)
     for name in grads:
-        _close("grad " + name, grads[name], rgrads[name], torch.float16)
+        assert_close_rel("grad " + name, grads[name], rgrads[name], torch.float16)
 
 
 def test_l1_gradient_is_sign_over_numel_and_zero_on_ties():
@@ -201,6 +191,6 @@ def test_gpu_real_shape(dtype):
     vals, grads = _run(_triton, inp, k, scale, up)
     rvals, rgrads = _run(_reference, inp, k, scale, up)
     for name in ("losses", "recon"):
-        _close(name, vals[name], rvals[name], dtype)
+        assert_close_rel(name, vals[name], rvals[name], dtype)
     for name in grads:
-        _close("grad " + name, grads[name], rgrads[name], dtype)
+        assert_close_rel("grad " + name, grads[name], rgrads[name], dtype)

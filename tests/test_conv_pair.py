@@ -7,17 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from testutil import DEVICE, requires_gpu
+from testutil import DEVICE, assert_close_rel, requires_gpu
 from fastbegan import ops
 
 CL = torch.channels_last
-TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _triton_backend(one_thread):
-    with ops.use_backend("triton"):
-        yield
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _inputs(na, nb, c, co, hw, dtype, seed=0):
@@ -45,12 +41,6 @@ def _reference(xa, xb, w, b, *, activation, wgrad_scale):
         return ops.conv3x3_elu_pair(xa, xb, w, b, activation=activation, wgrad_scale=wgrad_scale)
 
 
-def _close(name, got, want, dtype):
-    scale = max(want.abs().max().item(), 1e-6)
-    err = (got.float() - want.float()).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]} x {scale:.3g}"
-
-
 @pytest.mark.parametrize("need_a", [False, True])
 @pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -61,16 +51,16 @@ def test_matches_concatenated_reference(need_a, scaled, dtype):
     y, g = _grads(ops.conv3x3_elu_pair, xa, xb, w, b, scale, need_a)
     ry, rg = _grads(_reference, xa, xb, w, b, scale, need_a)
     assert y.shape == (na + nb, 20, 7, 9) and y.is_contiguous(memory_format=CL)
-    _close("y", y, ry, dtype)
+    assert_close_rel("y", y, ry, dtype)
     names = (["xa"] if need_a else []) + ["xb", "weight", "bias"]
     for name, a, r in zip(names, g, rg):
-        _close("grad " + name, a, r, dtype)
+        assert_close_rel("grad " + name, a, r, dtype)
 
 
 def test_linear_output_and_no_bias():
     xa, xb, w, _ = _inputs(1, 2, 4, 5, (6, 6), torch.float32)
     y = ops.conv3x3_elu_pair(xa, xb, w, None, activation=False)
-    _close("y", y, _reference(xa, xb, w, None, activation=False, wgrad_scale=None), torch.float32)
+    assert_close_rel("y", y, _reference(xa, xb, w, None, activation=False, wgrad_scale=None), torch.float32)
     assert (y < -1).any()  # no ELU: values below ELU's floor remain
 
 
@@ -117,6 +107,6 @@ def test_gpu_real_shape_bf16():
     scale = torch.cat([torch.ones(16), torch.full((16,), -0.3)]).to(DEVICE)
     y, g = _grads(ops.conv3x3_elu_pair, xa, xb, w, b, scale, need_a=False)
     ry, rg = _grads(_reference, xa, xb, w, b, scale, need_a=False)
-    _close("y", y, ry, torch.bfloat16)
+    assert_close_rel("y", y, ry, torch.bfloat16)
     for name, a, r in zip(["xb", "weight", "bias"], g, rg):
-        _close("grad " + name, a, r, torch.bfloat16)
+        assert_close_rel("grad " + name, a, r, torch.bfloat16)

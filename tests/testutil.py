@@ -41,3 +41,16 @@ def sm90_table(factories, results_path, what):
         pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
     aot.write_table(results_path, rows, what)
     return rows
+
+
+# max abs error allowed, relative to the reference's largest magnitude, per activation dtype
+# (fp16: operands rounded before the fp32-accumulated dot; bf16: GPU only, DESIGN 8)
+REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close_rel(name, got, want, dtype):
+    """``max |got - want| <= REL_TOL[dtype] * max |want|`` (floor 1e-6), with the numbers."""
+    assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+    scale = max(want.abs().max().item(), 1e-6)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"{name}: max error {err:.3g} > {REL_TOL[dtype]} x {scale:.3g}"

@@ -81,10 +81,18 @@ def main():
 @click.option("--lr-stall", type=int, default=0, show_default=True,
               help="Also halve lr when M has not improved for this many steps (0 = off).")
 @click.option("--separate-z", is_flag=True, help="Paper-literal separate z_D / z_G (default: one z, as the TF reference).")
+@click.option("--cs-alpha", type=float, default=0.0, show_default=True,
+              help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss, against the "
+                   "early one-image collapse. Needs --h equal to --z-dim. 0 = off (the paper's BEGAN).")
+@click.option("--pt-weight", type=float, default=0.0, show_default=True,
+              help="EBGAN's pulling-away term (Zhao et al. 2017) on D's codes of the fakes, added to G's "
+                   "loss with this weight. 0 = off (the paper's BEGAN).")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="bf16: autocast with fp32 master weights, losses and k_t. auto: bf16 on GPUs with "
+                   "bf16 tensor cores and CPUs with AMX-BF16 / AVX512-BF16, fp32 elsewhere.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -102,16 +110,22 @@ def main():
 @click.option("--health-patience", type=int, default=200, show_default=True,
               help="Steps a health problem (collapse, k_t stuck at 0/1, M rising) must last before "
                    "it is reported; 0 turns the health monitor off.")
-@click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
-              help="Fused GPU step only: torch.compile its forward (batch conversion, G, D, losses; "
-                   "mode max-autotune-no-cudagraphs, the first step compiles for a while). "
-                   "--no-compile: eager forward.")
+@click.option("--compile", "compile_step", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, is_flag=False, flag_value="on",
+              help="torch.compile the fused step's forward (batch conversion, G, D, losses). auto: "
+                   "on a GPU always; on a CPU when the run is long enough to win back the compile "
+                   "time (decided after a few timed steps; see docs). Plain --compile: on.")
+@click.option("--no-compile", is_flag=True, help="Same as --compile off.")
+@click.option("--reference-step", is_flag=True,
+              help="Train with the reference step (two backward passes, the definition of correctness) "
+                   "instead of the fused single-pass step.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
+          lr_stall, separate_z, cs_alpha, pt_weight, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
-          on_collapse="warn", health_patience=200, compile_step=True):
+          on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
+          reference_step=False):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
@@ -126,12 +140,13 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                    "use a CUDA GPU for real runs.", err=True)
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
-                      lambda_k=lambda_k, separate_z=separate_z, skip=skip,
+                      lambda_k=lambda_k, separate_z=separate_z, cs_alpha=cs_alpha, pt_weight=pt_weight,
+                      skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
                       max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience,
-                      compile_step=compile_step)
+                      compile_step="off" if no_compile else compile_step, reference_step=reference_step)
     created = not Path(out).exists()
     check_writable(out)
     try:

@@ -86,13 +86,14 @@ next replay overwrites (read them before the next step, as ``Trainer.fit`` does)
 """
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops
+from . import autocompile, ops, remedies
 from .checkpoint import match_state_layout
 from .model import Conv3x3
 
@@ -142,23 +143,22 @@ def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Ten
 def fused_step_status(trainer) -> tuple[bool, str]:
     """(use it, why): should ``trainer`` take the fused step by default?
 
-    Yes on a CUDA device with the triton backend and the same-z step; otherwise the
-    reference step (the fused step also runs on the torch backend and on CPU, when asked
-    for explicitly: ``FusedStep(trainer)``).
+    Yes for the same-z step in one process, on every device and backend: it was measured
+    faster than the reference step at the same precision on the CPU (torch backend, fp32
+    and bf16, docs/design.md) and it is the GPU path. The reference step stays for
+    ``--separate-z``, torchrun, and a D with layers the per-sample scale does not cover.
     """
+    if trainer.cfg.reference_step:
+        return False, "--reference-step"
     if trainer.cfg.separate_z:
         return False, "--separate-z needs two G passes (the fused step is the same-z step)"
     if getattr(getattr(trainer, "dist", None), "enabled", False):
         return False, "several processes (torchrun): the reference step all-reduces the gradients"
-    if trainer.device.type != "cuda":
-        return False, f"device is {trainer.device.type}, not a CUDA GPU"
-    if trainer.backend != "triton":
-        return False, f"backend is {trainer.backend}, not triton"
     try:
         _check_scalable(trainer.D)
     except NotImplementedError as e:
         return False, str(e)
-    return True, "CUDA GPU with the triton backend: fused single-pass step"
+    return True, f"single-pass step, {trainer.backend} backend on {trainer.device.type}"
 
 
 class FusedStep:
@@ -172,15 +172,17 @@ class FusedStep:
     cuda_graph: capture the step into a CUDA graph after ``warmup`` eager steps (default:
     on CUDA). compile: ``torch.compile`` the step's forward region (:func:`step_forward`:
     batch gather/conversion, G, D, losses; the random draws and Adam stay eager); False,
-    True (inductor's default mode) or a mode string; None (default):
-    :data:`DEFAULT_COMPILE_MODE` on CUDA, False on CPU. ``compile_mode`` says what is in
-    use (None: eager, also after a failed compilation fell back). fused_adam: switch the
+    True (inductor's default mode), a mode string, or ``"auto"`` (default): on CUDA
+    :data:`DEFAULT_COMPILE_MODE`; on CPU the rule of :mod:`fastbegan.autocompile`, decided
+    after a few timed eager steps from ``steps_planned`` (set by the trainer; unknown:
+    no compile). ``compile_mode`` says what is in use (None: eager, also after a failed
+    compilation fell back); ``compile_why`` why. fused_adam: switch the
     trainer's Adam optimisers to the fused implementation (on CPU too, where it removes
     the ``.item()`` the for-each Adam does on its step counters).
     """
 
     def __init__(self, trainer, *, cuda_graph: bool | None = None, warmup: int = 2,
-                 compile: bool | str | None = None, fused_adam: bool = True):
+                 compile: bool | str | None = "auto", fused_adam: bool = True):
         cfg = trainer.cfg
         if cfg.separate_z:
             raise ValueError("the fused step is the same-z step: it does not support separate_z")
@@ -206,19 +208,25 @@ class FusedStep:
         self.lr_t = torch.full((), trainer.lr, device=dev, dtype=torch.float32)
         self._host_step, self._host_lr = trainer.step, trainer.lr
         self._ones = torch.ones(cfg.batch_size, device=dev)
-        if compile is None:
-            compile = DEFAULT_COMPILE_MODE if dev.type == "cuda" else False
         self.compile_mode: str | None = None  # None: eager forward (also after a fallback)
+        self.compile_why = "--no-compile"
         self._forward_eager = step_forward(trainer.G, trainer.D, self._ones, gamma=cfg.gamma,
                                            lambda_k=cfg.lambda_k, device_type=dev.type,
-                                           bf16=cfg.precision == "bf16")
+                                           bf16=cfg.precision == "bf16", cs_alpha=cfg.cs_alpha,
+                                           pt_weight=cfg.pt_weight)
         self._forward = self._forward_eager
         self._compile_pending = False  # compiled, first call (compilation) not done yet
-        if compile:
-            self.compile_mode = compile if isinstance(compile, str) else "default"
-            self._forward = _compiled(self._forward_eager,
-                                      mode=compile if isinstance(compile, str) else None)
-            self._compile_pending = True
+        self.steps_planned: int | None = None  # steps this run will still take (--compile auto)
+        self._probe: list[float] | None = None  # eager step times while auto decides
+        self.compile_s: float | None = None  # how long the compiling call took
+        if compile in (None, "auto"):
+            if dev.type == "cuda":
+                self._start_compile(DEFAULT_COMPILE_MODE, "auto: CUDA")
+            else:
+                self._probe = []
+                self.compile_why = "auto: decided after the first eager steps"
+        elif compile:
+            self._start_compile(compile if isinstance(compile, str) else None, "--compile")
         self._graph = None
         self._static: dict[str, Tensor] | None = None
         self._static_batch: dict[str, Tensor] = {}
@@ -230,10 +238,15 @@ class FusedStep:
     def __call__(self) -> dict[str, Tensor]:
         tr = self.tr
         self._sync_host_state()
+        t0 = time.perf_counter()
         if self.cuda_graph:
             vals = self._graph_step()
         else:
             vals = self._device_step(zero_grad=True)
+        if self._probe is not None:  # CPU, --compile auto: time eager steps, then decide
+            self._probe.append(time.perf_counter() - t0)  # (CPU work is synchronous)
+            if len(self._probe) > autocompile.EAGER_PROBE_STEPS:
+                self._decide_compile()
         tr.step += 1
         self._host_step = tr.step
         tr._schedule_lr()
@@ -288,6 +301,29 @@ class FusedStep:
         z = torch.rand(b, cfg.z_dim, device=self.device, generator=tr.gen).mul_(2).sub_(1)
         return idx, flip, z
 
+    @property
+    def compiles_next(self) -> bool:
+        """The next call compiles (the trainer shows a 'compiling' phase)."""
+        return self._compile_pending
+
+    def _start_compile(self, mode: str | None, why: str) -> None:
+        self.compile_mode, self.compile_why = mode or "default", why
+        self._forward = _compiled(self._forward_eager, mode=mode)
+        self._compile_pending = True
+
+    def _decide_compile(self) -> None:
+        """--compile auto on CPU: apply :func:`autocompile.decide` to the timed eager steps
+        (the first one, with its allocations, is left out)."""
+        times, self._probe = sorted(self._probe[1:]), None
+        left = (self.steps_planned or 0) - len(times) - 1
+        d = autocompile.decide(left, times[len(times) // 2], self.tr.cfg.precision,
+                               autocompile.config_key(self.tr.cfg, self.device))
+        if d.compile:
+            self._start_compile(None, "auto: " + d.why)
+        else:
+            self.compile_why = "auto, not compiled: " + d.why
+        self.tr.log(f"torch.compile {'on' if d.compile else 'off'} ({d.why})")
+
     def _forward_backward(self, args: tuple) -> tuple[Tensor, ...]:
         """:func:`step_forward` (compiled or eager) on ``args``, then the one backward
         (AOTAutograd's compiled backward when compiled). The first compiled call compiles
@@ -295,9 +331,13 @@ class FusedStep:
         step: the random draws are already made, and the forward changes no state)."""
         if self._compile_pending:
             try:
+                t0 = time.perf_counter()
                 out = self._forward(*args)
-                out[2].sum().backward()
+                out[5].backward()
                 self._compile_pending = False
+                self.compile_s = time.perf_counter() - t0
+                autocompile.record_compile_s(autocompile.config_key(self.tr.cfg, self.device),
+                                             self.compile_s)
                 return out
             except Exception as e:
                 self._forward, self._compile_pending = self._forward_eager, False
@@ -309,7 +349,7 @@ class FusedStep:
                 for opt in self.opts:  # a failure inside the backward may have left grads
                     opt.zero_grad(set_to_none=True)
         out = self._forward(*args)
-        out[2].sum().backward()
+        out[5].backward()
         return out
 
     def _device_step(self, zero_grad: bool) -> dict[str, Tensor]:
@@ -322,7 +362,7 @@ class FusedStep:
         if zero_grad:
             for opt in self.opts:
                 opt.zero_grad(set_to_none=True)
-        x, fake, losses, k_next, m_global = self._forward_backward((tr.data, idx, flip, z, k))
+        x, fake, losses, k_next, m_global, _, terms = self._forward_backward((tr.data, idx, flip, z, k))
         lv = losses.detach()
         tr.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
         for opt in self.opts:
@@ -331,7 +371,8 @@ class FusedStep:
         k.copy_(k_next)
         self.step_t.add_(1)
         self._static_batch = {"x": x, "fake": fake.detach()}
-        return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global}
+        return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global,
+                **{f"loss_{n}": v for n, v in terms.items()}}
 
     def _graph_step(self) -> dict[str, Tensor]:
         if self._graph is None:
@@ -379,15 +420,18 @@ class FusedStep:
 
 
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
-                 device_type: str, bf16: bool):
+                 device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0):
     """The forward region of the fused step, as one function of device tensors (what
     ``FusedStep(compile=...)`` hands to ``torch.compile(fullgraph=True, dynamic=False)``):
 
-    ``forward(data, idx, flip, z, k) -> (x, fake, losses, k_next, M)``: the uint8 gather
-    ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``, the scale vector
-    ``[1]*B + [-k]*B`` (``ones`` is the (B,) ones buffer) and :func:`d_losses`; G and D
-    under bf16 autocast when ``bf16`` (without the cast cache, as in a CUDA graph capture).
-    No random draws (the caller makes them with its generator) and no state changes.
+    ``forward(data, idx, flip, z, k) -> (x, fake, losses, k_next, M, objective, terms)``:
+    the uint8 gather ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``,
+    the scale vector ``[1]*B + [-k]*B`` (``ones`` is the (B,) ones buffer),
+    :func:`d_losses` and the enabled collapse remedies (:func:`remedies.fused_step_terms`);
+    ``objective`` is the scalar the one backward starts from, ``terms`` the remedies'
+    unweighted values (for the log). G and D under bf16 autocast when ``bf16`` (without
+    the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
+    with its generator) and no state changes.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         x = _to_unit_range_flipped(data[idx], flip)
@@ -395,7 +439,11 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z)
             losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)
-        return x, fake, losses, k_next, m
+            terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight)
+        objective = losses.sum()
+        for value, weight in terms.values():
+            objective = objective + weight * value
+        return x, fake, losses, k_next, m, objective, {n: v.detach() for n, (v, _) in terms.items()}
     return forward
 
 

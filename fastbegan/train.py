@@ -50,7 +50,11 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from . import ops
+from . import remedies
+from .hardware import PRECISIONS, configure_threads, resolve_precision, tune_cpu_allocator
 from .model import BEGAN, check_resolution, default_filters
+
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -71,9 +75,11 @@ class TrainConfig:
     gamma: float = 0.5
     lambda_k: float = 0.001
     separate_z: bool = False
+    cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
+    pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
-    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
     backend: str = "auto"               # auto | torch | triton
     device: str = "auto"
     seed: int = 0
@@ -88,7 +94,8 @@ class TrainConfig:
     max_restores: int = 3               # divergence guard: restores before giving up
     on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
     health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
-    compile_step: bool = True           # fused step: torch.compile its forward (on CUDA)
+    compile_step: str = "auto"          # fused step: torch.compile its forward: auto | on | off
+    reference_step: bool = False        # the reference two-backward step instead of the fused one
 
     def __post_init__(self):
         check_resolution(self.res)
@@ -96,8 +103,12 @@ class TrainConfig:
             self.filters = default_filters(self.res)
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.compile_step, bool):  # configs written before auto existed
+            self.compile_step = "auto" if self.compile_step else "off"
+        if self.compile_step not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile_step!r}")
         if self.backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(ops.BACKENDS)}")
         for name in ("sample_every", "ckpt_every", "log_every"):
@@ -107,6 +118,13 @@ class TrainConfig:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
         if self.on_collapse not in ("warn", "stop", "restore"):
             raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
+        if self.cs_alpha < 0 or self.pt_weight < 0:
+            raise ValueError("--cs-alpha and --pt-weight must be >= 0")
+        if self.cs_alpha and self.h != self.z_dim:
+            raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
+                             f"(got h={self.h}, z_dim={self.z_dim})")
+        if self.pt_weight and self.batch_size < 2:
+            raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
         if self.health_patience < 0:
             raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
 
@@ -147,6 +165,8 @@ class Trainer:
         self.dist = distributed.info()
         self.log = log if self.dist.is_main else (lambda *_: None)
         self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
+        # bf16 autocast or fp32; cfg keeps the resolved value (checkpoints record what ran)
+        cfg.precision, self.precision_why = resolve_precision(cfg.precision, self.device)
         self.backend = ops.set_backend(cfg.backend)
         if len(data) < cfg.batch_size:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
@@ -187,16 +207,18 @@ class Trainer:
             from .health import HealthMonitor
             self.log_hooks.append(HealthMonitor.from_config(cfg))
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
-        # The fused single-pass step (fastbegan.step: one backward, CUDA graph) on a CUDA GPU
-        # with the triton backend; the reference step below otherwise. step_path says which.
+        self.remedy_terms: dict[str, torch.Tensor] = {}  # the collapse remedies' last values
+        # The fused single-pass step (fastbegan.step: one backward; CUDA graph on a GPU)
+        # wherever it applies; the reference step below otherwise. step_path says which.
         from .step import FusedStep, fused_step_status
         use_fused, why = fused_step_status(self)
-        self.fused_step = FusedStep(self, compile=None if cfg.compile_step else False) if use_fused else None
+        compile_arg = {"auto": "auto", "on": True, "off": False}[cfg.compile_step]
+        self.fused_step = FusedStep(self, compile=compile_arg) if use_fused else None
         self.step_path = f"{'fused' if use_fused else 'reference'} training step ({why})"
         if use_fused:
-            mode = self.fused_step.compile_mode
-            self.step_path += (f"; forward torch.compile'd, mode {mode} (the first step compiles)"
-                               if mode else "; eager forward (not compiled)")
+            fs = self.fused_step
+            self.step_path += (f"; torch.compile {fs.compile_mode} ({fs.compile_why}; the first "
+                               "step compiles)" if fs.compile_mode else f"; torch.compile {fs.compile_why}")
 
     # ------------------------------------------------------------------ sampling
     def sample_z(self, n: int) -> torch.Tensor:
@@ -222,33 +244,53 @@ class Trainer:
         """
         g_params, d_params = list(self.G.parameters()), list(self.D.parameters())
         b = x.shape[0]
+        cfg = self.cfg
         with self.autocast():
             if z_g is None:
                 fake = self.G(z_d)
-                rec = self.D(torch.cat([x, fake]))
+                codes = self.D.encoder(torch.cat([x, fake]))
+                rec = self.D.decoder(codes)
                 loss_real = ops.l1_recon_loss(x, rec[:b])
                 loss_fake = ops.l1_recon_loss(fake, rec[b:])
-                loss_d = loss_real - self.k * loss_fake
+                loss_d = loss_real - self.k * loss_fake + self._cs_term(codes[b:], z_d)
+                loss_g = loss_fake + self._pt_term(codes[b:])
                 grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
-                grads_g = torch.autograd.grad(loss_fake, g_params)
-                loss_g = loss_fake
+                grads_g = torch.autograd.grad(loss_g, g_params)
                 self.last_batch = {"x": x, "fake": fake.detach()}
             else:
                 with torch.no_grad():
                     fake_d = self.G(z_d)
-                rec = self.D(torch.cat([x, fake_d]))
+                codes = self.D.encoder(torch.cat([x, fake_d]))
+                rec = self.D.decoder(codes)
                 loss_real = ops.l1_recon_loss(x, rec[:b])
-                loss_d = loss_real - self.k * ops.l1_recon_loss(fake_d, rec[b:])
+                loss_d = (loss_real - self.k * ops.l1_recon_loss(fake_d, rec[b:])
+                          + self._cs_term(codes[b:], z_d))
                 grads_d = torch.autograd.grad(loss_d, d_params)
                 fake_g = self.G(z_g)
-                loss_g = ops.l1_recon_loss(fake_g, self.D(fake_g))
+                codes_g = self.D.encoder(fake_g)
+                loss_fake = ops.l1_recon_loss(fake_g, self.D.decoder(codes_g))
+                loss_g = loss_fake + self._pt_term(codes_g)
                 grads_g = torch.autograd.grad(loss_g, g_params)
                 self.last_batch = {"x": x, "fake": fake_g.detach()}
         for p, g in zip(d_params, grads_d):
             p.grad = g
         for p, g in zip(g_params, grads_g):
             p.grad = g
-        return loss_real.float(), loss_g.float()
+        return loss_real.float(), loss_fake.float()
+
+    def _cs_term(self, codes: torch.Tensor, z: torch.Tensor):
+        """BEGAN-CS's term of L_D (0 when off); autograd.grad takes it to D's parameters only."""
+        if not self.cfg.cs_alpha:
+            return 0.0
+        self.remedy_terms["loss_cs"] = value = remedies.constrained_space_loss(codes, z)
+        return self.cfg.cs_alpha * value
+
+    def _pt_term(self, codes: torch.Tensor):
+        """The pulling-away term of L_G (0 when off); autograd.grad takes it to G's only."""
+        if not self.cfg.pt_weight:
+            return 0.0
+        self.remedy_terms["loss_pt"] = value = remedies.pulling_away(codes)
+        return self.cfg.pt_weight * value
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One BEGAN step; returns device scalars (no host synchronisation)."""
@@ -272,7 +314,8 @@ class Trainer:
         self.step += 1
         self._schedule_lr()
         return {"loss_real": loss_real.detach(), "loss_fake": loss_fake.detach(),
-                "loss_d": (loss_real - k_used * loss_fake).detach(), "k": self.k, "M": m_global}
+                "loss_d": (loss_real - k_used * loss_fake).detach(), "k": self.k, "M": m_global,
+                **{n: v.detach().float() for n, v in self.remedy_terms.items()}}
 
     def _set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -450,8 +493,16 @@ class Trainer:
         tb = TBWriter(out / "tb") if self.dist.is_main else None  # a no-op without tensorboard
         try:
             with open(metrics_path if self.dist.is_main else os.devnull, "a") as metrics:
+                if self.fused_step is not None:
+                    self.fused_step.steps_planned = total - self.step  # for --compile auto
                 while self.step < total and not self._stop:
+                    compiling = bar is not None and self.fused_step is not None and self.fused_step.compiles_next
+                    if compiling:  # one long step: say so instead of a frozen bar
+                        bar.set_description_str("compiling (torch.compile, once)")
+                        bar.refresh()
                     vals = self.train_step()
+                    if compiling:
+                        bar.set_description_str("")
                     if self.step % cfg.log_every == 0 or self.step == total:
                         now = time.perf_counter()
                         row = self._log_row(vals, (self.step - s_last) / max(now - t_last, 1e-9))
@@ -539,8 +590,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     """Load data, build the trainer, resume if asked, train to ``cfg.steps``.
 
     Under torchrun (WORLD_SIZE > 1) this joins the process group first; only rank 0 logs."""
+    from .autocompile import use_persistent_inductor_cache
     from .data import load_dataset
     di = distributed.init_from_env(cfg.device)
+    use_persistent_inductor_cache()  # a second run finds its compiled step there
+    threads = None
+    if resolve_device(cfg.device).type == "cpu":
+        threads = f"{configure_threads(di.world)}; {tune_cpu_allocator()}"
     if not di.is_main:
         log, progress = (lambda *_: None), False
     arr, report = load_dataset(cfg.data, cfg.res, n_procedural=cfg.n_procedural, seed=cfg.seed,
@@ -562,7 +618,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         raise ckpt.CheckpointError(f"{cfg.out} already holds checkpoints: pass --resume to continue "
                                    "that run, or choose another --out")
     log(trainer.step_path)
-    log(f"device {trainer.device.type}, backend {trainer.backend}, precision {cfg.precision}, "
+    log(f"device {trainer.device.type}" + (f" ({threads})" if threads else "")
+        + f", backend {trainer.backend}, precision {cfg.precision} ({trainer.precision_why}), "
         f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
     try:

@@ -12,7 +12,7 @@ from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.cli import main
 from fastbegan.distributed import DistInfo, check_batch
 
-ARGS = ["--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "4",
+ARGS = ["--precision", "fp32", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "4",
         "--device", "cpu", "--backend", "torch", "--no-progress", "--log-every", "2",
         "--ckpt-every", "4", "--sample-every", "4", "--seed", "3", "--lr", "1e-3"]
 # lr 1e-3: a wrong split (e.g. no all-reduce) moves weights by ~1e-2 in 4 steps; the right one

@@ -20,7 +20,9 @@ def faces8():
 
 
 def make(tmp_path, data, **kw):
-    return tiny_trainer(tmp_path, data, **{"batch_size": 2, "steps": 10, "ckpt_every": 4, **kw})
+    # the reference step: the NaN injection below replaces its compute_grads
+    return tiny_trainer(tmp_path, data, **{"batch_size": 2, "steps": 10, "ckpt_every": 4,
+                                           "reference_step": True, **kw})
 
 
 def inject_nan(t: Trainer, at_steps):
@@ -96,7 +98,7 @@ def test_cli_divergence_is_one_clear_line(tmp_path, monkeypatch):
     real = ops.l1_recon_loss
     monkeypatch.setattr(ops, "l1_recon_loss", lambda x, r: real(x, r) * math.inf)
     r = CliRunner().invoke(main, ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8",
-                                  "--batch-size", "2", "--device", "cpu", "--no-progress", "--steps", "4",
+                                  "--batch-size", "2", "--device", "cpu", "--no-progress", "--steps", "4", "--reference-step",
                                   "--log-every", "1", "--max-restores", "1", "--out", str(tmp_path / "o")])
     assert r.exit_code == 1, r.output
     assert "restore 1 of at most 1" in r.output

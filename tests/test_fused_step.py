@@ -29,7 +29,7 @@ from testutil import requires_gpu
 
 def _trainer(backend="torch", device="cpu", **kw):
     cfg = dict(res=8, filters=4, z_dim=8, h=8, batch_size=2, backend=backend, device=device,
-               seed=3, out="/nonexistent")
+               seed=3, out="/nonexistent", precision="fp32", reference_step=True)
     cfg.update(kw)
     data = np.random.default_rng(0).integers(0, 256, (8, cfg["res"], cfg["res"], 3), dtype=np.uint8)
     t = Trainer(TrainConfig(**cfg), data, log=lambda m: None)
@@ -195,9 +195,15 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
 
 
 def test_status_and_trainer_path():
+    """The fused step is the default wherever it applies (CPU included); the reference
+    step for --reference-step, --separate-z (and torchrun, tested in test_distributed)."""
+    ok, why = fused_step_status(_trainer(reference_step=False))
+    assert ok and "cpu" in why
+    t = _trainer(reference_step=False)
+    assert isinstance(t.fused_step, FusedStep) and t.step_path.startswith("fused")
     ok, why = fused_step_status(_trainer())
-    assert not ok and "cpu" in why
-    ok, why = fused_step_status(_trainer(separate_z=True))
+    assert not ok and "--reference-step" in why and _trainer().fused_step is None
+    ok, why = fused_step_status(_trainer(separate_z=True, reference_step=False))
     assert not ok and "separate" in why
     with pytest.raises(ValueError, match="separate_z"):
         FusedStep(_trainer(separate_z=True))
@@ -313,12 +319,12 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, where):
             if where == "forward":
                 raise RuntimeError("boom: unsupported op")
             out = fn(*args)
-            losses = out[2] + 0
+            objective = out[5] + 0  # what the one backward starts from
 
             def hook(grad):
                 raise RuntimeError("boom: backward compile")
-            losses.register_hook(hook)
-            return (*out[:2], losses, *out[3:])
+            objective.register_hook(hook)
+            return (*out[:5], objective, *out[6:])
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
@@ -338,24 +344,25 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, where):
 
 
 def test_compile_default_and_switch(monkeypatch, tmp_path):
-    """FusedStep compiles by default on CUDA only; the trainer takes that default unless
-    TrainConfig.compile_step / --no-compile is off."""
-    assert FusedStep(_trainer()).compile_mode is None  # CPU default: eager
+    """FusedStep: compile "auto" by default (on CPU decided after timed eager steps, see
+    tests/test_selection.py); the trainer maps --compile auto|on|off onto it."""
+    step = FusedStep(_trainer())
+    assert step.compile_mode is None and "auto" in step.compile_why
+    assert FusedStep(_trainer(), compile=False).compile_mode is None
     import fastbegan.step as step_mod
     seen = []
 
     class Recorder:
-        compile_mode = "max-autotune-no-cudagraphs"
+        compile_mode, compile_why = None, "test"
 
         def __init__(self, trainer, **kw):
             seen.append(kw)
 
     monkeypatch.setattr(step_mod, "fused_step_status", lambda t: (True, "test"))
     monkeypatch.setattr(step_mod, "FusedStep", Recorder)
-    t = _trainer()
-    assert seen[-1] == {"compile": None} and "compile'd, mode max-autotune" in t.step_path
-    _trainer(compile_step=False)
-    assert seen[-1] == {"compile": False}
+    for value, want in (("auto", "auto"), ("on", True), ("off", False), (True, "auto"), (False, False)):
+        _trainer(compile_step=value)
+        assert seen[-1] == {"compile": want}
 
     from click.testing import CliRunner
     import fastbegan.train as train_mod
@@ -366,8 +373,9 @@ def test_compile_default_and_switch(monkeypatch, tmp_path):
         cfgs.append(cfg)
         return types.SimpleNamespace(step=0)
     monkeypatch.setattr(train_mod, "train", fake_train)
-    for flag, want in ((None, True), ("--no-compile", False), ("--compile", True)):
-        args = ["train", "--device", "cpu", "--out", str(tmp_path / "run")] + ([flag] if flag else [])
+    for flags, want in (([], "auto"), (["--no-compile"], "off"), (["--compile"], "on"),
+                        (["--compile", "off"], "off"), (["--compile", "auto"], "auto")):
+        args = ["train", "--device", "cpu", "--out", str(tmp_path / "run")] + flags
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 0, res.output
-        assert cfgs[-1].compile_step is want
+        assert cfgs[-1].compile_step == want, flags

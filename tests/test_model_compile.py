@@ -45,7 +45,8 @@ def test_triton_backend_trains_like_the_reference(tmp_path):
     runs = {}
     for backend in ("torch", "triton"):
         cfg = TrainConfig(res=8, filters=4, z_dim=6, h=5, batch_size=2, steps=3, device=DEVICE,
-                          backend=backend, out=str(tmp_path / backend), gamma=0.9, lambda_k=0.05)
+                          backend=backend, out=str(tmp_path / backend), gamma=0.9, lambda_k=0.05,
+                          precision="fp32", reference_step=True)
         t = Trainer(cfg, data, log=lambda *_: None)
         rows = [t.train_step() for _ in range(3)]
         runs[backend] = (t, [{k: v.item() for k, v in r.items()} for r in rows])

@@ -19,14 +19,15 @@ requires_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def tiny_trainer(out, data, **overrides):
-    """A reference Trainer for tests: tiny widths, CPU, torch backend, quiet, no samples.
+    """A Trainer for tests: tiny widths, CPU, torch backend, fp32, quiet, no samples (the
+    default training step, i.e. the fused one; ``reference_step=True`` for the reference).
 
     ``data`` is a (N, res, res, 3) uint8 array; res is taken from it. Any TrainConfig
     field can be overridden.
     """
     from fastbegan.train import Trainer, TrainConfig
     cfg = {"res": data.shape[1], "filters": 4, "z_dim": 8, "h": 8, "batch_size": 4, "steps": 6,
-           "device": "cpu", "backend": "torch", "out": str(out), "log_every": 2,
+           "device": "cpu", "backend": "torch", "precision": "fp32", "out": str(out), "log_every": 2,
            "sample_every": 1000, "ckpt_every": 1000, **overrides}
     return Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
 

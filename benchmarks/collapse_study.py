@@ -1,0 +1,281 @@
+"""BEGAN's early one-image collapse and its remedies, measured side by side (issue 17).
+
+Every variant trains with the same seed, data and step budget (``fastbegan train``, the
+default CPU fast path), on the embedded procedural faces and on a real image set that a
+package ships (scikit-learn's 1,797 handwritten digits, 8x8 grey, upscaled to 32x32 and
+split into 1,500 training and 297 held-out images). Checkpoints at several steps are
+scored with the project's own metrics:
+
+- diversity ratio: the health monitor's mean pairwise distance of 256 generated images
+  over that of 256 real ones (fastbegan.health.batch_diversity), and the monitor's own
+  logged value (16-image batches) averaged over the last 500 steps;
+- faces: factor coverage (mean over the reliably read factors = factor score) and render
+  fidelity (fastbegan.quality), SWD against fresh faces, nearest-neighbour ratio;
+- digits: SWD and the nearest-neighbour ratio against the held-out images, and the spread
+  over the ten kinds of digit (entropy of the class histogram a classifier trained on the
+  real 8x8 digits gives 512 generated images; ln 10 = 2.30 for an even spread).
+
+    python benchmarks/collapse_study.py --steps 5000 --work runs/collapse
+
+writes benchmarks/results/collapse-<cpu>-<date>.json / .md and the final sample grids
+(benchmarks/results/collapse-<date>/<data>-<variant>.png). Needs scikit-learn (digits,
+classifier): ``pip install scikit-learn``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = {  # name -> extra `fastbegan train` flags
+    "began": [],
+    "cs": ["--cs-alpha", "0.1"],          # BEGAN-CS, alpha as in the authors' code
+    "pt": ["--pt-weight", "0.1"],         # EBGAN's pulling-away term, lambda_PT as in EBGAN
+}
+RES = 32
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------- data
+def digits_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, held_out) as (N, 32, 32, 3) uint8, and their labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    order = np.random.default_rng(seed).permutation(len(d.images))
+    imgs = (d.images[order] * (255.0 / 16.0)).round().astype(np.uint8)
+    big = np.stack([np.asarray(Image.fromarray(im).resize((RES, RES), Image.LANCZOS)) for im in imgs])
+    rgb = np.repeat(big[..., None], 3, axis=3)
+    labels = d.target[order]
+    return rgb[:1500], rgb[1500:], labels[:1500], labels[1500:]
+
+
+def digit_classifier(train: np.ndarray, labels: np.ndarray):
+    """Logistic regression on the 8x8 grey digits (as load_digits gives them)."""
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(max_iter=2000).fit(to_digit_features(train), labels)
+
+
+def to_digit_features(images_u8: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 -> (N, 64) on load_digits' 0..16 scale (4x4 average pooling)."""
+    g = images_u8.astype(np.float32).mean(3)
+    g = g.reshape(len(g), 8, 4, 8, 4).mean((2, 4))
+    return g * (16.0 / 255.0)
+
+
+# ------------------------------------------------------------------------- training
+def train_run(out: Path, variant: str, data: str | None, steps: int, every: int, threads: int,
+              seed: int) -> float:
+    cmd = [sys.executable, "-m", "fastbegan", "train", "--res", str(RES), "--steps", str(steps),
+           "--seed", str(seed), "--log-every", "50", "--ckpt-every", str(every), "--keep-ckpts", "1000",
+           "--sample-every", str(every), "--no-progress", "--out", str(out), *VARIANTS[variant]]
+    if data:
+        cmd += ["--data", data]
+    if (out / "checkpoints").is_dir():
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    with open(out.with_suffix(".log"), "a") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=log)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------- scoring
+def logged_diversity(run: Path, step: int, window: int = 500) -> float | None:
+    from fastbegan.health import read_metrics
+    vals = [r["diversity_ratio"] for r in read_metrics(run / "metrics.jsonl")
+            if step - window < r["step"] <= step and isinstance(r.get("diversity_ratio"), (int, float))
+            and math.isfinite(r["diversity_ratio"])]
+    return float(np.mean(vals)) if vals else None
+
+
+def logged_k(run: Path, step: int) -> float | None:
+    from fastbegan.health import read_metrics
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= step]
+    return rows[-1]["k"] if rows else None
+
+
+def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: int, clf=None) -> dict:
+    from fastbegan import quality as Q
+    from fastbegan.evaluate import nearest_neighbours
+    from fastbegan.health import batch_diversity
+    from fastbegan.interpolate import images_to_tensor
+    from fastbegan.model import Generator
+    from fastbegan.sampling import generate, sample_z
+    g = Generator.from_checkpoint(str(ckpt))
+    fake = generate(g, sample_z(n, g.fc.in_features, 1234))
+    ref = images_to_tensor(real_ref[:n])
+    out = {"diversity_ratio": float(batch_diversity(fake[:256]) / batch_diversity(ref[:256]))}
+    out["swd_x1e3"] = Q.swd(real_ref[:n], fake, seed=0).mean
+    d_fake, _ = nearest_neighbours(fake, train, k=1)
+    d_real, _ = nearest_neighbours(ref, train, k=1)
+    out["nn_ratio"] = float(d_fake[:, 0].median() / d_real[:, 0].median())
+    if dataset == "faces":
+        est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
+        f = Q.factor_score(est, real_ref[:n], fake)
+        out["factor_coverage"] = f["factor_score"]
+        out["render_fidelity"] = f["render_fidelity"]
+        out["recall"] = f["recall"]
+    else:
+        u8 = ((fake.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+        pred = clf.predict(to_digit_features(u8))
+        p = np.bincount(pred, minlength=10) / len(pred)
+        out["class_entropy"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+        out["classes_2pct"] = int((p >= 0.02).sum())
+    return out
+
+
+def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, train: np.ndarray,
+                   n: int, clf=None) -> dict:
+    """The same metrics for real images against real images: the best reachable values."""
+    from fastbegan import quality as Q
+    from fastbegan.evaluate import nearest_neighbours
+    from fastbegan.health import batch_diversity
+    from fastbegan.interpolate import images_to_tensor
+    a, b = images_to_tensor(real_ref[:n]), images_to_tensor(real_other[:n])
+    out = {"diversity_ratio": float(batch_diversity(b[:256]) / batch_diversity(a[:256])),
+           "swd_x1e3": Q.swd(real_ref[:n], real_other[:n], seed=0).mean}
+    out["nn_ratio"] = float(nearest_neighbours(b, train, k=1)[0][:, 0].median()
+                            / nearest_neighbours(a, train, k=1)[0][:, 0].median())
+    if dataset == "faces":
+        est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
+        f = Q.factor_score(est, real_ref[:n], real_other[:n])
+        out.update(factor_coverage=f["factor_score"], render_fidelity=f["render_fidelity"], recall=f["recall"])
+    else:
+        p = np.bincount(clf.predict(to_digit_features(real_other[:n])), minlength=10) / min(n, len(real_other))
+        out["class_entropy"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+        out["classes_2pct"] = int((p >= 0.02).sum())
+    return out
+
+
+# ------------------------------------------------------------------------- report
+COLUMNS = [("k_t", "k"), ("diversity_ratio", "div. ratio (256)"), ("logged_diversity", "div. ratio (monitor)"),
+           ("factor_coverage", "factor coverage"), ("render_fidelity", "render fidelity"),
+           ("class_entropy", "class entropy"), ("classes_2pct", "kinds >= 2%"),
+           ("swd_x1e3", "SWD x1e3"), ("nn_ratio", "NN ratio")]
+
+
+def markdown(doc: dict) -> str:
+    m = doc["meta"]
+    lines = [f"# BEGAN's early collapse and its remedies ({m['device']})", "",
+             f"- date {m['created']}, git {m['commit']}, torch {m['torch']}",
+             f"- res {RES}, batch 16, n 64, seed {m['seed']}, {m['steps']} steps per run, same for every variant",
+             f"- variants: " + "; ".join(f"**{k}** `{' '.join(v) or '(paper)'}`" for k, v in m["variants"].items()),
+             "- diversity ratio: mean pairwise distance of generated / real images (health monitor's "
+             "measure; 256 images; monitor: its 16-image value averaged over the last 500 steps)",
+             "- faces: factor coverage (factor score) and render fidelity; digits: class entropy (ln 10 = 2.30 "
+             "is an even spread over the 10 kinds) and kinds with >= 2% of the samples; SWD and NN ratio "
+             "against held-out real images (NN ratio well below 1: memorisation)", ""]
+    for ds in doc["datasets"]:
+        cols = [c for c in COLUMNS if any(c[0] in r for r in doc["rows"] if r["dataset"] == ds)
+                or c[0] in ("k_t", "logged_diversity")]
+        lines += [f"## {ds}", "", "| variant | step | " + " | ".join(h for _, h in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        base = doc["real_baselines"].get(ds, {})
+        lines.append("| real vs real | - | " + " | ".join(_fmt(base.get(k)) for k, _ in cols) + " |")
+        for r in [r for r in doc["rows"] if r["dataset"] == ds]:
+            lines.append(f"| {r['variant']} | {r['step']} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+# ------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--eval-steps", type=int, nargs="*", default=None,
+                    help="checkpoints to score (default: 500, 1000, 2000, 3000, --steps)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--datasets", nargs="*", default=["faces", "digits"])
+    ap.add_argument("--work", default="runs/collapse", help="run folders (resumed if present)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    ap.add_argument("--threads", type=int, default=1, help="threads per run")
+    ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args()
+    evals = sorted(set(args.eval_steps or [s for s in (500, 1000, 2000, 3000) if s < args.steps] + [args.steps]))
+    every = math.gcd(*evals)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    data = {}
+    if "digits" in args.datasets:
+        tr, ho, ytr, _ = digits_arrays(args.seed)
+        np.save(work / "digits32-train.npy", tr)
+        data["digits"] = dict(path=str(work / "digits32-train.npy"), train=tr, ref=ho, other=tr[-len(ho):],
+                              clf=digit_classifier(tr, ytr))
+    if "faces" in args.datasets:
+        from fastbegan.data import procedural_faces
+        train = procedural_faces(4096, RES, seed=args.seed)[0]
+        fresh = procedural_faces(1024, RES, seed=args.seed + 10_000)[0]
+        data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
+
+    jobs = [(ds, v) for ds in args.datasets for v in args.variants]
+    seconds = {}
+
+    def run(job):
+        ds, v = job
+        seconds[f"{ds}-{v}"] = train_run(work / f"{ds}-{v}", v, data[ds]["path"], args.steps, every,
+                                         args.threads, args.seed)
+        print(f"trained {ds}-{v} in {seconds[f'{ds}-{v}']:.0f} s", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, jobs))
+
+    torch.set_num_threads(max(1, args.jobs * args.threads))
+    rows = []
+    for ds, v in jobs:
+        run_dir = work / f"{ds}-{v}"
+        d = data[ds]
+        for s in evals:
+            ckpt = run_dir / "checkpoints" / f"ckpt_{s:08d}.safetensors"
+            r = {"dataset": ds, "variant": v, "step": s, "k_t": logged_k(run_dir, s),
+                 "logged_diversity": logged_diversity(run_dir, s)}
+            r.update(score(ckpt, ds, d["ref"], d["train"], args.n, d["clf"]))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"]) for ds, d in data.items()}
+
+    from fastbegan.bench import device_info, git_commit
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    dev = device_info(torch.device("cpu"))["name"]
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower().replace("cpu: ", "")).strip("-")
+    meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
+            "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
+            "steps": args.steps, "variants": {v: VARIANTS[v] for v in args.variants},
+            "train_seconds": seconds, "n_scored": args.n}
+    doc = {"meta": meta, "datasets": args.datasets, "rows": rows, "real_baselines": baselines}
+    results = Path(args.results)
+    grids = results / f"collapse-{stamp}"
+    grids.mkdir(parents=True, exist_ok=True)
+    for ds, v in jobs:
+        src = work / f"{ds}-{v}" / "samples" / f"fake_{args.steps:08d}.png"
+        if src.exists():
+            shutil.copy(src, grids / f"{ds}-{v}.png")
+    stem = results / f"collapse-cpu-{slug}-{stamp}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(doc))
+    print(f"wrote {stem}.json / .md and {grids}/")
+
+
+if __name__ == "__main__":
+    main()

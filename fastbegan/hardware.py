@@ -1,0 +1,94 @@
+"""What the machine offers a training run: bf16 compute and CPU threads.
+
+``resolve_precision("auto", device)`` picks bf16 autocast (fp32 master weights, fp32
+losses and k_t) where the hardware computes in bf16 natively, fp32 elsewhere, and says
+why; ``configure_threads()`` sizes torch's intra-op pool to the cores this process may
+run on. Both answer with a phrase for the trainer's start-up line.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """(native bf16, what was found) for ``device``.
+
+    CUDA: bf16 tensor cores (compute capability >= 8.0). CPU: AMX-BF16 or AVX512-BF16,
+    as torch's own CPU feature probes report them (oneDNN then runs bf16 convolutions
+    on those units: ~5.6x the fp32 rate on the project's 2-core Xeon, docs/design.md).
+    """
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return True, f"sm_{major}{minor} has bf16 tensor cores"
+        return False, f"sm_{major}{minor} has no bf16 tensor cores"
+    if device.type == "cpu":
+        probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+        found = [name for name, fn in probes if getattr(torch.cpu, fn, lambda: False)()]
+        if found and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return True, f"CPU has {' and '.join(found)}"
+        return False, "CPU has neither AMX-BF16 nor AVX512-BF16"
+    return False, f"{device.type} is neither a CUDA GPU nor a CPU"
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
+    """``auto|fp32|bf16`` -> (``fp32`` or ``bf16``, why). bf16 means autocast with fp32
+    master weights, optimiser state, losses and k_t."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name != "auto":
+        return name, "--precision " + name
+    native, why = bf16_support(device)
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def configure_threads(processes: int = 1) -> str:
+    """Use one intra-op thread per core this process may run on (its CPU affinity, e.g.
+    under ``taskset`` or a container's cpuset), unless OMP_NUM_THREADS is set, which
+    torch has already applied; ``processes`` on one machine (torchrun) share the cores.
+    Returns a description for the start-up line."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+        where = "cores in this process's CPU affinity"
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+        where = "cores"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if omp:
+        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={omp}; {cores} {where})"
+    share = max(1, cores // max(1, processes))
+    if torch.get_num_threads() != share:
+        torch.set_num_threads(share)
+    per = f", shared by {processes} processes" if processes > 1 else ""
+    return f"{torch.get_num_threads()} threads ({cores} {where}{per})"
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator() -> str:
+    """Keep freed activation memory in the heap for the next step (glibc malloc).
+
+    By default glibc serves blocks above its (dynamic) mmap threshold with fresh mmap'd
+    pages and returns freed memory to the kernel, so every training step on a CPU
+    page-faults its activations in again: ~17,000 minor faults per res-32 step here, a
+    fifth of the step time (docs/design.md, "CPU step"). Raising the mmap and trim
+    thresholds makes the heap keep and reuse that memory (1 fault per step). A no-op
+    where the C library is not glibc. Returns what was done, for the start-up line.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator: unchanged (not glibc)"
+    # the largest mmap threshold glibc accepts (its cap depends on the version: 32 MB+)
+    ok = any(mallopt(_M_MMAP_THRESHOLD, mb << 20) == 1 for mb in (512, 128, 32))
+    ok = ok and mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    return "allocator: glibc heap keeps freed blocks" if ok else "allocator: unchanged (mallopt refused)"

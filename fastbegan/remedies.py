@@ -1,0 +1,58 @@
+"""Published remedies for BEGAN's early one-image collapse (off in ``--variant began``).
+
+With k_0 = 0 and lambda_k = 0.001, k_t can sit at 0 for thousands of steps: D then
+ignores the fakes and G settles on the one image D reconstructs best (docs/design.md,
+"Early collapse"). Each remedy is one term, added where its paper adds it:
+
+- BEGAN-CS (Chang, Chang and Chen, ECCV 2018, "Escaping from collapsing modes in a
+  constrained space"): ``alpha * mean|Enc(G(z)) - z|`` added to D's loss. D's encoder
+  learns to map a generated image back to its z, so different z must give images D can
+  tell apart. Needs h = z_dim; G's loss is unchanged (the image is detached).
+- EBGAN's pulling-away term (Zhao, Mathieu and LeCun, ICLR 2017): the mean squared
+  cosine similarity between the codes D's encoder gives the fake batch, added with
+  weight beta to G's loss; D's parameters receive none of its gradient.
+
+Both act on the encoder's codes ``(B, h)`` of the fake batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def constrained_space_loss(codes: Tensor, z: Tensor) -> Tensor:
+    """BEGAN-CS: ``mean |codes - z|`` for codes (B, h) of G(z) and z (B, z_dim = h); fp32."""
+    if codes.shape != z.shape:
+        raise ValueError(f"BEGAN-CS needs D's code size h equal to z_dim, got codes {tuple(codes.shape)} "
+                         f"for z {tuple(z.shape)}: pass --h equal to --z-dim")
+    return (codes.float() - z.float()).abs().mean()
+
+
+def pulling_away(codes: Tensor) -> Tensor:
+    """EBGAN's f_PT: ``1 / (B (B-1)) * sum_{i != j} cos(s_i, s_j)^2`` over the rows of
+    ``codes`` (B, h), B >= 2; fp32."""
+    s = codes.float()
+    s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos2 = (s @ s.t()).square()
+    b = s.shape[0]
+    return (cos2.sum() - cos2.diagonal().sum()) / (b * (b - 1))
+
+
+def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float
+                     ) -> dict[str, tuple[Tensor, float]]:
+    """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
+
+    The step's one backward scales D's weight gradients of the fake half by -k_t, which
+    would be wrong for these terms, so each runs D's encoder once more on the fake batch
+    (B images, encoder only): BEGAN-CS on ``fake.detach()`` (its gradient reaches D's
+    encoder with weight +alpha and not G); the pulling-away term with a zero per-sample
+    weight-gradient scale (its gradient reaches G through the encoder, D's parameters get
+    exactly 0).
+    """
+    terms = {}
+    if cs_alpha:
+        terms["cs"] = (constrained_space_loss(d.encoder(fake.detach()), z), cs_alpha)
+    if pt_weight:
+        zero = torch.zeros(fake.shape[0], device=fake.device)
+        terms["pt"] = (pulling_away(d.encoder(fake, zero)), pt_weight)
+    return terms

@@ -1,0 +1,137 @@
+"""The collapse remedies (fastbegan.remedies): each term against a hand computation, its
+gradient only where its paper puts it, every backend and the fused step, and the faithful
+BEGAN unchanged bit for bit when they are off."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fastbegan import ops
+from fastbegan.remedies import constrained_space_loss, pulling_away
+from fastbegan.step import FusedStep
+from fastbegan.train import TrainConfig, Trainer
+
+
+def _trainer(backend="torch", **kw):
+    cfg = dict(res=8, filters=4, z_dim=8, h=8, batch_size=3, backend=backend, device="cpu", seed=5,
+               out="/nonexistent", precision="fp32", reference_step=True, health_patience=0)
+    cfg.update(kw)
+    data = np.random.default_rng(1).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    t = Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
+    t.k = torch.tensor(0.37)
+    return t
+
+
+# ------------------------------------------------------------------------- the terms
+def test_constrained_space_term_by_hand():
+    codes = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+    z = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    want = (0.5 + 1.0 + 1.0 + 1.0) / 4
+    assert constrained_space_loss(codes, z).item() == pytest.approx(want)
+    with pytest.raises(ValueError, match="--h equal to --z-dim"):
+        constrained_space_loss(codes, torch.zeros(2, 3))
+
+
+def test_pulling_away_term_by_hand():
+    codes = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    rows = [r / r.norm() for r in codes]
+    pairs = [(i, j) for i, j in itertools.product(range(3), repeat=2) if i != j]
+    want = sum(float(rows[i] @ rows[j]) ** 2 for i, j in pairs) / len(pairs)  # 1/(N(N-1)) sum_{i!=j}
+    assert pulling_away(codes).item() == pytest.approx(want)
+    assert pulling_away(torch.ones(4, 5)).item() == pytest.approx(1.0)  # all alike: the maximum
+    assert pulling_away(torch.eye(3)).item() == pytest.approx(0.0)      # orthogonal codes: 0
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="--h must equal --z-dim"):
+        TrainConfig(cs_alpha=0.1, z_dim=64, h=32)
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(pt_weight=-1.0)
+    with pytest.raises(ValueError, match="batch-size >= 2"):
+        TrainConfig(pt_weight=0.1, batch_size=1)
+
+
+# ------------------------------------------------------------------------- gradients
+def _grads(t, seed_state):
+    t.gen.set_state(seed_state)
+    x = t.real_batch()
+    z = t.sample_z(t.cfg.batch_size)
+    t.compute_grads(x, z)
+    return ([p.grad.clone() for p in t.D.parameters()], [p.grad.clone() for p in t.G.parameters()], x, z)
+
+
+@pytest.mark.parametrize("option", ["cs_alpha", "pt_weight"])
+def test_each_term_reaches_only_its_network(option):
+    """BEGAN-CS changes D's gradients only (by alpha * its gradient), the pulling-away
+    term G's only (by beta * its gradient); the k_t update and the other network's
+    gradients are those of BEGAN."""
+    plain, withit = _trainer(), _trainer(**{option: 0.5})
+    state = plain.gen.get_state()
+    d0, g0, x, z = _grads(plain, state)
+    d1, g1, _, _ = _grads(withit, state)
+    # the term's own gradient, computed separately by autograd
+    fake = withit.G(z)
+    codes = withit.D.encoder(fake)
+    term = constrained_space_loss(codes, z) if option == "cs_alpha" else pulling_away(codes)
+    net = withit.D if option == "cs_alpha" else withit.G
+    extra = torch.autograd.grad(0.5 * term, list(net.parameters()), allow_unused=True)
+    changed, same = (d1, g1) if option == "cs_alpha" else (g1, d1)
+    base_changed, base_same = (d0, g0) if option == "cs_alpha" else (g0, d0)
+    for a, b in zip(same, base_same):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, e in zip(changed, base_changed, extra):
+        torch.testing.assert_close(a, b + (0 if e is None else e), rtol=1e-5, atol=1e-7)
+    assert any(e is not None and e.abs().max() > 1e-6 for e in extra)  # the term does something
+    # the k_t update still uses BEGAN's L_real and L_fake
+    va, vb = _trainer().train_step(), _trainer(**{option: 0.5}).train_step()
+    assert va["k"].item() == vb["k"].item() and va["M"].item() == vb["M"].item()
+    assert f"loss_{option[:2]}" in vb
+
+
+# ------------------------------------------------------------------------- fused step, backends
+def _pair(backend, steps=2, **kw):
+    ref, fus = _trainer(**kw), _trainer(backend, **kw)
+    for t in (ref, fus):
+        for opt in (t.opt_g, t.opt_d):
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = True, False
+    step = FusedStep(fus, compile=False)
+    for _ in range(steps):
+        with ops.use_backend("torch"):
+            vb = ref.train_step()
+        with ops.use_backend(backend):
+            va = step()
+        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt"):
+            if key in vb:
+                torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
+        for (name, p), q in zip(fus.model.named_parameters(), ref.model.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=name)
+    return va
+
+
+def test_fused_step_with_both_remedies_equals_the_reference_step():
+    va = _pair("torch", cs_alpha=0.3, pt_weight=0.2)
+    assert "loss_cs" in va and "loss_pt" in va
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_fused_step_with_remedies_on_the_triton_backend():
+    """The Triton kernels (interpreter on CPU, fp32) in the fused step with both terms."""
+    _pair("triton", steps=1, cs_alpha=0.3, pt_weight=0.2)
+
+
+def test_faithful_began_is_unchanged_bit_for_bit():
+    """With the remedies off, a step equals the paper's step written out here (D over
+    [x; G(z)], L_D to D, L_G = L_fake to G), to the last bit."""
+    t = _trainer()
+    state = t.gen.get_state()
+    d_new, g_new, x, z = _grads(t, state)
+    fake = t.G(z)
+    rec = t.D(torch.cat([x, fake]))
+    b = x.shape[0]
+    l_real, l_fake = ops.l1_recon_loss(x, rec[:b]), ops.l1_recon_loss(fake, rec[b:])
+    d_want = torch.autograd.grad(l_real - t.k * l_fake, list(t.D.parameters()), retain_graph=True)
+    g_want = torch.autograd.grad(l_fake, list(t.G.parameters()))
+    for a, w in zip(d_new + g_new, list(d_want) + list(g_want)):
+        assert torch.equal(a, w)

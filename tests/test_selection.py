@@ -1,0 +1,185 @@
+"""What the trainer picks on its own: precision, threads, allocator, torch.compile (issue 15).
+
+Each choice is checked against the rule it implements, with the hardware probes
+monkeypatched where the answer would otherwise depend on this machine.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from fastbegan import autocompile, hardware
+from fastbegan.train import TrainConfig, Trainer
+
+CPU = torch.device("cpu")
+
+
+def _trainer(tmp_path, **kw):
+    cfg = dict(res=8, filters=4, z_dim=8, h=8, batch_size=2, device="cpu", backend="torch", seed=1,
+               out=str(tmp_path), health_patience=0)
+    cfg.update(kw)
+    data = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    return Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
+
+
+# ------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("amx,avx512bf16,want", [(True, False, "bf16"), (False, True, "bf16"),
+                                                 (True, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_on_cpu_follows_the_bf16_units(monkeypatch, amx, avx512bf16, want):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512bf16)
+    got, why = hardware.resolve_precision("auto", CPU)
+    assert got == want and why.startswith("auto: ")
+    found = [name for name, on in (("AMX-BF16", amx), ("AVX512-BF16", avx512bf16)) if on]
+    assert why == ("auto: CPU has " + " and ".join(found) if found else
+                   "auto: CPU has neither AMX-BF16 nor AVX512-BF16")
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_cuda_needs_bf16_tensor_cores(monkeypatch, capability, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    got, why = hardware.resolve_precision("auto", torch.device("cuda"))
+    assert got == want and f"sm_{capability[0]}{capability[1]}" in why
+
+
+def test_forced_precision_and_bad_names():
+    assert hardware.resolve_precision("fp32", CPU) == ("fp32", "--precision fp32")
+    assert hardware.resolve_precision("bf16", CPU) == ("bf16", "--precision bf16")
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        hardware.resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+
+
+def test_trainer_resolves_auto_and_checkpoints_record_what_ran(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_support", lambda device: (True, "test: bf16 here"))
+    t = _trainer(tmp_path, precision="auto")
+    assert t.cfg.precision == "bf16" and t.precision_why == "auto: test: bf16 here"
+    t.train_step()
+    path = t.save_checkpoint()
+    from fastbegan.checkpoint import load_checkpoint
+    assert load_checkpoint(path)[1]["precision"] == "bf16"
+    # a bf16 checkpoint resumes in fp32 (precision is not a network option) and samples
+    t2 = _trainer(tmp_path / "other", precision="fp32")
+    t2.load_checkpoint(path)
+    assert t2.step == 1 and torch.isfinite(t2.train_step()["loss_real"])
+
+
+# ------------------------------------------------------------------------- threads
+def test_threads_follow_affinity_unless_omp_num_threads(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert hardware.configure_threads().startswith("1 threads (1 cores in this process's CPU affinity")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert "shared by 2 processes" in hardware.configure_threads(processes=2)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert "OMP_NUM_THREADS=3" in hardware.configure_threads() and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_allocator_setting_stops_the_page_faults():
+    """In a fresh process: 20 rounds of allocating and freeing an 8 MB tensor page-fault it
+    in again and again with glibc's defaults (its dynamic thresholds give up on a few
+    rounds), and not after tune_cpu_allocator()."""
+    code = textwrap.dedent("""
+        import resource, torch
+        from fastbegan.hardware import tune_cpu_allocator
+        def faults():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(20):
+                torch.empty(2 << 20).fill_(1.0)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        before = faults()
+        said = tune_cpu_allocator()
+        faults()
+        print(before, faults(), said)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    before, after, said = out.stdout.split(maxsplit=2)
+    if "unchanged" in said:
+        pytest.skip(f"not glibc here: {said.strip()}")
+    pages = (8 << 20) // 4096  # one 8 MB tensor
+    assert int(before) > 2 * pages and int(after) < pages / 4, out.stdout
+
+
+# ------------------------------------------------------------------------- torch.compile
+def test_compile_rule_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    key = "cpu|test"
+    cold = autocompile.CPU_COLD_COMPILE_S
+    gain = autocompile.CPU_GAIN["bf16"]
+    t_step = 0.1
+    enough = int(cold / (t_step * gain)) + 10
+    assert autocompile.decide(enough, t_step, "bf16", key).compile
+    no = autocompile.decide(enough - 20, t_step, "bf16", key)
+    assert not no.compile and "cold-cache estimate" in no.why and f"{enough - 20} steps" in no.why
+    # a recorded (warm-cache) compile time replaces the cold estimate
+    autocompile.record_compile_s(key, cold / 10)
+    assert json.loads((tmp_path / "compile_times.json").read_text()) == {key: round(cold / 10, 2)}
+    warm = autocompile.decide(enough // 5, t_step, "bf16", key)
+    assert warm.compile and "last compile of this configuration" in warm.why
+
+
+def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
+    """CPU, --compile auto: eager for EAGER_PROBE_STEPS + 1 steps, then the rule; a short
+    run stays eager, a long one compiles on the next call and records the compile time."""
+    import fastbegan.step as step_mod
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    compiled = []
+    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: compiled.append(mode) or fn)
+    probe = autocompile.EAGER_PROBE_STEPS + 1
+
+    short = _trainer(tmp_path / "a", precision="fp32")
+    short.fused_step.steps_planned = 10
+    for _ in range(probe):
+        assert not short.fused_step.compiles_next and short.fused_step.compile_mode is None
+        short.train_step()
+    assert "not compiled" in short.fused_step.compile_why and compiled == []
+
+    long = _trainer(tmp_path / "b", precision="fp32")
+    long.fused_step.steps_planned = 10 ** 9
+    for _ in range(probe):
+        long.train_step()
+    assert long.fused_step.compiles_next and compiled == [None]
+    long.train_step()
+    assert not long.fused_step.compiles_next and long.fused_step.compile_s > 0
+    key = autocompile.config_key(long.cfg, long.device)
+    assert autocompile.recorded_compile_s(key) == pytest.approx(long.fused_step.compile_s, abs=0.01)
+
+
+def test_progress_bar_shows_the_compiling_phase(tmp_path, monkeypatch, capsys):
+    import fastbegan.step as step_mod
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: fn)
+    t = _trainer(tmp_path, precision="fp32", compile_step="on", steps=2, sample_every=10 ** 6,
+                 ckpt_every=10 ** 6)
+    assert t.fused_step.compiles_next
+    t.fit(progress=True)
+    assert "compiling (torch.compile, once)" in capsys.readouterr().err
+
+
+def test_cli_start_up_lines_say_what_was_picked(tmp_path):
+    from click.testing import CliRunner
+    from fastbegan.cli import main
+    args = ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
+            "--steps", "2", "--device", "cpu", "--backend", "torch", "--no-progress",
+            "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "fused training step" in out and "torch.compile auto" in out
+    assert f"precision {hardware.resolve_precision('auto', CPU)[0]} (auto: " in out
+    assert f"{torch.get_num_threads()} threads" in out and "allocator:" in out

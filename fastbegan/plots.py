@@ -1,8 +1,8 @@
 """Training curves from a run's metrics.jsonl: k_t, M_global, L_real, L_fake and lr over steps.
 
 ``fastbegan plot RUN_DIR`` and ``plot_run(run_dir)`` (called by the trainer at the end of
-``fit``) write ``RUN_DIR/metrics.png``. matplotlib is optional
-(``pip install fastbegan[plots]``); without it :class:`PlotsUnavailable` says so.
+``fit``) write ``RUN_DIR/metrics.png``. matplotlib is a dependency; should it be missing,
+:class:`PlotsUnavailable` says so and training just skips the plot.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class PlotsUnavailable(RuntimeError):
     """matplotlib is missing."""
 
 
-MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install fastbegan[plots]"
+MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install matplotlib"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -40,6 +40,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt
+from .runlog import read_metrics
+
 ON_COLLAPSE = ("warn", "stop", "restore")
 
 # Defaults, measured on the embedded faces on CPU (fake/real diversity "div", fake/real
@@ -387,8 +390,7 @@ class HealthMonitor:
     def restore(self, trainer, row: dict, since: int) -> str | None:
         """Load the newest checkpoint written before step ``since``, halve the lr; the
         checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
-        from . import checkpoint as ckpt
-        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if _ckpt_step(p) < since]
+        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if ckpt.checkpoint_step(p) < since]
         old_step, old_lr = trainer.step, trainer.lr
         good = getattr(trainer, "_good", None)  # the divergence guard's in-memory start state
         if before:
@@ -414,13 +416,8 @@ class HealthMonitor:
         return f"--on-collapse restore: back to {source} with the lr halved to {new_lr:.3g}{note}"
 
 
-def _ckpt_step(path: Path) -> int:
-    return int(path.stem.split("_")[-1])
-
-
 def _discard_after(out: str | os.PathLike, step: int) -> int:
-    from . import checkpoint as ckpt
-    later = [p for p in ckpt.list_checkpoints(out) if _ckpt_step(p) > step]
+    later = [p for p in ckpt.list_checkpoints(out) if ckpt.checkpoint_step(p) > step]
     if later:
         dest = Path(out) / "checkpoints" / "discarded"
         dest.mkdir(exist_ok=True)
@@ -432,7 +429,6 @@ def _discard_after(out: str | os.PathLike, step: int) -> int:
 # ---------------------------------------------------------------------- finished runs
 def _run_config(run_dir: Path) -> dict:
     """The run's config from its newest checkpoint's metadata (cheap: tensors are not read)."""
-    from . import checkpoint as ckpt
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return {}
@@ -442,18 +438,6 @@ def _run_config(run_dir: Path) -> dict:
             return json.loads((f.metadata() or {}).get("config", "{}"))
     except (SafetensorError, OSError, ValueError):  # an unreadable checkpoint: fall back to defaults
         return {}
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
@@ -468,15 +452,13 @@ def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
     and ``ongoing`` (still holding at the last row); ``str(finding)`` is its message.
     """
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}: is it a fastbegan run folder?")
+    rows = read_metrics(run_dir)  # FileNotFoundError if it is no run folder
     cfg = _run_config(run_dir)
     g = gamma if gamma is not None else cfg.get("gamma", 0.5)
     p = patience if patience is not None else (cfg.get("health_patience") or DEFAULT_PATIENCE)
     tracker = HealthTracker(g, p, warmup=warmup, report_stall=not cfg.get("lr_stall"))
     last = None
-    for row in read_metrics(metrics):
+    for row in rows:
         if last is not None and row["step"] <= last:
             tracker.reset()
         tracker.update(row)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import checkpoint as ckpt
 from . import ops
 
 
@@ -145,9 +146,13 @@ class Generator(Decoder):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu") -> "Generator":
-        """Load the generator of a ``fastbegan train`` checkpoint (eval mode)."""
-        from .checkpoint import load_generator
-        return load_generator(path, map_location=map_location)
+        """The generator of a ``fastbegan train`` checkpoint, on ``map_location``, in eval
+        mode; ``g.config`` is the run's config."""
+        tensors, cfg, _ = ckpt.load_checkpoint(path, map_location)
+        g = cls(cfg["res"], cfg["filters"], cfg["z_dim"], skip=cfg.get("skip", False),
+                vanishing_residual=cfg.get("vanishing_residual_on", False))
+        g.config = cfg
+        return load_trained(g, tensors, "G.", cfg).to(map_location)
 
 
 class Discriminator(nn.Module):
@@ -162,6 +167,13 @@ class Discriminator(nn.Module):
         super().__init__()
         self.encoder = Encoder(res, n, h)
         self.decoder = Decoder(res, n, h, skip=skip, vanishing_residual=vanishing_residual)
+
+    @classmethod
+    def from_checkpoint_tensors(cls, tensors: dict[str, Tensor], cfg: dict) -> "Discriminator":
+        """D of a loaded checkpoint (:func:`fastbegan.checkpoint.load_checkpoint`), eval mode."""
+        d = cls(cfg["res"], cfg["filters"], cfg["h"], skip=cfg.get("skip", False),
+                vanishing_residual=cfg.get("vanishing_residual_on", False))
+        return load_trained(d, tensors, "D.", cfg)
 
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
         return self.decoder(self.encoder(x, wgrad_scale), wgrad_scale)
@@ -194,3 +206,14 @@ class BEGAN(nn.Module):
 def default_filters(res: int) -> int:
     """n = 128 at res >= 128, 64 below (DESIGN 2)."""
     return 128 if res >= 128 else 64
+
+
+def load_trained(net: nn.Module, tensors: dict[str, Tensor], prefix: str, cfg: dict) -> nn.Module:
+    """Load the checkpoint tensors named ``prefix``* into ``net``; eval mode. The decoders of
+    a vanishing-residual run get its annealed end state, carry 0 (trained runs finish there)."""
+    ckpt.load_into(net, ckpt.unprefixed(prefix, tensors))
+    if cfg.get("vanishing_residual_on"):
+        for m in net.modules():
+            if isinstance(m, Decoder):
+                m.carry.fill_(0.0)
+    return net.eval()

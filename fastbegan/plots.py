@@ -6,9 +6,10 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from .runlog import read_metrics
 
 # panel: (metrics.jsonl key, title, log scale)
 PANELS = (("k", "k_t (equilibrium control)", False),
@@ -25,25 +26,6 @@ class PlotsUnavailable(RuntimeError):
 
 
 MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install matplotlib"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl (a RUN_DIR or the file itself); torn or non-JSON lines are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl at {str(path)!r}: pass a run folder written by "
-                                "`fastbegan train` (its --out)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def _pyplot():

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import FACTORS
+from .images import to_unit_range
 
 CIRCULAR_FACTORS = ("bg_hue",)
 
@@ -76,7 +77,7 @@ def as_float_images(images) -> Tensor:
     if images.dtype == torch.uint8:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"uint8 images must be (N, H, W, 3), got {tuple(images.shape)}")
-        return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+        return to_unit_range(images).contiguous()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"float images must be (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
     return images.detach().float().cpu().contiguous()
@@ -485,7 +486,7 @@ def render_errors(images, factors: np.ndarray) -> np.ndarray:
     out = np.empty(len(x))
     for i in range(len(x)):
         face = draw_face({name: float(factors[i, j]) for j, name in enumerate(FACTORS)}, res)
-        r = torch.tensor(face).permute(2, 0, 1).float().div(127.5).sub(1)
+        r = to_unit_range(face[None])[0]
         out[i] = float((x[i] - r).pow(2).mean().sqrt())
     return out
 

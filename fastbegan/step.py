@@ -94,6 +94,7 @@ from torch import Tensor
 
 from . import ops
 from .checkpoint import match_state_layout
+from .images import to_unit_range
 from .model import Conv3x3
 
 __all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "match_state_layout",
@@ -390,7 +391,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     No random draws (the caller makes them with its generator) and no state changes.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
-        x = _to_unit_range_flipped(data[idx], flip)
+        x = to_unit_range(data[idx], flip)
         scale = torch.cat([ones, k.neg().expand(ones.shape[0])])
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z)
@@ -404,17 +405,6 @@ def _compiled(fn, mode: str | None):
     model's ops are custom ops (triton backend) or plain aten ops and autograd.Functions
     with written-out backwards (torch backend), none of which breaks the graph."""
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-
-
-def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:
-    """(B, H, W, 3) uint8, optional (B,) bool -> (B, 3, H, W) in [-1, 1], channels_last.
-
-    The flip (of the width axis) is applied to the uint8 batch, which gives the same
-    values as ``Trainer.real_batch`` (which flips after the conversion).
-    """
-    if flip is not None:
-        batch_u8 = torch.where(flip.view(-1, 1, 1, 1), batch_u8.flip(2), batch_u8)
-    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def _cpu_fused_adam() -> bool:

@@ -50,6 +50,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from . import ops
+from .images import to_unit_range
 from .model import BEGAN, check_resolution, default_filters
 
 
@@ -132,11 +133,6 @@ def resolve_device(name: str) -> torch.device:
 
 class DivergenceError(RuntimeError):
     """Training kept producing NaN/Inf after ``max_restores`` restores."""
-
-
-def to_unit_range(batch_u8: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], channels_last (a permuted view)."""
-    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 class Trainer:
@@ -361,7 +357,7 @@ class Trainer:
         """Keep the current state in host memory as the restore point, unless a checkpoint
         of this very step exists (a resumed run): then that file is the restore point."""
         last = ckpt.latest_checkpoint(self.cfg.out)
-        if last is not None and _ckpt_step(last) == self.step:
+        if last is not None and ckpt.checkpoint_step(last) == self.step:
             self._good = None
             return
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.state_tensors().items()}
@@ -381,14 +377,14 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.cfg.out)
         good_step = self._good[0]["state.step"].item() if self._good is not None else -1
         if restores > self.cfg.max_restores:
-            where = last if last is not None and _ckpt_step(last) >= good_step else None
+            where = last if last is not None and ckpt.checkpoint_step(last) >= good_step else None
             raise DivergenceError(
                 f"training diverged (NaN/Inf loss by step {bad_step}) again after "
                 f"{self.cfg.max_restores} restores with halved lr (lr now {lr:.3g}). Start a new run "
                 "with a lower --lr, --precision fp32 or another --gamma"
                 + (f"; the last good checkpoint is {where}" if where else "")
                 + " (--max-restores sets the number of retries)")
-        if last is not None and _ckpt_step(last) >= good_step:
+        if last is not None and ckpt.checkpoint_step(last) >= good_step:
             self.load_checkpoint(last)
             source = str(last)
         elif self._good is not None:
@@ -508,10 +504,6 @@ class Trainer:
         row = {"step": self.step, **dict(zip(keys, nums)), "lr": self.lr,
                "steps_per_s": round(steps_per_s, 3), "time": time.time()}
         return row
-
-
-def _ckpt_step(path: Path) -> int:
-    return int(path.name[len("ckpt_"):].split(".")[0])
 
 
 def _in_main_thread() -> bool:

@@ -81,7 +81,7 @@ def main():
               help="On a NaN/Inf loss, restore the last good checkpoint with lr halved, at most this often.")
 @click.option("--on-collapse", type=click.Choice(["warn", "stop", "restore"]), default="warn", show_default=True,
               help="On a suspected mode collapse: warn; stop (save and stop); restore (go back to the "
-                   "last checkpoint before it, with lr halved). See README, Training health.")
+                   "last checkpoint before it, with lr halved). See docs/health.md.")
 @click.option("--health-patience", type=int, default=200, show_default=True,
               help="Steps a health problem (collapse, k_t stuck at 0/1, M rising) must last before "
                    "it is reported; 0 turns the health monitor off.")

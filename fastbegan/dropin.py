@@ -1,4 +1,4 @@
-"""The drop-in paths for other projects (DESIGN 5): ``fastbegan.optimize`` and the
+"""The drop-in paths for other projects (docs/design.md §5): ``fastbegan.optimize`` and the
 ``torch.compile(model, backend="fastbegan")`` backend.
 
 Both find the same patterns and replace them by :func:`fastbegan.ops.conv3x3_elu`:
@@ -6,21 +6,10 @@ Both find the same patterns and replace them by :func:`fastbegan.ops.conv3x3_elu
     [2x nearest upsample] -> Conv2d(3x3, padding 1, stride 1|2, dilation 1, groups 1,
     padding_mode "zeros", bias or not) -> ELU(alpha 1)
 
-and ``upsample -> conv`` without an ELU after it (fused with ``activation=False``). A conv
-with neither an ELU after it nor an upsample before it is left alone (nothing to fuse), as
-is everything else.
-
-``optimize(model)`` works on module trees: inside an ``nn.Sequential`` (or a subclass that
-keeps ``Sequential.forward``) it swaps ``Conv2d`` for :class:`fastbegan.nn.Conv2dELU`
-holding the conv's own parameters (so ``state_dict()`` is unchanged) and puts
-``nn.Identity()`` where the absorbed ``ELU`` / ``Upsample`` were (so indices and keys
-stay). Patterns written in a ``forward`` (``F.elu(self.conv(x))``) are invisible to it:
-``torch.compile(backend="fastbegan")`` rewrites those, in module or functional form.
-
-The compile backend is an FX pass over the graph dynamo captured, then inductor
-(``torch._inductor.compile_fx.compile_fx``). Training works through it: the fused op is
-traced by AOTAutograd like any other (the triton backend's custom op has a registered
-backward; the torch backend decomposes into aten ops).
+and ``upsample -> conv`` without an ELU after it (``activation=False``); anything else is
+left alone, with the reason in the report. :func:`optimize` swaps modules inside
+``nn.Sequential`` containers (``state_dict()`` unchanged); :func:`compile_backend` is an FX
+pass over the graph dynamo captured (patterns in ``forward`` too), then inductor.
 """
 from __future__ import annotations
 

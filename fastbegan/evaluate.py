@@ -1,23 +1,11 @@
 """``fastbegan eval CHECKPOINT``: a quality report (JSON + Markdown + PNG) for one checkpoint.
 
-What it measures (see fastbegan/quality.py for the metrics themselves):
-
-- M_global: the last value logged in the run's metrics.jsonl (RUN_DIR/checkpoints/ckpt.. ->
-  RUN_DIR/metrics.jsonl), and M measured now with the checkpoint's D on a batch of
-  training images and generated images (the same formula the trainer logs).
-- SWD (x1e3, per Laplacian level and mean) between generated images and real images.
-- On the embedded procedural faces: the factor score (coverage of the 8 known factors),
-  W1 per factor and precision/recall in factor space.
-- Every distance comes with a *real-vs-real baseline*: the same metric between two
-  independent real sets of the same size, i.e. the best score reachable at this sample
-  size (SWD is biased upwards for finite sets; coverage is below 1 for finite sets).
-- Memorisation check: each generated image's nearest training image in pixel L2 (RMS,
-  on the [-1, 1] scale), compared with the same distance for real images that are not
-  in the training set; a ratio far below 1 means the generator copies training images.
-  nearest_neighbours.png shows generated images (left column) next to their closest
-  training images.
-- Training health: the section reads ``fastbegan.health`` when that module exists.
-- FID / IS only with ``--fid-weights PATH`` (local Inception weights) and torch-fidelity.
+M_global (logged and measured now with the checkpoint's D), SWD per Laplacian level, on
+the embedded faces the factor score and render fidelity, a memorisation check (nearest
+training images in pixel L2 against held-out real images), the run's training-health
+findings, and FID/IS only with local Inception weights. Every distance comes with a
+real-vs-real baseline of the same size. The metrics: :mod:`fastbegan.quality`,
+docs/design.md §7; the report's fields: docs/evaluation.md.
 """
 from __future__ import annotations
 

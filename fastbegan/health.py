@@ -1,33 +1,14 @@
 """Training health: cheap checks for BEGAN's common failures, live and after the fact.
 
-BEGAN runs go wrong in a few well-known ways: the generator collapses to one mode (all
-samples alike), k_t sticks at 0 (or 1) because the balance ``L(G(z)) = gamma * L(x)`` is
-out of reach, the losses blow up (far above what images in [-1, 1] give, or NaN/Inf), or
-M_global, the convergence measure, stops improving or starts to rise. This module watches for each of them.
-
-Live: :class:`HealthMonitor` is one of ``Trainer.log_hooks``. It runs only at log
-intervals, when the trainer reads its scalars anyway, and then does one small device
-computation on ``trainer.last_batch`` (mean pairwise distance of the fake batch and of
-the real batch, and each batch's mean per-image contrast, on 4x average-pooled images;
-the largest |fake| value; NaN/Inf in the fakes) and one host read. Nothing runs inside
-the training step. The signals go into the metrics row (``diversity_ratio``,
-``diversity_fake``, ``diversity_real``, ``contrast_ratio``, ``fake_absmax``, and ``health``:
-the problems reported and still holding), and a message is printed when a condition has
-held for ``patience`` steps. ``on_collapse`` says what happens on a suspected mode collapse:
-``warn`` (message only), ``stop`` (save a checkpoint and stop) or ``restore`` (go back to
-the newest checkpoint written before the collapse began, with the lr halved).
-
-After the fact: :func:`diagnose_run` reads a run folder's ``metrics.jsonl`` and returns
-the same findings (used by ``fastbegan eval`` and the plots).
-
-Which way to turn gamma. ``k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)``:
-- k_t pinned at 0 means ``L_fake > gamma * L_real`` step after step: even with D ignoring
-  the fakes (k = 0), G cannot make fakes D reconstructs gamma times as well as real images.
-  A *higher* gamma asks less of G.
-- k_t pinned at 1 means ``L_fake < gamma * L_real`` even with D pushing fakes away at full
-  strength: a *lower* gamma (or lr) lets D catch up.
-- Mode collapse: gamma is the diversity ratio; a *higher* gamma (or a lower lr) gives more
-  diverse samples (BEGAN paper, section 3.1 and figure 2).
+BEGAN runs go wrong in a few known ways: the generator collapses to one mode, k_t sticks
+at 0 (or 1), the losses blow up (or turn NaN/Inf), or M_global stops improving or rises.
+Live, :class:`HealthMonitor` is one of ``Trainer.log_hooks``: at log intervals only, one
+small device computation on the newest real and fake batches (diversity, contrast, the
+largest |fake|) and one host read; nothing runs inside the training step. The signals go
+into the metrics row; a message is printed once a condition has held for ``patience``
+steps, and ``on_collapse`` (warn | stop | restore) acts on a suspected collapse. After the
+fact, :func:`diagnose_run` reads a run's metrics.jsonl with the same detectors
+(:class:`HealthTracker`). The messages and what to do: docs/health.md.
 """
 from __future__ import annotations
 
@@ -135,6 +116,10 @@ class HealthTracker:
         self.best_m, self.best_step = math.inf, None
 
     # ------------------------------------------------------------------ detectors
+    # Which way to turn gamma, from k_{t+1} = clip(k_t + lambda_k (gamma L_real - L_fake), 0, 1):
+    # k_t pinned at 0 means L_fake > gamma L_real even with D ignoring the fakes, so a *higher*
+    # gamma asks less of G; pinned at 1, a lower gamma (or lr) lets D catch up. For a collapse,
+    # gamma is the diversity ratio: higher gives more diverse samples (BEGAN paper, §3.1).
     def update(self, row: dict) -> list[Finding]:
         step = int(row["step"])
         vals = {k: row.get(k) for k in ("loss_real", "loss_fake", "k", "M")}

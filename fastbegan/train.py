@@ -1,36 +1,13 @@
-"""The BEGAN trainer (DESIGN.md section 1), reference path: any device, any backend.
+"""The BEGAN trainer, reference path: any device, any backend (docs/design.md §1, §4.1).
 
-One step of the default *same-z global step* (as in the TensorFlow reference):
-
-    x  = real batch in [-1, 1];   z ~ U(-1, 1)^(B, z_dim);   fake = G(z)
-    [rec_x; rec_f] = D([x; fake])                 (one D forward over 2B images)
-    L_real = mean|x - rec_x|,   L_fake = mean|fake - rec_f|
-    L_D = L_real - k_t * L_fake  -> gradients to D's parameters only
-    L_G = L_fake                 -> gradients to G's parameters only
-    Adam(lr, betas (0.5, 0.999)) steps both
-    k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)
-    M_global = L_real + |gamma * L_real - L_fake|
-
-``separate_z`` is the paper-literal variant: z_D for L_D (G's output detached) and a
-fresh z_G for L_G, with k_t updated from L(G(z_G)).
-
-The learning rate is halved every ``lr_half_every`` steps (floor ``lr_min``) and,
-optionally, when M_global has not improved by 1% for ``lr_stall`` steps. The rate is
-changed in the optimiser's param groups: Adam's moments are kept (one reference
-implementation rebuilds the optimisers and loses them).
-
-Host synchronisation happens only every ``log_every`` steps (reading the logged
-scalars); k_t lives on the device. Exact resume: the data/z generator's state, the
-optimiser state, k_t, step, lr and the stall tracker are all in the checkpoint.
-
-Divergence guard: every step ORs ``~isfinite(L_real + L_fake)`` into a device flag
-(no sync). The flag is read at log intervals and before each checkpoint (which also
-checks the parameters): on NaN/Inf the trainer restores the last good checkpoint (or the
-state it started from), halves lr and continues; after ``max_restores`` restores it
-stops with :class:`DivergenceError`. A checkpoint is never written from a diverged state.
-
-Several processes (torchrun): see :mod:`fastbegan.distributed` (global batch split
-across ranks, one all-reduce of grads + losses per step, rank 0 writes).
+:class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device)
+and BEGAN's state (k_t, step, lr). ``train_step`` is the same-z global step (with
+``separate_z``, the paper's two draws); on a CUDA GPU with the triton backend it hands over
+to :class:`fastbegan.step.FusedStep`. ``fit`` is the loop: scalars read every
+``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
+exact resume, the divergence guard (restore and halve the lr on NaN/Inf) and the log hooks
+(the health monitor). :func:`train` loads the data and runs a config, also under torchrun
+(:mod:`fastbegan.distributed`). User guide: docs/training.md.
 """
 from __future__ import annotations
 

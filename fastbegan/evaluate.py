@@ -173,16 +173,8 @@ def _check_options(n: int, fid_weights: str | None) -> None:
     """Refuse what cannot give a meaningful report, before any work."""
     if n < 16:
         raise ValueError(f"--n must be >= 16 for meaningful statistics, got {n}")
-    if fid_weights is None:
-        return
-    if not Path(fid_weights).is_file():
-        raise ValueError(f"--fid-weights {fid_weights!r} does not exist: pass a local Inception "
-                         "weights file (fastbegan never downloads it)")
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise RuntimeError("--fid-weights needs torch-fidelity, which is not installed: "
-                           "pip install torch-fidelity (fastbegan does not depend on it)") from None
+    if fid_weights is not None:
+        Q.fid_backend(fid_weights)
 
 
 def _swd_section(ref, fake, base, patches: int, dirs: int, seed: int, log) -> dict:

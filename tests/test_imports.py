@@ -153,3 +153,16 @@ def test_every_module_imports_in_a_fresh_interpreter_and_the_conv_op_has_its_bac
 def _has_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def test_the_documented_public_api_is_there():
+    import fastbegan
+    from fastbegan.cli import main
+    for obj in (fastbegan.optimize, fastbegan.nn.Conv2dELU, fastbegan.BEGAN, fastbegan.Generator.from_checkpoint,
+                fastbegan.Discriminator):
+        assert callable(obj)
+    from fastbegan.functional import conv3x3_elu
+    from fastbegan.health import diagnose_run
+    from fastbegan.quality import swd
+    assert all(callable(f) for f in (conv3x3_elu, diagnose_run, swd))
+    assert set(main.commands) == {"train", "sample", "prepare", "eval", "interpolate", "plot", "bench"}

@@ -110,12 +110,12 @@ def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: 
     from fastbegan import quality as Q
     from fastbegan.evaluate import nearest_neighbours
     from fastbegan.health import batch_diversity
-    from fastbegan.interpolate import images_to_tensor
+    from fastbegan.images import to_unit_range
     from fastbegan.model import Generator
     from fastbegan.sampling import generate, sample_z
     g = Generator.from_checkpoint(str(ckpt))
     fake = generate(g, sample_z(n, g.fc.in_features, 1234))
-    ref = images_to_tensor(real_ref[:n])
+    ref = to_unit_range(real_ref[:n])
     out = {"diversity_ratio": float(batch_diversity(fake[:256]) / batch_diversity(ref[:256]))}
     out["swd_x1e3"] = Q.swd(real_ref[:n], fake, seed=0).mean
     d_fake, _ = nearest_neighbours(fake, train, k=1)
@@ -142,8 +142,8 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
     from fastbegan import quality as Q
     from fastbegan.evaluate import nearest_neighbours
     from fastbegan.health import batch_diversity
-    from fastbegan.interpolate import images_to_tensor
-    a, b = images_to_tensor(real_ref[:n]), images_to_tensor(real_other[:n])
+    from fastbegan.images import to_unit_range
+    a, b = to_unit_range(real_ref[:n]), to_unit_range(real_other[:n])
     out = {"diversity_ratio": float(batch_diversity(b[:256]) / batch_diversity(a[:256])),
            "swd_x1e3": Q.swd(real_ref[:n], real_other[:n], seed=0).mean}
     out["nn_ratio"] = float(nearest_neighbours(b, train, k=1)[0][:, 0].median()
@@ -255,7 +255,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"]) for ds, d in data.items()}
 
-    from fastbegan.bench import device_info, git_commit
+    from fastbegan.bench.device import device_info, git_commit
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     dev = device_info(torch.device("cpu"))["name"]
     slug = "".join(c if c.isalnum() else "-" for c in dev.lower().replace("cpu: ", "")).strip("-")

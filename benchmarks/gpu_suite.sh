@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check as ONE command (README "Development: GPU suite"):
+# The whole GPU check as ONE command (benchmarks/README.md):
 #
 #   benchmarks/gpu_suite.sh OUTDIR
 #

@@ -48,6 +48,14 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step in a checkpoint's name: ``.../ckpt_00001000.safetensors`` -> 1000."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{str(path)!r} is not named like a checkpoint (ckpt_<step>.safetensors)")
+    return int(m.group(1))
+
+
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(out_dir)
     return ckpts[-1] if ckpts else None
@@ -187,19 +195,6 @@ def prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def load_generator(path: str | os.PathLike, map_location: str = "cpu"):
-    """The generator of a checkpoint, on ``map_location``, in eval mode."""
-    from .model import Generator
-    tensors, cfg, _ = load_checkpoint(path, map_location)
-    g = Generator(cfg["res"], cfg["filters"], cfg["z_dim"], skip=cfg.get("skip", False),
-                  vanishing_residual=cfg.get("vanishing_residual_on", False))
-    load_into(g, unprefixed("G.", tensors))
-    if cfg.get("vanishing_residual_on"):
-        g.carry.fill_(0.0)  # the annealed end state; trained runs finish with carry 0
-    g.config = cfg
-    return g.to(map_location).eval()
 
 
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:

@@ -5,32 +5,15 @@ and exit code 1; ``FASTBEGAN_DEBUG=1`` shows the full traceback instead.
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from .checkpoint import CheckpointError
-from .data import DataError
-
-USER_ERRORS = (DataError, CheckpointError, ValueError, RuntimeError, OSError)
-
-
-def user_errors(fn):
-    """Turn expected failures into a one-line ``Error: ...`` instead of a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except USER_ERRORS as e:
-            if os.environ.get("FASTBEGAN_DEBUG") == "1":
-                raise
-            raise click.ClickException(str(e) or e.__class__.__name__) from None
-    return wrapper
+from . import research_cli
+from .bench.cli import bench
+from .errors import user_errors
 
 
 def check_writable(folder: str) -> None:
@@ -106,7 +89,7 @@ def main():
               help="On a NaN/Inf loss, restore the last good checkpoint with lr halved, at most this often.")
 @click.option("--on-collapse", type=click.Choice(["warn", "stop", "restore"]), default="warn", show_default=True,
               help="On a suspected mode collapse: warn; stop (save and stop); restore (go back to the "
-                   "last checkpoint before it, with lr halved). See README, Training health.")
+                   "last checkpoint before it, with lr halved). See docs/health.md.")
 @click.option("--health-patience", type=int, default=200, show_default=True,
               help="Steps a health problem (collapse, k_t stuck at 0/1, M rising) must last before "
                    "it is reported; 0 turns the health monitor off.")
@@ -216,12 +199,9 @@ def prepare(folder, res, out):
         click.echo(f"  unreadable: {bad}", err=True)
 
 
-from .bench import bench as _bench  # noqa: E402 - `fastbegan bench` (fastbegan/bench.py)
-main.add_command(_bench)
-
-
-from .research_cli import register as _register_research  # noqa: E402 - interpolate, eval, plot
-_register_research(main, user_errors)
+main.add_command(bench)  # fastbegan/bench/cli.py
+for _command in research_cli.COMMANDS:  # interpolate, eval, plot
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,21 +1,13 @@
 """Several GPUs (or CPU processes): ``torchrun --nproc-per-node N -m fastbegan train ...``.
 
-Data parallel with a *global* batch: ``--batch-size B`` is the batch of the whole step,
-and each of the W processes takes B / W rows of it (B must be divisible by W). Every
-rank keeps the same data/z generator (same seed), so all ranks draw the same global
-random indices, flips and z; rank r uses rows ``r*B/W .. (r+1)*B/W`` of each draw.
-After the backward, one all-reduce averages D's and G's gradients together with the two
-losses (packed into one buffer), so L_real, L_fake, k_t, M and every Adam step are
-identical on all ranks and equal (up to floating-point summation order) to one process
-with batch B. A checkpoint written by a W-process run resumes on any number of
-processes, one included, and continues the same run.
-
-Rank 0 alone writes checkpoints, samples and metrics and prints; the other ranks read
-the checkpoints it wrote (resume, divergence restore): one machine, or a shared file
-system. Ctrl-C / SIGTERM (torchrun forwards it to every rank) are agreed on at the next
-log interval, so all ranks stop at the same step.
-
-Single-process runs never touch ``torch.distributed``: :func:`info` is then rank 0 of 1.
+Data parallel with a *global* batch: ``--batch-size B`` is the whole step's batch and
+each of the W processes takes B / W rows of it. Every rank keeps the same data/z
+generator, so all draw the same global indices, flips and z, and rank r uses rows
+``r*B/W .. (r+1)*B/W``. One all-reduce after the backward averages D's and G's gradients
+and the two losses (one buffer), so k_t, M and every Adam step are the same on all ranks
+and equal, up to summation order, to one process with batch B. Rank 0 alone writes and
+prints; a checkpoint resumes on any number of processes. Single-process runs never touch
+``torch.distributed`` (:func:`info` is then rank 0 of 1).
 """
 from __future__ import annotations
 

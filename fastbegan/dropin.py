@@ -1,4 +1,4 @@
-"""The drop-in paths for other projects (DESIGN 5): ``fastbegan.optimize`` and the
+"""The drop-in paths for other projects (docs/design.md §5): ``fastbegan.optimize`` and the
 ``torch.compile(model, backend="fastbegan")`` backend.
 
 Both find the same patterns and replace them by :func:`fastbegan.ops.conv3x3_elu`:
@@ -6,21 +6,10 @@ Both find the same patterns and replace them by :func:`fastbegan.ops.conv3x3_elu
     [2x nearest upsample] -> Conv2d(3x3, padding 1, stride 1|2, dilation 1, groups 1,
     padding_mode "zeros", bias or not) -> ELU(alpha 1)
 
-and ``upsample -> conv`` without an ELU after it (fused with ``activation=False``). A conv
-with neither an ELU after it nor an upsample before it is left alone (nothing to fuse), as
-is everything else.
-
-``optimize(model)`` works on module trees: inside an ``nn.Sequential`` (or a subclass that
-keeps ``Sequential.forward``) it swaps ``Conv2d`` for :class:`fastbegan.nn.Conv2dELU`
-holding the conv's own parameters (so ``state_dict()`` is unchanged) and puts
-``nn.Identity()`` where the absorbed ``ELU`` / ``Upsample`` were (so indices and keys
-stay). Patterns written in a ``forward`` (``F.elu(self.conv(x))``) are invisible to it:
-``torch.compile(backend="fastbegan")`` rewrites those, in module or functional form.
-
-The compile backend is an FX pass over the graph dynamo captured, then inductor
-(``torch._inductor.compile_fx.compile_fx``). Training works through it: the fused op is
-traced by AOTAutograd like any other (the triton backend's custom op has a registered
-backward; the torch backend decomposes into aten ops).
+and ``upsample -> conv`` without an ELU after it (``activation=False``); anything else is
+left alone, with the reason in the report. :func:`optimize` swaps modules inside
+``nn.Sequential`` containers (``state_dict()`` unchanged); :func:`compile_backend` is an FX
+pass over the graph dynamo captured (patterns in ``forward`` too), then inductor.
 """
 from __future__ import annotations
 
@@ -558,41 +547,12 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
             if src is not None and not _may_mutate_between(x, node):
                 up, x = x, src
         if elu is None and up is None:
-            if len(users) > 1:
-                why = f"its output has {len(users)} users (an ELU is fused only into its sole user)"
-            elif users and _elu_alpha(gm, users[0]) not in (None, 1.0):
-                why = f"ELU alpha={_elu_alpha(gm, users[0])} (only 1.0 is fused)"
-            else:
-                why = "no ELU after it and no upsample before it"
-            report.skipped.append((_where(node), why))
+            report.skipped.append((_where(node), _why_nothing_to_fuse(gm, users)))
             continue
         tail = elu if elu is not None else node
         where = _where(node)
-        out_val = _val(tail)
-        with graph.inserting_before(node):
-            w, b = conv.weight, conv.bias
-            if isinstance(w, str):
-                w = graph.get_attr(w)
-                _copy_meta(w, _attr(gm, w))
-            if isinstance(b, str):
-                b = graph.get_attr(b)
-                _copy_meta(b, _attr(gm, b))
-            conv_val, in_val = _val(node), _val(x)
-            if (isinstance(conv_val, torch.Tensor) and isinstance(in_val, torch.Tensor)
-                    and conv_val.dtype != in_val.dtype):
-                # autocast region: the conv computed in conv_val.dtype
-                x = graph.call_method("to", (x, conv_val.dtype))
-                _copy_meta(x, torch.empty_like(in_val, dtype=conv_val.dtype))
-            fused = graph.call_function(ops.conv3x3_elu, (x, w, b), {
-                "upsample": up is not None, "stride": conv.stride,
-                "activation": elu is not None})
-            result = fused
-            if backend == "triton" and isinstance(out_val, torch.Tensor):
-                if out_val.dim() == 4 and out_val.is_contiguous():
-                    _copy_meta(fused, torch.empty_like(out_val,
-                                                       memory_format=torch.channels_last))
-                    result = graph.call_method("contiguous", (fused,))
-            _copy_meta(result, out_val)
+        result = _insert_fused(gm, node, conv, x, upsample=up is not None, activation=elu is not None,
+                               out_val=_val(tail), backend=backend)
         tail.replace_all_uses_with(result)
         for dead in (elu, node, up):
             if dead is not None:
@@ -604,6 +564,47 @@ def rewrite_graph(gm: fx.GraphModule, *, backend: str = "torch") -> RewriteRepor
     graph.lint()
     gm.recompile()
     return report
+
+
+def _why_nothing_to_fuse(gm: fx.GraphModule, users: list[fx.Node]) -> str:
+    """Why a matched conv with neither a fusable ELU after it nor an upsample before it stays."""
+    if len(users) > 1:
+        return f"its output has {len(users)} users (an ELU is fused only into its sole user)"
+    if users and _elu_alpha(gm, users[0]) not in (None, 1.0):
+        return f"ELU alpha={_elu_alpha(gm, users[0])} (only 1.0 is fused)"
+    return "no ELU after it and no upsample before it"
+
+
+def _insert_fused(gm: fx.GraphModule, node: fx.Node, conv: _Conv, x: Any, *, upsample: bool,
+                  activation: bool, out_val: Any, backend: str) -> fx.Node:
+    """Insert the ``ops.conv3x3_elu`` call that replaces the run ending at ``node``'s pattern;
+    ``x`` is its input (the upsample's input when the upsample is fused). Returns the node
+    that takes the pattern's output's place."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        w, b = conv.weight, conv.bias
+        if isinstance(w, str):
+            w = graph.get_attr(w)
+            _copy_meta(w, _attr(gm, w))
+        if isinstance(b, str):
+            b = graph.get_attr(b)
+            _copy_meta(b, _attr(gm, b))
+        conv_val, in_val = _val(node), _val(x)
+        if (isinstance(conv_val, torch.Tensor) and isinstance(in_val, torch.Tensor)
+                and conv_val.dtype != in_val.dtype):
+            # autocast region: the conv computed in conv_val.dtype
+            x = graph.call_method("to", (x, conv_val.dtype))
+            _copy_meta(x, torch.empty_like(in_val, dtype=conv_val.dtype))
+        fused = graph.call_function(ops.conv3x3_elu, (x, w, b), {
+            "upsample": upsample, "stride": conv.stride, "activation": activation})
+        result = fused
+        if backend == "triton" and isinstance(out_val, torch.Tensor):
+            if out_val.dim() == 4 and out_val.is_contiguous():
+                # the kernels write NHWC: keep an NCHW output NCHW for the graph's other users
+                _copy_meta(fused, torch.empty_like(out_val, memory_format=torch.channels_last))
+                result = graph.call_method("contiguous", (fused,))
+        _copy_meta(result, out_val)
+    return result
 
 
 _warned_reference = False

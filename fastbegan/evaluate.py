@@ -1,23 +1,11 @@
 """``fastbegan eval CHECKPOINT``: a quality report (JSON + Markdown + PNG) for one checkpoint.
 
-What it measures (see fastbegan/quality.py for the metrics themselves):
-
-- M_global: the last value logged in the run's metrics.jsonl (RUN_DIR/checkpoints/ckpt.. ->
-  RUN_DIR/metrics.jsonl), and M measured now with the checkpoint's D on a batch of
-  training images and generated images (the same formula the trainer logs).
-- SWD (x1e3, per Laplacian level and mean) between generated images and real images.
-- On the embedded procedural faces: the factor score (coverage of the 8 known factors),
-  W1 per factor and precision/recall in factor space.
-- Every distance comes with a *real-vs-real baseline*: the same metric between two
-  independent real sets of the same size, i.e. the best score reachable at this sample
-  size (SWD is biased upwards for finite sets; coverage is below 1 for finite sets).
-- Memorisation check: each generated image's nearest training image in pixel L2 (RMS,
-  on the [-1, 1] scale), compared with the same distance for real images that are not
-  in the training set; a ratio far below 1 means the generator copies training images.
-  nearest_neighbours.png shows generated images (left column) next to their closest
-  training images.
-- Training health: the section reads ``fastbegan.health`` when that module exists.
-- FID / IS only with ``--fid-weights PATH`` (local Inception weights) and torch-fidelity.
+M_global (logged and measured now with the checkpoint's D), SWD per Laplacian level, on
+the embedded faces the factor score and render fidelity, a memorisation check (nearest
+training images in pixel L2 against held-out real images), the run's training-health
+findings, and FID/IS only with local Inception weights. Every distance comes with a
+real-vs-real baseline of the same size. The metrics: :mod:`fastbegan.quality`,
+docs/design.md §7; the report's fields: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -32,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import health
 from . import quality as Q
-from .checkpoint import CheckpointError, load_checkpoint, load_into, unprefixed
-
-HEALTH_FUNCTIONS = ("diagnose_run", "summarize", "summarize_run", "health_report")
+from .checkpoint import CheckpointError, load_checkpoint
+from .images import save_grid, save_png, to_unit_range
+from .model import Discriminator, Generator
+from .plots import plot_run
+from .runlog import read_metrics
+from .sampling import generate, sample_z, save_each
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -46,7 +38,6 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 def last_logged(run_dir: Path, max_step: int | None = None) -> dict | None:
     """The last metrics.jsonl row at or before ``max_step`` (None if there is no log)."""
-    from .plots import read_metrics
     try:
         rows = read_metrics(run_dir)
     except FileNotFoundError:
@@ -56,53 +47,18 @@ def last_logged(run_dir: Path, max_step: int | None = None) -> dict | None:
 
 
 def health_section(run_dir: Path) -> dict:
-    """Training-health signals from ``fastbegan.health`` when that module is importable.
-
-    Uses the first of ``diagnose_run(run_dir)`` / ``summarize`` / ``summarize_run`` /
-    ``health_report`` that exists; its result (a list of findings or a dict; objects
-    with ``as_dict()`` are converted) goes into the report. Never fails the evaluation.
-    """
-    import importlib
+    """The findings of :func:`fastbegan.health.diagnose_run` for the run folder, as plain
+    dicts under ``signals``; a run without metrics.jsonl gives a ``note``, a failure an
+    ``error``. Never fails the evaluation."""
+    source = "fastbegan.health.diagnose_run"
     try:
-        health = importlib.import_module("fastbegan.health")
-    except ImportError:
-        return {"available": False, "note": "fastbegan.health is not part of this installation"}
-    except Exception as e:  # a broken module must not break the report
-        return {"available": False, "error": f"importing fastbegan.health failed: {e}"}
-    for name in HEALTH_FUNCTIONS:
-        fn = getattr(health, name, None)
-        if not callable(fn):
-            continue
-        try:
-            res = fn(run_dir)
-        except FileNotFoundError as e:
-            return {"available": True, "source": f"fastbegan.health.{name}", "note": str(e)}
-        except Exception as e:
-            return {"available": True, "source": f"fastbegan.health.{name}", "error": f"{type(e).__name__}: {e}"}
-        return {"available": True, "source": f"fastbegan.health.{name}",
-                "signals": json.loads(json.dumps(_plain(res), default=str))}
-    return {"available": False, "note": "fastbegan.health has none of " + ", ".join(HEALTH_FUNCTIONS)}
-
-
-def _plain(obj):
-    for conv in ("as_dict", "to_dict"):
-        if hasattr(obj, conv):
-            return getattr(obj, conv)()
-    if isinstance(obj, (list, tuple)):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _load_d(tensors, cfg):
-    from .model import Discriminator
-    d = Discriminator(cfg["res"], cfg["filters"], cfg["h"], skip=cfg.get("skip", False),
-                      vanishing_residual=cfg.get("vanishing_residual_on", False))
-    load_into(d, unprefixed("D.", tensors))
-    if cfg.get("vanishing_residual_on"):
-        d.decoder.carry.fill_(0.0)
-    return d.eval()
+        findings = health.diagnose_run(run_dir)
+    except FileNotFoundError as e:
+        return {"source": source, "note": str(e)}
+    except Exception as e:  # a broken log must not break the report
+        return {"source": source, "error": f"{type(e).__name__}: {e}"}
+    return {"source": source,
+            "signals": json.loads(json.dumps([f.as_dict() for f in findings], default=str))}
 
 
 @torch.no_grad()
@@ -129,7 +85,7 @@ def nearest_neighbours(queries: torch.Tensor, train_u8: np.ndarray, k: int = 5, 
     best_d = torch.full((len(q), k), math.inf)
     best_i = torch.zeros((len(q), k), dtype=torch.long)
     for s in range(0, len(train_u8), chunk):
-        t = Q.as_float_images(train_u8[s:s + chunk]).flatten(1)
+        t = to_unit_range(train_u8[s:s + chunk]).flatten(1)
         d2 = (qn - 2 * q @ t.T + (t * t).sum(1)[None]).clamp_min(0)
         cat_d = torch.cat([best_d, d2], 1)
         cat_i = torch.cat([best_i, torch.arange(s, s + len(t)).expand(len(q), -1)], 1)
@@ -165,32 +121,16 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
              swd_patches: int = 64, swd_dirs: int = 512, factors: bool = True, nn_rows: int = 8,
              log=print) -> dict:
     """Write report.json, report.md, samples.png, nearest_neighbours.png (+ metrics.png) and return the report."""
-    from .images import save_grid
-    from .interpolate import images_to_tensor
-    from .model import Generator
-    from .sampling import generate, sample_z
-
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
-    if n < 16:
-        raise ValueError(f"--n must be >= 16 for meaningful statistics, got {n}")
-    if fid_weights is not None:
-        if not Path(fid_weights).is_file():
-            raise ValueError(f"--fid-weights {fid_weights!r} does not exist: pass a local Inception "
-                             "weights file (fastbegan never downloads it)")
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError:
-            raise RuntimeError("--fid-weights needs torch-fidelity, which is not installed: "
-                               "pip install torch-fidelity (fastbegan does not depend on it)") from None
-    tensors, cfg, state = load_checkpoint(checkpoint, "cpu")
+    _check_options(n, fid_weights)
+    tensors, cfg, _ = load_checkpoint(checkpoint, "cpu")
     step = int(tensors["state.step"]) if "state.step" in tensors else None
     run_dir = run_dir_of(checkpoint)
     out = Path(out_dir) if out_dir else run_dir / "eval" / checkpoint.stem
     out.mkdir(parents=True, exist_ok=True)
     g = Generator.from_checkpoint(str(checkpoint), map_location=device)
-    d = _load_d(tensors, cfg).to(device)
-    res = cfg["res"]
+    d = Discriminator.from_checkpoint_tensors(tensors, cfg).to(device)
     report: dict = {
         "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir),
         "config": {k: cfg.get(k) for k in ("res", "filters", "z_dim", "h", "gamma", "batch_size",
@@ -198,12 +138,10 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
         "n": n, "seed": seed,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-
-    # -- M_global: logged and measured
     row = last_logged(run_dir, step)
     report["logged"] = None if row is None else {
         k: row.get(k) for k in ("step", "M", "k", "loss_real", "loss_fake", "lr", "steps_per_s")}
-    log(f"{checkpoint.name}: step {step}, res {res}; drawing {n} samples and {n} real images")
+    log(f"{checkpoint.name}: step {step}, res {cfg['res']}; drawing {n} samples and {n} real images")
 
     train, ref, base, held_out, source = _real_sets(cfg, data, n, seed, log)
     report["real_data"] = {"source": source, "training_images": int(len(train)),
@@ -211,86 +149,106 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
                            else "random training images"}
     z = sample_z(n, cfg["z_dim"], seed)
     fake = generate(g, z)
-    rng = np.random.default_rng(seed + 1)
-    n_m = min(n, 128, len(train))
-    x_m = images_to_tensor(train[rng.choice(len(train), n_m, replace=False)])
-    report["measured"] = measure_m(g, d, x_m, z[:n_m], cfg.get("gamma", 0.5))
+    # M_global measured now, with the checkpoint's D, on up to 128 training images
+    x_m = to_unit_range(train[np.random.default_rng(seed + 1).choice(len(train), min(n, 128, len(train)),
+                                                                      replace=False)])
+    report["measured"] = measure_m(g, d, x_m, z[:len(x_m)], cfg.get("gamma", 0.5))
     report["measured"]["k_checkpoint"] = float(tensors["state.k"]) if "state.k" in tensors else None
-
-    # -- SWD
-    ts = time.perf_counter()
-    r_swd = Q.swd(ref, fake, patches_per_image=swd_patches, n_dirs=swd_dirs, seed=seed)
-    report["swd"] = r_swd.as_dict()
-    if base is not None:
-        report["swd_real_baseline"] = Q.swd(ref, base, patches_per_image=swd_patches, n_dirs=swd_dirs,
-                                            seed=seed).as_dict()
-    log(f"SWD x1e3 mean {r_swd.mean:.1f}" + (f" (real-vs-real {report['swd_real_baseline']['swd_x1e3_mean']:.1f})"
-                                               if base is not None else "")
-        + f" [{time.perf_counter() - ts:.1f}s]")
-
-    # -- factor score (procedural faces only)
-    if factors and held_out:
-        tf = time.perf_counter()
-        est = Q.FactorEstimator.load_or_train(res, log=log)
-        report["factors"] = Q.factor_score(est, ref, fake)
-        report["factors_real_baseline"] = Q.factor_score(est, ref, base)
-        fr, fb = report["factors"], report["factors_real_baseline"]
-        log(f"factor score {fr['factor_score']:.3f} (real-vs-real {fb['factor_score']:.3f}), recall "
-            f"{fr['recall']:.3f} ({fb['recall']:.3f}), render fidelity {fr['render_fidelity']:.3f} "
-            f"({fb['render_fidelity']:.3f}) [{time.perf_counter() - tf:.1f}s]")
-    else:
-        report["factors"] = None
-        report["factors_note"] = ("the factor score needs the embedded procedural data set (a run without "
-                                  "--data)" if not held_out else "skipped (--no-factors)")
-
-    # -- memorisation check
-    d_fake, i_fake = nearest_neighbours(fake, train, k=5)
-    mem = {"nn_rms_generated_median": float(d_fake[:, 0].median())}
-    if held_out:
-        d_real, _ = nearest_neighbours(images_to_tensor(ref), train, k=1)
-        mem["nn_rms_heldout_real_median"] = float(d_real[:, 0].median())
-        mem["ratio"] = mem["nn_rms_generated_median"] / max(mem["nn_rms_heldout_real_median"], 1e-12)
-        mem["note"] = ("ratio = median NN distance of generated images / of real images not in the "
-                       "training set; well below 1 suggests memorisation")
-    report["memorisation"] = mem
-
-    # -- images
-    save_grid(fake[:64], out / "samples.png", nrow=8)
-    rows = min(nn_rows, n)
-    nn_imgs = images_to_tensor(train[i_fake[:rows].flatten().numpy()]).view(rows, 5, 3, res, res)
-    save_grid(torch.cat([fake[:rows, None], nn_imgs], 1).flatten(0, 1), out / "nearest_neighbours.png", nrow=6)
-    report["files"] = {"samples": "samples.png", "nearest_neighbours": "nearest_neighbours.png"}
-    if row is not None:
-        try:
-            from .plots import plot_run
-            plot_run(run_dir, out / "metrics.png")
-            report["files"]["curves"] = "metrics.png"
-        except Exception as e:  # matplotlib missing: the report says so
-            report["curves_note"] = str(e)
-
+    report.update(_swd_section(ref, fake, base, swd_patches, swd_dirs, seed, log))
+    report.update(_factor_section(cfg["res"], ref, fake, base, factors, held_out, log))
+    report["memorisation"], nn_index = _memorisation(fake, ref, train, held_out)
+    report.update(_write_images(out, fake, train, nn_index, min(nn_rows, n), run_dir if row is not None else None))
     report["health"] = health_section(run_dir)
-
-    # -- FID / IS (optional)
     if fid_weights is not None:
-        from .images import save_png
-        from .sampling import save_each
-        tmp = Path(tempfile.mkdtemp(prefix="fastbegan-fid-"))
-        try:
-            save_each(fake, tmp / "fake")
-            (tmp / "real").mkdir()
-            for i, a in enumerate(ref):
-                save_png(a, tmp / "real" / f"real_{i:06d}.png")
-            report["fid_is"] = Q.fid_is(str(tmp / "real"), str(tmp / "fake"), fid_weights,
-                                        cuda=torch.cuda.is_available())
-            report["fid_is"]["weights"] = str(fid_weights)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        report["fid_is"] = _fid_is(fake, ref, fid_weights)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     (out / "report.md").write_text(markdown(report))
     report["out"] = str(out)
     log(f"report in {out} ({report['seconds']}s)")
     return report
+
+
+def _check_options(n: int, fid_weights: str | None) -> None:
+    """Refuse what cannot give a meaningful report, before any work."""
+    if n < 16:
+        raise ValueError(f"--n must be >= 16 for meaningful statistics, got {n}")
+    if fid_weights is not None:
+        Q.fid_backend(fid_weights)
+
+
+def _swd_section(ref, fake, base, patches: int, dirs: int, seed: int, log) -> dict:
+    """``swd`` and, with a baseline set, ``swd_real_baseline`` (real vs real)."""
+    ts = time.perf_counter()
+    r_swd = Q.swd(ref, fake, patches_per_image=patches, n_dirs=dirs, seed=seed)
+    out = {"swd": r_swd.as_dict()}
+    if base is not None:
+        out["swd_real_baseline"] = Q.swd(ref, base, patches_per_image=patches, n_dirs=dirs,
+                                         seed=seed).as_dict()
+    log(f"SWD x1e3 mean {r_swd.mean:.1f}" + (f" (real-vs-real {out['swd_real_baseline']['swd_x1e3_mean']:.1f})"
+                                               if base is not None else "")
+        + f" [{time.perf_counter() - ts:.1f}s]")
+    return out
+
+
+def _factor_section(res: int, ref, fake, base, factors: bool, held_out: bool, log) -> dict:
+    """The factor score of the fakes and of the real baseline (embedded faces only)."""
+    if not (factors and held_out):
+        return {"factors": None,
+                "factors_note": ("the factor score needs the embedded procedural data set (a run without "
+                                 "--data)" if not held_out else "skipped (--no-factors)")}
+    tf = time.perf_counter()
+    est = Q.FactorEstimator.load_or_train(res, log=log)
+    fr, fb = Q.factor_score(est, ref, fake), Q.factor_score(est, ref, base)
+    log(f"factor score {fr['factor_score']:.3f} (real-vs-real {fb['factor_score']:.3f}), recall "
+        f"{fr['recall']:.3f} ({fb['recall']:.3f}), render fidelity {fr['render_fidelity']:.3f} "
+        f"({fb['render_fidelity']:.3f}) [{time.perf_counter() - tf:.1f}s]")
+    return {"factors": fr, "factors_real_baseline": fb}
+
+
+def _memorisation(fake: torch.Tensor, ref, train: np.ndarray, held_out: bool) -> tuple[dict, torch.Tensor]:
+    """(the memorisation check, the indices of each fake's 5 nearest training images)."""
+    d_fake, i_fake = nearest_neighbours(fake, train, k=5)
+    mem = {"nn_rms_generated_median": float(d_fake[:, 0].median())}
+    if held_out:
+        d_real, _ = nearest_neighbours(to_unit_range(ref), train, k=1)
+        mem["nn_rms_heldout_real_median"] = float(d_real[:, 0].median())
+        mem["ratio"] = mem["nn_rms_generated_median"] / max(mem["nn_rms_heldout_real_median"], 1e-12)
+        mem["note"] = ("ratio = median NN distance of generated images / of real images not in the "
+                       "training set; well below 1 suggests memorisation")
+    return mem, i_fake
+
+
+def _write_images(out: Path, fake: torch.Tensor, train: np.ndarray, nn_index: torch.Tensor, rows: int,
+                  run_dir: Path | None) -> dict:
+    """samples.png, nearest_neighbours.png and (with a logged ``run_dir``) metrics.png."""
+    res = fake.shape[-1]
+    save_grid(fake[:64], out / "samples.png", nrow=8)
+    nn_imgs = to_unit_range(train[nn_index[:rows].flatten().numpy()]).reshape(rows, 5, 3, res, res)
+    save_grid(torch.cat([fake[:rows, None], nn_imgs], 1).flatten(0, 1), out / "nearest_neighbours.png", nrow=6)
+    report = {"files": {"samples": "samples.png", "nearest_neighbours": "nearest_neighbours.png"}}
+    if run_dir is not None:
+        try:
+            plot_run(run_dir, out / "metrics.png")
+            report["files"]["curves"] = "metrics.png"
+        except Exception as e:  # no matplotlib, or an unreadable log: the report says so
+            report["curves_note"] = str(e)
+    return report
+
+
+def _fid_is(fake: torch.Tensor, ref: np.ndarray, fid_weights: str) -> dict:
+    """FID / IS by torch-fidelity on the same images, written to a temporary folder."""
+    tmp = Path(tempfile.mkdtemp(prefix="fastbegan-fid-"))
+    try:
+        save_each(fake, tmp / "fake")
+        (tmp / "real").mkdir()
+        for i, a in enumerate(ref):
+            save_png(a, tmp / "real" / f"real_{i:06d}.png")
+        out = Q.fid_is(str(tmp / "real"), str(tmp / "fake"), fid_weights, cuda=torch.cuda.is_available())
+        out["weights"] = str(fid_weights)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _f(v, fmt="{:.4f}") -> str:

@@ -1,28 +1,13 @@
-"""FLOP counts of the BEGAN model (DESIGN.md sections 2 and 8), for the benchmarks.
+"""FLOP counts of the BEGAN model for the benchmarks (docs/design.md §2, §8).
 
-Convention: one multiply-add is 2 FLOPs. A 3x3, padding-1 convolution from ``C_in`` to
-``C_out`` channels producing an ``H_out x W_out`` map costs, per image,
-
-    2 * C_in * 9 * C_out * H_out * W_out
-
-(bias and ELU are not counted). These are the *logical* 3x3 FLOPs: the sub-pixel
-decomposition that the Triton backend uses for the conv after a nearest upsample
-(DESIGN 3.1, 2.25x fewer multiply-adds) is a kernel detail and is not credited here, so
-every backend is measured against the same count. The 3-channel first and last convs are
-counted like any other. The fully connected layers are counted only with
-``include_linear=True`` (2 * in * out per image); they are well under 1% of the total.
-
-Backward = 2 x forward (input gradient + weight gradient, each as costly as the forward).
-One training step of the same-z global step (DESIGN 1) is counted as the algorithmic work
-a single-pass step needs:
-
-    G forward (B)  +  D forward (2B: real and fake)  +  backward of both (2 x forward)
-    = 3 * (G(B) + D(2B))
-
-The reference step (``Trainer.compute_grads``) runs two backward passes through D and so
-does more arithmetic than that; counting the same algorithmic FLOPs for every variant
-keeps TFLOP/s proportional to speed ("model FLOPs utilisation"). The paper-literal
-``separate_z`` step (one more G and D pass) is not covered.
+One multiply-add is 2 FLOPs; a 3x3, padding-1 conv costs ``2 * C_in * 9 * C_out * H_out *
+W_out`` per image (bias and ELU not counted). These are the *logical* 3x3 FLOPs: the
+sub-pixel decomposition the Triton backend uses after an upsample (docs/design.md §3.1:
+2.25x fewer multiply-adds) is not credited, so every backend is measured against the same
+count. The fc layers (well under 1%) are counted only with ``include_linear=True``.
+Backward = 2 x forward, so a same-z training step (docs/design.md §1) is
+``3 * (G(B) + D(2B))``: the algorithmic work of a single-pass step, for every variant
+(the reference step does more arithmetic), which keeps TFLOP/s proportional to speed.
 """
 from __future__ import annotations
 
@@ -55,7 +40,7 @@ class ConvLayer:
 
 
 def decoder_layers(res: int, n: int, *, skip: bool = False, prefix: str = "dec") -> list[ConvLayer]:
-    """The decoder's / generator's convs (DESIGN 2): per level two n->n convs, then to_rgb."""
+    """The decoder's / generator's convs (docs/design.md §2): per level two n->n convs, then to_rgb."""
     levels = check_resolution(res)
     out = []
     for level in range(levels):

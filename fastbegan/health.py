@@ -1,33 +1,14 @@
 """Training health: cheap checks for BEGAN's common failures, live and after the fact.
 
-BEGAN runs go wrong in a few well-known ways: the generator collapses to one mode (all
-samples alike), k_t sticks at 0 (or 1) because the balance ``L(G(z)) = gamma * L(x)`` is
-out of reach, the losses blow up (far above what images in [-1, 1] give, or NaN/Inf), or
-M_global, the convergence measure, stops improving or starts to rise. This module watches for each of them.
-
-Live: :class:`HealthMonitor` is one of ``Trainer.log_hooks``. It runs only at log
-intervals, when the trainer reads its scalars anyway, and then does one small device
-computation on ``trainer.last_batch`` (mean pairwise distance of the fake batch and of
-the real batch, and each batch's mean per-image contrast, on 4x average-pooled images;
-the largest |fake| value; NaN/Inf in the fakes) and one host read. Nothing runs inside
-the training step. The signals go into the metrics row (``diversity_ratio``,
-``diversity_fake``, ``diversity_real``, ``contrast_ratio``, ``fake_absmax``, and ``health``:
-the problems reported and still holding), and a message is printed when a condition has
-held for ``patience`` steps. ``on_collapse`` says what happens on a suspected mode collapse:
-``warn`` (message only), ``stop`` (save a checkpoint and stop) or ``restore`` (go back to
-the newest checkpoint written before the collapse began, with the lr halved).
-
-After the fact: :func:`diagnose_run` reads a run folder's ``metrics.jsonl`` and returns
-the same findings (used by ``fastbegan eval`` and the plots).
-
-Which way to turn gamma. ``k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)``:
-- k_t pinned at 0 means ``L_fake > gamma * L_real`` step after step: even with D ignoring
-  the fakes (k = 0), G cannot make fakes D reconstructs gamma times as well as real images.
-  A *higher* gamma asks less of G.
-- k_t pinned at 1 means ``L_fake < gamma * L_real`` even with D pushing fakes away at full
-  strength: a *lower* gamma (or lr) lets D catch up.
-- Mode collapse: gamma is the diversity ratio; a *higher* gamma (or a lower lr) gives more
-  diverse samples (BEGAN paper, section 3.1 and figure 2).
+BEGAN runs go wrong in a few known ways: the generator collapses to one mode, k_t sticks
+at 0 (or 1), the losses blow up (or turn NaN/Inf), or M_global stops improving or rises.
+Live, :class:`HealthMonitor` is one of ``Trainer.log_hooks``: at log intervals only, one
+small device computation on the newest real and fake batches (diversity, contrast, the
+largest |fake|) and one host read; nothing runs inside the training step. The signals go
+into the metrics row; a message is printed once a condition has held for ``patience``
+steps, and ``on_collapse`` (warn | stop | restore) acts on a suspected collapse. After the
+fact, :func:`diagnose_run` reads a run's metrics.jsonl with the same detectors
+(:class:`HealthTracker`). The messages and what to do: docs/health.md.
 """
 from __future__ import annotations
 
@@ -39,6 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .runlog import read_metrics
 
 ON_COLLAPSE = ("warn", "stop", "restore")
 
@@ -132,123 +116,145 @@ class HealthTracker:
         self.best_m, self.best_step = math.inf, None
 
     # ------------------------------------------------------------------ detectors
+    # Which way to turn gamma, from k_{t+1} = clip(k_t + lambda_k (gamma L_real - L_fake), 0, 1):
+    # k_t pinned at 0 means L_fake > gamma L_real even with D ignoring the fakes, so a *higher*
+    # gamma asks less of G; pinned at 1, a lower gamma (or lr) lets D catch up. For a collapse,
+    # gamma is the diversity ratio: higher gives more diverse samples (BEGAN paper, §3.1).
     def update(self, row: dict) -> list[Finding]:
         step = int(row["step"])
-        new: list[Finding] = []
-        lr = row.get("lr")
         vals = {k: row.get(k) for k in ("loss_real", "loss_fake", "k", "M")}
-
-        # non-finite values: at once
         bad = [k for k, v in vals.items() if v is not None and not _finite(v)]
         if row.get("fake_nonfinite"):
             bad.append("generator output")
-        if bad:
-            if self.reported["non_finite"] is None:
-                shown = ", ".join(f"{k}={vals[k]}" if k in vals else f"{k} has NaN/Inf" for k in bad)
-                new.append(self._report("non_finite", step, step, {"bad": bad},
-                           f"non-finite values at step {step} ({shown}): training diverged; go back to "
-                           f"an earlier checkpoint and train with a lower lr (now {_fmt_lr(lr)})"))
-            # nothing else is meaningful on NaN rows
+        if bad:  # reported at once; nothing else is meaningful on NaN rows
+            new = [] if self.reported["non_finite"] else [self._non_finite(step, bad, vals, row.get("lr"))]
             return self._finish(new, step, held={"non_finite"})
         self._clear("non_finite")
-        held = set()
+        held: set[str] = set()
+        new: list[Finding] = []
+        for detect in (self._blowup, self._k_zero, self._k_one, self._mode_collapse, self._m_trend):
+            new += detect(row, step, held)
+        return self._finish(new, step, held)
 
-        k, m, lreal, lfake = vals["k"], vals["M"], vals["loss_real"], vals["loss_fake"]
-        g = self.gamma
+    def _due(self, kind: str, step: int, held: set[str]) -> int | None:
+        """The condition ``kind`` holds at ``step``: its first step if it is now to be
+        reported (held for ``patience`` steps, not reported yet), else None."""
+        since = self._held(kind, step)
+        held.add(kind)
+        return since if step - since >= self.patience and self.reported[kind] is None else None
 
-        # losses blown up (finite but far beyond what images in [-1, 1] give)
-        if _finite(lreal) and _finite(lfake) and max(lreal, lfake) > BLOWUP_LOSS:
-            since = self._held("blowup", step)
-            held.add("blowup")
-            if step - since >= self.patience and self.reported["blowup"] is None:
-                amax = row.get("fake_absmax")
-                out = (f"; generator outputs reach {amax:.3g} (images are in [-1, 1])" if _finite(amax) else "")
-                new.append(self._report("blowup", step, since,
-                           {"loss_real": lreal, "loss_fake": lfake, "fake_absmax": amax, "lr": lr},
-                           f"losses blown up since step {since}: L_real {lreal:.3g}, L_fake {lfake:.3g} "
-                           f"(normally below 0.5){out}; the lr is too high for this model: try a lower "
-                           f"--lr (now {_fmt_lr(lr)})"))
+    def _non_finite(self, step: int, bad: list[str], vals: dict, lr) -> Finding:
+        shown = ", ".join(f"{k}={vals[k]}" if k in vals else f"{k} has NaN/Inf" for k in bad)
+        return self._report("non_finite", step, step, {"bad": bad},
+                            f"non-finite values at step {step} ({shown}): training diverged; go back to "
+                            f"an earlier checkpoint and train with a lower lr (now {_fmt_lr(lr)})")
 
-        # k_t pinned at 0: L_fake > gamma * L_real at every step
-        if _finite(k) and k < K_EDGE:
-            since = self._held("k_zero", step)
-            held.add("k_zero")
-            if step - since >= self.patience and self.reported["k_zero"] is None:
-                hint = "; 0.3-0.7 is usual" if g < 0.3 else ""
-                advice = (f"try a higher --gamma (now {g:g}{hint}) or a lower --lr (now {_fmt_lr(lr)})"
-                          if lfake <= BLOWUP_LOSS else
-                          f"here L_fake itself is blown up: lower the --lr (now {_fmt_lr(lr)}) first")
-                new.append(self._report("k_zero", step, since,
-                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
-                           f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
-                           f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
-                           f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
-                           f"fakes and G cannot reach the balance; {advice}"))
-        # k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully
-        if _finite(k) and k > 1 - K_EDGE:
-            since = self._held("k_one", step)
-            held.add("k_one")
-            if step - since >= self.patience and self.reported["k_one"] is None:
-                new.append(self._report("k_one", step, since,
-                           {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
-                           f"k_t has been 1 for {step - since} steps (since step {since}): the fakes are "
-                           f"reconstructed better than gamma x the real images even with D pushing them "
-                           f"away at full strength (L_fake {lfake:.4f} < gamma*L_real {g * lreal:.4f}), so G "
-                           f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
-                           f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"))
+    def _blowup(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """Losses finite but far beyond what images in [-1, 1] give."""
+        lreal, lfake, lr = row.get("loss_real"), row.get("loss_fake"), row.get("lr")
+        if not (_finite(lreal) and _finite(lfake) and max(lreal, lfake) > BLOWUP_LOSS):
+            return []
+        since = self._due("blowup", step, held)
+        if since is None:
+            return []
+        amax = row.get("fake_absmax")
+        out = (f"; generator outputs reach {amax:.3g} (images are in [-1, 1])" if _finite(amax) else "")
+        return [self._report("blowup", step, since,
+                             {"loss_real": lreal, "loss_fake": lfake, "fake_absmax": amax, "lr": lr},
+                             f"losses blown up since step {since}: L_real {lreal:.3g}, L_fake {lfake:.3g} "
+                             f"(normally below 0.5){out}; the lr is too high for this model: try a lower "
+                             f"--lr (now {_fmt_lr(lr)})")]
 
-        # mode collapse: the fake batch much less diverse than the real one
-        ratio, contrast = row.get("diversity_ratio"), row.get("contrast_ratio")
+    def _k_zero(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """k_t pinned at 0: L_fake > gamma * L_real at every step."""
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        if not (_finite(k) and k < K_EDGE):
+            return []
+        since = self._due("k_zero", step, held)
+        if since is None:
+            return []
+        hint = "; 0.3-0.7 is usual" if g < 0.3 else ""
+        advice = (f"try a higher --gamma (now {g:g}{hint}) or a lower --lr (now {_fmt_lr(lr)})"
+                  if lfake <= BLOWUP_LOSS else
+                  f"here L_fake itself is blown up: lower the --lr (now {_fmt_lr(lr)}) first")
+        return [self._report("k_zero", step, since, {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                             f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
+                             f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
+                             f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
+                             f"fakes and G cannot reach the balance; {advice}")]
+
+    def _k_one(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully."""
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        if not (_finite(k) and k > 1 - K_EDGE):
+            return []
+        since = self._due("k_one", step, held)
+        if since is None:
+            return []
+        return [self._report("k_one", step, since, {"k": k, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                             f"k_t has been 1 for {step - since} steps (since step {since}): the fakes are "
+                             f"reconstructed better than gamma x the real images even with D pushing them "
+                             f"away at full strength (L_fake {lfake:.4f} < gamma*L_real {g * lreal:.4f}), so G "
+                             f"wins (D has stopped keeping up, or G makes flat, easy images); try a lower "
+                             f"--gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})")]
+
+    def _mode_collapse(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """The fake batch much less diverse than the real one."""
+        ratio, contrast, lr, g = row.get("diversity_ratio"), row.get("contrast_ratio"), row.get("lr"), self.gamma
         # a young G's outputs are flat blobs, alike because nothing is learnt yet (normal):
         # a collapse is image-like fakes (contrast like the real images') that are all alike
         image_like = not _finite(contrast) or contrast >= self.min_contrast
-        if _finite(ratio) and step >= self.warmup and ratio < self.collapse_ratio and image_like:
-            since = self._held("mode_collapse", step)
-            held.add("mode_collapse")
-            if step - since >= self.patience and self.reported["mode_collapse"] is None:
-                df, dr = row.get("diversity_fake"), row.get("diversity_real")
-                nums = (f"; mean pairwise distance {df:.4f} vs {dr:.4f} on 4x-downsampled batches"
-                        if _finite(df) and _finite(dr) else "")
-                if _finite(contrast):
-                    nums += f", while each fake has {contrast:.2f}x the real images' contrast"
-                new.append(self._report("mode_collapse", step, since,
-                           {"diversity_ratio": ratio, "diversity_fake": df, "diversity_real": dr,
-                            "contrast_ratio": contrast, "gamma": g, "lr": lr},
-                           f"mode collapse suspected since step {since}: fake diversity is {ratio:.2f}x "
-                           f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
-                           f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"
-                           + ("; early in a run this can also be a phase that passes (look at the "
-                              "samples again in a few thousand steps)" if since < EARLY else "")))
+        if not (_finite(ratio) and step >= self.warmup and ratio < self.collapse_ratio and image_like):
+            return []
+        since = self._due("mode_collapse", step, held)
+        if since is None:
+            return []
+        df, dr = row.get("diversity_fake"), row.get("diversity_real")
+        nums = (f"; mean pairwise distance {df:.4f} vs {dr:.4f} on 4x-downsampled batches"
+                if _finite(df) and _finite(dr) else "")
+        if _finite(contrast):
+            nums += f", while each fake has {contrast:.2f}x the real images' contrast"
+        return [self._report("mode_collapse", step, since,
+                             {"diversity_ratio": ratio, "diversity_fake": df, "diversity_real": dr,
+                              "contrast_ratio": contrast, "gamma": g, "lr": lr},
+                             f"mode collapse suspected since step {since}: fake diversity is {ratio:.2f}x "
+                             f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
+                             f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"
+                             + ("; early in a run this can also be a phase that passes (look at the "
+                                "samples again in a few thousand steps)" if since < EARLY else ""))]
 
-        # M_global trend, on a smoothed M (one batch's M is noisy)
-        if _finite(m):
-            self.m_smooth = m if self.m_smooth is None else 0.7 * self.m_smooth + 0.3 * m
-            ms = self.m_smooth
-            if ms < self.best_m * 0.99:
-                self.best_m, self.best_step = ms, step
-                self._clear("m_stalled")
-            elif (self.report_stall and step - self.best_step >= self.stall
-                  and self.reported["m_stalled"] is None):
-                held.add("m_stalled")
-                new.append(self._report("m_stalled", step, self.best_step,
-                           {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
-                           f"M_global stalled for {step - self.best_step} steps: best {self.best_m:.4f} "
-                           f"at step {self.best_step}, now {ms:.4f} (smoothed; no 1% improvement); if the "
-                           f"samples still look wrong, lower the lr (--lr-stall halves it automatically), "
-                           f"else the run has converged"))
-            elif self.reported["m_stalled"] is not None:
-                held.add("m_stalled")
-            if ms > self.best_m * (1 + self.rise_tol):
-                since = self._held("m_rising", step)
-                held.add("m_rising")
-                if step - since >= self.patience and self.reported["m_rising"] is None:
-                    new.append(self._report("m_rising", step, since,
-                               {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
-                               f"M_global rising since step {since}: {ms:.4f} now (smoothed) vs best "
-                               f"{self.best_m:.4f} at step {self.best_step} "
-                               f"(+{100 * (ms / self.best_m - 1):.0f}%): training is becoming unstable; "
-                               f"try a lower --lr (now {_fmt_lr(lr)})"))
-        return self._finish(new, step, held)
+    def _m_trend(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """M_global stalled or rising, on a smoothed M (one batch's M is noisy)."""
+        m = row.get("M")
+        if not _finite(m):
+            return []
+        new = []
+        self.m_smooth = m if self.m_smooth is None else 0.7 * self.m_smooth + 0.3 * m
+        ms = self.m_smooth
+        if ms < self.best_m * 0.99:
+            self.best_m, self.best_step = ms, step
+            self._clear("m_stalled")
+        elif (self.report_stall and step - self.best_step >= self.stall
+              and self.reported["m_stalled"] is None):
+            held.add("m_stalled")
+            new.append(self._report("m_stalled", step, self.best_step,
+                                    {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
+                                    f"M_global stalled for {step - self.best_step} steps: best {self.best_m:.4f} "
+                                    f"at step {self.best_step}, now {ms:.4f} (smoothed; no 1% improvement); if "
+                                    f"the samples still look wrong, lower the lr (--lr-stall halves it "
+                                    f"automatically), else the run has converged"))
+        elif self.reported["m_stalled"] is not None:
+            held.add("m_stalled")
+        if ms > self.best_m * (1 + self.rise_tol):
+            since = self._due("m_rising", step, held)
+            if since is not None:
+                new.append(self._report("m_rising", step, since,
+                                        {"M": ms, "best_M": self.best_m, "best_step": self.best_step},
+                                        f"M_global rising since step {since}: {ms:.4f} now (smoothed) vs best "
+                                        f"{self.best_m:.4f} at step {self.best_step} "
+                                        f"(+{100 * (ms / self.best_m - 1):.0f}%): training is becoming unstable; "
+                                        f"try a lower --lr (now {_fmt_lr(row.get('lr'))})"))
+        return new
 
     # ------------------------------------------------------------------ bookkeeping
     def _held(self, kind: str, step: int) -> int:
@@ -387,8 +393,7 @@ class HealthMonitor:
     def restore(self, trainer, row: dict, since: int) -> str | None:
         """Load the newest checkpoint written before step ``since``, halve the lr; the
         checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
-        from . import checkpoint as ckpt
-        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if _ckpt_step(p) < since]
+        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if ckpt.checkpoint_step(p) < since]
         old_step, old_lr = trainer.step, trainer.lr
         good = getattr(trainer, "_good", None)  # the divergence guard's in-memory start state
         if before:
@@ -414,13 +419,8 @@ class HealthMonitor:
         return f"--on-collapse restore: back to {source} with the lr halved to {new_lr:.3g}{note}"
 
 
-def _ckpt_step(path: Path) -> int:
-    return int(path.stem.split("_")[-1])
-
-
 def _discard_after(out: str | os.PathLike, step: int) -> int:
-    from . import checkpoint as ckpt
-    later = [p for p in ckpt.list_checkpoints(out) if _ckpt_step(p) > step]
+    later = [p for p in ckpt.list_checkpoints(out) if ckpt.checkpoint_step(p) > step]
     if later:
         dest = Path(out) / "checkpoints" / "discarded"
         dest.mkdir(exist_ok=True)
@@ -432,7 +432,6 @@ def _discard_after(out: str | os.PathLike, step: int) -> int:
 # ---------------------------------------------------------------------- finished runs
 def _run_config(run_dir: Path) -> dict:
     """The run's config from its newest checkpoint's metadata (cheap: tensors are not read)."""
-    from . import checkpoint as ckpt
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return {}
@@ -442,18 +441,6 @@ def _run_config(run_dir: Path) -> dict:
             return json.loads((f.metadata() or {}).get("config", "{}"))
     except (SafetensorError, OSError, ValueError):  # an unreadable checkpoint: fall back to defaults
         return {}
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
@@ -468,15 +455,13 @@ def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
     and ``ongoing`` (still holding at the last row); ``str(finding)`` is its message.
     """
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {str(run_dir)!r}: is it a fastbegan run folder?")
+    rows = read_metrics(run_dir)  # FileNotFoundError if it is no run folder
     cfg = _run_config(run_dir)
     g = gamma if gamma is not None else cfg.get("gamma", 0.5)
     p = patience if patience is not None else (cfg.get("health_patience") or DEFAULT_PATIENCE)
     tracker = HealthTracker(g, p, warmup=warmup, report_stall=not cfg.get("lr_stall"))
     last = None
-    for row in read_metrics(metrics):
+    for row in rows:
         if last is not None and row["step"] <= last:
             tracker.reset()
         tracker.update(row)

@@ -1,4 +1,8 @@
-"""Image grids: tensors in [-1, 1] -> PNG (no torchvision needed)."""
+"""Images: uint8 <-> [-1, 1] conversions, and grids of tensors in [-1, 1] as PNG (no torchvision).
+
+Layouts: uint8 images are (N, H, W, 3) (numpy arrays or tensors, as stored on disk and in
+the trainer's device data set); float images are (N, 3, H, W) in [-1, 1] (what G makes).
+"""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def to_unit_range(images_u8: torch.Tensor | np.ndarray, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], channels_last (a permuted view).
+
+    ``flip``: optional (N,) bool; those images are mirrored left-right. Done on the uint8
+    values (one byte per value to move), which gives the same result as after the conversion.
+    The one conversion every reader of uint8 images uses (trainer, fused step, eval, quality).
+    """
+    if not torch.is_tensor(images_u8):  # a read-only array (np.asarray of a PIL image) is copied
+        images_u8 = torch.from_numpy(np.require(images_u8, requirements=["C", "W"]))
+    if flip is not None:
+        images_u8 = torch.where(flip.view(-1, 1, 1, 1), images_u8.flip(2), images_u8)
+    return images_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

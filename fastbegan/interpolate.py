@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -120,8 +119,3 @@ def interpolate_images(g: torch.nn.Module, x_a: Tensor, x_b: Tensor, frames: int
     line = decode_line(g, inv.z[:p], inv.z[p:], frames).view(p, frames, *x_a.shape[1:])
     rows = torch.cat([x_a.cpu().float()[:, None], line, x_b.cpu().float()[:, None]], 1)
     return rows.flatten(0, 1), inv
-
-
-def images_to_tensor(arr: np.ndarray) -> Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div(127.5).sub(1)

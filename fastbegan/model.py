@@ -1,30 +1,18 @@
-"""The BEGAN model (Berthelot, Schumm, Metz 2017), in one short file.
+"""The BEGAN model (Berthelot, Schumm, Metz 2017) in one short file (docs/design.md §2).
 
-Architecture as in carpedm20/BEGAN-tensorflow, whose samples match the paper
-(DESIGN.md section 2). With ``res = 2**(L+2)`` there are L levels, 8x8 at the bottom.
+carpedm20/BEGAN-tensorflow's architecture; with ``res = 2**(L+2)`` there are L levels:
 
-    Decoder / Generator  z (N, h)
-        fc(h -> n*8*8) -> (N, n, 8, 8)
+    Decoder / Generator  z (N, h) -> fc(h -> n*8*8) -> (N, n, 8, 8)
         level 0..L-1: conv3x3+ELU, conv3x3+ELU, then nearest-upsample x2 (not after the last)
         conv3x3 -> 3 channels, linear
-    Encoder  x (N, 3, res, res)
-        conv3x3(3 -> n)+ELU
+    Encoder  x (N, 3, res, res) -> conv3x3(3 -> n)+ELU
         level i = 1..L: conv3x3+ELU to n*i, conv3x3+ELU, then (except at 8x8) a stride-2
-        conv3x3+ELU keeping n*i
-        fc(n*L*8*8 -> h), linear
+        conv3x3+ELU keeping n*i;  fc(n*L*8*8 -> h), linear
     Discriminator = Decoder(Encoder(x)), an auto-encoder.
 
-Every convolution goes through :func:`fastbegan.ops.conv3x3_elu`; the nearest upsample
-is fused into the following convolution (``upsample=True``), so no upsampled tensor is
-written on the triton backend. Activations are logical NCHW tensors in channels_last
-memory. Conv weights are kept channels_last (memory O,3,3,I: the (C_out, 9*C_in) matrix
-the kernels read), converted once at construction, never per step.
-
-Options (off by default, every backend):
-- ``skip``: the decoder concatenates h0 (the fc output, nearest-upsampled to the level's
-  resolution) to the input of the first conv of every level after the first.
-- ``vanishing_residual``: each decoder level's conv pair becomes
-  ``carry * x + (1 - carry) * convs(x)``; the trainer anneals ``carry`` from 1 to 0.
+Every conv is :func:`fastbegan.ops.conv3x3_elu`, the upsample fused into the next conv.
+Activations are NCHW tensors in channels_last memory; conv weights are kept channels_last
+(the (C_out, 9*C_in) matrix the kernels read). Options ``skip``, ``vanishing_residual``: §2.
 """
 from __future__ import annotations
 
@@ -34,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import checkpoint as ckpt
 from . import ops
 
 
@@ -145,16 +134,20 @@ class Generator(Decoder):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str = "cpu") -> "Generator":
-        """Load the generator of a ``fastbegan train`` checkpoint (eval mode)."""
-        from .checkpoint import load_generator
-        return load_generator(path, map_location=map_location)
+        """The generator of a ``fastbegan train`` checkpoint, on ``map_location``, in eval
+        mode; ``g.config`` is the run's config."""
+        tensors, cfg, _ = ckpt.load_checkpoint(path, map_location)
+        g = cls(cfg["res"], cfg["filters"], cfg["z_dim"], skip=cfg.get("skip", False),
+                vanishing_residual=cfg.get("vanishing_residual_on", False))
+        g.config = cfg
+        return load_trained(g, tensors, "G.", cfg).to(map_location)
 
 
 class Discriminator(nn.Module):
     """D: the auto-encoder Decoder(Encoder(x)).
 
     ``wgrad_scale`` (N,) weights each sample's contribution to D's weight gradients
-    without changing the input gradient (the single-pass training step, DESIGN 1).
+    without changing the input gradient (the single-pass training step, docs/design.md §1).
     """
 
     def __init__(self, res: int = 64, n: int = 64, h: int = 64, *, skip: bool = False,
@@ -162,6 +155,13 @@ class Discriminator(nn.Module):
         super().__init__()
         self.encoder = Encoder(res, n, h)
         self.decoder = Decoder(res, n, h, skip=skip, vanishing_residual=vanishing_residual)
+
+    @classmethod
+    def from_checkpoint_tensors(cls, tensors: dict[str, Tensor], cfg: dict) -> "Discriminator":
+        """D of a loaded checkpoint (:func:`fastbegan.checkpoint.load_checkpoint`), eval mode."""
+        d = cls(cfg["res"], cfg["filters"], cfg["h"], skip=cfg.get("skip", False),
+                vanishing_residual=cfg.get("vanishing_residual_on", False))
+        return load_trained(d, tensors, "D.", cfg)
 
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
         return self.decoder(self.encoder(x, wgrad_scale), wgrad_scale)
@@ -192,5 +192,16 @@ class BEGAN(nn.Module):
 
 
 def default_filters(res: int) -> int:
-    """n = 128 at res >= 128, 64 below (DESIGN 2)."""
+    """n = 128 at res >= 128, 64 below (docs/design.md §2)."""
     return 128 if res >= 128 else 64
+
+
+def load_trained(net: nn.Module, tensors: dict[str, Tensor], prefix: str, cfg: dict) -> nn.Module:
+    """Load the checkpoint tensors named ``prefix``* into ``net``; eval mode. The decoders of
+    a vanishing-residual run get its annealed end state, carry 0 (trained runs finish there)."""
+    ckpt.load_into(net, ckpt.unprefixed(prefix, tensors))
+    if cfg.get("vanishing_residual_on"):
+        for m in net.modules():
+            if isinstance(m, Decoder):
+                m.carry.fill_(0.0)
+    return net.eval()

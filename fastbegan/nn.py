@@ -1,37 +1,13 @@
-"""Drop-in modules for other projects: ``fastbegan.nn.Conv2dELU``.
+"""Drop-in modules for other projects: ``fastbegan.nn.Conv2dELU`` (docs/design.md §5).
 
-``Conv2dELU`` replaces ``nn.Conv2d(c_in, c_out, 3, padding=1[, stride=2][, bias=...])``
-followed by ``nn.ELU()``, optionally preceded by a 2x nearest upsample
-(``upsample=True``), and, with ``activation=False``, a bare conv (the last layer of a
-decoder). Its parameters are the ones ``nn.Conv2d`` has, with the same names, shapes,
-dtypes and initialisation (``weight`` (C_out, C_in, 3, 3) and ``bias`` (C_out,) or None),
-so ``state_dict()`` keys and values are those of the conv it replaces and old checkpoints
-load as they are. :meth:`Conv2dELU.from_conv2d` builds one around an existing conv's
-``Parameter`` objects (no copy: an optimizer that holds them keeps working).
-
-The forward calls :func:`fastbegan.ops.conv3x3_elu`, so it runs on whichever backend is
-selected (:func:`fastbegan.ops.set_backend`): the pure-PyTorch reference (``torch``,
-exactly ``F.elu(F.conv2d(...))``) or the fused Triton kernels (``triton``).
-
-Memory format and its cost. The Triton kernels work on channels_last (NHWC) activations.
-The output has the same logical (N, C, H, W) values as the replaced modules' and the same
-memory format rule as ``nn.Conv2d``: channels_last in, channels_last out; NCHW in, NCHW
-out. On the triton backend an NCHW input therefore costs two extra copies per module
-(input to NHWC, output back to NCHW), each the size of the activation. Avoid them by
-running the model in channels_last, as is usual for convnets on GPUs::
-
-    model = model.to(memory_format=torch.channels_last)
-    y = model(x.to(memory_format=torch.channels_last))
-
-then no copy is made. Weights can stay in any layout (the kernels read a channels_last
-weight without a copy; other layouts cost a weight-sized copy per call, small next to
-the activations). On the torch backend nothing is converted.
-
-Fallbacks (always the reference math, never an error a plain conv would not raise):
-on the triton backend, tensors the kernels do not handle -- CPU tensors outside the
-Triton interpreter, dtypes other than fp16/bf16/fp32 -- run through the reference.
-Under ``torch.autocast`` the activations are cast to the autocast dtype first (as
-``nn.Conv2d`` would be); fp32 weights are cast tile by tile inside the kernel.
+``Conv2dELU`` is ``[nn.Upsample(2x nearest)] -> nn.Conv2d(c_in, c_out, 3, padding=1[,
+stride=2]) -> [nn.ELU()]`` as one fused module. Its parameters are ``nn.Conv2d``'s
+(``weight`` (C_out, C_in, 3, 3), ``bias`` (C_out,) or None: same names, shapes, dtypes and
+initialisation), so its ``state_dict()`` is that of the conv it replaces;
+:meth:`Conv2dELU.from_conv2d` wraps an existing conv's Parameters without a copy. The
+forward runs :func:`fastbegan.ops.conv3x3_elu` on the selected backend. Memory format
+follows ``nn.Conv2d`` (channels_last in, channels_last out): on the triton backend an NCHW
+input costs two activation-sized copies, so run the model in channels_last.
 """
 from __future__ import annotations
 
@@ -198,6 +174,8 @@ class Conv2dELU(_nn.Module):
             dt = torch.get_autocast_dtype(dev)
             x = x.to(dt)
             skip = None if skip is None else skip.to(dt)
+        # What the kernels do not handle (CPU tensors outside the interpreter, other dtypes)
+        # runs the reference math: never an error a plain conv would not raise.
         kernel_ok = (x.dtype in _KERNEL_DTYPES and self.weight.dtype in _KERNEL_DTYPES
                      and (dev == "cuda" or (dev == "cpu" and _INTERPRET)))
         if not kernel_ok:
@@ -205,7 +183,9 @@ class Conv2dELU(_nn.Module):
         # nn.Conv2d's rule: channels_last in -> channels_last out, otherwise NCHW out.
         keep_cl = (x.is_contiguous(memory_format=torch.channels_last)
                    and not x.is_contiguous())
-        y = ops.conv3x3_elu(x, self.weight, self.bias, **kw)  # converts x to NHWC if needed
+        # converts an NCHW x to NHWC (a copy); the kernels read a channels_last weight as it
+        # is, any other weight layout costs a weight-sized copy per call
+        y = ops.conv3x3_elu(x, self.weight, self.bias, **kw)
         return y if keep_cl else y.contiguous()
 
     def extra_repr(self) -> str:

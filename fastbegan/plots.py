@@ -1,14 +1,15 @@
 """Training curves from a run's metrics.jsonl: k_t, M_global, L_real, L_fake and lr over steps.
 
 ``fastbegan plot RUN_DIR`` and ``plot_run(run_dir)`` (called by the trainer at the end of
-``fit``) write ``RUN_DIR/metrics.png``. matplotlib is optional
-(``pip install fastbegan[plots]``); without it :class:`PlotsUnavailable` says so.
+``fit``) write ``RUN_DIR/metrics.png``. matplotlib is a dependency; should it be missing,
+:class:`PlotsUnavailable` says so and training just skips the plot.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from .runlog import read_metrics
 
 # panel: (metrics.jsonl key, title, log scale)
 PANELS = (("k", "k_t (equilibrium control)", False),
@@ -24,26 +25,7 @@ class PlotsUnavailable(RuntimeError):
     """matplotlib is missing."""
 
 
-MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install fastbegan[plots]"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl (a RUN_DIR or the file itself); torn or non-JSON lines are skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl at {str(path)!r}: pass a run folder written by "
-                                "`fastbegan train` (its --out)")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+MISSING_MATPLOTLIB = "plots need matplotlib, which is not installed: pip install matplotlib"
 
 
 def _pyplot():

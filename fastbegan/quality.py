@@ -1,50 +1,13 @@
-"""Sample quality without pretrained weights (DESIGN.md section 7).
+"""Sample quality without pretrained weights (docs/design.md §7).
 
-Two measures, both computed from images only:
-
-**Sliced Wasserstein distance (SWD)** on Laplacian-pyramid patches, as in Karras et al.
-2018 ("Progressive Growing of GANs", section 5 and their ``sliced_wasserstein.py``):
-each image is split into a Laplacian pyramid (5-tap binomial filter) from its full
-resolution down to 16x16; from every level, ``patches_per_image`` random 7x7x3 patches are
-cut; each set's patches are normalised per colour channel (mean 0, std 1 over all patches
-and pixels of that level); then the distance between the two sets of 147-d patch
-descriptors is the sliced Wasserstein distance: project both onto random unit directions,
-sort, average the absolute differences, average over directions. One number per level
-(finest first, reported x1e3 like the paper) and their mean. Small = the two sets have
-alike local statistics at every scale: fine levels see edges/texture, coarse ones colour
-and layout.
-
-Normalisation: ``normalize="per_set"`` is Karras's (each set with its own statistics);
-it is blind to a global colour/brightness cast of the whole generated set. The default
-``normalize="real"`` normalises both sets with the *real* set's statistics, which keeps
-that cast visible (a generator whose faces are all too bright scores worse) and is
-otherwise the same measure.
-
-**Factor score** (procedural faces only, :class:`FactorEstimator`): the embedded data
-set draws faces from 8 known factors (fastbegan.data.FACTORS, each uniform on [0, 1]).
-A small CNN regressor is trained once per resolution on freshly drawn procedural faces
-with their factors (images average-pooled to 16x16; CPU, seconds to a minute; cached in
-FASTBEGAN_CACHE or ~/.cache/fastbegan), with blur/noise/flip augmentation so that it
-reads soft GAN samples too. It estimates the factors of generated images and of
-held-out real images, and the two distributions of *estimates* are compared (regressor
-bias hits both alike):
-
-- per factor: 1-D Wasserstein distance W1 (circular for ``bg_hue``, a hue angle) and
-  coverage, the histogram intersection over the 10 deciles of the real estimates
-  (1.0 = the generated factor is spread like the real one; 0.1 = all samples in one
-  decile, e.g. a collapsed generator);
-- jointly: precision / recall of Kynkaenniemi et al. 2019 in the 8-factor space (k-NN
-  balls, k = 3): precision = share of generated samples whose factors lie within the
-  real manifold, recall = share of real samples covered by the generated manifold;
-- ``factor_score`` = mean coverage over the factors the regressor estimates reliably
-  (held-out R^2 >= 0.5 on real images; the R^2 of each factor is reported). At 16x16
-  these are skin hue, size, pose x/y and background hue; tilt, smile and eye size are
-  a pixel or two and are reported but not used.
-- render fidelity (analysis by synthesis): each image is compared with the face that
-  ``draw_face`` renders from its estimated factors; the share of generated images
-  re-created at least as well as 95% of real faces. A regressor maps anything, blobs
-  included, to *some* factors, so precision alone cannot tell a face from a blob;
-  this can.
+- :func:`swd`: sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al.
+  2018), per level (x1e3, finest first) and their mean. ``normalize="real"`` (default)
+  normalises both sets with the real set's statistics, so a global colour cast of the
+  generated set stays visible; ``"per_set"`` is Karras's.
+- :class:`FactorEstimator` and :func:`factor_score`: on the embedded procedural faces, a
+  small CNN estimates the 8 known factors (fastbegan.data.FACTORS) of generated and real
+  images; per-factor coverage and W1, precision/recall in factor space, render fidelity.
+- :func:`fid_is`: FID and IS through torch-fidelity, with local Inception weights only.
 
 Images everywhere: (N, H, W, 3) uint8 numpy arrays or (N, 3, H, W) float tensors in
 [-1, 1] (a generator's output).
@@ -63,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import FACTORS
+from .images import to_unit_range
 
 CIRCULAR_FACTORS = ("bg_hue",)
 
@@ -76,7 +40,7 @@ def as_float_images(images) -> Tensor:
     if images.dtype == torch.uint8:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"uint8 images must be (N, H, W, 3), got {tuple(images.shape)}")
-        return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+        return to_unit_range(images).contiguous()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"float images must be (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
     return images.detach().float().cpu().contiguous()
@@ -178,7 +142,10 @@ def swd(real, fake, *, patches_per_image: int = 64, patch: int = 7, n_dirs: int 
 
     The same random patch positions and projection directions are used for both sets
     (seeded), so identical sets give exactly 0. ``normalize``: "real" (default) or
-    "per_set" (Karras et al.), see the module docstring.
+    "per_set" (Karras et al.). Each image is split into a Laplacian pyramid (5-tap binomial
+    filter) down to ``min_res``; per level, ``patches_per_image`` random ``patch``x``patch``
+    patches are normalised per colour channel and compared by projecting them on ``n_dirs``
+    random unit directions (1-D Wasserstein distances, averaged).
     """
     if normalize not in ("real", "per_set"):
         raise ValueError(f"normalize must be 'real' or 'per_set', got {normalize!r}")
@@ -281,7 +248,9 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 class FactorEstimator:
-    """Estimates the procedural faces' factors from images (see the module docstring)."""
+    """Estimates the procedural faces' factors from images: a small CNN on 16x16 pooled
+    images, trained once per resolution on fresh procedural faces with blur/noise/flip
+    augmentation (so that it reads soft GAN samples), cached in FASTBEGAN_CACHE."""
 
     VERSION = 2
 
@@ -485,7 +454,7 @@ def render_errors(images, factors: np.ndarray) -> np.ndarray:
     out = np.empty(len(x))
     for i in range(len(x)):
         face = draw_face({name: float(factors[i, j]) for j, name in enumerate(FACTORS)}, res)
-        r = torch.tensor(face).permute(2, 0, 1).float().div(127.5).sub(1)
+        r = to_unit_range(face[None])[0]
         out[i] = float((x[i] - r).pow(2).mean().sqrt())
     return out
 
@@ -507,21 +476,28 @@ def factor_score(estimator: FactorEstimator, real, fake, quantile: float = 0.95)
 
 # --------------------------------------------------------------------------- FID / IS (optional)
 
-def fid_is(real_dir: str, fake_dir: str, weights: str, cuda: bool = False) -> dict:
-    """FID and IS through torch-fidelity with *local* Inception weights (never downloaded).
-
-    ``weights``: the torch-fidelity / pytorch-fid Inception file
-    (e.g. ``weights-inception-2015-12-05-6726825d.pth``). Raises RuntimeError with the
-    fix if torch-fidelity is not installed or the file is missing.
-    """
+def fid_backend(weights: str):
+    """The ``torch_fidelity`` module, after checking that ``weights`` (a local Inception
+    file) exists; a clear error otherwise. Called before any work by ``fastbegan eval``."""
     if not Path(weights).is_file():
-        raise RuntimeError(f"--fid-weights {weights!r} does not exist: pass the path of a local "
-                           "Inception weights file (fastbegan never downloads it)")
+        raise ValueError(f"--fid-weights {weights!r} does not exist: pass the path of a local "
+                         "Inception weights file (fastbegan never downloads it)")
     try:
         import torch_fidelity
     except ImportError:
         raise RuntimeError("FID/IS need torch-fidelity, which is not installed: `pip install "
                            "torch-fidelity` (fastbegan does not depend on it)") from None
+    return torch_fidelity
+
+
+def fid_is(real_dir: str, fake_dir: str, weights: str, cuda: bool = False) -> dict:
+    """FID and IS through torch-fidelity with *local* Inception weights (never downloaded).
+
+    ``weights``: the torch-fidelity / pytorch-fid Inception file
+    (e.g. ``weights-inception-2015-12-05-6726825d.pth``). Raises RuntimeError with the
+    fix if torch-fidelity is not installed, ValueError if the file is missing.
+    """
+    torch_fidelity = fid_backend(weights)
     m = torch_fidelity.calculate_metrics(
         input1=str(fake_dir), input2=str(real_dir), fid=True, isc=True, cuda=cuda, verbose=False,
         cache=False, feature_extractor="inception-v3-compat",

@@ -1,88 +1,17 @@
-"""The fused single-pass BEGAN training step (DESIGN 1 "same-z global step", 3.2, 3.3, 4).
+"""The fused single-pass BEGAN training step, :class:`FusedStep` (docs/design.md §1, §4.2).
 
-One step, all on the device, no host synchronisation::
+One step on the device with no host synchronisation: G(z) once; D once over
+[x_real; G(z)], its first conv reading the two halves as they are and its last conv fused
+with both L1 losses and the BEGAN update; ONE backward, in which D's weight gradients
+weight the fake half by -k_t per sample (exact, §1); fused Adam; k_t and the step counter
+updated in place. The forward region (:func:`step_forward`) is torch.compile'd as one
+graph on CUDA; the random draws stay eager, from the trainer's generator and in
+``Trainer.train_step``'s order, so both steps see the same batches and z. On CUDA the
+whole step is captured once into a CUDA graph and replayed. A failed compilation or
+capture falls back to eager steps with a warning.
 
-    idx, flip ~ gen;  x = uint8 data[idx] (flipped) -> [-1, 1]     (device gather)
-    z ~ U(-1, 1);     fake = G(z)                                   (G forward, once)
-    s = [1]*B + [-k_t]*B                                            (device tensor)
-    h = D.features(x, s, x2=fake)                                   (D forward over 2B, once,
-    L_real, L_fake, k_next, M, rec = conv3x3_l1_pair_began(h, ...)   its last conv fused with
-                                                                    both L1 losses + BEGAN update)
-    (L_real + L_fake).backward()                                    (ONE backward; the L1
-                                                                    gradient is formed inside
-                                                                    the last conv's kernels)
-    Adam(D); Adam(G)                                                (fused, capturable)
-    k_t <- k_next;  step_t += 1                                     (in place, on the device)
-
-Why one backward is exact. D has no cross-sample operation (no batch norm), so sample
-n's activation gradients inside D come from its own loss term only: L_real for the real
-half, L_fake for the fake half. D's weight (and bias) gradients are per-sample sums
-weighted by ``s``: ``dL_real/dtheta_D - k_t * dL_fake/dtheta_D = dL_D/dtheta_D``. The
-activation gradients are *not* scaled, so the gradient reaching ``fake`` (through D's
-input and as the target of the L1) is the full ``dL_fake/dfake``, and G (whose layers
-get no scale) receives exactly ``dL_G/dtheta_G`` with ``L_G = L_fake``. L_real does not
-depend on ``fake``. The tests check every gradient against ``Trainer.compute_grads``.
-
-Every parametrised layer of D takes ``wgrad_scale``: the convolutions
-(``ops.conv3x3_elu``) and the two fc layers (``ops.linear``); without it the fc weight
-gradients would be those of ``L_real + L_fake``. :class:`FusedStep` refuses a D with any
-other parametrised layer.
-
-Data: the trainer's data set is one uint8 (N, H, W, 3) tensor on the device; indices,
-flips (done on the uint8 batch) and z come from the trainer's device generator in the
-same order as ``Trainer.train_step``, so both paths see the same batches. The uint8 ->
-[-1, 1] conversion is compiled with the rest of the forward (inductor fuses the gather,
-flip and conversion into one kernel); D's first conv reads the real batch and G(z) as
-two halves (:func:`ops.conv3x3_elu_pair`: no concatenated copy, and no input gradient
-computed for the real half, which only G's half needs). The conversion is *not* folded
-into the first conv's load, a decision, not a gap: the converted real batch has four
-readers, D's first conv (forward and weight gradient) and the L1 loss (forward and the
-last conv's backward), so folding it into one of them saves nothing, and folding it into
-all four gives each a uint8, gathered and flipped source, to save at res 128, batch 16
-the write and re-read of a 0.8 MB bf16 and a 3.1 MB fp32 batch, where one
-full-resolution activation of D is 32 x 128 x 128 x 128 bf16 = 134 MB.
-
-torch.compile (``compile``; default on CUDA: mode ``"max-autotune-no-cudagraphs"``, off
-on CPU, where inductor's C++ build costs more than it saves): what our kernels do not
-cover is compiled, as one graph (``fullgraph=True, dynamic=False``). The compiled
-function is :func:`step_forward`: ``(data, idx, flip, z, k) -> (x, fake, losses,
-k_next, M)``, i.e. the uint8 gather, flip and [-1, 1] conversion, ``G(z)``, the scale
-vector ``[1]*B + [-k_t]*B``, D and the loss/BEGAN op (:func:`d_losses`), under the
-trainer's autocast. Our kernels stay opaque custom ops in that graph; inductor fuses
-and schedules the glue between them (conversion, concatenations, skip/residual
-arithmetic, the fc GEMMs' surroundings). The one backward then runs AOTAutograd's
-compiled backward. Outside the compiled region, eager: the random draws (indices, flip
-mask and z: ``torch.randint``/``torch.rand`` with the trainer's explicit
-``torch.Generator``, which dynamo cannot put in a graph (fullgraph=True fails on it), and
-inductor would replace eager's random streams by its own; drawn eagerly, the stream and
-its order are the reference step's, so both paths see the same batches and z, and the
-generator state stays what checkpoints save), the vanishing-residual ``set_carry``
-(an in-place buffer update before the forward), ``zero_grad``, fused Adam, the
-divergence flag and the in-place k_t / step updates. "no-cudagraphs": the step captures
-its own CUDA graph around all of this (forward, backward, Adam), so inductor's cudagraph
-trees must not be used inside it. Compilation happens in the first (warm-up) step; if it
-raises (an op or a torch version dynamo cannot handle), the step warns once with the
-reason and uses the eager forward for good (that step included: same draws, same step).
-
-On CUDA the whole step is captured once into a CUDA graph and replayed (``cuda_graph``,
-default on CUDA): ``warmup`` eager steps run on a side stream first (Triton autotuning,
-Adam state creation), the next call captures and replays. Every call is one real
-training step, so eager and graph runs follow the same trajectory. Static state: k_t,
-the step counter and the learning rate are device tensors updated in place; the host
-values of the trainer (``trainer.k``, ``trainer.step``, ``trainer.lr``) are mirrored into
-them before each step only when they changed (after a checkpoint load or an lr
-halving: a ``fill_``/``copy_`` launch, no sync). A checkpoint load that replaces the
-optimisers' state makes the step give the loaded moments their parameters' memory layout
-(:func:`match_state_layout`: fused Adam needs it) and drop its graph to capture a new one.
-
-Divergence guard: ``~isfinite(L_real + L_fake)`` is OR-ed into ``trainer.nonfinite`` on
-the device, as in the reference step.
-
-Adam: the trainer's two optimisers, switched to the fused implementation (CUDA, and CPU
-where torch has it) and, for the capture, ``capturable=True`` with the learning rate as
-a device tensor. Logging: the step returns device scalars; the trainer reads them every
-``log_every`` steps only. In graph mode the returned tensors are static buffers that the
-next replay overwrites (read them before the next step, as ``Trainer.fit`` does).
+Shapes: the data set is (N, H, W, 3) uint8 on the device; x and G(z) are (B, 3, H, W) in
+channels_last memory; the returned losses, k and M are 0-d device tensors.
 """
 from __future__ import annotations
 
@@ -95,6 +24,7 @@ from torch import Tensor
 
 from . import autocompile, ops, remedies
 from .checkpoint import match_state_layout
+from .images import to_unit_range
 from .model import Conv3x3
 
 __all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "match_state_layout",
@@ -167,7 +97,8 @@ class FusedStep:
     ``FusedStep(trainer)()`` does what ``trainer.train_step()`` does (same batches, same
     losses, gradients, Adam updates and k_t up to float rounding; step counter and lr
     schedule advanced) and returns the same dict of device scalars
-    (loss_real, loss_fake, loss_d, k, M).
+    (loss_real, loss_fake, loss_d, k, M). In graph mode they are static buffers that the
+    next replay overwrites: read them before the next step, as ``Trainer.fit`` does.
 
     cuda_graph: capture the step into a CUDA graph after ``warmup`` eager steps (default:
     on CUDA). compile: ``torch.compile`` the step's forward region (:func:`step_forward`:
@@ -434,7 +365,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     with its generator) and no state changes.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
-        x = _to_unit_range_flipped(data[idx], flip)
+        # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
+        x = to_unit_range(data[idx], flip)
         scale = torch.cat([ones, k.neg().expand(ones.shape[0])])
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z)
@@ -452,17 +384,6 @@ def _compiled(fn, mode: str | None):
     model's ops are custom ops (triton backend) or plain aten ops and autograd.Functions
     with written-out backwards (torch backend), none of which breaks the graph."""
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-
-
-def _to_unit_range_flipped(batch_u8: Tensor, flip: Tensor | None) -> Tensor:
-    """(B, H, W, 3) uint8, optional (B,) bool -> (B, 3, H, W) in [-1, 1], channels_last.
-
-    The flip (of the width axis) is applied to the uint8 batch, which gives the same
-    values as ``Trainer.real_batch`` (which flips after the conversion).
-    """
-    if flip is not None:
-        batch_u8 = torch.where(flip.view(-1, 1, 1, 1), batch_u8.flip(2), batch_u8)
-    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def _cpu_fused_adam() -> bool:

@@ -1,36 +1,13 @@
-"""The BEGAN trainer (DESIGN.md section 1), reference path: any device, any backend.
+"""The BEGAN trainer, reference path: any device, any backend (docs/design.md §1, §4.1).
 
-One step of the default *same-z global step* (as in the TensorFlow reference):
-
-    x  = real batch in [-1, 1];   z ~ U(-1, 1)^(B, z_dim);   fake = G(z)
-    [rec_x; rec_f] = D([x; fake])                 (one D forward over 2B images)
-    L_real = mean|x - rec_x|,   L_fake = mean|fake - rec_f|
-    L_D = L_real - k_t * L_fake  -> gradients to D's parameters only
-    L_G = L_fake                 -> gradients to G's parameters only
-    Adam(lr, betas (0.5, 0.999)) steps both
-    k_{t+1} = clip(k_t + lambda_k * (gamma * L_real - L_fake), 0, 1)
-    M_global = L_real + |gamma * L_real - L_fake|
-
-``separate_z`` is the paper-literal variant: z_D for L_D (G's output detached) and a
-fresh z_G for L_G, with k_t updated from L(G(z_G)).
-
-The learning rate is halved every ``lr_half_every`` steps (floor ``lr_min``) and,
-optionally, when M_global has not improved by 1% for ``lr_stall`` steps. The rate is
-changed in the optimiser's param groups: Adam's moments are kept (one reference
-implementation rebuilds the optimisers and loses them).
-
-Host synchronisation happens only every ``log_every`` steps (reading the logged
-scalars); k_t lives on the device. Exact resume: the data/z generator's state, the
-optimiser state, k_t, step, lr and the stall tracker are all in the checkpoint.
-
-Divergence guard: every step ORs ``~isfinite(L_real + L_fake)`` into a device flag
-(no sync). The flag is read at log intervals and before each checkpoint (which also
-checks the parameters): on NaN/Inf the trainer restores the last good checkpoint (or the
-state it started from), halves lr and continues; after ``max_restores`` restores it
-stops with :class:`DivergenceError`. A checkpoint is never written from a diverged state.
-
-Several processes (torchrun): see :mod:`fastbegan.distributed` (global batch split
-across ranks, one all-reduce of grads + losses per step, rank 0 writes).
+:class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device)
+and BEGAN's state (k_t, step, lr). ``train_step`` is the same-z global step (with
+``separate_z``, the paper's two draws); by default it hands over to the single-pass
+:class:`fastbegan.step.FusedStep` (``--reference-step`` keeps it here). ``fit`` is the loop: scalars read every
+``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
+exact resume, the divergence guard (restore and halve the lr on NaN/Inf) and the log hooks
+(the health monitor). :func:`train` loads the data and runs a config, also under torchrun
+(:mod:`fastbegan.distributed`). User guide: docs/training.md.
 """
 from __future__ import annotations
 
@@ -52,6 +29,7 @@ from . import distributed
 from . import ops
 from . import remedies
 from .hardware import PRECISIONS, configure_threads, resolve_precision, tune_cpu_allocator
+from .images import to_unit_range
 from .model import BEGAN, check_resolution, default_filters
 
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -150,11 +128,6 @@ def resolve_device(name: str) -> torch.device:
 
 class DivergenceError(RuntimeError):
     """Training kept producing NaN/Inf after ``max_restores`` restores."""
-
-
-def to_unit_range(batch_u8: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], channels_last (a permuted view)."""
-    return batch_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 class Trainer:
@@ -404,7 +377,7 @@ class Trainer:
         """Keep the current state in host memory as the restore point, unless a checkpoint
         of this very step exists (a resumed run): then that file is the restore point."""
         last = ckpt.latest_checkpoint(self.cfg.out)
-        if last is not None and _ckpt_step(last) == self.step:
+        if last is not None and ckpt.checkpoint_step(last) == self.step:
             self._good = None
             return
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.state_tensors().items()}
@@ -424,14 +397,14 @@ class Trainer:
         last = ckpt.latest_checkpoint(self.cfg.out)
         good_step = self._good[0]["state.step"].item() if self._good is not None else -1
         if restores > self.cfg.max_restores:
-            where = last if last is not None and _ckpt_step(last) >= good_step else None
+            where = last if last is not None and ckpt.checkpoint_step(last) >= good_step else None
             raise DivergenceError(
                 f"training diverged (NaN/Inf loss by step {bad_step}) again after "
                 f"{self.cfg.max_restores} restores with halved lr (lr now {lr:.3g}). Start a new run "
                 "with a lower --lr, --precision fp32 or another --gamma"
                 + (f"; the last good checkpoint is {where}" if where else "")
                 + " (--max-restores sets the number of retries)")
-        if last is not None and _ckpt_step(last) >= good_step:
+        if last is not None and ckpt.checkpoint_step(last) >= good_step:
             self.load_checkpoint(last)
             source = str(last)
         elif self._good is not None:
@@ -559,10 +532,6 @@ class Trainer:
         row = {"step": self.step, **dict(zip(keys, nums)), "lr": self.lr,
                "steps_per_s": round(steps_per_s, 3), "time": time.time()}
         return row
-
-
-def _ckpt_step(path: Path) -> int:
-    return int(path.name[len("ckpt_"):].split(".")[0])
 
 
 def _in_main_thread() -> bool:

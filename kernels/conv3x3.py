@@ -1,6 +1,6 @@
 """Forward Triton kernels of the fused ``[upsample 2x] -> [concat skip] -> conv3x3 -> +bias -> [ELU]``.
 
-Layouts (see DESIGN 3.1):
+Layouts (see docs/design.md §3.1):
 
 - activations are logical NCHW tensors in channels_last memory, i.e. NHWC: element
   ``(n, c, h, w)`` lives at ``n*sN + h*sH + w*sW + c`` (channel stride 1);
@@ -23,7 +23,7 @@ Two kernels compute the same thing:
     step is a few scalar ops plus one add per row.
 
 ``conv3x3_fwd_tma_kernel``
-    Hopper-shaped (DESIGN 3.1): the input is read through device-side tensor descriptors
+    Hopper-shaped (docs/design.md §3.1): the input is read through device-side tensor descriptors
     (TMA on sm_90) whose box is a spatial tile ``[BB, BH, BW, BK]`` of ``BM = BB*BH*BW``
     output pixels (several whole images per box for 8x8 layers); each of the 9 taps loads
     the same box shifted by ``(kh-1, kw-1)`` inside one flat K loop. TMA fills
@@ -300,7 +300,7 @@ def conv3x3_fwd_tma_kernel(
     output phases (py, px) and its tile covers the low-res pixels (i, j), i.e. outputs
     (2i + py, 2j + px). Then every tap of x (read at (h//2, w//2)) is one low-res box
     shifted by floor((p + k - 1) / 2), and the skip tensor (high-res) is a phase view.
-    With SUBPIXEL (DESIGN 3.1) the x-part is instead a 2x2 conv of the low-res input with
+    With SUBPIXEL (docs/design.md §3.1) the x-part is instead a 2x2 conv of the low-res input with
     the phase's summed weights ``ws`` (see ``subpixel_weight``): 4 taps instead of 9.
     With STRIDE=2, x (and skip) are phase views and the tile grid is the output.
     The C_out tile varies fastest across programs (L2 reuse of the input tile).
@@ -440,7 +440,7 @@ def _accumulate_tma_subpixel(acc, x_desc, ws_desc, n0, r0, q0, w_row0, C, tile_p
 
 @triton.jit
 def _subpixel_sum(v0, v1, v2, P: tl.constexpr, A: tl.constexpr):
-    """Which 3x3 taps along one axis fold into 2x2 tap A of output phase P (DESIGN 8):
+    """Which 3x3 taps along one axis fold into 2x2 tap A of output phase P (docs/design.md §3.1):
     P=0: A=0 <- {0}, A=1 <- {1, 2};  P=1: A=0 <- {0, 1}, A=1 <- {2}."""
     if P == 0:
         if A == 0:

@@ -1,4 +1,4 @@
-"""Backward kernels of the fused ``conv3x3_elu`` op (DESIGN 3.2).
+"""Backward kernels of the fused ``conv3x3_elu`` op (docs/design.md §3.2).
 
 Forward (kernels/conv3x3.py)::
 
@@ -21,7 +21,7 @@ Four kernels compute the gradients:
    M = C_out, N = taps x C_src and K = the pixels of the whole batch, split into
    ``S`` chunks ("split-K"); every program writes its own fp32 partial tile, so the
    result is deterministic (no atomics). Sample n's pixels are multiplied by an optional
-   per-sample scale while dpre is loaded (D's fake half gets -k_t, DESIGN 1).
+   per-sample scale while dpre is loaded (D's fake half gets -k_t, docs/design.md §1).
 3. ``_wgrad_reduce_kernel`` -- sums the split-K partials in fp32 and writes dW in the
    weight's own layout and dtype (and db).
 
@@ -34,7 +34,7 @@ The ELU derivative is taken from the saved *output* y:  d elu / d pre = 1 if y >
 else y + 1 (= exp(pre)).  It is applied while dy is loaded (``_load_dpre``), so the
 pre-activation is never stored and there is no separate elementwise pass.
 
-Upsample (nearest 2x) uses the "sub-pixel" decomposition (DESIGN 3.1/8): along one axis,
+Upsample (nearest 2x) uses the "sub-pixel" decomposition (docs/design.md §3.1): along one axis,
 output row ``2i + p`` (phase p) of the conv reads low-resolution rows ``i + p + a - 1``,
 a in {0, 1}, with the 3x3 rows summed as follows::
 

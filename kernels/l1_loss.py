@@ -1,6 +1,6 @@
 """Triton kernels of the BEGAN losses: ``mean |x - D(x)|`` and the k_t / M_global update.
 
-DESIGN 3.3. Everything stays on the device; the host never reads a value.
+docs/design.md §3.3. Everything stays on the device; the host never reads a value.
 
 Tensors are read as flat buffers: the launcher (:mod:`fastbegan.ops.triton_loss`) makes
 sure ``x`` and ``recon`` share one memory layout (NCHW-contiguous or channels_last), so

@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from fastbegan import bench, ops
+from fastbegan.bench import timing, variants, workloads
 from fastbegan.cli import main
 
 CPU = torch.device("cpu")
@@ -115,18 +116,17 @@ def test_run_case_matmul_and_policies():
 
 def test_d_train_step_uses_the_fused_step(monkeypatch):
     """The (d) plumbing, on CPU with the torch backend (the real (d) needs a GPU)."""
-    pytest.importorskip("fastbegan.step")
-    monkeypatch.setattr(bench, "_triton_available", lambda device: None)
-    monkeypatch.setattr(bench, "D_BACKEND", "torch")
+    monkeypatch.setattr(variants, "require_triton", lambda device: None)
+    monkeypatch.setattr(variants, "D_BACKEND", "torch")
     s = bench.BenchSession.from_env(CPU, quick=True)
     with ops.use_backend("torch"):
-        prep = bench._prepare_train_step("d", dict(res=8, batch=2, filters=4), CPU, s)
+        prep = workloads._prepare_train_step("d", dict(res=8, batch=2, filters=4), CPU, s)
         assert "FusedStep" in prep.what
         out = prep.fn()
     assert {"loss_real", "loss_fake", "k", "M"} <= set(out)
     # D/G workloads: CUDA graph capture is impossible on CPU -> eager with the reason
     with ops.use_backend("torch"):
-        prep = bench._prepare_g_fwd("d", dict(res=8, batch=2, filters=4), CPU, s)
+        prep = workloads._prepare_g_fwd("d", dict(res=8, batch=2, filters=4), CPU, s)
     assert "eager (CUDA graph capture failed" in prep.what
     assert prep.fn().shape == (2, 3, 8, 8)
 
@@ -145,7 +145,7 @@ def test_compile_over_its_time_limit_is_skipped_not_failed(monkeypatch):
     import time
     s = bench.BenchSession.from_env(CPU, quick=True)
     s.compile_policy = "all"
-    orig = bench.PREPARE["G_fwd"]
+    orig = workloads.PREPARE["G_fwd"]
 
     def slow_first_call(v, p, d, sess):
         prep = orig(v, p, d, sess)
@@ -158,9 +158,9 @@ def test_compile_over_its_time_limit_is_skipped_not_failed(monkeypatch):
             return fn()
         prep.fn = first_slow
         return prep
-    monkeypatch.setitem(bench.PREPARE, "G_fwd", slow_first_call)
-    real = bench._time_limit
-    monkeypatch.setattr(bench, "_time_limit", lambda sec: real(0.5 if sec else None))
+    monkeypatch.setitem(workloads.PREPARE, "G_fwd", slow_first_call)
+    real = timing.time_limit
+    monkeypatch.setattr(timing, "time_limit", lambda sec: real(0.5 if sec else None))
     row = bench.run_case("G_fwd", "c", dict(res=8, batch=2, filters=4), s)
     assert row["status"] == "skipped" and "compile stopped" in row["reason"]
     assert s.compile_used_s > 0

@@ -13,7 +13,7 @@ Tolerances:
 - bf16 (GPU only): 8 mantissa bits on the output -> atol = rtol = 2e-2, weights scaled
   so outputs are O(1).
 bf16 is not tested under the interpreter: ``tl.dot`` on bf16 operands returns garbage
-there (Triton 3.6 and 3.9, DESIGN 8).
+there (Triton 3.6 and 3.9, docs/design.md §8).
 """
 import os
 
@@ -97,7 +97,7 @@ def test_variants_fp32(kernel, case):
 @pytest.mark.parametrize("c_s,c_out", [(0, 5), (16, 16)], ids=["cout5", "skip"])
 def test_upsample_subpixel_and_9tap(subpixel, c_s, c_out):
     """Descriptor kernel, UPSAMPLE: the sub-pixel path (2x2 convs of the low-res input with
-    summed weights, DESIGN 3.1) and the 9-tap path give the reference result; C_out = 5
+    summed weights, docs/design.md §3.1) and the 9-tap path give the reference result; C_out = 5
     checks that a phase's weight rows past C_out (the next phase's) are masked out."""
     if not K.HAS_TENSOR_DESCRIPTOR or (HAS_CUDA and torch.cuda.get_device_capability()[0] < 9):
         pytest.skip("tensor-descriptor kernel not available here")
@@ -107,7 +107,7 @@ def test_upsample_subpixel_and_9tap(subpixel, c_s, c_out):
 
 
 def test_subpixel_weights():
-    """ws[phase, co, tap, c] sums the 3x3 taps that the 2x2 tap covers (DESIGN 8)."""
+    """ws[phase, co, tap, c] sums the 3x3 taps that the 2x2 tap covers (docs/design.md §3.1)."""
     _, _, wt, _ = make(1, 4, 3, 4, 4, c_s=2)
     ws = K.subpixel_weight(K.weight_matrix(wt), 4, torch.float32).cpu()
     w = wt[:, :4].float().cpu()                          # (C_out, C_x, 3, 3)
@@ -172,7 +172,7 @@ def test_fp16_weights_and_odd_channels():
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="bf16 tl.dot returns garbage under the Triton "
-                    "interpreter (DESIGN 8); bf16 is checked on the GPU")
+                    "interpreter (docs/design.md §8); bf16 is checked on the GPU")
 @pytest.mark.parametrize("up,stride,c_s", [(False, 1, 0), (True, 1, 16), (False, 2, 0)])
 def test_bf16_small(up, stride, c_s):
     x, skip, wt, b = make(2, 16, 16, 8, 8, c_s=c_s, upsample=up, dtype=torch.bfloat16)

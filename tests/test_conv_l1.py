@@ -4,7 +4,7 @@ Against the pure-PyTorch composition (``reference.conv3x3_l1_pair_began_ref``: F
 fp32 L1 means, ``began_update_ref``) and torch autograd through it: the losses, k_next,
 M, the reconstruction, and the gradients of h, the weight, the bias and both targets,
 with and without the per-sample weight-gradient scale. Without a GPU the kernels run in
-the Triton interpreter (fp32 and fp16; bf16 on the GPU only, DESIGN 8).
+the Triton interpreter (fp32 and fp16; bf16 on the GPU only, docs/design.md §8).
 """
 from __future__ import annotations
 

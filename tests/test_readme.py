@@ -22,3 +22,10 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = commands()[1]
     pattern = re.search(r"grep -m1 '(.+?)' README.md", ci).group(1).replace("\\[", "[").replace("\\]", "]")
     assert test_cmd.startswith(pattern.lstrip("^"))
+
+
+def test_readme_is_an_entry_point():
+    """The README stays short; the long text lives in docs/ (its links: tests/test_docs.py)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    assert any("docs/design.md" in line for line in lines)

@@ -232,7 +232,7 @@ def test_eval_report(tiny_run, tmp_path, cache_dir):
     assert 0 <= rep["factors_real_baseline"]["factor_score"] <= 1
     assert 0 <= f["render_fidelity"] <= 1
     assert rep["memorisation"]["ratio"] > 0
-    assert "available" in rep["health"]
+    assert rep["health"]["source"] == "fastbegan.health.diagnose_run" and isinstance(rep["health"]["signals"], list)
     md = (out / "report.md").read_text()
     for text in ("SWD x1e3", "factor score", "render fidelity", "Training health", "nearest_neighbours.png", "samples.png"):
         assert text in md
@@ -262,27 +262,25 @@ def test_eval_on_image_folder(tmp_path, cache_dir):
     assert "n/a" in (tmp_path / "ev" / "report.md").read_text()
 
 
-def test_eval_health_hook(tmp_path, monkeypatch):
+def test_eval_health_section(tmp_path):
+    """The report's health section is fastbegan.health.diagnose_run's findings, as dicts."""
     from fastbegan import evaluate as E
-    fake = types.ModuleType("fastbegan.health")
-
-    class Finding:
-        def as_dict(self):
-            return {"kind": "k_zero", "step": 5, "message": "k_t stuck at 0"}
-
-    fake.diagnose_run = lambda run_dir: [Finding()]
-    monkeypatch.setitem(sys.modules, "fastbegan.health", fake)
+    rows = [{"step": s, "k": 0.0, "M": 0.1, "loss_real": 0.05, "loss_fake": 0.06, "lr": 1e-4}
+            for s in range(0, 450, 50)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
     h = E.health_section(tmp_path)
-    assert h["available"] and h["signals"] == [{"kind": "k_zero", "step": 5, "message": "k_t stuck at 0"}]
-    monkeypatch.setitem(sys.modules, "fastbegan.health", None)   # not installed
-    assert E.health_section(tmp_path)["available"] is False
+    assert h["source"] == "fastbegan.health.diagnose_run"
+    assert [f["kind"] for f in h["signals"]] == ["k_zero"] and h["signals"][0]["since"] == 0
+    assert "k_t has been 0" in h["signals"][0]["message"]
+    h = E.health_section(tmp_path / "nothing-here")   # no metrics.jsonl: a note, no failure
+    assert "signals" not in h and "no metrics.jsonl" in h["note"]
 
 
 def test_nearest_neighbours_finds_copies():
     from fastbegan.evaluate import nearest_neighbours
-    from fastbegan.interpolate import images_to_tensor
+    from fastbegan.images import to_unit_range
     train, _ = procedural_faces(40, 16, seed=3)
-    q = images_to_tensor(train[[7, 21]])
+    q = to_unit_range(train[[7, 21]])
     d, i = nearest_neighbours(q, train, k=3, chunk=16)
     assert i[:, 0].tolist() == [7, 21] and d[:, 0].max() < 1e-3
     assert (d[:, 1] > d[:, 0]).all()
@@ -300,7 +298,7 @@ def test_plot_run_png_and_trainer_hook(tiny_run, tmp_path):
 def test_plots_without_matplotlib(tiny_run, monkeypatch):
     from fastbegan.plots import PlotsUnavailable, plot_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(PlotsUnavailable, match=r"pip install fastbegan\[plots\]"):
+    with pytest.raises(PlotsUnavailable, match=r"pip install matplotlib"):
         plot_run(tiny_run)
 
 

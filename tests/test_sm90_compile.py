@@ -1,4 +1,4 @@
-"""Hopper resource check without a GPU (DESIGN 8).
+"""Hopper resource check without a GPU (docs/design.md §8).
 
 Every shipped autotune config of every forward-kernel variant (kernels/conv3x3.py
 ``aot_specs``) is compiled ahead of time for ``GPUTarget("cuda", 90, 32)``; registers, spills

@@ -1,4 +1,4 @@
-"""Hopper resource check of the conv3x3_elu backward kernels, without a GPU (DESIGN 8).
+"""Hopper resource check of the conv3x3_elu backward kernels, without a GPU (docs/design.md §8).
 
 Every shipped autotune config of the dgrad and wgrad kernels, in each variant (plain,
 upsample / sub-pixel, stride 2; bf16 activations, and fp32 activations with the halved K

@@ -9,7 +9,8 @@ from testutil import tiny_trainer
 from fastbegan import ops
 from fastbegan.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
 from fastbegan.data import procedural_faces
-from fastbegan.train import TrainConfig, to_unit_range
+from fastbegan.images import to_unit_range
+from fastbegan.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

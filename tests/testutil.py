@@ -45,7 +45,7 @@ def sm90_table(factories, results_path, what):
 
 
 # max abs error allowed, relative to the reference's largest magnitude, per activation dtype
-# (fp16: operands rounded before the fp32-accumulated dot; bf16: GPU only, DESIGN 8)
+# (fp16: operands rounded before the fp32-accumulated dot; bf16: GPU only, docs/design.md §8)
 REL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

@@ -32,7 +32,7 @@ def conv3x3_elu_ref(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample:
 
 
 class _ScaledWgradConv(torch.autograd.Function):
-    """Reference for the per-sample weight-gradient scale (DESIGN 1 and 3.2).
+    """Reference for the per-sample weight-gradient scale (docs/design.md §1, §3.2).
 
     Forward: ``conv3x3_elu_ref``. Backward: the input (and skip) gradient is the plain
     one; the weight and bias gradients weight sample n's contribution by ``scale[n]``.

@@ -1,4 +1,4 @@
-"""Autograd for the Triton ``fastbegan::conv3x3_elu`` op (DESIGN 3.2, 3.4).
+"""Autograd for the Triton ``fastbegan::conv3x3_elu`` op (docs/design.md §3.2, §3.4).
 
 The backward runs two custom ops, each a thin wrapper over a launcher in
 :mod:`fastbegan.kernels.conv3x3_bwd` with a fake (meta) implementation, so the whole

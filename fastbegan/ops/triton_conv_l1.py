@@ -1,4 +1,4 @@
-"""D's last conv fused with the BEGAN losses: ``fastbegan::conv3x3_l1_pair_began`` (DESIGN 3.3).
+"""D's last conv fused with the BEGAN losses: ``fastbegan::conv3x3_l1_pair_began`` (docs/design.md §3.3).
 
 The discriminator ends with a linear 3x3 conv (``decoder.to_rgb``) whose output is only
 ever used by the two L1 losses of a training step. Treating the three as one op lets the

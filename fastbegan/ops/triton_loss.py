@@ -22,7 +22,7 @@ The L1 gradient. These ops produce it in their own backward: one elementwise lau
 over both halves writing ``d recon = sign(recon - x) * g / n`` and ``d x = -d recon`` (the
 latter only for inputs that need it). The training step does not use them for D's
 losses: :mod:`.triton_conv_l1` fuses D's last conv with the same forward kernels and forms
-the L1 gradient inside that conv's backward kernels (DESIGN 3.3), so d recon is never
+the L1 gradient inside that conv's backward kernels (docs/design.md §3.3), so d recon is never
 written. These ops stay for other callers (evaluation, interpolation, drop-in users).
 
 Layout: ``x`` and ``recon`` are read as flat buffers in one common memory layout; when

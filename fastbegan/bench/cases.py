@@ -1,0 +1,54 @@
+"""Which cases a run measures, in priority order, and their display names."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+def case_name(workload: str, p: dict) -> str:
+    if workload in ("train_step", "D_fwd_bwd", "G_fwd"):
+        return f"res{p['res']} b{p['batch']} n{p['filters']}"
+    if workload in ("conv_elu", "up_conv_elu"):
+        hw = p["hw"]
+        out = hw * 2 if workload == "up_conv_elu" else hw
+        return f"b{p['batch']} {p['c_in']}->{p['c_out']} {hw}x{hw}->{out}x{out}"
+    if workload == "l1_loss":
+        return f"b{p['batch']} 3x{p['res']}x{p['res']}"
+    if workload == "matmul_peak":
+        return f"{p['n']}^3"
+    return json.dumps(p, sort_keys=True)
+
+
+def default_cases(device: torch.device, quick: bool = False) -> list[tuple[str, str, dict]]:
+    """(workload, variant, params) in run order: peak first, then eager/fused cases, then compiled."""
+    gpu = device.type == "cuda"
+    if gpu:
+        model_shapes = [dict(res=r, batch=b, filters=128 if r >= 128 else 64)
+                        for r in (128, 64, 32) for b in (16, 64)]
+        conv_shapes = [dict(batch=32, c_in=128, c_out=128, hw=64), dict(batch=32, c_in=128, c_out=128, hw=128)]
+        up_shapes = [dict(batch=32, c_in=128, c_out=128, hw=64)]
+        l1_shapes = [dict(batch=128, res=128)]
+        mm = [dict(n=8192), dict(n=4096)]
+    else:
+        model_shapes = [dict(res=8, batch=4, filters=8), dict(res=16, batch=4, filters=8)]
+        conv_shapes = [dict(batch=2, c_in=8, c_out=8, hw=16)]
+        up_shapes = [dict(batch=2, c_in=8, c_out=8, hw=8)]
+        l1_shapes = [dict(batch=8, res=16)]
+        mm = [dict(n=512)]
+    # D fwd+bwd and G fwd: the larger batch only on GPU (the step covers both batches)
+    part_shapes = [p for p in model_shapes if p["batch"] == 64] if gpu else model_shapes
+    if quick:
+        model_shapes = part_shapes = model_shapes[:1]
+    cases = [("matmul_peak", "bf16", p) for p in mm]
+    # priority order: the step, the kernels, then D and G; compiled cases last, the
+    # res-128/64 step first among them (a budget cut drops the tail)
+    eager, compiled = [], []
+    for wl, shapes in (("train_step", model_shapes), ("conv_elu", conv_shapes), ("up_conv_elu", up_shapes),
+                       ("l1_loss", l1_shapes), ("D_fwd_bwd", part_shapes), ("G_fwd", part_shapes)):
+        for p in shapes:
+            for v in "abcd":
+                (compiled if v == "c" else eager).append((wl, v, p))
+    first = [c for c in compiled if c[0] == "train_step" and c[2]["batch"] == model_shapes[0]["batch"]][:2]
+    kernels = [c for c in compiled if c[0] in ("conv_elu", "up_conv_elu", "l1_loss")]
+    compiled = first + kernels + [c for c in compiled if c not in first and c not in kernels]
+    return cases + eager + compiled

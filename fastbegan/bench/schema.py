@@ -1,0 +1,25 @@
+"""What a results file holds: its schema name, the variants, the workloads and the row keys."""
+from __future__ import annotations
+
+SCHEMA = "fastbegan-bench/1"
+
+VARIANTS = {
+    "a": "fp32 eager (NCHW, torch backend, PyTorch defaults)",
+    "b": "bf16 autocast + channels_last eager (torch backend, cudnn.benchmark)",
+    "c": "torch.compile of (b)",
+    "d": "fastbegan (triton backend + fused step + CUDA graph, as far as they exist)",
+}
+
+WORKLOADS = {
+    "matmul_peak": "bf16 matmul (measured achievable peak)",
+    "train_step": "full training step (Trainer.train_step)",
+    "D_fwd_bwd": "D forward + backward (L1 loss, grads of D's parameters)",
+    "G_fwd": "G forward (inference)",
+    "conv_elu": "conv3x3 + ELU forward (d: fused; a-c: conv + separate ELU)",
+    "up_conv_elu": "nearest upsample x2 + conv3x3 + ELU forward (d: fused)",
+    "l1_loss": "L1 reconstruction loss mean|x - r| forward",
+}
+
+ROW_KEYS = ("workload", "variant", "case", "status", "reason", "what", "params", "ms_median", "ms_q1",
+            "ms_q3", "ms_iqr", "ms_min", "rounds", "inner", "first_call_s", "images", "images_per_s",
+            "flops", "tflops", "bytes", "gbps", "peak_mem_mb")

@@ -1,6 +1,8 @@
-"""The benchmark cases: peak matmul, training step, D fwd+bwd, G fwd, kernels (a/b/c/d).
+"""The benchmark cases: peak matmul, training step, D fwd+bwd, G fwd, kernels (schema.VARIANTS).
 
-On CPU: tiny shapes (res 8 / 16, 8 filters), one compiled case, (d) n/a.
+On CPU: tiny shapes (res 8 / 16, 8 filters), one compiled case; with
+FASTBEGAN_BENCH_CPU_REAL=1 the real training step (res 32 and 64, n 64, batch 16), every
+variant in its own process (fastbegan/bench/isolated.py), peak memory per row.
 On GPU: res 32 / 64 / 128 at batch 16 and 64, kernel shapes of the res-128 model.
 """
 import json
@@ -9,6 +11,8 @@ import math
 import pytest
 
 from fastbegan import bench
+from fastbegan.bench.cases import cpu_real_shapes
+from fastbegan.bench.isolated import run_in_subprocess
 
 from benchsession import DEVICE, RESULTS_DIR, get_session
 
@@ -22,7 +26,10 @@ def _id(case):
 
 @pytest.mark.parametrize("workload,variant,params", CASES, ids=[_id(c) for c in CASES])
 def test_case(workload, variant, params, bench_session, measure):
-    row = bench.run_case(workload, variant, params, bench_session, measure=measure)
+    if DEVICE.type == "cpu" and cpu_real_shapes():
+        row = run_in_subprocess(workload, variant, params, bench_session)
+    else:
+        row = bench.run_case(workload, variant, params, bench_session, measure=measure)
     if row["status"] in ("n/a", "skipped"):
         pytest.skip(f"{row['status']}: {row['reason']}")
     if row["status"] == "error":
@@ -40,7 +47,8 @@ def test_results_file_written_and_well_formed():
     md_path = json_path.with_suffix(".md")
     assert json_path.is_file() and md_path.is_file()
     if DEVICE.type == "cpu":
-        assert json_path.name.startswith("cpu-"), "CPU results must be named cpu-<date>"
+        want = "cpu-smoke-" if not cpu_real_shapes() else "cpu-"
+        assert json_path.name.startswith(want), f"CPU results must be named {want}..."
     doc = json.loads(json_path.read_text())
     assert bench.validate_results(doc) == []
     assert len(doc["rows"]) == len(session.rows)

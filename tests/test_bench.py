@@ -114,17 +114,71 @@ def test_run_case_matmul_and_policies():
     assert ops.get_backend() == "torch"
 
 
-def test_d_train_step_uses_the_fused_step(monkeypatch):
-    """The (d) plumbing, on CPU with the torch backend (the real (d) needs a GPU)."""
+def test_fastbegan_train_step_variants_on_cpu():
+    """(d) and (e) on a CPU: fastbegan's fused step on the torch backend, (d) compiled
+    (not run here: a minute of inductor), (e) eager; (a)-(c) keep the reference step."""
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    p = dict(res=8, batch=2, filters=4)
+    with ops.use_backend("torch"):
+        d = workloads._prepare_train_step("d", p, CPU, s)
+        assert "FusedStep" in d.what and "torch.compile'd" in d.what and d.fn.compiles_next
+        e = workloads._prepare_train_step("e", p, CPU, s)
+        assert "FusedStep" in e.what and "compile" not in e.what
+        out = e.fn()
+        a = workloads._prepare_train_step("a", p, CPU, s)
+        assert a.fn.__self__.fused_step is None  # Trainer.train_step, the reference step
+    assert {"loss_real", "loss_fake", "k", "M"} <= set(out)
+
+
+def test_port_variant_runs_the_port_step():
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    prep = workloads._prepare_train_step("p", dict(res=8, batch=2, filters=4), CPU, s)
+    assert type(prep.fn).__name__ == "PortStep" and prep.what == bench.VARIANTS["p"]
+    out = prep.fn()
+    assert set(out) == {"loss_d", "loss_g", "k"} and prep.fn.tr.step == 1
+
+
+def test_cpu_real_shapes_cases_and_file_names(monkeypatch):
+    from fastbegan.bench.cases import CPU_REAL_ENV
+    from fastbegan.bench.session import file_slug
+    dev = {"type": "cpu", "name": "CPU: Intel(R) Xeon(R) Processor", "slug": "cpu"}
+    monkeypatch.delenv(CPU_REAL_ENV, raising=False)
+    assert file_slug(dev) == "cpu-smoke"
+    tiny = {(w, v) for w, v, _ in bench.default_cases(CPU)}
+    assert {("train_step", v) for v in "pabcde"} <= tiny and ("conv_elu", "e") not in tiny
+    monkeypatch.setenv(CPU_REAL_ENV, "1")
+    assert file_slug(dev) == "cpu-intel-r-xeon-r-processor"
+    real = [(w, v, p) for w, v, p in bench.default_cases(CPU) if w == "train_step"]
+    assert [(v, p["res"], p["batch"], p["filters"]) for _, v, p in real] == \
+        [(v, r, 16, 64) for r in (32, 64) for v in "pabcde"]
+    assert variants.compile_kwargs(CPU) == {"backend": "inductor"}
+
+
+def test_isolated_case_reports_peak_memory():
+    """A case in its own process comes back as a row, with the process's peak memory."""
+    from fastbegan.bench.isolated import run_in_subprocess
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    row = run_in_subprocess("train_step", "e", dict(res=8, batch=2, filters=4), s, timeout_s=300)
+    assert row["status"] == "ok", row["reason"]
+    assert row["peak_mem_mb"] > 0 and "own process" in row["what"] and s.rows == [row]
+    bad = run_in_subprocess("train_step", "e", dict(res=7, batch=2, filters=4), s, timeout_s=300)
+    assert bad["status"] == "error" and "resolution" in bad["reason"]
+
+
+def test_speedup_over_the_port():
+    rows = _rows() + [_row("train_step", "p", "res128 b16 n128", 20.0, 10 ** 12)]
+    d = {(r["variant"]): r for r in bench.finalize_rows(rows, _meta()) if r["case"] == "res128 b16 n128"}["d"]
+    assert d["speedup_vs_p"] == pytest.approx(10.0)
+    md = bench.render_markdown(rows, _meta())
+    assert "| vs p | vs a | vs best(b,c) |" in md and "10.00x" in md
+
+
+def test_d_kernel_workloads_fall_back_to_eager_without_cuda_graphs(monkeypatch):
+    """The (d) plumbing of the D/G workloads, on CPU with the torch backend (the real (d)
+    needs a GPU): CUDA graph capture is impossible on CPU -> eager, with the reason."""
     monkeypatch.setattr(variants, "require_triton", lambda device: None)
     monkeypatch.setattr(variants, "D_BACKEND", "torch")
     s = bench.BenchSession.from_env(CPU, quick=True)
-    with ops.use_backend("torch"):
-        prep = workloads._prepare_train_step("d", dict(res=8, batch=2, filters=4), CPU, s)
-        assert "FusedStep" in prep.what
-        out = prep.fn()
-    assert {"loss_real", "loss_fake", "k", "M"} <= set(out)
-    # D/G workloads: CUDA graph capture is impossible on CPU -> eager with the reason
     with ops.use_backend("torch"):
         prep = workloads._prepare_g_fwd("d", dict(res=8, batch=2, filters=4), CPU, s)
     assert "eager (CUDA graph capture failed" in prep.what
@@ -137,7 +191,7 @@ def test_cli_run_quick(tmp_path):
     assert res.exit_code == 0, res.output
     assert "| res8 b4 n8 | a |" in res.output and "| res8 b4 n8 | b |" in res.output
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and files[0].startswith("cpu-") and files[0].endswith(".json")
+    assert len(files) == 2 and files[0].startswith("cpu-smoke-") and files[0].endswith(".json")
     assert bench.validate_results(json.loads((tmp_path / files[0]).read_text())) == []
 
 

@@ -2,8 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
+
+# `pytest benchmarks/` on a CPU times tiny shapes (a smoke test of the plumbing); with this
+# set to 1 it times the real training step instead (res 32 and 64, n 64, batch 16), each
+# case in its own process (bench/isolated.py): the CPU evidence in benchmarks/results.
+CPU_REAL_ENV = "FASTBEGAN_BENCH_CPU_REAL"
+CPU_REAL_SHAPES = [dict(res=32, batch=16, filters=64), dict(res=64, batch=16, filters=64)]
+STEP_VARIANTS = "pabcde"  # the training step: the port baseline and fastbegan without compile too
+
+
+def cpu_real_shapes() -> bool:
+    return os.environ.get(CPU_REAL_ENV) == "1"
 
 def case_name(workload: str, p: dict) -> str:
     if workload in ("train_step", "D_fwd_bwd", "G_fwd"):
@@ -22,6 +34,9 @@ def case_name(workload: str, p: dict) -> str:
 def default_cases(device: torch.device, quick: bool = False) -> list[tuple[str, str, dict]]:
     """(workload, variant, params) in run order: peak first, then eager/fused cases, then compiled."""
     gpu = device.type == "cuda"
+    if not gpu and cpu_real_shapes():
+        steps = [("train_step", v, p) for p in CPU_REAL_SHAPES for v in STEP_VARIANTS]
+        return [("matmul_peak", "bf16", dict(n=2048))] + steps
     if gpu:
         model_shapes = [dict(res=r, batch=b, filters=128 if r >= 128 else 64)
                         for r in (128, 64, 32) for b in (16, 64)]
@@ -46,8 +61,8 @@ def default_cases(device: torch.device, quick: bool = False) -> list[tuple[str, 
     for wl, shapes in (("train_step", model_shapes), ("conv_elu", conv_shapes), ("up_conv_elu", up_shapes),
                        ("l1_loss", l1_shapes), ("D_fwd_bwd", part_shapes), ("G_fwd", part_shapes)):
         for p in shapes:
-            for v in "abcd":
-                (compiled if v == "c" else eager).append((wl, v, p))
+            for v in STEP_VARIANTS if wl == "train_step" else "abcd":
+                (compiled if v == "c" or (v == "d" and not gpu) else eager).append((wl, v, p))
     first = [c for c in compiled if c[0] == "train_step" and c[2]["batch"] == model_shapes[0]["batch"]][:2]
     kernels = [c for c in compiled if c[0] in ("conv_elu", "up_conv_elu", "l1_loss")]
     compiled = first + kernels + [c for c in compiled if c not in first and c not in kernels]

@@ -6,10 +6,10 @@ import math
 import os
 from pathlib import Path
 
-from .schema import ROW_KEYS, SCHEMA, VARIANTS, WORKLOADS
+from .schema import ROW_KEYS, SCHEMA, SPEEDUP_KEYS, VARIANTS, WORKLOADS
 
 def finalize_rows(rows: list[dict], meta: dict) -> list[dict]:
-    """Rows plus speedups over (a) and over the best of (b)/(c), and % of peak."""
+    """Rows plus speedups over (p), over (a) and over the best of (b)/(c), and % of peak."""
     spec = (meta.get("device") or {}).get("peak_bf16_tflops_spec")
     measured = measured_peak(rows)
     by_case: dict[tuple, dict[str, dict]] = {}
@@ -19,13 +19,14 @@ def finalize_rows(rows: list[dict], meta: dict) -> list[dict]:
     out = []
     for r in rows:
         r = dict(r)
-        r["speedup_vs_a"] = r["speedup_vs_best_bc"] = None
+        r.update(dict.fromkeys(SPEEDUP_KEYS))
         r["pct_peak_spec"] = r["pct_peak_measured"] = None
         if r.get("status") == "ok":
             group = by_case.get((r["workload"], r["case"]), {})
             t = r["ms_median"]
-            if "a" in group:
-                r["speedup_vs_a"] = group["a"]["ms_median"] / t
+            for base in "pa":
+                if base in group:
+                    r[f"speedup_vs_{base}"] = group[base]["ms_median"] / t
             bc = [group[v]["ms_median"] for v in "bc" if v in group]
             if bc and r["variant"] in VARIANTS:
                 r["speedup_vs_best_bc"] = min(bc) / t
@@ -88,10 +89,10 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
             first.setdefault(r["case"], len(first))
         wrows.sort(key=lambda r: (first[r["case"]], r["variant"]))
         lines += [f"## {wl}: {WORKLOADS.get(wl, '')}", ""]
-        cols = ["case", "var", "ms (median)", "IQR ms", "images/s", "vs a", "vs best(b,c)", "TFLOP/s",
+        cols = ["case", "var", "ms (median)", "IQR ms", "images/s", "vs p", "vs a", "vs best(b,c)", "TFLOP/s",
                 "% spec peak", "% meas. peak", "peak mem MB"]
         if wl == "l1_loss":
-            cols[7:10] = ["GB/s"]
+            cols[8:11] = ["GB/s"]
         cols.append("status / what")
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
@@ -99,7 +100,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
             ok = r["status"] == "ok"
             cells = [r["case"], r["variant"], _fmt(r.get("ms_median"), 3), _fmt(r.get("ms_iqr"), 3),
                      _fmt(r.get("images_per_s"), 0) if r.get("images_per_s") else "n/a",
-                     _fmt(r.get("speedup_vs_a"), 2, "x"), _fmt(r.get("speedup_vs_best_bc"), 2, "x")]
+                     *(_fmt(r.get(k), 2, "x") for k in SPEEDUP_KEYS)]
             if wl == "l1_loss":
                 cells.append(_fmt(r.get("gbps"), 1))
             else:
@@ -131,10 +132,10 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tup
 
 
 def prune_cpu_results(results_dir: Path | None, keep: int = 4) -> None:
-    """Delete all but the newest ``keep`` cpu-* results (git-ignored smoke-test output)."""
+    """Delete all but the newest ``keep`` cpu-smoke-* results (git-ignored tiny-shape output)."""
     if results_dir is None or not Path(results_dir).is_dir():
         return
-    stems = sorted({p.stem for p in Path(results_dir).glob("cpu-*.json")})
+    stems = sorted({p.stem for p in Path(results_dir).glob("cpu-smoke-*.json")})
     for stem in stems[:-keep] if keep else stems:
         for suffix in (".json", ".md"):
             (Path(results_dir) / f"{stem}{suffix}").unlink(missing_ok=True)
@@ -160,8 +161,7 @@ def validate_results(doc: dict) -> list[str]:
         errs.append("rows missing or empty")
         return errs
     for i, r in enumerate(rows):
-        missing = [k for k in ROW_KEYS + ("speedup_vs_a", "speedup_vs_best_bc", "pct_peak_spec",
-                                          "pct_peak_measured") if k not in r]
+        missing = [k for k in ROW_KEYS + SPEEDUP_KEYS + ("pct_peak_spec", "pct_peak_measured") if k not in r]
         if missing:
             errs.append(f"row {i}: keys missing: {missing}")
             continue

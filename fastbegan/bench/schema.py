@@ -4,10 +4,14 @@ from __future__ import annotations
 SCHEMA = "fastbegan-bench/1"
 
 VARIANTS = {
-    "a": "fp32 eager (NCHW, torch backend, PyTorch defaults)",
-    "b": "bf16 autocast + channels_last eager (torch backend, cudnn.benchmark)",
+    "p": "the popular PyTorch port's step structure (D applied 3 times, one backward of L_D + L_G), "
+         "fp32 eager NCHW (benchmarks/port_step.py)",
+    "a": "fp32 eager reference step (NCHW, torch backend, PyTorch defaults)",
+    "b": "bf16 autocast + channels_last eager reference step (torch backend, cudnn.benchmark)",
     "c": "torch.compile of (b)",
-    "d": "fastbegan (triton backend + fused step + CUDA graph, as far as they exist)",
+    "d": "fastbegan's default step for a long run (GPU: triton backend, fused step, CUDA graph, "
+         "torch.compile; CPU: bf16 where the CPU has it, fused step, torch.compile, tuned allocator)",
+    "e": "fastbegan's step without torch.compile (what --compile auto runs for a short run)",
 }
 
 WORKLOADS = {
@@ -20,6 +24,8 @@ WORKLOADS = {
     "l1_loss": "L1 reconstruction loss mean|x - r| forward",
 }
 
+# keys every row has; finalize_rows adds the speedups (SPEEDUP_KEYS) and the % of peak
+SPEEDUP_KEYS = ("speedup_vs_p", "speedup_vs_a", "speedup_vs_best_bc")
 ROW_KEYS = ("workload", "variant", "case", "status", "reason", "what", "params", "ms_median", "ms_q1",
             "ms_q3", "ms_iqr", "ms_min", "rounds", "inner", "first_call_s", "images", "images_per_s",
             "flops", "tflops", "bytes", "gbps", "peak_mem_mb")

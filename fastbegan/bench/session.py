@@ -9,9 +9,20 @@ from pathlib import Path
 
 import torch
 
-from .device import device_info, env_info
+from .device import device_info, env_info, slugify
 from .results import prune_cpu_results, write_results
 from .schema import VARIANTS, WORKLOADS
+
+def file_slug(device: dict) -> str:
+    """Results-file prefix: the GPU's name; on a CPU ``cpu-<model>`` for the real shapes
+    (committed evidence) and ``cpu-smoke`` for the tiny ones (git-ignored)."""
+    from .cases import cpu_real_shapes
+    if device["type"] != "cpu":
+        return device["slug"]
+    if not cpu_real_shapes():
+        return "cpu-smoke"
+    return "cpu-" + slugify(device["name"].removeprefix("CPU: "))
+
 
 @dataclass
 class BenchSession:
@@ -60,7 +71,7 @@ class BenchSession:
     def write(self, complete: bool = False, exitstatus: int | None = None) -> tuple[Path, Path]:
         if self.stem is None:
             stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-            self.stem = f"{self.meta['device']['slug']}-{stamp}"
+            self.stem = f"{file_slug(self.meta['device'])}-{stamp}"
             if self.meta["device"]["type"] == "cpu":
                 prune_cpu_results(self.results_dir)
         meta = dict(self.meta, complete=complete, exitstatus=exitstatus,

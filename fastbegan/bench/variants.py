@@ -1,5 +1,5 @@
-"""How each variant runs a workload: (a) fp32 NCHW eager, (b) bf16 channels_last eager,
-(c) torch.compile of (b), (d) fastbegan's Triton backend (GPU only)."""
+"""How each variant runs a workload: (p) the PyTorch port's step, (a) fp32 NCHW eager,
+(b) bf16 channels_last eager, (c) torch.compile of (b), (d)/(e) fastbegan (schema.VARIANTS)."""
 from __future__ import annotations
 
 import contextlib
@@ -64,11 +64,13 @@ def compile_mode_override(mode: str):
 
 
 def compile_kwargs(device: torch.device) -> dict:
-    """torch.compile's mode on a GPU; on CPU a cheap backend (inductor's C++ build is minutes)."""
+    """torch.compile's mode on a GPU; on a CPU inductor for the real shapes and a cheap
+    backend for the tiny smoke-test shapes (inductor's C++ build is a minute per case)."""
     if device.type == "cuda":
         return {"mode": _compile_mode_override or os.environ.get("FASTBEGAN_BENCH_COMPILE_MODE", "max-autotune")}
-    backend = os.environ.get("FASTBEGAN_BENCH_CPU_COMPILE_BACKEND", "aot_eager")
-    return {"backend": backend}
+    from .cases import cpu_real_shapes
+    default = "inductor" if cpu_real_shapes() else "aot_eager"
+    return {"backend": os.environ.get("FASTBEGAN_BENCH_CPU_COMPILE_BACKEND", default)}
 
 
 def compile_module(module, device: torch.device):
@@ -79,7 +81,8 @@ def compile_what(device: torch.device) -> str:
     m = compile_kwargs(device)
     if "mode" in m:
         return f"torch.compile(mode={m['mode']!r}) of (b)"
-    return f"torch.compile(backend={m['backend']!r}) of (b) [CPU: cheap backend]"
+    cheap = "" if m["backend"] == "inductor" else " [CPU smoke test: cheap backend]"
+    return f"torch.compile(backend={m['backend']!r}) of G and D in (b){cheap}"
 
 
 def mark_step(device: torch.device) -> None:
@@ -117,3 +120,18 @@ def capture_cuda_graph(fn: Callable[[], Any], device: torch.device, warmup: int 
     def replay():
         keep[0].replay()
     return replay
+
+
+# ------------------------------------------------------------------ (p): the port's step
+def port_step(trainer) -> Callable[[], Any]:
+    """benchmarks/port_step.py's PortStep on ``trainer`` (it lives beside the benchmarks,
+    not in the package: a checkout is needed)."""
+    import importlib.util
+    from .device import repo_root
+    path = repo_root() / "benchmarks" / "port_step.py"
+    if not path.is_file():
+        raise NotAvailable(f"{path} not found: the port baseline runs from a checkout of fastbegan")
+    spec = importlib.util.spec_from_file_location("fastbegan_port_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PortStep(trainer)

@@ -34,21 +34,29 @@ def _random_images(n: int, res: int, seed: int = 0):
 
 
 def _prepare_train_step(variant: str, p: dict, device: torch.device, session: BenchSession) -> Prepared:
+    """The whole training step of each variant on the same model, data and batch."""
     from ..step import FusedStep
     from ..train import TrainConfig, Trainer
     res, batch, n = p["res"], p["batch"], p["filters"]
     fl = _flops.train_step_flops(res, n, batch)
-    precision = "fp32" if variant == "a" else "bf16"
-    backend = variants.D_BACKEND if variant == "d" else "torch"
-    if variant == "d":
+    fastbegan = variant in ("d", "e")
+    gpu = device.type == "cuda"
+    if fastbegan and gpu:
         variants.require_triton(device)
+    precision = {"p": "fp32", "a": "fp32", "b": "bf16", "c": "bf16"}.get(variant, "bf16" if gpu else "auto")
+    backend = variants.D_BACKEND if fastbegan and gpu else "torch"
+    if fastbegan and not gpu:
+        from ..hardware import tune_cpu_allocator
+        tune_cpu_allocator()  # what `fastbegan train` does on a CPU (process-wide: bench/isolated.py)
     cfg = TrainConfig(res=res, filters=n, batch_size=batch, precision=precision, backend=backend,
                       device=str(device), steps=10 ** 9, log_every=10 ** 9, sample_every=10 ** 9,
-                      ckpt_every=10 ** 9, out=str(Path(os.environ.get("TMPDIR", "/tmp")) / "fastbegan-bench"))
+                      ckpt_every=10 ** 9, reference_step=not fastbegan,
+                      out=str(Path(os.environ.get("TMPDIR", "/tmp")) / "fastbegan-bench"))
     trainer = Trainer(cfg, _random_images(max(2 * batch, 64), res), log=lambda *_: None)
-    what = {"a": VARIANTS["a"], "b": VARIANTS["b"], "c": variants.compile_what(device)}.get(variant, "")
-    if variant == "a":
+    if variant in ("p", "a"):
         variants.nchw_hooks(trainer.model)
+    if variant == "p":
+        return Prepared(variants.port_step(trainer), batch, fl, what=VARIANTS["p"])
     if variant == "c":
         trainer.G = variants.compile_module(trainer.G, device)
         trainer.D = variants.compile_module(trainer.D, device)
@@ -56,14 +64,14 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
         def fn():
             variants.mark_step(device)
             return trainer.train_step()
-        return Prepared(fn, batch, fl, what=what)
-    if variant == "d":
-        step = FusedStep(trainer)
-        compiled = step.compile_mode
-        return Prepared(step, batch, fl, what="triton backend + fastbegan.step.FusedStep (single pass, fused "
-                        "Adam, CUDA graph" + (f", forward torch.compile'd ({compiled})" if compiled else "")
-                        + "), bf16 autocast")
-    return Prepared(trainer.train_step, batch, fl, what=what)
+        return Prepared(fn, batch, fl, what=variants.compile_what(device))
+    if fastbegan:
+        step = FusedStep(trainer, compile="auto" if gpu else variant == "d")
+        return Prepared(step, batch, fl, what=f"{backend} backend, fastbegan.step.FusedStep (single pass, "
+                        f"fused Adam{', CUDA graph' if step.cuda_graph else ''}"
+                        + (f", forward torch.compile'd ({step.compile_mode})" if step.compile_mode else "")
+                        + f"), {cfg.precision}" + ("" if gpu else ", glibc allocator tuned"))
+    return Prepared(trainer.train_step, batch, fl, what=VARIANTS[variant])
 
 
 def _model_for(p: dict, device: torch.device, variant: str):

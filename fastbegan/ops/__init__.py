@@ -2,7 +2,9 @@
 
 Every op has two implementations with identical signatures and semantics:
 
-- ``torch``: the pure-PyTorch reference (:mod:`fastbegan.ops.reference`), the CPU path;
+- ``torch``: pure PyTorch, the CPU path: the reference (:mod:`fastbegan.ops.reference`,
+  the definition of correctness) and, for the convolution, the same math with a written-out
+  backward and the sub-pixel upsample (:mod:`fastbegan.ops.torch_conv`);
 - ``triton``: fused Triton kernels registered as ``torch.library`` custom ops
   (:mod:`fastbegan.ops.triton_ops`), for CUDA GPUs (and the Triton interpreter on CPU
   when ``TRITON_INTERPRET=1``, which the tests use).
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .torch_conv import conv3x3_elu_torch
 
 BACKENDS = ("auto", "torch", "triton")
 MIN_TRITON = (3, 0)  # as pyproject.toml requires; tensor-descriptor kernels need newer, with a fallback
@@ -134,11 +137,8 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
     if _backend == "triton":
         return _triton().conv3x3_elu(x, weight, bias, upsample=upsample, stride=stride,
                                      activation=activation, skip=skip, wgrad_scale=wgrad_scale)
-    if wgrad_scale is not None:
-        return reference.conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, upsample=upsample,
-                                                stride=stride, activation=activation, skip=skip)
-    return reference.conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
-                                     activation=activation, skip=skip)
+    return conv3x3_elu_torch(x, weight, bias, upsample=upsample, stride=stride, activation=activation,
+                             skip=skip, wgrad_scale=wgrad_scale)
 
 
 def conv3x3_elu_pair(xa: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None, *,

@@ -42,6 +42,7 @@ VARIANTS = {  # name -> extra `fastbegan train` flags
     "began": [],
     "cs": ["--cs-alpha", "0.1"],          # BEGAN-CS, alpha as in the authors' code
     "pt": ["--pt-weight", "0.1"],         # EBGAN's pulling-away term, lambda_PT as in EBGAN
+    "kinit": ["--k-init", "0.1"],         # start k_t at 0.1 instead of 0
 }
 RES = 32
 RESULTS = Path(__file__).resolve().parent / "results"

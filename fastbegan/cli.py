@@ -70,6 +70,9 @@ def main():
 @click.option("--pt-weight", type=float, default=0.0, show_default=True,
               help="EBGAN's pulling-away term (Zhao et al. 2017) on D's codes of the fakes, added to G's "
                    "loss with this weight. 0 = off (the paper's BEGAN).")
+@click.option("--k-init", type=float, default=0.0, show_default=True,
+              help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
+                   "first step instead of waiting for k_t to grow (an early-collapse remedy).")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
@@ -105,7 +108,7 @@ def main():
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, cs_alpha, pt_weight, skip, vanishing_residual, precision, backend, device, seed, out, resume,
+          lr_stall, separate_z, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
           reference_step=False):
@@ -124,7 +127,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z, cs_alpha=cs_alpha, pt_weight=pt_weight,
-                      skip=skip,
+                      k_init=k_init, skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,

@@ -55,6 +55,7 @@ class TrainConfig:
     separate_z: bool = False
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
+    k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
     precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
         if self.cs_alpha < 0 or self.pt_weight < 0:
             raise ValueError("--cs-alpha and --pt-weight must be >= 0")
+        if not 0.0 <= self.k_init <= 1.0:
+            raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
         if self.cs_alpha and self.h != self.z_dim:
             raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
                              f"(got h={self.h}, z_dim={self.z_dim})")
@@ -160,7 +163,7 @@ class Trainer:
         # The whole data set on the device, uint8 NHWC; batches are gathered there.
         self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.k = torch.zeros((), device=self.device)
+        self.k = torch.full((), float(cfg.k_init), device=self.device)  # k_0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # divergence flag
         self.restores = 0
         self._good: tuple[dict, dict] | None = None  # in-memory restore point (no checkpoint yet)

@@ -135,3 +135,20 @@ def test_faithful_began_is_unchanged_bit_for_bit():
     g_want = torch.autograd.grad(l_fake, list(t.G.parameters()))
     for a, w in zip(d_new + g_new, list(d_want) + list(g_want)):
         assert torch.equal(a, w)
+
+
+def test_k_init_starts_k_there_and_the_update_follows_the_paper(tmp_path):
+    """--k-init sets k_0 only: the first step's k is the paper's update of it, on the
+    reference step and on the fused step."""
+    for reference in (True, False):
+        cfg = TrainConfig(res=8, filters=4, z_dim=8, h=8, batch_size=3, device="cpu", backend="torch",
+                          precision="fp32", out=str(tmp_path), health_patience=0, k_init=0.1, gamma=0.9,
+                          lambda_k=0.01, reference_step=reference)
+        t = Trainer(cfg, np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+                    log=lambda *_: None)
+        assert t.k.item() == pytest.approx(0.1) and (t.fused_step is None) == reference
+        out = t.train_step()
+        lr_, lf = out["loss_real"].item(), out["loss_fake"].item()
+        assert out["k"].item() == pytest.approx(min(1, max(0, 0.1 + 0.01 * (0.9 * lr_ - lf))), abs=1e-6)
+    with pytest.raises(ValueError, match="k-init"):
+        TrainConfig(k_init=1.5)

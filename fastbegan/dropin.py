@@ -234,7 +234,7 @@ def optimize(model: _nn.Module, *, inplace: bool = False,
         raise TypeError(f"fastbegan.optimize expects an nn.Module, got {type(model).__name__}")
     if backend == "auto":
         ok, why = ops.triton_status()
-        if ok and os.environ.get("TRITON_INTERPRET") == "1":
+        if ok and ops.interpreting():
             ok, why = False, ("only the Triton interpreter is available, which 'auto' never "
                               "picks (backend='triton' uses it)")
         if not ok:
@@ -612,7 +612,7 @@ _warned_reference = False
 def _choose_backend(example_inputs) -> str:
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     on_cuda = any(t.device.type == "cuda" for t in tensors)
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = ops.interpreting()
     if ops.get_backend() == "triton" and (on_cuda or interp):
         return "triton"
     ok, _ = ops.triton_status()

@@ -36,7 +36,6 @@ Under ``torch.autocast`` the activations are cast to the autocast dtype first (a
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as _nn
@@ -49,7 +48,7 @@ __all__ = ["Conv2dELU", "conv2d_support"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once, like the kernels do (triton.jit reads it at import), and dynamo-friendly.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = ops.interpreting()
 
 
 def _pair(v, name: str) -> tuple[int, int]:

@@ -205,6 +205,10 @@ from .bench import bench as _bench  # noqa: E402 - `fastbegan bench` (fastbegan/
 main.add_command(_bench)
 
 
+from .doctor import doctor as _doctor  # noqa: E402 - `fastbegan doctor` (fastbegan/doctor.py)
+main.add_command(_doctor)
+
+
 from .research_cli import register as _register_research  # noqa: E402 - interpolate, eval, plot
 _register_research(main, user_errors)
 

@@ -107,16 +107,22 @@ def main():
                    "mode max-autotune-no-cudagraphs, the first step compiles for a while). "
                    "--no-compile: eager forward.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--verify-kernels", is_flag=True,
+              help="Triton backend: check the first call of every kernel and shape against the "
+                   "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
-          on_collapse="warn", health_patience=200, compile_step=True):
+          on_collapse="warn", health_patience=200, compile_step=True, verify_kernels=False):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
+    from . import ops
     from .distributed import is_main_process
     from .train import TrainConfig, resolve_device, train as run_training
+    if verify_kernels:
+        ops.set_verify_kernels(True)
     dev = resolve_device(device)
     main_rank = is_main_process()
     if steps is None:

@@ -173,3 +173,25 @@ def test_verification_passes_the_real_kernels():
         y = ops.conv3x3_elu(x, w, b, upsample=True)
     assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b, upsample=True), torch.float32)
     assert set(fallback.decisions()["chosen"].values()) == {"tma"}
+
+
+def test_train_verify_kernels_flag(monkeypatch, tmp_path):
+    """``fastbegan train --verify-kernels`` turns verification on before training starts."""
+    from click.testing import CliRunner
+
+    import fastbegan.train
+    from fastbegan.cli import main
+    seen = {}
+
+    class _Done:
+        step = 0
+
+    def fake_train(cfg, **kw):
+        seen["verify"] = fallback.verify_enabled()
+        return _Done()
+    monkeypatch.setattr(fastbegan.train, "train", fake_train)
+    args = ["train", "--device", "cpu", "--res", "8", "--steps", "1", "--out", str(tmp_path / "r")]
+    assert CliRunner().invoke(main, args).exit_code == 0 and seen == {"verify": False}
+    r = CliRunner().invoke(main, args + ["--verify-kernels"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"verify": True}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 
 import torch
 import triton
@@ -85,6 +86,18 @@ def device_guard(device: torch.device):
 # no-op under the interpreter (Triton ignores it there) and for configs with pre-hooks.
 AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(
     triton.autotune).parameters else {}
+
+
+# FASTBEGAN_AUTOTUNE_MAX=N (0: no cap) keeps, per tuning key, the first N configs that fit
+# the shape. Every config list is written best-first for an H100 (the largest tiles that
+# fit first), so the cap keeps the biggest tiles; benchmarks/gpu_suite.sh uses it to fit
+# a cold start (compile + autotune of every layer) into its time budget.
+AUTOTUNE_MAX = int(os.environ.get("FASTBEGAN_AUTOTUNE_MAX", "0") or 0)
+
+
+def cap(configs: list) -> list:
+    """The first :data:`AUTOTUNE_MAX` of ``configs`` (all of them when it is 0)."""
+    return configs[:AUTOTUNE_MAX] if AUTOTUNE_MAX > 0 else configs
 
 
 def autotune(configs, key, **kwargs):

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .common import autotune, check_grid, check_int32, dot_precision, nhwc
+from .common import autotune, cap, check_grid, check_int32, dot_precision, nhwc
 
 INTERPRET = interpreting()
 # "auto" (descriptor kernel where eligible, else pointer kernel), "ptr" or "tma": lets a GPU
@@ -120,7 +120,7 @@ def width_fits(block_n: int, c_out: int) -> bool:
 def _prune_ptr(configs, nargs, **kwargs):
     """Keep the configs whose BLOCK_N fits C_out (:func:`width_fits`)."""
     kept = [c for c in configs if width_fits(c.kwargs["BLOCK_N"], nargs["C_out"])]
-    return kept or configs[-1:]
+    return cap(kept or configs[-1:])
 
 
 def _phase_bk_ok(bk: int, c_x: int, c_s: int, x_phase: bool, s_phase: bool) -> bool:
@@ -135,7 +135,7 @@ def _prune_tma(configs, nargs, **kwargs):
     valid = [c for c in configs if _phase_bk_ok(c.kwargs["BLOCK_K"], a["C_x"], a["C_s"],
                                                  a["X_PHASE"], a["S_PHASE"])]
     narrow = [c for c in valid if width_fits(c.kwargs["BLOCK_N"], a["C_out"])]
-    return narrow or valid
+    return cap(narrow or valid)
 
 
 # ----------------------------------------------------------------------------------------
@@ -859,6 +859,17 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str | None = None, variants
                       constexprs=dict(BLOCK=256), num_warps=4, num_stages=3,
                       divisible_by_16=["w_ptr", "ws_ptr", "C_out", "C_x", "C_tot"]))
     return specs
+
+
+def aot_specs_cast_control():
+    """Control for the K-loop cast check (tests/test_sm90_compile.py): the plain variant's
+    first config of each kernel with fp32 weights and bf16 activations, i.e. weights cast
+    inside the K loop, as the kernels were launched before :func:`kernel_weight`."""
+    specs = aot_specs("bf16", "fp32", variants=("plain",), helpers=False)
+    firsts = {}
+    for sp in specs:
+        firsts.setdefault(sp["kernel"], sp)
+    return list(firsts.values())
 
 
 def aot_specs_fp32():

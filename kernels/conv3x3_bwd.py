@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .common import (acc_dtype, autotune, check_grid, check_int32, dot_precision, nhwc,
+from .common import (acc_dtype, autotune, cap, check_grid, check_int32, dot_precision, nhwc,
                      num_sms)
 
 INTERPRET = interpreting()
@@ -146,13 +146,13 @@ def _prune_dgrad(configs, nargs, **kw):
     size."""
     keep = [c for c in configs if _dgrad_fits(c, nargs["C"], nargs["Co"])]
     size = nargs["y_ptr"].element_size()  # = dy when there is no ELU; L1 mode: dy_ptr is a target
-    return [for_element_size(c, size) for c in (keep or configs[-1:])]
+    return [for_element_size(c, size) for c in cap(keep or configs[-1:])]
 
 
 def _prune_wgrad(configs, nargs, **kw):
     keep = [cf for cf in configs if _wgrad_fits(cf, nargs["C"], nargs["Co"])]
     size = nargs["src_ptr"].element_size()
-    return [for_element_size(cf, size) for cf in (keep or configs[-1:])]
+    return [for_element_size(cf, size) for cf in cap(keep or configs[-1:])]
 
 
 # --------------------------------------------------------------------------------------

@@ -134,3 +134,18 @@ def test_autotune_results_cached_where_triton_supports_it():
     if has and not interpreting():
         assert conv3x3.conv3x3_fwd_ptr_kernel.cache_results
         assert conv3x3_bwd.conv3x3_dgrad_kernel.cache_results
+
+
+def test_autotune_cap_keeps_the_first_fitting_configs(monkeypatch):
+    """FASTBEGAN_AUTOTUNE_MAX=N: the first N configs that fit the shape (lists are written
+    best-first), for every prune function; 0 keeps them all."""
+    monkeypatch.setattr(common, "AUTOTUNE_MAX", 2)
+    ptr = conv3x3._prune_ptr(conv3x3.PTR_CONFIGS_GPU, {"C_out": 128})
+    assert ptr == [c for c in conv3x3.PTR_CONFIGS_GPU if c.kwargs["BLOCK_N"] > 16][:2]
+    narrow = conv3x3._prune_ptr(conv3x3.PTR_CONFIGS_GPU, {"C_out": 3})
+    assert [c.kwargs["BLOCK_N"] for c in narrow] == [16, 16]
+    d = conv3x3_bwd._prune_dgrad(conv3x3_bwd.DGRAD_CONFIGS,
+                                 {"C": 128, "Co": 3, "y_ptr": torch.zeros(1, dtype=torch.bfloat16)})
+    assert len(d) == 2 and all(c.kwargs["BLOCK_K"] == 16 for c in d)
+    monkeypatch.setattr(common, "AUTOTUNE_MAX", 0)
+    assert len(conv3x3._prune_ptr(conv3x3.PTR_CONFIGS_GPU, {"C_out": 128})) == 4

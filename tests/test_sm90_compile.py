@@ -10,6 +10,7 @@ Compiling runs in a child process without TRITON_INTERPRET (conftest sets it for
 interpreter tests, and interpreted kernels cannot be compiled), in parallel over the CPU
 cores; Triton's on-disk cache makes reruns fast.
 """
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from fastbegan.kernels import aot
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "sm90_resources.json"
 FACTORIES = ["fastbegan.kernels.conv3x3:aot_specs", "fastbegan.kernels.conv3x3:aot_specs_fp32"]
+# A second Python with another Triton (the GPU machine's 3.6): the same table for it, in
+# sm90_resources_triton<version>.json. Unset in CI (one Triton installed there).
+OTHER_PYTHON = os.environ.get("FASTBEGAN_AOT_OTHER_PYTHON")
 
 
 def _base(variant: str) -> str:
@@ -37,6 +41,39 @@ def table():
                       "Written by tests/test_sm90_compile.py.")
 
 
+def test_no_weight_cast_in_the_k_loop(table):
+    """The launcher passes weights in the activations' dtype, so the TTGIR of every
+    forward kernel's K loop has no float conversion (checked in the dump, per config)."""
+    rows = [r for r in table if r["kernel"].startswith("conv3x3_fwd")]
+    assert rows and all("kloop_casts" in r for r in rows)
+    bad = [f"{r['kernel']} {r['variant']} {r['config']}: {r['kloop_casts']}" for r in rows
+           if r["kloop_casts"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_k_loop_cast_detector_sees_fp32_weights():
+    """Control: the same kernels fed fp32 weights (as launched before the fix) do show the
+    per-iteration cast, so the check above can fail."""
+    rows = sm90_table(["fastbegan.kernels.conv3x3:aot_specs_cast_control"], None, "")
+    assert {r["kernel"] for r in rows} == {"conv3x3_fwd_ptr", "conv3x3_fwd_tma"}
+    for r in rows:
+        assert any(c.startswith("arith.truncf") for c in r["kloop_casts"]), r
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="FASTBEGAN_AOT_OTHER_PYTHON (a Python with "
+                    "another Triton, e.g. the GPU machine's 3.6) is not set")
+def test_other_triton_version():
+    from fastbegan.kernels import aot as _aot
+    info = {}
+    rows = _aot.compile_table_subprocess(FACTORIES, python=OTHER_PYTHON, info=info)
+    _aot.write_table(RESULTS.with_name(f"sm90_resources_triton{info['triton_version']}.json"),
+                     rows, "forward conv3x3 kernels, as sm90_resources.json, compiled with "
+                     f"Triton {info['triton_version']}. Written by tests/test_sm90_compile.py "
+                     "with FASTBEGAN_AOT_OTHER_PYTHON set.", info["triton_version"])
+    assert not aot.table_violations(rows), "\n".join(aot.table_violations(rows))
+    assert not [r for r in rows if r["kernel"].startswith("conv3x3_fwd") and r["kloop_casts"]]
+
+
 def test_every_shipped_config_compiled(table):
     from fastbegan.kernels import conv3x3
     assert len(table) == len(conv3x3.aot_specs()) + len(conv3x3.aot_specs_fp32())
@@ -48,9 +85,11 @@ def test_every_shipped_config_compiled(table):
         expected = set(conv3x3.AOT_VARIANTS) - ({"upsample_9tap"} if kname.endswith("ptr")
                                                 else set())
         assert variants == expected, kname
-        n_cfg = len(conv3x3.PTR_CONFIGS_GPU if kname.endswith("ptr") else conv3x3.TMA_CONFIGS_GPU)
+        configs = conv3x3.PTR_CONFIGS_GPU if kname.endswith("ptr") else conv3x3.TMA_CONFIGS_GPU
+        n_wide = sum(c.kwargs["BLOCK_N"] > conv3x3.NARROW_N for c in configs)
         for v in expected:
             rows = [r for r in table if r["kernel"] == kname and _base(r["variant"]) == v]
+            n_cfg = len(configs) if v in ("plain", "linear") else n_wide   # narrow: C_out <= 16
             assert len(rows) >= n_cfg, (kname, v)
 
 

@@ -300,16 +300,23 @@ def check_second_gpu(rows, c: ConvCase, dtype) -> None:
                ref, time_it=False)
 
 
-def run_matrix(device: torch.device, dtypes, cases: list[ConvCase], log=None) -> list[Row]:
-    """Every check of the module docstring over ``cases`` and ``dtypes``."""
+def run_matrix(device: torch.device, dtypes, cases: list[ConvCase], log=None,
+               on_case=None) -> list[Row]:
+    """Every check of the module docstring over ``cases`` and ``dtypes``; ``log(line)``
+    after each case, ``on_case(rows)`` too (the command saves the JSON so far: a run cut
+    short by a time limit still leaves its rows)."""
     rows: list[Row] = []
     first = next(c for c in cases if c.name == "c_in3")
     last = next(c for c in cases if c.name == "c_out3")
     for dtype in dtypes:
         for c in cases:
+            n0 = len(rows)
             check_conv(rows, c, dtype, device)
             if log:
-                log(f"  {c.shape()} {str(dtype)[6:]}: {rows[-1].status}")
+                bad = [r.status for r in rows[n0:] if r.status not in ("pass", "skip")]
+                log(f"  {c.shape()} {str(dtype)[6:]}: {', '.join(bad) or 'pass'}")
+            if on_case:
+                on_case(rows)
         check_pair(rows, first, dtype, device)
         check_l1_pair(rows, last, dtype, device)
         check_upsample(rows, next(c for c in cases if c.upsample), dtype, device)
@@ -374,13 +381,19 @@ def doctor(out, resolutions, batch, dtypes):
                                "tl.dot is wrong, DESIGN 8): use --dtype fp16/fp32 on a CPU")
     cases = cpu_cases() if not cuda else _gpu_cases(resolutions, batch)
     t0 = time.perf_counter()
-    rows = run_matrix(device, dts, cases, log=lambda m: click.echo(m, err=True))
-    report = {"environment": environment(device), "seconds": round(time.perf_counter() - t0, 1),
-              "ok": all(r.status in ("pass", "skip") for r in rows),
-              "rows": [asdict(r) for r in rows]}
+    env = environment(device)
+
+    def save(rows, complete=False):
+        report = {"environment": env, "complete": complete,
+                  "seconds": round(time.perf_counter() - t0, 1),
+                  "ok": all(r.status in ("pass", "skip") for r in rows),
+                  "rows": [asdict(r) for r in rows]}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        return report
+    rows = run_matrix(device, dts, cases, log=lambda m: click.echo(m, err=True), on_case=save)
+    report = save(rows, complete=True)
     click.echo(format_table(rows))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=1) + "\n")
     bad = [r for r in rows if r.status not in ("pass", "skip")]
     click.echo(f"{len(rows) - len(bad)} of {len(rows)} rows pass ({report['seconds']} s); "
                f"table in {out}" + (f"; {len(bad)} FAIL/ERROR" if bad else ""))

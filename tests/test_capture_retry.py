@@ -51,9 +51,6 @@ def test_first_step_error_handling(fatal):
     def compiled(*args):
         raise err
 
-    class _Out(list):
-        pass
-
     def eager_fwd(*args):
         eager.append(args)
         t = torch.ones(2, requires_grad=True)

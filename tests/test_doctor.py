@@ -9,14 +9,24 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from testutil import DEVICE
+from testutil import DEVICE, requires_gpu
 from fastbegan import doctor
 from fastbegan.cli import main
 from fastbegan.kernels import conv3x3_bwd, interpreting
 
-pytestmark = [pytest.mark.skipif(not interpreting() or DEVICE != "cpu",
-                                 reason="the CPU matrix runs under the Triton interpreter"),
-              pytest.mark.usefixtures("one_thread")]
+needs_interpreter = pytest.mark.skipif(not interpreting() or DEVICE != "cpu",
+                                       reason="the CPU matrix runs under the Triton interpreter")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@requires_gpu
+def test_gpu_matrix_bf16_and_fp32_at_real_shapes():
+    """On a GPU: every path at the res-64 layer shapes (batch 4 to keep it short), bf16 and
+    fp32; the full res 64 + 128 matrix is `fastbegan doctor` (gpu_suite.sh)."""
+    cases = doctor.layer_cases(64, batch=4)
+    rows = doctor.run_matrix(torch.device("cuda"), [torch.bfloat16, torch.float32], cases)
+    bad = [r for r in rows if r.status not in ("pass", "skip")]
+    assert not bad, doctor.format_table(bad)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +35,7 @@ def rows():
                              doctor.cpu_cases())
 
 
+@needs_interpreter
 def test_cpu_matrix_passes(rows):
     bad = [r for r in rows if r.status not in ("pass", "skip")]
     assert not bad, doctor.format_table(bad)
@@ -33,6 +44,7 @@ def test_cpu_matrix_passes(rows):
     assert skipped == {("conv3x3_elu", "2x3x8x8->16", "tma")}
 
 
+@needs_interpreter
 def test_cpu_matrix_covers_every_op_and_path(rows):
     done = {(r.op, r.path, r.dtype) for r in rows if r.status == "pass"}
     for dt in ("float16", "float32"):
@@ -48,6 +60,7 @@ def test_cpu_matrix_covers_every_op_and_path(rows):
         assert any(mark in v for v in variants), mark
 
 
+@needs_interpreter
 def test_wrong_kernel_fails_the_doctor(monkeypatch, tmp_path):
     real = conv3x3_bwd.conv3x3_wgrad
 

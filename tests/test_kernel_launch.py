@@ -149,3 +149,26 @@ def test_autotune_cap_keeps_the_first_fitting_configs(monkeypatch):
     assert len(d) == 2 and all(c.kwargs["BLOCK_K"] == 16 for c in d)
     monkeypatch.setattr(common, "AUTOTUNE_MAX", 0)
     assert len(conv3x3._prune_ptr(conv3x3.PTR_CONFIGS_GPU, {"C_out": 128})) == 4
+
+
+def test_three_output_channels_get_narrow_tiles():
+    """C_out = 3 (to_rgb): forward BLOCK_N = 16 only, on both kernels; its dgrad (K = 9 x 3)
+    BLOCK_K = 16 only; wide layers never get the narrow configs."""
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    for prune, configs in ((conv3x3._prune_ptr, conv3x3.PTR_CONFIGS_GPU),
+                           (conv3x3._prune_tma, conv3x3.TMA_CONFIGS_GPU)):
+        args = dict(C_x=128, C_s=0, X_PHASE=False, S_PHASE=False)
+        narrow = prune(configs, dict(args, C_out=3))
+        wide = prune(configs, dict(args, C_out=128))
+        assert narrow and {c.kwargs["BLOCK_N"] for c in narrow} == {16}
+        assert wide and min(c.kwargs["BLOCK_N"] for c in wide) >= 64
+    d3 = conv3x3_bwd._prune_dgrad(conv3x3_bwd.DGRAD_CONFIGS, {"C": 128, "Co": 3, "y_ptr": bf16})
+    assert {c.kwargs["BLOCK_K"] for c in d3} == {16}
+    assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in d3) == 128 * 128
+    d128 = conv3x3_bwd._prune_dgrad(conv3x3_bwd.DGRAD_CONFIGS,
+                                    {"C": 128, "Co": 128, "y_ptr": bf16})
+    assert min(c.kwargs["BLOCK_K"] for c in d128) >= 32
+    # the encoder's first conv: 3 source channels, no config fits -> the small fallback
+    assert conv3x3_bwd._prune_dgrad(conv3x3_bwd.DGRAD_CONFIGS,
+                                    {"C": 3, "Co": 128, "y_ptr": bf16}) == \
+        conv3x3_bwd.DGRAD_CONFIGS[-1:]

@@ -40,7 +40,7 @@ import torch
 
 __all__ = ["KernelFallbackWarning", "KernelFatalError", "set_verify", "verify_enabled",
            "set_strict", "run",
-           "decisions", "reset", "max_rel_error", "shape_key", "REL_TOL"]
+           "decisions", "reset", "max_rel_error", "shape_key", "describe", "REL_TOL"]
 
 # max |got - want| / max |want| accepted when verifying a path against the reference, per
 # compute dtype: bf16 has 8 mantissa bits (outputs rounded: 2**-9 relative, plus a
@@ -88,18 +88,37 @@ def reset() -> None:
 
 def decisions() -> dict:
     """``{"op shape": path}`` for every key decided so far, and the dropped paths."""
-    return {"chosen": {f"{op} {key}": p for (op, key), p in _chosen.items()},
+    return {"chosen": {f"{op} {describe(key)}": p for (op, key), p in _chosen.items()},
             "dropped": list(_events)}
 
 
-def shape_key(**parts) -> str:
-    """A readable key of an op's call: tensors as ``NxCxHxW:dtype``, flags that are set."""
-    def fmt(v):
+def shape_key(**parts) -> tuple:
+    """The key of an op's call: tensors as (shape, dtype), flags that are set, other values
+    as they are. A tuple (cheap: it is built on every eager call); :func:`describe` makes
+    it readable."""
+    key = []
+    for k, v in parts.items():
+        if v is None or v is False:
+            continue
         if isinstance(v, torch.Tensor):
-            return "x".join(map(str, v.shape)) + ":" + str(v.dtype).replace("torch.", "")
-        return str(v)
-    return " ".join(k if v is True else f"{k}={fmt(v)}" for k, v in parts.items()
-                    if v is not None and v is not False)
+            v = (tuple(v.shape), v.dtype)
+        key.append((k, v))
+    return tuple(key)
+
+
+def describe(key) -> str:
+    """``x=2x8x4x4:float32 weight=... upsample device=cpu`` for a :func:`shape_key`."""
+    if not isinstance(key, tuple):
+        return str(key)
+    out = []
+    for k, v in key:
+        if v is True:
+            out.append(k)
+        elif isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
+            out.append(f"{k}={'x'.join(map(str, v[0]))}:{str(v[1]).replace('torch.', '')}")
+        else:
+            out.append(f"{k}={v}")
+    return " ".join(out)
 
 
 def max_rel_error(got, want) -> float:
@@ -145,8 +164,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _drop(op: str, key, path: str, why: str, next_path: str | None) -> None:
-    _events.append({"op": op, "shape": str(key), "path": path, "error": why})
-    warnings.warn(f"fastbegan: {op} {key}: dropped the {path} path ({why}); using "
+    _events.append({"op": op, "shape": describe(key), "path": path, "error": why})
+    warnings.warn(f"fastbegan: {op} {describe(key)}: dropped the {path} path ({why}); using "
                   f"{next_path or 'nothing'}", KernelFallbackWarning, stacklevel=4)
 
 
@@ -169,7 +188,7 @@ def _try(op, key, name, fn, ref, device, verify):
         sticky = _sticky_cuda_error(device)
         if sticky is not None:
             raise KernelFatalError(
-                f"fastbegan: {op} {key}: the {name} path hit a CUDA error that leaves the GPU "
+                f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that leaves the GPU "
                 f"unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
                 "checkpoint is intact. Rerun with FASTBEGAN_CONV_KERNEL=ptr, or --backend "
                 "torch, and please report it with the output of `fastbegan doctor`.") from e
@@ -190,7 +209,7 @@ def _race(paths, device) -> list:
     return [(n, f) for _, n, f in timed] + list(paths[2:])
 
 
-def run(op: str, key: str, paths: Sequence[tuple[str, Callable]], device: torch.device,
+def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torch.device,
         race: bool = False, reference: Callable | None = None):
     """The result of the path in use for ``(op, key)``, deciding it on the first call.
 
@@ -214,7 +233,7 @@ def run(op: str, key: str, paths: Sequence[tuple[str, Callable]], device: torch.
         if _verify and name != "torch":
             err, tol = max_rel_error(out, ref()), REL_TOL.get(_dtype_of(out), 1e-2)
             if not err <= tol:
-                raise AssertionError(f"{op} {key}: {name} path: max relative error {err:.3g} "
+                raise AssertionError(f"{op} {describe(key)}: {name} path: max relative error {err:.3g} "
                                      f"> {tol:g} against the reference")
         return out
     if race and device.type == "cuda" and len(paths) > 2:
@@ -225,5 +244,5 @@ def run(op: str, key: str, paths: Sequence[tuple[str, Callable]], device: torch.
             _chosen[(op, key)] = name
             return out
         _drop(op, key, name, why, paths[i + 1][0] if i + 1 < len(paths) else None)
-    raise RuntimeError(f"fastbegan: {op} {key}: every path failed, the torch reference "
+    raise RuntimeError(f"fastbegan: {op} {describe(key)}: every path failed, the torch reference "
                        f"included ({_events[-1]['error']})")

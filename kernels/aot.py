@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of Triton kernels for Hopper (sm_90), without a GPU.
 
-Used by tests/test_sm90_compile.py to check that every shipped autotune config compiles
+Used by tests/test_sm90_compile_fwd.py to check that every shipped autotune config compiles
 for the H100 without register spills and within its shared-memory limit (DESIGN 8).
 
     from fastbegan.kernels.aot import compile_for_sm90, sm90_unavailable_reason

@@ -79,7 +79,7 @@ def _cfg(bm, bn, bk, warps, stages):
                          num_stages=stages)
 
 
-# Shipped GPU configs (every one is compiled for sm_90 by tests/test_sm90_compile.py).
+# Shipped GPU configs (every one is compiled for sm_90 by tests/test_sm90_compile_fwd.py).
 PTR_CONFIGS_GPU = [
     _cfg(128, 128, 32, 8, 3),
     _cfg(128, 64, 32, 4, 3),
@@ -766,7 +766,7 @@ def upsample_nearest2x_fwd(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/test_sm90_compile.py, kernels/aot.py)
+# Ahead-of-time compile specs (tests/test_sm90_compile_fwd.py, kernels/aot.py)
 # ----------------------------------------------------------------------------------------
 # name -> (UPSAMPLE, STRIDE, HAS_SKIP, ACTIVATION)
 AOT_VARIANTS = {
@@ -862,7 +862,7 @@ def aot_specs(act_dtype: str = "bf16", weight_dtype: str | None = None, variants
 
 
 def aot_specs_cast_control():
-    """Control for the K-loop cast check (tests/test_sm90_compile.py): the plain variant's
+    """Control for the K-loop cast check (tests/test_sm90_compile_fwd.py): the plain variant's
     first config of each kernel with fp32 weights and bf16 activations, i.e. weights cast
     inside the K loop, as the kernels were launched before :func:`kernel_weight`."""
     specs = aot_specs("bf16", "fp32", variants=("plain",), helpers=False)

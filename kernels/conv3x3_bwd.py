@@ -98,7 +98,7 @@ DGRAD_CONFIGS = [
     # decoder's 3-channel to_rgb conv, whose dgrad has K = 9 taps x 3 channels; the last
     # one is also the fallback for 3-channel sources (the encoder's first conv)
     _cfg(128, 128, 16, 8, 3),
-    _cfg(128, 64, 16, 4, 4),
+    _cfg(128, 64, 16, 8, 3),      # 4 warps: 255 registers, spills in the L1 mode
     _cfg(64, 32, 16, 4, 3),
 ]
 # wgrad: BLOCK_M output channels x BLOCK_N source channels, K step BLOCK_K pixels.

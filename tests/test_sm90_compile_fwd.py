@@ -34,11 +34,12 @@ def _base(variant: str) -> str:
 @pytest.fixture(scope="module")
 def table():
     return sm90_table(FACTORIES, RESULTS,
-                      "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): "
-                      "registers/thread, shared memory/block (bytes), spill bytes (ptxas -v), "
-                      "one row per shipped autotune config and variant; bf16 activations with fp32 "
-                      "weights unless the variant ends in /fp32 (fp32 activations and weights). "
-                      "Written by tests/test_sm90_compile.py.")
+                      "forward conv3x3 kernels compiled ahead of time for sm_90 (no GPU): registers/thread, "
+                      "shared memory/block (bytes), spill bytes (ptxas -v), one row per shipped autotune "
+                      "config and variant; bf16 activations and weights (the launcher casts fp32 master "
+                      "weights once per call) unless the variant ends in /fp32 (fp32 activations and "
+                      "weights); kloop_casts: float conversions inside the K loop of the TTGIR (none "
+                      "expected). Written by tests/test_sm90_compile_fwd.py.")
 
 
 def test_no_weight_cast_in_the_k_loop(table):
@@ -63,12 +64,11 @@ def test_k_loop_cast_detector_sees_fp32_weights():
 @pytest.mark.skipif(not OTHER_PYTHON, reason="FASTBEGAN_AOT_OTHER_PYTHON (a Python with "
                     "another Triton, e.g. the GPU machine's 3.6) is not set")
 def test_other_triton_version():
-    from fastbegan.kernels import aot as _aot
     info = {}
-    rows = _aot.compile_table_subprocess(FACTORIES, python=OTHER_PYTHON, info=info)
-    _aot.write_table(RESULTS.with_name(f"sm90_resources_triton{info['triton_version']}.json"),
+    rows = aot.compile_table_subprocess(FACTORIES, python=OTHER_PYTHON, info=info)
+    aot.write_table(RESULTS.with_name(f"sm90_resources_triton{info['triton_version']}.json"),
                      rows, "forward conv3x3 kernels, as sm90_resources.json, compiled with "
-                     f"Triton {info['triton_version']}. Written by tests/test_sm90_compile.py "
+                     f"Triton {info['triton_version']}. Written by tests/test_sm90_compile_fwd.py "
                      "with FASTBEGAN_AOT_OTHER_PYTHON set.", info["triton_version"])
     assert not aot.table_violations(rows), "\n".join(aot.table_violations(rows))
     assert not [r for r in rows if r["kernel"].startswith("conv3x3_fwd") and r["kloop_casts"]]

@@ -326,7 +326,8 @@ def run_matrix(device: torch.device, dtypes, cases: list[ConvCase], log=None,
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'op':34s} {'shape':28s} {'path':9s} {'dtype':9s} {'max rel err':>11s} {'ms/call':>9s}  status"
+    head = (f"{'op':34s} {'shape':28s} {'path':9s} {'dtype':9s} {'max rel err':>11s} "
+            f"{'ms/call':>9s}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.2e}"

@@ -169,14 +169,14 @@ def _drop(op: str, key, path: str, why: str, next_path: str | None) -> None:
                   f"{next_path or 'nothing'}", KernelFallbackWarning, stacklevel=4)
 
 
-def _try(op, key, name, fn, ref, device, verify):
+def _try(op, key, name, fn, ref, device, verify, dtype):
     """(result, None) or (None, why) for one path's first call."""
     try:
         out = fn()
         if verify and name != "torch":
             want = ref()
             err = max_rel_error(out, want)
-            tol = REL_TOL.get(_dtype_of(want), 1e-2)
+            tol = REL_TOL.get(dtype or _dtype_of(want), 1e-2)
             if not err <= tol:     # also catches NaN
                 return None, f"max relative error {err:.3g} > {tol:g} against the reference"
         elif device.type == "cuda" and not _capturing():
@@ -188,8 +188,8 @@ def _try(op, key, name, fn, ref, device, verify):
         sticky = _sticky_cuda_error(device)
         if sticky is not None:
             raise KernelFatalError(
-                f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that leaves the GPU "
-                f"unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
+                f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that "
+                f"leaves the GPU unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
                 "checkpoint is intact. Rerun with FASTBEGAN_CONV_KERNEL=ptr, or --backend "
                 "torch, and please report it with the output of `fastbegan doctor`.") from e
         return None, _one_line(e)
@@ -210,13 +210,15 @@ def _race(paths, device) -> list:
 
 
 def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torch.device,
-        race: bool = False, reference: Callable | None = None):
+        race: bool = False, reference: Callable | None = None, dtype: torch.dtype | None = None):
     """The result of the path in use for ``(op, key)``, deciding it on the first call.
 
     ``paths``: ``[(name, thunk), ...]`` fastest first, the last one the torch reference
     ("torch"). ``reference``: a thunk returning the reference result in fresh tensors, to
     verify against (default: the last path). ``race``: on a CUDA device, time the first
-    two paths and put the faster first (when both run).
+    two paths and put the faster first (when both run). ``dtype``: the compute dtype
+    whose :data:`REL_TOL` applies (default: the result's; weight gradients come back in
+    the weights' fp32 but are computed from bf16 activations).
     """
     device = torch.device(device)
     chosen = _chosen.get((op, key))
@@ -231,15 +233,15 @@ def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torc
         name, fn = paths[0]
         out = fn()
         if _verify and name != "torch":
-            err, tol = max_rel_error(out, ref()), REL_TOL.get(_dtype_of(out), 1e-2)
+            err, tol = max_rel_error(out, ref()), REL_TOL.get(dtype or _dtype_of(out), 1e-2)
             if not err <= tol:
-                raise AssertionError(f"{op} {describe(key)}: {name} path: max relative error {err:.3g} "
-                                     f"> {tol:g} against the reference")
+                raise AssertionError(f"{op} {describe(key)}: {name} path: max relative "
+                                     f"error {err:.3g} > {tol:g} against the reference")
         return out
     if race and device.type == "cuda" and len(paths) > 2:
         paths = _race(list(paths), device)
     for i, (name, fn) in enumerate(paths):
-        out, why = _try(op, key, name, fn, ref, device, _verify)
+        out, why = _try(op, key, name, fn, ref, device, _verify, dtype)
         if why is None:
             _chosen[(op, key)] = name
             return out

@@ -73,7 +73,7 @@ def conv3x3_wgrad(dy: Tensor, y: Tensor | None, x: Tensor, skip: Tensor | None,
                                                           need_bias=True)),
             ("torch", lambda: reference.conv3x3_wgrad_ref(dy, y, x, skip, weight, wgrad_scale,
                                                           upsample, stride)),
-        ], dy.device)
+        ], dy.device, dtype=dy.dtype)
 
 
 @conv3x3_wgrad.register_fake

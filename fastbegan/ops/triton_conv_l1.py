@@ -79,7 +79,8 @@ def _dgrad_op(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tens
     with device_guard(h.device):
         dh, dxr, dxf = fallback.run("conv3x3_l1_dgrad", key, [
             ("triton", lambda: conv3x3_bwd.conv3x3_l1_dgrad(*args)),
-            ("torch", lambda: reference.conv3x3_l1_dgrad_ref(*args))], h.device)
+            ("torch", lambda: reference.conv3x3_l1_dgrad_ref(*args))], h.device,
+            dtype=h.dtype)
     return (dh, dxr if dxr is not None else y.new_empty((0,)),
             dxf if dxf is not None else y.new_empty((0,)))
 
@@ -102,7 +103,8 @@ def _wgrad_op(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tens
     with device_guard(h.device):
         return fallback.run("conv3x3_l1_wgrad", key, [
             ("triton", lambda: conv3x3_bwd.conv3x3_l1_wgrad(*args)),
-            ("torch", lambda: reference.conv3x3_l1_wgrad_ref(*args))], h.device)
+            ("torch", lambda: reference.conv3x3_l1_wgrad_ref(*args))], h.device,
+            dtype=h.dtype)
 
 
 @_wgrad_op.register_fake

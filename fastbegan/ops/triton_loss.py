@@ -102,16 +102,16 @@ def _launch_forward(xa: Tensor, xb: Tensor, recon: Tensor, n: int, halves: int,
     part = torch.empty((halves, parts), device=dev, dtype=torch.float32)
     out = torch.empty((halves,) if halves == 2 else (), device=dev, dtype=torch.float32)
     l1_loss.l1_partial_kernel[(parts, halves)](xa, xb, recon, part, n, parts, HALVES=halves,
-                                          BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                                               BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     update = k is not None
     if update:
         k_next = torch.empty((), device=dev, dtype=torch.float32)
         m = torch.empty((), device=dev, dtype=torch.float32)
     else:
         k, k_next, m = out, out, out  # unused pointers (UPDATE is False)
-    l1_loss.l1_finalize_kernel[(1,)](part, out, n, parts, k, k_next, m, float(gamma), float(lambda_k),
-                                HALVES=halves, UPDATE=update,
-                                BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
+    l1_loss.l1_finalize_kernel[(1,)](part, out, n, parts, k, k_next, m, float(gamma),
+                                     float(lambda_k), HALVES=halves, UPDATE=update,
+                                     BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
     return (out, k_next, m) if update else out
 
 

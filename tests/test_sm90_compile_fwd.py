@@ -72,6 +72,9 @@ def test_other_triton_version():
                      "with FASTBEGAN_AOT_OTHER_PYTHON set.", info["triton_version"])
     assert not aot.table_violations(rows), "\n".join(aot.table_violations(rows))
     assert not [r for r in rows if r["kernel"].startswith("conv3x3_fwd") and r["kloop_casts"]]
+    control = aot.compile_table_subprocess(["fastbegan.kernels.conv3x3:aot_specs_cast_control"],
+                                           python=OTHER_PYTHON)
+    assert all(any(c.startswith("arith.truncf") for c in r["kloop_casts"]) for r in control)
 
 
 def test_every_shipped_config_compiled(table):

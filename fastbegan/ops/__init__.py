@@ -8,7 +8,9 @@ Every op has two implementations with identical signatures and semantics:
   when ``TRITON_INTERPRET=1``, which the tests use).
 
 ``set_backend("auto")`` picks ``triton`` on a CUDA GPU that Triton supports, otherwise
-``torch`` with a one-time warning. The model calls only the functions below.
+``torch`` with a one-time warning. The model calls only the functions below. On triton,
+each op falls back per shape to a slower path (down to the torch reference) when a kernel
+fails, with one warning line (:mod:`.fallback`, ``set_verify_kernels``).
 
 Layout convention: activations are logical NCHW tensors in channels_last memory format;
 weights are logical ``(C_out, C_in, 3, 3)`` tensors (fastbegan's own model keeps them

@@ -5,20 +5,31 @@
 #
 # On a fresh GPU machine with torch and triton already installed (no internet):
 #   1. installs the project without touching torch (pip --no-deps --no-build-isolation -e .)
-#   2. runs the test suite on the GPU            (pytest tests -x -q, TRITON_INTERPRET unset)
-#   3. a short training run at res 128           (fastbegan train --res 128 --steps N)
-#   4. the benchmarks                             (pytest benchmarks/, budgeted to the time left)
+#   2. fastbegan doctor: every kernel path vs the torch reference at the real layer shapes
+#      (res 64 and 128, bf16 and fp32); its compiles and autotuning are this stage's time,
+#      and its autotune results (cached on disk) serve the later stages
+#   3. runs the test suite on the GPU            (pytest tests -x -q, TRITON_INTERPRET unset)
+#   4. a short training run at res 128           (fastbegan train --res 128 --steps N
+#      --verify-kernels); the summary splits its warm-up (compile, autotune, capture: the
+#      first log interval) from the steps/s after warm-up
+#   5. the benchmarks                             (pytest benchmarks/, budgeted to the time left)
 # and leaves few files in OUTDIR (the device tool brings back at most 8):
 #   summary.txt               stage, exit code, seconds (also printed)
+#   doctor.json               the doctor's table (written as it goes: complete=false if cut)
 #   <device>-<date>.json/.md  benchmark results (copied from the run's results folder)
 #   samples.png               the training run's newest sample grid
 #   logs.tar.gz               every stage's log, the run's metrics.jsonl, pytest-benchmark json
 #
 # Each stage runs under `timeout` (SIGINT first, so pytest still writes its results), and
 # the whole script stays under TOTAL_S (default 470 s): a stage gets min(its limit, time
-# left). Tunables (environment): TOTAL_S, T_INSTALL, T_TESTS, T_TRAIN, T_BENCH,
-# TRAIN_STEPS, TRAIN_ARGS, PYTHON, FASTBEGAN_BENCH_COMPILE_BUDGET_S, SKIP_TESTS=1,
-# SKIP_TRAIN=1, SKIP_BENCH=1.
+# left). Tunables (environment): TOTAL_S, T_INSTALL, T_DOCTOR, T_TESTS, T_TRAIN, T_BENCH,
+# TRAIN_STEPS, TRAIN_ARGS, PYTHON, FASTBEGAN_BENCH_COMPILE_BUDGET_S, SKIP_DOCTOR=1,
+# SKIP_TESTS=1, SKIP_TRAIN=1, SKIP_BENCH=1.
+#
+# Autotuning from a cold start: FASTBEGAN_AUTOTUNE_MAX (default 2 here) keeps, per tuning
+# key, the first 2 configs that fit the shape; every config list is written best-first for
+# the H100 (largest tiles that fit first), so this keeps the largest fitting tiles and
+# halves (or better) the timings a cold start makes. FASTBEGAN_AUTOTUNE_MAX=0 tunes all.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR}
@@ -29,9 +40,10 @@ cd "$REPO" || exit 2
 PY=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-470}
 T_INSTALL=${T_INSTALL:-45}
-T_TESTS=${T_TESTS:-110}
-T_TRAIN=${T_TRAIN:-75}
-T_BENCH=${T_BENCH:-230}
+T_DOCTOR=${T_DOCTOR:-140}
+T_TESTS=${T_TESTS:-80}
+T_TRAIN=${T_TRAIN:-90}
+T_BENCH=${T_BENCH:-170}
 TRAIN_STEPS=${TRAIN_STEPS:-400}
 T0=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastbegan-gpu-suite.XXXXXX")
@@ -42,6 +54,7 @@ SUMMARY=$OUT/summary.txt
 
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
+export FASTBEGAN_AUTOTUNE_MAX=${FASTBEGAN_AUTOTUNE_MAX:-2}
 export FASTBEGAN_CACHE=$WORK/cache          # procedural data cache, outside the repo
 export FASTBEGAN_BENCH_RESULTS=$WORK/results  # this run's results only
 
@@ -113,18 +126,52 @@ timeout 150 "$PY" -c "from fastbegan.data import load_procedural; print(load_pro
     > "$LOGS/data.log" 2>&1 &
 DATA_PID=$!
 
-# --- 2. tests on the GPU
+# --- 2. doctor: every kernel path against the reference (first: it also warms the caches)
+if [[ "${SKIP_DOCTOR:-0}" != 1 ]]; then
+    stage doctor "$T_DOCTOR" "$PY" -m fastbegan doctor --out "$OUT/doctor.json"
+    "$PY" - "$OUT/doctor.json" <<'PYEOF' | tee -a "$SUMMARY"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"doctor: no table ({e})"); sys.exit(0)
+rows = r["rows"]; bad = [x for x in rows if x["status"] not in ("pass", "skip")]
+print(f"doctor: {len(rows) - len(bad)}/{len(rows)} rows pass in {r['seconds']} s"
+      f"{'' if r.get('complete') else ' (cut short)'}")
+for x in bad[:12]:
+    print(f"         | {x['status']} {x['op']} {x['shape']} {x['path']} {x['dtype']} {x['note']}")
+PYEOF
+fi
+
+# --- 3. tests on the GPU
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     stage tests "$T_TESTS" "$PY" -m pytest tests -x -q -p no:cacheprovider --durations=15
 fi
 
-# --- 3. short training run at res 128 (defaults otherwise: the user's `fastbegan train --res 128`)
+# --- 4. short training run at res 128 (defaults otherwise: the user's `fastbegan train --res 128`)
 if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
     wait "$DATA_PID" 2>/dev/null
     RUN=$WORK/run128
     # shellcheck disable=SC2086
     stage train "$T_TRAIN" "$PY" -m fastbegan train --res 128 --steps "$TRAIN_STEPS" --out "$RUN" \
-        --sample-every 100 --ckpt-every 200 --log-every 50 --no-progress ${TRAIN_ARGS:-}
+        --sample-every 100 --ckpt-every 200 --log-every 25 --no-progress --verify-kernels \
+        ${TRAIN_ARGS:-}
+    # warm-up (the first log interval: compile, autotune, graph capture) vs steps/s after it
+    "$PY" - "$RUN/metrics.jsonl" <<'PYEOF' | tee -a "$SUMMARY"
+import json, statistics, sys
+try:
+    rows = [json.loads(line) for line in open(sys.argv[1])]
+except Exception as e:
+    print(f"train: no metrics ({e})"); sys.exit(0)
+if rows:
+    first = rows[0]
+    print(f"train: first {first['step']} steps (warm-up: compile, autotune, capture) took "
+          f"{first['step'] / max(first['steps_per_s'], 1e-9):.1f} s")
+if len(rows) > 1:
+    sps = [r["steps_per_s"] for r in rows[1:]]
+    print(f"train: after warm-up {statistics.median(sps):.1f} steps/s "
+          f"({1000 / statistics.median(sps):.2f} ms/step; median of {len(sps)} log intervals)")
+PYEOF
     PNG=$(ls -t "$RUN"/samples/fake_*.png 2>/dev/null | head -n 1)
     if [[ -z "$PNG" ]]; then  # cut short before the first grid: sample from the newest checkpoint
         CK=$(ls -t "$RUN"/checkpoints/*.safetensors 2>/dev/null | head -n 1)
@@ -142,7 +189,7 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
 fi
 kill "$DATA_PID" 2>/dev/null
 
-# --- 4. benchmarks, budgeted to the time left
+# --- 5. benchmarks, budgeted to the time left
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     L=$(left); LIM=$T_BENCH
     (( L - 25 < LIM )) && LIM=$(( L - 25 ))
@@ -159,7 +206,7 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     done
 fi
 
-# --- 5. logs: one archive (no checkpoints, no data cache)
+# --- 6. logs: one archive (no checkpoints, no data cache)
 say "total $(( $(date +%s) - T0 ))s"
 cp "$SUMMARY" "$LOGS/summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null

@@ -13,6 +13,7 @@ import click
 
 from . import research_cli
 from .bench.cli import bench
+from .doctor import doctor
 from .errors import user_errors
 
 
@@ -106,17 +107,23 @@ def main():
               help="Train with the reference step (two backward passes, the definition of correctness) "
                    "instead of the fused single-pass step.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option("--verify-kernels", is_flag=True,
+              help="Triton backend: check the first call of every kernel and shape against the "
+                   "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
-          reference_step=False):
+          reference_step=False, verify_kernels=False):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
+    from . import ops
     from .distributed import is_main_process
     from .train import TrainConfig, resolve_device, train as run_training
+    if verify_kernels:
+        ops.set_verify_kernels(True)
     dev = resolve_device(device)
     main_rank = is_main_process()
     if steps is None:
@@ -203,6 +210,7 @@ def prepare(folder, res, out):
 
 
 main.add_command(bench)  # fastbegan/bench/cli.py
+main.add_command(doctor)  # fastbegan/doctor.py
 for _command in research_cli.COMMANDS:  # interpolate, eval, plot
     main.add_command(_command)
 

@@ -28,6 +28,7 @@ from torch import fx
 
 from . import ops
 from .nn import Conv2dELU, _has_hooks, conv2d_support
+from .ops import reference
 
 __all__ = ["optimize", "OptimizeReport", "Replacement", "Skipped", "compile_backend",
            "rewrite_graph", "RewriteReport", "compile_reports"]
@@ -223,7 +224,7 @@ def optimize(model: _nn.Module, *, inplace: bool = False,
         raise TypeError(f"fastbegan.optimize expects an nn.Module, got {type(model).__name__}")
     if backend == "auto":
         ok, why = ops.triton_status()
-        if ok and os.environ.get("TRITON_INTERPRET") == "1":
+        if ok and ops.interpreting():
             ok, why = False, ("only the Triton interpreter is available, which 'auto' never "
                               "picks (backend='triton' uses it)")
         if not ok:
@@ -595,7 +596,9 @@ def _insert_fused(gm: fx.GraphModule, node: fx.Node, conv: _Conv, x: Any, *, ups
             # autocast region: the conv computed in conv_val.dtype
             x = graph.call_method("to", (x, conv_val.dtype))
             _copy_meta(x, torch.empty_like(in_val, dtype=conv_val.dtype))
-        fused = graph.call_function(ops.conv3x3_elu, (x, w, b), {
+        # triton: the fused kernel; otherwise the reference math (the replaced modules' results)
+        target = ops.conv3x3_elu if backend == "triton" else reference.conv3x3_elu_ref
+        fused = graph.call_function(target, (x, w, b), {
             "upsample": upsample, "stride": conv.stride, "activation": activation})
         result = fused
         if backend == "triton" and isinstance(out_val, torch.Tensor):
@@ -613,7 +616,7 @@ _warned_reference = False
 def _choose_backend(example_inputs) -> str:
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     on_cuda = any(t.device.type == "cuda" for t in tensors)
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = ops.interpreting()
     if ops.get_backend() == "triton" and (on_cuda or interp):
         return "triton"
     ok, _ = ops.triton_status()

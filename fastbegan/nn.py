@@ -12,7 +12,6 @@ input costs two activation-sized copies, so run the model in channels_last.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as _nn
@@ -25,7 +24,7 @@ __all__ = ["Conv2dELU", "conv2d_support"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once, like the kernels do (triton.jit reads it at import), and dynamo-friendly.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = ops.interpreting()
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -168,7 +167,9 @@ class Conv2dELU(_nn.Module):
         kw = dict(upsample=self.upsample, stride=self.stride[0], activation=self.activation,
                   skip=skip)
         if ops.get_backend() != "triton":
-            return ops.conv3x3_elu(x, self.weight, self.bias, **kw)
+            # the reference itself (not the torch backend's training conv): the same results
+            # as the modules it replaced, and plain conv2d/elu for torch.compile's pass to find
+            return reference.conv3x3_elu_ref(x, self.weight, self.bias, **kw)
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.is_floating_point():
             dt = torch.get_autocast_dtype(dev)

@@ -270,6 +270,8 @@ class FusedStep:
                 autocompile.record_compile_s(autocompile.config_key(self.tr.cfg, self.device),
                                              self.compile_s)
                 return out
+            except ops.KernelFatalError:
+                raise  # the GPU is unusable: not a compile problem, no eager retry
             except Exception as e:
                 self._forward, self._compile_pending = self._forward_eager, False
                 warnings.warn(f"fastbegan: torch.compile of the training step's forward (mode "
@@ -317,14 +319,34 @@ class FusedStep:
                 return vals
             try:
                 self._capture()
+            except ops.KernelFatalError:
+                raise
             except Exception as e:  # keep training: eager steps are the same steps
-                self.cuda_graph = False
-                warnings.warn(f"fastbegan: CUDA graph capture of the training step failed "
-                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
-                              "continuing with eager steps", stacklevel=3)
-                return self._device_step(zero_grad=True)
+                return self._capture_failed(e)
         self._graph.replay()
         return self._static
+
+    def _capture_failed(self, e: Exception) -> dict[str, Tensor]:
+        """First failure: re-warm (``warmup`` eager steps) and capture again. Second: eager
+        steps for good, with the eager rate in the warning (what the graph would have
+        saved is launch overhead on top of it). Either way this call is an eager step."""
+        why = f"{e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        self.reset_graph()
+        if not getattr(self, "_capture_retried", False):
+            self._capture_retried = True
+            warnings.warn(f"fastbegan: CUDA graph capture of the training step failed ({why}); "
+                          f"re-warming ({self.warmup} eager steps) and capturing once more",
+                          stacklevel=4)
+            return self._graph_step()
+        self.cuda_graph = False
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        vals = self._device_step(zero_grad=True)
+        torch.cuda.synchronize(self.device)
+        warnings.warn(f"fastbegan: CUDA graph capture of the training step failed twice ({why}); "
+                      f"continuing with eager steps at {1 / (time.perf_counter() - t0):.1f} "
+                      "steps/s", stacklevel=4)
+        return vals
 
     def _capture(self) -> None:
         tr = self.tr

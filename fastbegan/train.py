@@ -521,8 +521,8 @@ class Trainer:
         else:
             self.write_samples()
         if self.dist.is_main:
-            try:  # RUN_DIR/metrics.png; never fails training (matplotlib is optional)
-                from .plots import plot_run
+            from .plots import plot_run
+            try:  # RUN_DIR/metrics.png; a plotting problem never fails a finished run
                 plot_run(out)
             except Exception as e:
                 self.log(f"no metrics plot: {e}")

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of Triton kernels for Hopper (sm_90), without a GPU.
 
-Used by tests/test_sm90_compile.py to check that every shipped autotune config compiles
+Used by tests/test_sm90_compile_fwd.py to check that every shipped autotune config compiles
 for the H100 without register spills and within its shared-memory limit (docs/design.md §8).
 
     from fastbegan.kernels.aot import compile_for_sm90, sm90_unavailable_reason
@@ -235,12 +235,42 @@ def compile_for_sm90(jit_fn, signature: dict, constexprs: dict, num_warps: int =
         "spill_loads": px.get("spill_loads"),
         "uses_wgmma": "wgmma" in ptx,
         "uses_tma": "cp.async.bulk.tensor" in ptx,
+        "kloop_casts": kloop_casts(compiled.asm.get("ttgir", "")),
     }
     if res["spill_stores"] is not None:
         res["spill_bytes"] = res["spill_stores"] + res["spill_loads"]
     else:
         res["spill_bytes"] = cu.get("LOCAL", 0)
     return res
+
+
+_CAST_OPS = ("arith.truncf", "arith.extf", "tt.fp_to_fp")
+_DOT_OPS = ("tt.dot ", "tt.dot_scaled", "ttng.warp_group_dot ")
+
+
+def kloop_casts(ttgir: str) -> list[str]:
+    """Float conversions inside the loops that contain a dot (the K loops) of a TTGIR
+    dump: one ``"op: operand type"`` string per conversion (``[]``: none). A conversion
+    there is a per-iteration cast of a tile (e.g. fp32 weights to bf16 before the MMA),
+    which on Hopper goes shared -> registers -> convert -> shared and waits for the MMA."""
+    lines = ttgir.splitlines()
+    found, i = [], 0
+    while i < len(lines):
+        if "scf.for" in lines[i] and lines[i].rstrip().endswith("{"):
+            depth, j = 1, i + 1
+            while j < len(lines) and depth:
+                depth += lines[j].count("{") - lines[j].count("}")
+                j += 1
+            body = lines[i + 1:j]
+            if any(d in ln for ln in body for d in _DOT_OPS):
+                for ln in body:
+                    for op in _CAST_OPS:
+                        if op in ln:
+                            found.append(f"{op}: {ln.split(':', 1)[-1].strip()[:80]}")
+            i = j
+        else:
+            i += 1
+    return found
 
 
 def check_resources(res: dict) -> list[str]:
@@ -273,7 +303,8 @@ def _compile_one(factory: str, i: int) -> dict:
                            sp["num_stages"], divisible_by_16=sp.get("divisible_by_16", ()))
     row = {"kernel": sp["kernel"], "variant": sp["variant"], "config": sp["config"]}
     row.update({k: res[k] for k in ("registers", "shared_bytes", "spill_bytes", "spill_stores",
-                                    "spill_loads", "local_bytes", "uses_tma", "uses_wgmma")})
+                                    "spill_loads", "local_bytes", "uses_tma", "uses_wgmma",
+                                    "kloop_casts")})
     row["problems"] = check_resources(res)
     return row
 
@@ -299,16 +330,19 @@ class Sm90Unavailable(RuntimeError):
 
 
 def compile_table_subprocess(factories: list[str], workers: int | None = None,
-                             timeout: float = 600) -> list[dict]:
+                             timeout: float = 1500, python: str | None = None,
+                             info: dict | None = None) -> list[dict]:
     """:func:`compile_table` for each factory, run in a fresh Python without
-    TRITON_INTERPRET (usable from the interpreter-mode test suite). Raises
-    :class:`Sm90Unavailable` if this Triton cannot compile for sm_90 here, RuntimeError
+    TRITON_INTERPRET (usable from the interpreter-mode test suite); ``python``: another
+    interpreter (e.g. a venv with another Triton version) with fastbegan importable.
+    ``info``: a dict that receives the child's ``triton_version``. Raises
+    :class:`Sm90Unavailable` if that Triton cannot compile for sm_90 here, RuntimeError
     with the child's output if compiling fails."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "table.json")
-        cmd = [sys.executable, "-m", "fastbegan.kernels.aot", "--out", out,
+        cmd = [python or sys.executable, "-m", "fastbegan.kernels.aot", "--out", out,
                "--workers", str(workers or 0), *factories]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
@@ -316,18 +350,22 @@ def compile_table_subprocess(factories: list[str], workers: int | None = None,
                                f"{r.stderr[-4000:]}")
         with open(out) as f:
             data = json.load(f)
-    if isinstance(data, dict) and "unavailable" in data:
+    if "unavailable" in data:
         raise Sm90Unavailable(data["unavailable"])
-    return data
+    if info is not None:
+        info["triton_version"] = data["triton_version"]
+    return data["rows"]
 
 
-def write_table(path, rows: list[dict], what: str) -> None:
+def write_table(path, rows: list[dict], what: str, triton_version: str | None = None) -> None:
     """Write a resource table (rows of :func:`compile_table`) as JSON, with the target,
-    the Triton version and the limits it was checked against."""
+    the Triton version (this process's unless given) and the limits it was checked
+    against."""
     from pathlib import Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"what": what, "target": "GPUTarget('cuda', 90, 32)", "triton_version": triton.__version__,
+    doc = {"what": what, "target": "GPUTarget('cuda', 90, 32)",
+           "triton_version": triton_version or triton.__version__,
            "limits": {"shared_bytes": H100_MAX_SHARED_BYTES, "registers": H100_MAX_REGISTERS,
                       "spill_bytes": 0},
            "rows": rows}
@@ -364,7 +402,7 @@ def _main(argv=None) -> int:
         rows += compile_table(f, a.workers or None)
     if a.out:
         with open(a.out, "w") as fh:
-            json.dump(rows, fh, indent=1)
+            json.dump({"triton_version": triton.__version__, "rows": rows}, fh, indent=1)
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"{r['kernel']:28s} {r['variant']:24s} {cfg:50s} regs={r['registers']} "

@@ -9,26 +9,26 @@ Forward (kernels/conv3x3.py)::
 All activations are NHWC in memory (logical NCHW tensors in channels_last format).
 Four kernels compute the gradients:
 
-0. ``_dgrad_weight_kernel`` -- a weight-sized pass that lays out one source's weights for
+0. ``conv3x3_dgrad_weight_kernel`` -- a weight-sized pass that lays out one source's weights for
    dgrad as ``wt[tap, co, ci]`` in the activations' dtype (fp32 master weights are cast
    here, once, instead of in every dgrad tile; the sub-pixel tap sums are formed here).
-1. ``_dgrad_kernel``  -- gradient of one *source* tensor (x, or the concatenated skip)::
+1. ``conv3x3_dgrad_kernel``  -- gradient of one *source* tensor (x, or the concatenated skip)::
 
        dsrc = conv_transpose3x3(dpre, W[:, c_off:c_off + C_src])      (+ adjoints)
 
    an implicit GEMM with M = source pixels, N = source channels, K = taps x C_out.
-2. ``_wgrad_kernel``  -- partial weight (and bias) gradients of one source: a GEMM with
+2. ``conv3x3_wgrad_kernel``  -- partial weight (and bias) gradients of one source: a GEMM with
    M = C_out, N = taps x C_src and K = the pixels of the whole batch, split into
    ``S`` chunks ("split-K"); every program writes its own fp32 partial tile, so the
    result is deterministic (no atomics). Sample n's pixels are multiplied by an optional
    per-sample scale while dpre is loaded (D's fake half gets -k_t, docs/design.md §1).
-3. ``_wgrad_reduce_kernel`` -- sums the split-K partials in fp32 and writes dW in the
+3. ``conv3x3_wgrad_reduce_kernel`` -- sums the split-K partials in fp32 and writes dW in the
    weight's own layout and dtype (and db).
 
-Launchers: :func:`conv3x3_elu_dgrad` (kernels 0 + 1) and :func:`conv3x3_elu_wgrad`
-(kernels 2 + 3, once per source); the custom ops ``fastbegan::conv3x3_elu_dgrad`` /
-``fastbegan::conv3x3_elu_wgrad`` and the autograd formula that calls them live in
-:mod:`fastbegan.ops.triton_conv_autograd`.
+Launchers: :func:`conv3x3_dgrad` (kernels 0 + 1) and :func:`conv3x3_wgrad`
+(kernels 2 + 3, once per source); the custom ops ``fastbegan::conv3x3_dgrad`` /
+``fastbegan::conv3x3_wgrad`` and the autograd formula that calls them live in
+:mod:`fastbegan.ops.triton_conv_bwd`.
 
 The ELU derivative is taken from the saved *output* y:  d elu / d pre = 1 if y > 0
 else y + 1 (= exp(pre)).  It is applied while dy is loaded (``_load_dpre``), so the
@@ -66,13 +66,15 @@ benchmarks/results/sm90_resources_bwd.json).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from . import interpreting
+from .common import (acc_dtype, autotune, cap, check_grid, check_int32, dot_precision, nhwc,
+                     num_sms)
+
+INTERPRET = interpreting()
 
 
 # --------------------------------------------------------------------------------------
@@ -92,6 +94,11 @@ DGRAD_CONFIGS = [
     _cfg(64, 128, 64, 4, 4),
     _cfg(64, 64, 64, 4, 3),
     _cfg(128, 32, 32, 4, 4),
+    # narrow K (BLOCK_K = 16, the smallest K of a 16-bit MMA): C_out <= 16, i.e. the
+    # decoder's 3-channel to_rgb conv, whose dgrad has K = 9 taps x 3 channels; the last
+    # one is also the fallback for 3-channel sources (the encoder's first conv)
+    _cfg(128, 128, 16, 8, 3),
+    _cfg(128, 64, 16, 8, 3),      # 4 warps: 255 registers, spills in the L1 mode
     _cfg(64, 32, 16, 4, 3),
 ]
 # wgrad: BLOCK_M output channels x BLOCK_N source channels, K step BLOCK_K pixels.
@@ -122,9 +129,11 @@ def for_element_size(cfg, itemsize: int):
 
 def _dgrad_fits(cfg, C: int, Co: int) -> bool:
     """The config's channel blocks are not far wider than the tensor's (e.g. BLOCK_N = 128
-    for 3 source channels)."""
+    for 3 source channels), and its K block is the narrow one (16) exactly when
+    C_out <= 16."""
+    bk = cfg.kwargs["BLOCK_K"]
     return (cfg.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(C))
-            and cfg.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(Co)))
+            and (bk == 16 if Co <= 16 else bk > 16))
 
 
 def _wgrad_fits(cfg, C: int, Co: int) -> bool:
@@ -137,13 +146,13 @@ def _prune_dgrad(configs, nargs, **kw):
     size."""
     keep = [c for c in configs if _dgrad_fits(c, nargs["C"], nargs["Co"])]
     size = nargs["y_ptr"].element_size()  # = dy when there is no ELU; L1 mode: dy_ptr is a target
-    return [for_element_size(c, size) for c in (keep or configs[-1:])]
+    return [for_element_size(c, size) for c in cap(keep or configs[-1:])]
 
 
 def _prune_wgrad(configs, nargs, **kw):
     keep = [cf for cf in configs if _wgrad_fits(cf, nargs["C"], nargs["Co"])]
     size = nargs["src_ptr"].element_size()
-    return [for_element_size(cf, size) for cf in (keep or configs[-1:])]
+    return [for_element_size(cf, size) for cf in cap(keep or configs[-1:])]
 
 
 # --------------------------------------------------------------------------------------
@@ -187,11 +196,11 @@ def _load_dpre_l1(xr_ptr, xf_ptr, y_ptr, offs, mask, fake, half_numel, g_real, g
 # --------------------------------------------------------------------------------------
 # 1. dgrad
 # --------------------------------------------------------------------------------------
-@triton.autotune(configs=_INTERP_DGRAD if _INTERPRET else DGRAD_CONFIGS,
-                 key=["C", "Co", "Hs", "Ws", "UPSAMPLE", "STRIDE", "ACT", "L1"],
-                 prune_configs_by={"early_config_prune": _prune_dgrad})
+@autotune(_INTERP_DGRAD if INTERPRET else DGRAD_CONFIGS,
+          ["C", "Co", "Hs", "Ws", "UPSAMPLE", "STRIDE", "ACT", "L1"],
+          prune_configs_by={"early_config_prune": _prune_dgrad})
 @triton.jit
-def _dgrad_kernel(
+def conv3x3_dgrad_kernel(
     dy_ptr, y_ptr, wt_ptr, out_ptr,
     xf_ptr, g_ptr, dxr_ptr, dxf_ptr, n_half, inv_n,   # L1 mode only (else unused)
     Hs, Ws, C,              # source (= output of this kernel): NHWC, C channels
@@ -199,13 +208,13 @@ def _dgrad_kernel(
     Hb, Wb, M,              # base grid of one phase (M = N * Hb * Wb rows of the GEMM)
     ACT: tl.constexpr, UPSAMPLE: tl.constexpr, STRIDE: tl.constexpr,
     L1: tl.constexpr, WRITE_XR: tl.constexpr, WRITE_XF: tl.constexpr,
-    IN_PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: a [BLOCK_M pixels, BLOCK_N channels] tile of dsrc for one phase.
 
-    Grid: (cdiv(C, BLOCK_N), cdiv(M, BLOCK_M), phases); phases = 4 for stride 2 (the
-    source pixel parity (py, px)), else 1. Rows of the tile are "base" pixels (n, i, j):
+    Grid (:func:`dgrad_grid`): (cdiv(C, BLOCK_N) * cdiv(M, BLOCK_M), phases); phases = 4
+    for stride 2 (the source pixel parity (py, px)), else 1. Rows of the tile are "base" pixels (n, i, j):
 
     * plain:    source pixel (i, j);          taps 3x3:  dy row i + 1 - kh
     * STRIDE=2: source pixel (2i+py, 2j+px);  taps (1+py) x (1+px): kh = 1 (py = 0) or
@@ -215,7 +224,7 @@ def _dgrad_kernel(
 
     The K loop is one flat loop over (tap, C_out chunk); A = dpre (masked where the dy
     pixel is outside the image: the zero padding), B = wt[tap, co, ci], the weights
-    prepared by ``_dgrad_weight_kernel`` (this source's channels, activation dtype,
+    prepared by ``conv3x3_dgrad_weight_kernel`` (this source's channels, activation dtype,
     taps already summed for UPSAMPLE): one contiguous 16-bit tile per step.
 
     L1 (plain variant only): dpre is made from y and the two L1 targets by
@@ -225,9 +234,14 @@ def _dgrad_kernel(
     pixels (WRITE_XR / WRITE_XF): the fake target is G's output, whose gradient the L1
     term contributes to.
     """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    phase = tl.program_id(2)
+    # axis 0: (pixel tile, channel tile), channel tiles fastest (the programs that share a
+    # dy tile run together); axis 1: the phase. Folded so that no axis exceeds CUDA's
+    # 65,535 limit on axes 1 and 2 (cdiv(M, BLOCK_M) alone does at batch 128, res 128).
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(C, BLOCK_N)
+    pid_m = pid // n_tiles_n
+    pid_n = pid - pid_m * n_tiles_n
+    phase = tl.program_id(1)
     py = phase // 2
     px = phase % 2
 
@@ -317,7 +331,7 @@ def _dgrad_kernel(
         b_offs = ((wtap * Co + ck) * C)[:, None] + offs_n[None, :]
         b = tl.load(wt_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
 
-        acc = tl.dot(a, b, acc, input_precision=IN_PREC)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # ---- epilogue: store the tile (NHWC, source dtype)
     o_offs = (((nb * Hs + oh) * Ws + ow) * C)[:, None] + offs_n[None, :]
@@ -343,11 +357,11 @@ def _dgrad_kernel(
 
 
 @triton.jit
-def _dgrad_weight_kernel(
+def conv3x3_dgrad_weight_kernel(
     w_ptr, wt_ptr, Co, C, c_off, sw_o, sw_i, sw_h, sw_w,
     UPSAMPLE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Weights of one source for ``_dgrad_kernel``: ``wt[t, co, ci]`` in the activation dtype.
+    """Weights of one source for ``conv3x3_dgrad_kernel``: ``wt[t, co, ci]`` in the activation dtype.
 
     One program: BLOCK consecutive elements of wt, numbered (t, co, ci).
     * plain / stride 2: t = kh * 3 + kw, wt = W[co, c_off + ci, kh, kw];
@@ -391,11 +405,11 @@ _PREP_BLOCK = 1024
 # --------------------------------------------------------------------------------------
 # 2. wgrad (split-K partials) + bias
 # --------------------------------------------------------------------------------------
-@triton.autotune(configs=_INTERP_WGRAD if _INTERPRET else WGRAD_CONFIGS,
-                 key=["C", "Co", "Ho", "Wo", "SUBPIXEL", "STRIDE", "ACT", "HAS_SCALE", "L1"],
-                 prune_configs_by={"early_config_prune": _prune_wgrad})
+@autotune(_INTERP_WGRAD if INTERPRET else WGRAD_CONFIGS,
+          ["C", "Co", "Ho", "Wo", "SUBPIXEL", "STRIDE", "ACT", "HAS_SCALE", "L1"],
+          prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
-def _wgrad_kernel(
+def conv3x3_wgrad_kernel(
     dy_ptr, y_ptr, src_ptr, scale_ptr, part_ptr, bpart_ptr,
     xf_ptr, g_ptr, n_half, inv_n,   # L1 mode only (else unused)
     Hs, Ws, C,              # source (x or skip): NHWC, C channels
@@ -405,7 +419,7 @@ def _wgrad_kernel(
     T,                      # taps: 9, or 16 (phase, tap) combinations with SUBPIXEL
     ACT: tl.constexpr, SUBPIXEL: tl.constexpr, STRIDE: tl.constexpr,
     HAS_SCALE: tl.constexpr, DO_BIAS: tl.constexpr, L1: tl.constexpr,
-    IN_PREC: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: partial dW[co tile, tap t, ci tile] over one K chunk of pixels.
@@ -422,7 +436,7 @@ def _wgrad_kernel(
     ci tile 0 and tap 0 (SUBPIXEL: the a = b = 0 tap of each of the 4 phases).
 
     L1: dpre comes from y and the L1 targets (``_load_dpre_l1``; dy_ptr = real target),
-    as in ``_dgrad_kernel``; plain variant only.
+    as in ``conv3x3_dgrad_kernel``; plain variant only.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -503,7 +517,7 @@ def _wgrad_kernel(
         b = tl.load(src_ptr + b_offs, mask=in_ok[:, None] & ci_ok[None, :], other=0.0)
 
         acc = tl.dot(a.to(src_ptr.dtype.element_ty), b.to(src_ptr.dtype.element_ty), acc,
-                     input_precision=IN_PREC)
+                     input_precision=DOT_PRECISION)
 
     # partial tile -> part[s, co, t, ci] (fp32; fp64 for fp64 tensors)
     p_offs = (((pid_s * Co + offs_co) * T + t) * C)[:, None] + offs_ci[None, :]
@@ -518,7 +532,7 @@ def _wgrad_kernel(
 # 3. split-K reduction -> dW (weight layout and dtype), db
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _wgrad_reduce_kernel(
+def conv3x3_wgrad_reduce_kernel(
     part_ptr, bpart_ptr, dw_ptr, db_ptr,
     S, Co, C, T, c_off,
     sw_o, sw_i, sw_h, sw_w,
@@ -585,39 +599,24 @@ _REDUCE_BLOCK = 1024
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
-_I32 = 2**31 - 1
+def dgrad_grid(C: int, M: int, phases: int):
+    """Launch grid of ``conv3x3_dgrad_kernel``: (pixel x channel tiles, phases)."""
+    def grid(meta):
+        return check_grid((triton.cdiv(C, meta["BLOCK_N"]) * triton.cdiv(M, meta["BLOCK_M"]),
+                           phases, 1), "conv3x3_dgrad")
+    return grid
 
 
-def _cl(t):
-    """NHWC-contiguous view (no copy if the tensor already is channels_last)."""
-    return t.contiguous(memory_format=torch.channels_last)
+def wgrad_grid(Co: int, C: int, T: int, S: int):
+    """Launch grid of ``conv3x3_wgrad_kernel``: (C_out tiles, taps x C tiles, splits); S is
+    at most :data:`MAX_SPLIT` (see :func:`_wgrad_split`), T * C tiles at most 16 * C / 16."""
+    def grid(meta):
+        return check_grid((triton.cdiv(Co, meta["BLOCK_M"]), T * triton.cdiv(C, meta["BLOCK_N"]),
+                           S), "conv3x3_wgrad")
+    return grid
 
 
-def _in_prec(dtype) -> str:
-    """fp32 dots: TF32 when PyTorch allows it for convolutions (its default), else IEEE."""
-    if dtype == torch.float64:
-        return "ieee"
-    if dtype != torch.float32:
-        return "tf32"  # ignored for 16-bit operands
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-
-
-def _acc(dtype):
-    """Accumulator / partial-sum precision: fp32, or fp64 for fp64 tensors (gradcheck)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _check_sizes(*ts):
-    for t in ts:
-        if t is not None and t.numel() > _I32:
-            raise ValueError("conv3x3_elu backward: tensors of 2**31 or more elements "
-                             "are not supported (int32 offsets)")
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: fewest programs
+MAX_SPLIT = 1024
 
 
 def conv_input_size(x, upsample: bool):
@@ -626,7 +625,7 @@ def conv_input_size(x, upsample: bool):
     return x.shape[2] * f, x.shape[3] * f
 
 
-def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False,
+def conv3x3_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False,
                       stride: int = 1):
     """Gradient w.r.t. one input source of ``conv3x3_elu``.
 
@@ -640,10 +639,10 @@ def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False
     N, C, Hs, Ws = src.shape
     _, Co, Ho, Wo = dy.shape
     if stride not in (1, 2) or (upsample and stride != 1):
-        raise ValueError("conv3x3_elu_dgrad: stride 1 or 2, and no upsample with stride 2")
-    dy = _cl(dy)
-    y = _cl(y) if y is not None else dy
-    _check_sizes(dy, src)
+        raise ValueError("conv3x3_dgrad: stride 1 or 2, and no upsample with stride 2")
+    dy = nhwc(dy)
+    y = nhwc(y) if y is not None else dy
+    check_int32("conv3x3_dgrad", dy, src)
     out = torch.empty((N, C, Hs, Ws), device=dy.device, dtype=src.dtype,
                       memory_format=torch.channels_last)
     if out.numel() == 0:
@@ -658,25 +657,22 @@ def conv3x3_elu_dgrad(dy, y, weight, src, c_off: int = 0, upsample: bool = False
     sw = weight.stride()
     n_tap = 16 if upsample else 9
     wt = torch.empty((n_tap, Co, C), device=dy.device, dtype=dy.dtype)
-    _dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
+    conv3x3_dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
         weight, wt, Co, C, c_off, sw[0], sw[1], sw[2], sw[3],
-        UPSAMPLE=upsample, ACC=_acc(dy.dtype), BLOCK=_PREP_BLOCK,
+        UPSAMPLE=upsample, ACC=acc_dtype(dy.dtype), BLOCK=_PREP_BLOCK,
     )
 
-    def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), phases)
-
-    _dgrad_kernel[grid](
+    conv3x3_dgrad_kernel[dgrad_grid(C, M, phases)](
         dy, y, wt, out, *_L1_UNUSED_DGRAD(dy),
         Hs, Ws, C, Ho, Wo, Co, Hb, Wb, M,
         ACT=y is not dy, UPSAMPLE=upsample, STRIDE=stride, L1=False, WRITE_XR=False,
-        WRITE_XF=False, IN_PREC=_in_prec(dy.dtype), ACC=_acc(dy.dtype),
+        WRITE_XF=False, DOT_PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
     )
     return out
 
 
 def _L1_UNUSED_DGRAD(t):
-    """Placeholders for the L1-mode arguments of ``_dgrad_kernel`` (L1=False)."""
+    """Placeholders for the L1-mode arguments of ``conv3x3_dgrad_kernel`` (L1=False)."""
     return t, t, t, t, 0, 0.0
 
 
@@ -711,10 +707,10 @@ def conv3x3_l1_dgrad(h, weight, x_real, x_fake, y, grad, need_x_real: bool = Fal
     _check_l1(h, weight, x_real, x_fake, y, grad)
     N, C, Hs, Ws = h.shape
     Co, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    y = _cl(y)
-    xr, xf = _cl(x_real), _cl(x_fake)
+    y = nhwc(y)
+    xr, xf = nhwc(x_real), nhwc(x_fake)
     g = grad.reshape(2).to(torch.float32).contiguous()
-    _check_sizes(y, h)
+    check_int32("conv3x3_l1_dgrad", y, h)
     out = torch.empty((N, C, Hs, Ws), device=y.device, dtype=h.dtype,
                       memory_format=torch.channels_last)
     dxr = torch.empty_like(xr) if need_x_real else None
@@ -723,21 +719,18 @@ def conv3x3_l1_dgrad(h, weight, x_real, x_fake, y, grad, need_x_real: bool = Fal
         return out, dxr, dxf
     wt = torch.empty((9, Co, C), device=y.device, dtype=y.dtype)
     sw = weight.stride()
-    _dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
+    conv3x3_dgrad_weight_kernel[(triton.cdiv(wt.numel(), _PREP_BLOCK),)](
         weight, wt, Co, C, 0, sw[0], sw[1], sw[2], sw[3],
-        UPSAMPLE=False, ACC=_acc(y.dtype), BLOCK=_PREP_BLOCK,
+        UPSAMPLE=False, ACC=acc_dtype(y.dtype), BLOCK=_PREP_BLOCK,
     )
     M = N * Hs * Ws
 
-    def grid(meta):
-        return (triton.cdiv(C, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]), 1)
-
-    _dgrad_kernel[grid](
+    conv3x3_dgrad_kernel[dgrad_grid(C, M, 1)](
         xr, y, wt, out, xf, g, dxr if need_x_real else y, dxf if need_x_fake else y,
         N // 2, 1.0 / xr.numel(),
         Hs, Ws, C, Ho, Wo, Co, Hs, Ws, M,
         ACT=False, UPSAMPLE=False, STRIDE=1, L1=True, WRITE_XR=need_x_real,
-        WRITE_XF=need_x_fake, IN_PREC=_in_prec(y.dtype), ACC=_acc(y.dtype),
+        WRITE_XF=need_x_fake, DOT_PRECISION=dot_precision(y.dtype), ACC=acc_dtype(y.dtype),
     )
     return out, dxr, dxf
 
@@ -745,9 +738,9 @@ def conv3x3_l1_dgrad(h, weight, x_real, x_fake, y, grad, need_x_real: bool = Fal
 def _wgrad_split(K: int, tiles: int, device, split_k):
     """(S, K_PER_SPLIT): enough programs to fill the GPU ~4x, >= 512 pixels per split."""
     if split_k is None:
-        target = 4 * _num_sms(device)
+        target = 4 * num_sms(device)
         split_k = min(triton.cdiv(target, max(tiles, 1)), max(1, K // 512))
-    split_k = max(1, min(int(split_k), K))
+    split_k = max(1, min(int(split_k), K, MAX_SPLIT))
     kps = triton.cdiv(K, split_k)
     return triton.cdiv(K, kps), kps
 
@@ -756,20 +749,20 @@ def conv3x3_l1_wgrad(h, weight, x_real, x_fake, y, grad, scale=None, need_bias: 
                      split_k: int | None = None):
     """``(dW, db)`` of the L1 losses of :func:`conv3x3_l1_dgrad`, the L1 gradient formed
     while loading (L1 mode); ``scale``: optional (2B,) per-sample factor, as in
-    :func:`conv3x3_elu_wgrad`."""
+    :func:`conv3x3_wgrad`."""
     _check_l1(h, weight, x_real, x_fake, y, grad)
     g = grad.reshape(2).to(torch.float32).contiguous()
-    l1 = (_cl(x_real), _cl(x_fake), g, y.shape[0] // 2, 1.0 / x_real.numel())
-    return conv3x3_elu_wgrad(y, None, h, None, weight, scale, need_bias=need_bias,
+    l1 = (nhwc(x_real), nhwc(x_fake), g, y.shape[0] // 2, 1.0 / x_real.numel())
+    return conv3x3_wgrad(y, None, h, None, weight, scale, need_bias=need_bias,
                              split_k=split_k, _l1=l1)
 
 
-def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False,
+def conv3x3_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False,
                       stride: int = 1, need_bias: bool = True, split_k: int | None = None,
                       _l1=None):
     """Weight and bias gradients of ``conv3x3_elu``: ``(dW, db)``.
 
-    dy, y: as in :func:`conv3x3_elu_dgrad`. x, skip: the forward's inputs (skip may be
+    dy, y: as in :func:`conv3x3_dgrad`. x, skip: the forward's inputs (skip may be
     None). weight: the forward weight (dW comes back in its dtype and strides, so a
     channels_last weight gets a channels_last gradient). scale: optional (N,) per-sample
     factor on sample n's contribution. db (weight's dtype; None unless ``need_bias``): the bias
@@ -780,10 +773,10 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
     N = dy.shape[0]
     Co, Ci = weight.shape[0], weight.shape[1]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    dy = _cl(dy)
+    dy = nhwc(dy)
     act = y is not None
-    y = _cl(y) if act else dy
-    _check_sizes(dy, x, skip)
+    y = nhwc(y) if act else dy
+    check_int32("conv3x3_wgrad", dy, x, skip)
     dw = torch.empty_like(weight)  # same strides when dense (channels_last stays so)
     db = torch.empty((Co,), device=dy.device, dtype=weight.dtype) if need_bias else None
     if scale is not None:
@@ -801,7 +794,7 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
         sources.append((skip, x.shape[1], False))
     sw = dw.stride()
     for si, (src, c_off, subpix) in enumerate(sources):
-        src = _cl(src)
+        src = nhwc(src)
         C, Hs, Ws = src.shape[1], src.shape[2], src.shape[3]
         if subpix:
             Hb, Wb, T, nph = Hs, Ws, 16, 4
@@ -816,23 +809,20 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
         bpart = torch.empty((S, nph, Co), device=dy.device, dtype=pdt) \
             if do_bias else part
 
-        def grid(meta):
-            return (triton.cdiv(Co, meta["BLOCK_M"]), T * triton.cdiv(C, meta["BLOCK_N"]), S)
-
         if _l1 is None:
             a_ptr, l1_args = dy, _L1_UNUSED_WGRAD(dy)
         else:  # the kernel reads the real target where it would read dy, and y as y
             a_ptr, y, l1_args = _l1[0], dy, _l1[1:]
-        _wgrad_kernel[grid](
+        conv3x3_wgrad_kernel[wgrad_grid(Co, C, T, S)](
             a_ptr, y, src, scale if scale is not None else dy, part, bpart, *l1_args,
             Hs, Ws, C, Ho, Wo, Co, Hb, Wb, K, kps, T,
             ACT=act, SUBPIXEL=subpix, STRIDE=stride, HAS_SCALE=scale is not None,
-            DO_BIAS=do_bias, L1=_l1 is not None, IN_PREC=_in_prec(src.dtype),
-            ACC=_acc(src.dtype),
+            DO_BIAS=do_bias, L1=_l1 is not None, DOT_PRECISION=dot_precision(src.dtype),
+            ACC=acc_dtype(src.dtype),
         )
         n_blocks = triton.cdiv(Co * 9 * C, _REDUCE_BLOCK) + \
             (triton.cdiv(Co, _REDUCE_BLOCK) if do_bias else 0)
-        _wgrad_reduce_kernel[(n_blocks,)](
+        conv3x3_wgrad_reduce_kernel[(n_blocks,)](
             part, bpart, dw, db if do_bias else dw,
             S, Co, C, T, c_off, sw[0], sw[1], sw[2], sw[3],
             SUBPIXEL=subpix, DO_BIAS=do_bias, BLOCK=_REDUCE_BLOCK,
@@ -849,6 +839,15 @@ def conv3x3_elu_wgrad(dy, y, x, skip, weight, scale=None, upsample: bool = False
 # the fake target's gradient), with the configs the autotuner keeps for 3 channels.
 AOT_VARIANTS = {"plain": (False, 1), "upsample": (True, 1), "stride2": (False, 2),
                 "l1": (False, 1)}
+
+
+def aot_dgrad_configs(l1: bool) -> list:
+    """The dgrad configs the autotuner can keep for a variant: the L1 mode runs on the
+    3-channel last conv only (the narrow-K configs); the ELU variants at C_out >= 64 (the
+    wide ones) plus the fallback config of 3-channel sources (the encoder's first conv)."""
+    if l1:
+        return [c for c in DGRAD_CONFIGS if _dgrad_fits(c, 128, 3)]
+    return [c for c in DGRAD_CONFIGS if _dgrad_fits(c, 128, 128)] + DGRAD_CONFIGS[-1:]
 
 
 def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
@@ -888,15 +887,13 @@ def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
         # uint8 -> [-1, 1] batch); Co = 3 is not 16-divisible
         ds, ws = (dict(dsig, dy_ptr="*fp32"), dict(wsig, dy_ptr="*fp32")) if l1 else (dsig, wsig)
         co16 = [] if l1 else ["Co"]
-        for cfg in DGRAD_CONFIGS:
-            if l1 and not _dgrad_fits(cfg, 128, 3):
-                continue  # the L1 mode runs on the 3-channel last conv only
+        for cfg in aot_dgrad_configs(l1):
             cfg = for_element_size(cfg, size)
             specs.append(dict(
-                kernel="conv3x3_bwd_dgrad", variant=vname + suffix, config=cfg_dict(cfg),
-                fn=_dgrad_kernel, signature=ds,
+                kernel="conv3x3_dgrad", variant=vname + suffix, config=cfg_dict(cfg),
+                fn=conv3x3_dgrad_kernel, signature=ds,
                 constexprs=dict(cfg.kwargs, ACT=not l1, UPSAMPLE=up, STRIDE=stride,
-                                IN_PREC=prec, ACC=tl.float32,
+                                DOT_PRECISION=prec, ACC=tl.float32,
                                 **(dict(L1=True, WRITE_XR=False, WRITE_XF=True) if l1 else dplain)),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 divisible_by_16=["dy_ptr", "y_ptr", "wt_ptr", "out_ptr", "C", *co16]))
@@ -905,10 +902,10 @@ def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
                 continue
             cfg = for_element_size(cfg, size)
             specs.append(dict(
-                kernel="conv3x3_bwd_wgrad", variant=("subpixel" if up else vname) + suffix,
-                config=cfg_dict(cfg), fn=_wgrad_kernel, signature=ws,
+                kernel="conv3x3_wgrad", variant=("subpixel" if up else vname) + suffix,
+                config=cfg_dict(cfg), fn=conv3x3_wgrad_kernel, signature=ws,
                 constexprs=dict(cfg.kwargs, ACT=not l1, SUBPIXEL=up, STRIDE=stride,
-                                HAS_SCALE=True, DO_BIAS=True, L1=l1, IN_PREC=prec,
+                                HAS_SCALE=True, DO_BIAS=True, L1=l1, DOT_PRECISION=prec,
                                 ACC=tl.float32),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 divisible_by_16=["dy_ptr", "y_ptr", "src_ptr", "part_ptr", "bpart_ptr",
@@ -916,18 +913,18 @@ def aot_specs(act_dtype: str = "bf16", variants=None, helpers: bool = True):
     if helpers:
         for up in (False, True):
             specs.append(dict(
-                kernel="conv3x3_bwd_dgrad_weight", variant="upsample" if up else "plain",
+                kernel="conv3x3_dgrad_weight", variant="upsample" if up else "plain",
                 config=dict(BLOCK=_PREP_BLOCK, num_warps=4, num_stages=1),
-                fn=_dgrad_weight_kernel,
+                fn=conv3x3_dgrad_weight_kernel,
                 signature={"w_ptr": "*fp32", "wt_ptr": act,
                            **{k: "i32" for k in ("Co", "C", "c_off", "sw_o", "sw_h", "sw_w")}},
                 constexprs=dict(UPSAMPLE=up, ACC=tl.float32, BLOCK=_PREP_BLOCK, sw_i=1),
                 num_warps=4, num_stages=1,
                 divisible_by_16=["w_ptr", "wt_ptr", "Co", "C", "c_off", "sw_o", "sw_h", "sw_w"]))
             specs.append(dict(
-                kernel="conv3x3_bwd_wgrad_reduce", variant="subpixel" if up else "plain",
+                kernel="conv3x3_wgrad_reduce", variant="subpixel" if up else "plain",
                 config=dict(BLOCK=_REDUCE_BLOCK, num_warps=4, num_stages=3),
-                fn=_wgrad_reduce_kernel,
+                fn=conv3x3_wgrad_reduce_kernel,
                 signature={"part_ptr": "*fp32", "bpart_ptr": "*fp32", "dw_ptr": "*fp32",
                            "db_ptr": "*fp32",
                            **{k: "i32" for k in ("S", "Co", "C", "T", "c_off", "sw_o",
@@ -944,6 +941,6 @@ def aot_specs_fp32():
     return aot_specs("fp32", variants=("plain", "upsample"), helpers=False)
 
 
-__all__ = ["conv3x3_elu_dgrad", "conv3x3_elu_wgrad", "conv3x3_l1_dgrad", "conv3x3_l1_wgrad",
-           "DGRAD_CONFIGS", "WGRAD_CONFIGS",
+__all__ = ["conv3x3_dgrad", "conv3x3_wgrad", "conv3x3_l1_dgrad", "conv3x3_l1_wgrad",
+           "dgrad_grid", "wgrad_grid", "DGRAD_CONFIGS", "WGRAD_CONFIGS", "aot_dgrad_configs",
            "aot_specs", "aot_specs_fp32", "for_element_size"]

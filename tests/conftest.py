@@ -11,11 +11,20 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _reset_backend():
-    """Every test starts on the reference backend and leaves it so."""
+    """Every test starts on the reference backend and leaves it so, with the kernels'
+    fallback chain strict (a kernel test must not pass on the torch path) and no
+    decisions remembered."""
     from fastbegan import ops
+    from fastbegan.ops import fallback
     ops.set_backend("torch")
+    fallback.reset()
+    fallback.set_strict(True)
+    fallback.set_verify(False)
     yield
     ops.set_backend("torch")
+    fallback.reset()
+    fallback.set_strict(True)
+    fallback.set_verify(False)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch
 
 from testutil import DEVICE, HAS_CUDA, requires_gpu
 from fastbegan import ops
-from fastbegan.kernels import conv3x3 as K
+from fastbegan.kernels import conv3x3
 from fastbegan.ops import reference
 from fastbegan.ops import triton_conv as tc
 
@@ -81,14 +81,14 @@ VARIANTS = [
 @pytest.mark.parametrize("case", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_variants_fp32(kernel, case):
     name, n, c_x, c_s, c_out, h, w, up, stride, act = case
-    if kernel == "tma" and not K.HAS_TENSOR_DESCRIPTOR:
+    if kernel == "tma" and not conv3x3.HAS_TENSOR_DESCRIPTOR:
         pytest.skip("this Triton has no tl.make_tensor_descriptor")
     if kernel == "tma" and HAS_CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor-descriptor kernel needs sm_90+")
     x, skip, wt, b = make(n, c_x, c_out, h, w, c_s=c_s, upsample=up)
     if kernel == "tma":
-        assert K.tma_eligible(x, K.weight_matrix(wt), skip, up, stride)
-    y = K.conv3x3_fwd(x, wt, b, skip=skip, upsample=up, stride=stride, activation=act,
+        assert conv3x3.tma_eligible(x, conv3x3.weight_matrix(wt), skip, up, stride)
+    y = conv3x3.conv3x3_fwd(x, wt, b, skip=skip, upsample=up, stride=stride, activation=act,
                       kernel=kernel)
     check(y, x, skip, wt, b, FP32_TOL, upsample=up, stride=stride, activation=act)
 
@@ -99,17 +99,17 @@ def test_upsample_subpixel_and_9tap(subpixel, c_s, c_out):
     """Descriptor kernel, UPSAMPLE: the sub-pixel path (2x2 convs of the low-res input with
     summed weights, docs/design.md §3.1) and the 9-tap path give the reference result; C_out = 5
     checks that a phase's weight rows past C_out (the next phase's) are masked out."""
-    if not K.HAS_TENSOR_DESCRIPTOR or (HAS_CUDA and torch.cuda.get_device_capability()[0] < 9):
+    if not conv3x3.HAS_TENSOR_DESCRIPTOR or (HAS_CUDA and torch.cuda.get_device_capability()[0] < 9):
         pytest.skip("tensor-descriptor kernel not available here")
     x, skip, wt, b = make(1, 16, c_out, 4, 6, c_s=c_s, upsample=True)
-    y = K.conv3x3_fwd(x, wt, b, skip=skip, upsample=True, kernel="tma", subpixel=subpixel)
+    y = conv3x3.conv3x3_fwd(x, wt, b, skip=skip, upsample=True, kernel="tma", subpixel=subpixel)
     check(y, x, skip, wt, b, FP32_TOL, upsample=True)
 
 
 def test_subpixel_weights():
     """ws[phase, co, tap, c] sums the 3x3 taps that the 2x2 tap covers (docs/design.md §3.1)."""
     _, _, wt, _ = make(1, 4, 3, 4, 4, c_s=2)
-    ws = K.subpixel_weight(K.weight_matrix(wt), 4, torch.float32).cpu()
+    ws = conv3x3.subpixel_weight(conv3x3.weight_matrix(wt), 4, torch.float32).cpu()
     w = wt[:, :4].float().cpu()                          # (C_out, C_x, 3, 3)
     fold = {0: [[0], [1, 2]], 1: [[0, 1], [2]]}
     for py in range(2):
@@ -145,10 +145,10 @@ def test_odd_shapes(case):
 
 def test_odd_channels_use_pointer_kernel_16_use_descriptors():
     x, _, wt, _ = make(1, 3, 5, 8, 8)
-    assert not K.tma_eligible(x, K.weight_matrix(wt), None, False, 1)
+    assert not conv3x3.tma_eligible(x, conv3x3.weight_matrix(wt), None, False, 1)
     x, _, wt, _ = make(1, 16, 16, 8, 8)
-    assert K.tma_eligible(x, K.weight_matrix(wt), None, False, 1) == (
-        K.HAS_TENSOR_DESCRIPTOR and (not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9))
+    assert conv3x3.tma_eligible(x, conv3x3.weight_matrix(wt), None, False, 1) == (
+        conv3x3.HAS_TENSOR_DESCRIPTOR and (not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9))
 
 
 @pytest.mark.parametrize("kernel", ["ptr", "tma"])
@@ -156,12 +156,12 @@ def test_odd_channels_use_pointer_kernel_16_use_descriptors():
                          ids=["plain", "upsample_skip", "stride2"])
 def test_fp16_activations_fp32_weights(kernel, up, stride, c_s):
     """fp32 master weights with half activations: weight tiles are cast on load."""
-    if kernel == "tma" and not (K.HAS_TENSOR_DESCRIPTOR and (
+    if kernel == "tma" and not (conv3x3.HAS_TENSOR_DESCRIPTOR and (
             not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9)):
         pytest.skip("tensor-descriptor kernel not available here")
     x, skip, wt, b = make(1, 16, 16, 8, 8, c_s=c_s, upsample=up, dtype=torch.float16)
     assert wt.dtype == torch.float32
-    y = K.conv3x3_fwd(x, wt, b, skip=skip, upsample=up, stride=stride, kernel=kernel)
+    y = conv3x3.conv3x3_fwd(x, wt, b, skip=skip, upsample=up, stride=stride, kernel=kernel)
     check(y, x, skip, wt, b, FP16_TOL, upsample=up, stride=stride)
 
 
@@ -202,7 +202,7 @@ def test_nchw_and_noncontiguous_inputs():
 
 def test_channels_last_weight_read_without_copy():
     _, _, wt, _ = make(1, 16, 16, 4, 4)
-    w2 = K.weight_matrix(wt)
+    w2 = conv3x3.weight_matrix(wt)
     assert w2.data_ptr() == wt.data_ptr() and w2.shape == (16, 9 * 16) and w2.is_contiguous()
     # K index (kh*3 + kw)*C_in + ci
     assert torch.equal(w2[3, (2 * 3 + 1) * 16 + 5], wt[3, 5, 2, 1])
@@ -266,9 +266,9 @@ def test_cpu_tensor_without_interpreter_says_use_torch_backend(monkeypatch):
         tc.conv3x3_elu(x, wt, b)
     with pytest.raises(RuntimeError, match="torch backend"):
         tc.upsample_nearest2x(x)
-    monkeypatch.setattr(K, "INTERPRET", False)      # the launcher checks too
+    monkeypatch.setattr(conv3x3, "INTERPRET", False)      # the launcher checks too
     with pytest.raises(RuntimeError, match="torch backend"):
-        K.conv3x3_fwd(x, wt, b)
+        conv3x3.conv3x3_fwd(x, wt, b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def test_upsample_nearest2x_autograd():
 # test_faketensor (fake impl: shape, dtype, strides -- channels_last -- match the real op),
 # test_aot_dispatch_static / _dynamic (the op traces through AOTAutograd, with symbolic
 # shapes for the dynamic one). The inputs do not require grad: the backward is another
-# module's (triton_conv_autograd) and has its own opcheck; test_autograd_registration is
+# module's (triton_conv_bwd) and has its own opcheck; test_autograd_registration is
 # then trivially satisfied.
 OPCHECK_CASES = [
     ("plain", dict(c_s=0, upsample=False), False, 1, True),
@@ -373,7 +373,7 @@ def test_both_kernels_agree_gpu(kernel):
     if kernel == "tma" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor-descriptor kernel needs sm_90+")
     x, skip, wt, b = make(16, 128, 128, 32, 32, c_s=64, upsample=True, dtype=torch.bfloat16)
-    y = K.conv3x3_fwd(x, wt, b, skip=skip, upsample=True, kernel=kernel)
+    y = conv3x3.conv3x3_fwd(x, wt, b, skip=skip, upsample=True, kernel=kernel)
     exp = reference.conv3x3_elu_ref(x.float(), wt.to(torch.bfloat16).float(), b.float(),
                                     upsample=True, skip=skip.float())
     torch.testing.assert_close(y.float(), exp, **BF16_TOL)
@@ -381,4 +381,4 @@ def test_both_kernels_agree_gpu(kernel):
 
 def test_interpreter_flag_consistent():
     """The kernels were defined in the mode this test session runs in."""
-    assert K.INTERPRET == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert conv3x3.INTERPRET == (os.environ.get("TRITON_INTERPRET") == "1")

@@ -13,7 +13,7 @@ import torch
 
 from testutil import DEVICE, assert_close_rel, requires_gpu
 from fastbegan import ops
-from fastbegan.kernels import conv3x3_bwd as K
+from fastbegan.kernels import conv3x3_bwd
 from fastbegan.ops import reference as R
 
 CL = torch.channels_last
@@ -130,19 +130,19 @@ def test_kernels_directly_with_split_k():
     n = inp["x_real"].numel()
     target = torch.cat([inp["x_real"], inp["x_fake"]])
     dpre = torch.sign(y - target) * torch.cat([g[0].expand(b), g[1].expand(b)]).view(-1, 1, 1, 1) / n
-    dh, dxr, dxf = K.conv3x3_l1_dgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"], y, g,
+    dh, dxr, dxf = conv3x3_bwd.conv3x3_l1_dgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"], y, g,
                                       True, True)
     torch.testing.assert_close(dxr, -dpre[:b], rtol=1e-6, atol=0)
     torch.testing.assert_close(dxf, -dpre[b:], rtol=1e-6, atol=0)
     want_dh = torch.nn.grad.conv2d_input(inp["h"].shape, inp["weight"], dpre, padding=1)
     torch.testing.assert_close(dh, want_dh, rtol=1e-5, atol=1e-7)
-    dw, db = K.conv3x3_l1_wgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"], y, g,
+    dw, db = conv3x3_bwd.conv3x3_l1_wgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"], y, g,
                                 scale, split_k=3)
     ds = dpre * scale.view(-1, 1, 1, 1)
     torch.testing.assert_close(dw, torch.nn.grad.conv2d_weight(inp["h"], inp["weight"].shape, ds,
                                                                padding=1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(db, ds.sum((0, 2, 3)), rtol=1e-5, atol=1e-7)
-    _, none_r, none_f = K.conv3x3_l1_dgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"],
+    _, none_r, none_f = conv3x3_bwd.conv3x3_l1_dgrad(inp["h"], inp["weight"], inp["x_real"], inp["x_fake"],
                                            y, g, False, False)
     assert none_r is None and none_f is None
 

@@ -66,14 +66,14 @@ def test_linear_output_and_no_bias():
 
 def test_real_half_gets_no_dgrad(monkeypatch):
     """Only the half that needs a gradient is sent to the dgrad kernel (the saving)."""
-    from fastbegan.ops import triton_conv_autograd as TA
+    from fastbegan.kernels import conv3x3_bwd
     rows = []
-    real = TA._bwd.conv3x3_elu_dgrad
+    real = conv3x3_bwd.conv3x3_dgrad
 
     def spy(dy, y, weight, src, **kw):
         rows.append(src.shape[0])
         return real(dy, y, weight, src, **kw)
-    monkeypatch.setattr(TA._bwd, "conv3x3_elu_dgrad", spy)
+    monkeypatch.setattr(conv3x3_bwd, "conv3x3_dgrad", spy)
     xa, xb, w, b = _inputs(3, 2, 3, 4, (5, 5), torch.float32)
     _grads(ops.conv3x3_elu_pair, xa, xb, w, b, None, need_a=False)
     assert rows == [2]

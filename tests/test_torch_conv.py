@@ -98,3 +98,14 @@ def test_no_grad_forward_is_the_reference():
         for up in (False, True):
             got = conv3x3_elu_torch(x, w, b, upsample=up)
             torch.testing.assert_close(got, R.conv3x3_elu_ref(x, w, b, upsample=up), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_output_layout_follows_the_input_like_conv2d(up):
+    """nn.Conv2d's rule (the drop-in relies on it): channels_last in -> channels_last out,
+    NCHW in -> NCHW out, on the sub-pixel path too."""
+    x, _, w, b = _inputs(up, False)
+    assert conv3x3_elu_torch(x, w, b, upsample=up).is_contiguous(memory_format=torch.channels_last)
+    y = conv3x3_elu_torch(x.detach().contiguous().requires_grad_(), w, b, upsample=up)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, R.conv3x3_elu_ref(x, w, b, upsample=up), rtol=0, atol=1e-12)

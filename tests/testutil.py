@@ -32,15 +32,18 @@ def tiny_trainer(out, data, **overrides):
     return Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
 
 
-def sm90_table(factories, results_path, what):
+def sm90_table(factories, results_path, what, python=None):
     """Compile the kernel specs of ``factories`` for sm_90 (no GPU needed), write the
-    resource table to ``results_path`` and return its rows; skips if this Triton cannot."""
+    resource table to ``results_path`` (unless None) and return its rows; skips if this
+    Triton cannot. ``python``: compile with another interpreter (another Triton)."""
     from fastbegan.kernels import aot
+    info = {}
     try:
-        rows = aot.compile_table_subprocess(factories)
+        rows = aot.compile_table_subprocess(factories, python=python, info=info)
     except aot.Sm90Unavailable as e:
         pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
-    aot.write_table(results_path, rows, what)
+    if results_path is not None:
+        aot.write_table(results_path, rows, what, info.get("triton_version"))
     return rows
 
 

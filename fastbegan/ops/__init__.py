@@ -10,7 +10,9 @@ Every op has two implementations with identical signatures and semantics:
   when ``TRITON_INTERPRET=1``, which the tests use).
 
 ``set_backend("auto")`` picks ``triton`` on a CUDA GPU that Triton supports, otherwise
-``torch`` with a one-time warning. The model calls only the functions below.
+``torch`` with a one-time warning. The model calls only the functions below. On triton,
+each op falls back per shape to a slower path (down to the torch reference) when a kernel
+fails, with one warning line (:mod:`.fallback`, ``set_verify_kernels``).
 
 Layout convention: activations are logical NCHW tensors in channels_last memory format;
 weights are logical ``(C_out, C_in, 3, 3)`` tensors (fastbegan's own model keeps them
@@ -20,14 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import re
 import warnings
 
 import torch
 from torch import Tensor
 
-from . import reference
+from fastbegan.kernels import interpreting
+
+from . import fallback, reference
+from .fallback import KernelFallbackWarning, KernelFatalError
 from .torch_conv import conv3x3_elu_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -47,7 +51,7 @@ def triton_status() -> tuple[bool, str]:
     if _version_tuple(version) < MIN_TRITON:
         return False, (f"Triton {version} is too old (fastbegan needs >= "
                        f"{'.'.join(map(str, MIN_TRITON))}: pip install -U triton)")
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return True, "Triton interpreter (TRITON_INTERPRET=1)"
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is available"
@@ -83,7 +87,7 @@ def resolve_backend(name: str) -> str:
             warnings.warn(f"fastbegan: using the pure-PyTorch backend ({why}).", stacklevel=3)
             _warned = True
         return "torch"
-    if name == "auto" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name == "auto" and interpreting():
         return "torch"  # the interpreter is for tests: never pick it implicitly
     return "triton"
 
@@ -101,6 +105,13 @@ def set_backend(name: str) -> str:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_verify_kernels(on: bool = True) -> None:
+    """Check the first call of every op and shape of the triton backend against the torch
+    reference, dropping a kernel path that disagrees (``fastbegan train --verify-kernels``;
+    see :mod:`fastbegan.ops.fallback`)."""
+    fallback.set_verify(on)
 
 
 @contextlib.contextmanager
@@ -208,5 +219,6 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Tensor | None, x_real
 
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
-           "triton_status", "conv3x3_elu", "conv3x3_elu_pair", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
+           "triton_status", "interpreting", "set_verify_kernels", "KernelFallbackWarning",
+           "KernelFatalError", "conv3x3_elu", "conv3x3_elu_pair", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
            "conv3x3_l1_pair_began"]

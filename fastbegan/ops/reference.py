@@ -168,3 +168,81 @@ def conv3x3_l1_pair_began_ref(h: Tensor, weight: Tensor, bias: Tensor | None, x_
     losses = torch.stack([l1_recon_loss_ref(x_real, recon[:b]), l1_recon_loss_ref(x_fake, recon[b:])])
     k_next, m = began_update_ref(k, losses[0].detach(), losses[1].detach(), gamma, lambda_k)
     return losses, k_next, m, recon.detach()
+
+
+# ----------------------------------------------------------------------------------------
+# Backward references: the torch path of the triton backend's backward ops (the fallback
+# chain's last resort and what `fastbegan doctor` and --verify-kernels compare against).
+# Computed in fp32 (fp64 for fp64 inputs); results in the kernels' dtypes and layouts.
+# ----------------------------------------------------------------------------------------
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _dpre(dy: Tensor, y: Tensor | None, dt: torch.dtype) -> Tensor:
+    """dy * elu'(pre), ELU's derivative from the output y (1 if y > 0 else y + 1)."""
+    dy = dy.to(dt)
+    if y is None:
+        return dy
+    y = y.to(dt)
+    return torch.where(y > 0, dy, dy * (y + 1))
+
+
+def conv3x3_dgrad_ref(dy: Tensor, y: Tensor | None, weight: Tensor, src: Tensor, c_off: int = 0,
+                      upsample: bool = False, stride: int = 1) -> Tensor:
+    """Gradient of :func:`conv3x3_elu_ref` w.r.t. one input source: x (``c_off = 0``,
+    nearest-upsampled 2x before the conv when ``upsample``) or the skip tensor (its
+    channels start at weight input channel ``c_off``). ``y``: the forward output when the
+    op had the ELU, else None. Returns dsrc like src (dtype), channels_last."""
+    dt = _work_dtype(src)
+    n, c, hs, ws = src.shape
+    size = (n, c, 2 * hs, 2 * ws) if upsample else (n, c, hs, ws)
+    w = weight.to(dt)[:, c_off:c_off + c]
+    d = torch.nn.grad.conv2d_input(size, w, _dpre(dy, y, dt), stride=stride, padding=1)
+    if upsample:  # adjoint of nearest 2x: the sum of each 2x2 block
+        d = d.unflatten(3, (ws, 2)).unflatten(2, (hs, 2)).sum((3, 5))
+    return d.to(src.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def conv3x3_wgrad_ref(dy: Tensor, y: Tensor | None, x: Tensor, skip: Tensor | None,
+                      weight: Tensor, scale: Tensor | None = None, upsample: bool = False,
+                      stride: int = 1) -> tuple[Tensor, Tensor]:
+    """``(dW, db)`` of :func:`conv3x3_elu_ref`, sample n's contribution times ``scale[n]``;
+    both in the weight's dtype, dW in the weight's layout."""
+    dt = _work_dtype(x)
+    dpre = _dpre(dy, y, dt)
+    if scale is not None:
+        dpre = dpre * scale.to(dt).view(-1, 1, 1, 1)
+    inp = upsample_nearest2x_ref(x) if upsample else x
+    if skip is not None:
+        inp = torch.cat([inp, skip], dim=1)
+    dw = torch.nn.grad.conv2d_weight(inp.to(dt), weight.shape, dpre, stride=stride, padding=1)
+    return torch.empty_like(weight).copy_(dw), dpre.sum((0, 2, 3)).to(weight.dtype)
+
+
+def _l1_dpre(x_real: Tensor, x_fake: Tensor, y: Tensor, grad: Tensor, dt) -> Tensor:
+    """d [L_real, L_fake] / d y for y = [recon_real; recon_fake]: sign(y - x) * g / numel."""
+    b = x_real.shape[0]
+    g = grad.reshape(2).to(dt) / x_real.numel()
+    per_sample = torch.cat([g[0].expand(b), g[1].expand(b)]).view(-1, 1, 1, 1)
+    return torch.sign(y.to(dt) - torch.cat([x_real, x_fake]).to(dt)) * per_sample
+
+
+def conv3x3_l1_dgrad_ref(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tensor,
+                         grad: Tensor, need_x_real: bool = False, need_x_fake: bool = True):
+    """``(dh, dx_real, dx_fake)`` of the L1 losses of ``y = conv3x3(h) + b`` (see
+    :func:`conv3x3_l1_pair_began_ref`); a target gradient not asked for is None."""
+    dpre = _l1_dpre(x_real, x_fake, y, grad, _work_dtype(h))
+    b = x_real.shape[0]
+    dh = conv3x3_dgrad_ref(dpre, None, weight, h)
+    cl = torch.channels_last
+    dxr = (-dpre[:b]).to(x_real.dtype).contiguous(memory_format=cl) if need_x_real else None
+    dxf = (-dpre[b:]).to(x_fake.dtype).contiguous(memory_format=cl) if need_x_fake else None
+    return dh, dxr, dxf
+
+
+def conv3x3_l1_wgrad_ref(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tensor,
+                         grad: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(dW, db)`` of the same L1 losses, sample n's contribution times ``scale[n]``."""
+    dpre = _l1_dpre(x_real, x_fake, y, grad, _work_dtype(h))
+    return conv3x3_wgrad_ref(dpre, None, h, None, weight, scale)

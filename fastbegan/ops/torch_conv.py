@@ -25,65 +25,64 @@ from torch import Tensor
 from .reference import conv3x3_elu_ref
 
 
-def _phase_taps() -> Tensor:
-    """T (4, 2, 2, 3, 3): sub-pixel phase p = 2*py + px, 2x2 tap (a, b) sums the 3x3 taps
-    (ky, kx) with T[p, a, b, ky, kx] = 1. Along one axis, phase 0 reads offsets (-1, 0)
-    with 3x3 rows (0 | 1+2), phase 1 reads (0, +1) with rows (0+1 | 2)."""
-    rows = {0: ({0}, {1, 2}), 1: ({0, 1}, {2})}
-    t = torch.zeros(4, 2, 2, 3, 3)
-    for py in (0, 1):
-        for px in (0, 1):
-            for a in (0, 1):
-                for b in (0, 1):
-                    for ky in rows[py][a]:
-                        for kx in rows[px][b]:
-                            t[2 * py + px, a, b, ky, kx] = 1.0
-    return t
+def _fold(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Along ``dim`` (3 taps): the two phases' 2 taps. Phase 0 reads offsets (-1, 0) with
+    taps (0 | 1+2), phase 1 reads (0, +1) with taps (0+1 | 2)."""
+    t0, t1, t2 = t.unbind(dim)
+    return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
 
 
-_TAPS = _phase_taps()
+def _fold_adjoint(p0: Tensor, p1: Tensor, dim: int) -> Tensor:
+    """Adjoint of :func:`_fold`: the two phases' 2-tap gradients -> the 3 taps' gradient."""
+    a0, a1 = p0.unbind(dim)
+    b0, b1 = p1.unbind(dim)
+    return torch.stack([a0 + b0, a1 + b0, a1 + b1], dim)
 
 
 def subpixel_weight(w: Tensor) -> Tensor:
-    """(C_out, C_in, 3, 3) -> (4*C_out, C_in, 2, 2): the four phases' 2x2 kernels, phase-major."""
-    t = _TAPS.to(w.device, w.dtype)
-    return torch.einsum("oikl,pabkl->poiab", w, t).flatten(0, 1)
+    """(C_out, C_in, 3, 3) -> (4*C_out, C_in, 2, 2): phase p = 2*py + px's 2x2 kernel,
+    phase-major (rows folded, then columns)."""
+    return torch.cat([phase for rows in _fold(w, 2) for phase in _fold(rows, 3)], 0)
 
 
 def subpixel_weight_adjoint(dw4: Tensor) -> Tensor:
     """Adjoint of :func:`subpixel_weight`: (4*C_out, C_in, 2, 2) -> (C_out, C_in, 3, 3)."""
-    t = _TAPS.to(dw4.device, dw4.dtype)
-    return torch.einsum("poiab,pabkl->oikl", dw4.unflatten(0, (4, -1)), t)
+    p = dw4.unflatten(0, (4, -1)).unbind(0)
+    return _fold_adjoint(_fold_adjoint(p[0], p[1], 3), _fold_adjoint(p[2], p[3], 3), 2)
 
 
-def _phases_to_image(out4: Tensor, c_out: int) -> Tensor:
-    """(N, 4*C, H+1, W+1) phase outputs -> (N, C, 2H, 2W) channels_last image:
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """nn.Conv2d's rule: channels_last in, channels_last out; otherwise contiguous."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _phases_to_image(out4: Tensor, c_out: int, memory_format: torch.memory_format) -> Tensor:
+    """(N, 4*C, H+1, W+1) phase outputs -> (N, C, 2H, 2W) image:
     image[2i+py, 2j+px] = out4[phase 2py+px, i+py, j+px]."""
     n, _, h1, w1 = out4.shape
     h, w = h1 - 1, w1 - 1
     y = torch.empty((n, c_out, 2 * h, 2 * w), dtype=out4.dtype, device=out4.device,
-                    memory_format=torch.channels_last)
-    y6 = y.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c_out)
-    o = out4.permute(0, 2, 3, 1)
+                    memory_format=memory_format)
+    y6 = y.unflatten(3, (w, 2)).unflatten(2, (h, 2))  # (N, C, H, 2, W, 2), a view in any layout
     for py in (0, 1):
         for px in (0, 1):
             p = 2 * py + px
-            y6[:, :, py, :, px, :] = o[:, py:py + h, px:px + w, p * c_out:(p + 1) * c_out]
+            y6[:, :, :, py, :, px] = out4[:, p * c_out:(p + 1) * c_out, py:py + h, px:px + w]
     return y
 
 
 def _image_to_phases(dy: Tensor) -> Tensor:
-    """Adjoint of :func:`_phases_to_image`: (N, C, 2H, 2W) -> (N, 4*C, H+1, W+1), zero
-    where a phase has no output pixel."""
+    """Adjoint of :func:`_phases_to_image`: (N, C, 2H, 2W) -> (N, 4*C, H+1, W+1)
+    channels_last, zero where a phase has no output pixel."""
     n, c, h2, w2 = dy.shape
     h, w = h2 // 2, w2 // 2
-    d = dy.new_zeros((n, h + 1, w + 1, 4 * c))  # NHWC memory
-    d4 = d.permute(0, 3, 1, 2)
-    dy6 = dy.permute(0, 2, 3, 1).reshape(n, h, 2, w, 2, c)
+    d4 = dy.new_zeros((n, h + 1, w + 1, 4 * c)).permute(0, 3, 1, 2)  # NHWC memory
+    dy6 = dy.unflatten(3, (w, 2)).unflatten(2, (h, 2))
     for py in (0, 1):
         for px in (0, 1):
             p = 2 * py + px
-            d[:, py:py + h, px:px + w, p * c:(p + 1) * c] = dy6[:, :, py, :, px, :]
+            d4[:, p * c:(p + 1) * c, py:py + h, px:px + w] = dy6[:, :, :, py, :, px]
     return d4
 
 
@@ -104,7 +103,7 @@ def _forward(x, weight, bias, upsample, stride, activation, skip):
     if upsample and skip is None:  # sub-pixel: one 2x2 conv with 4*C_out outputs
         w = subpixel_weight(weight).to(dt)  # summed in the master dtype, then rounded
         y = _phases_to_image(F.conv2d(xin, w, None if b is None else b.repeat(4), padding=1),
-                             weight.shape[0])
+                             weight.shape[0], _memory_format(x))
     else:
         w = weight.to(dt)
         inp = F.interpolate(xin, scale_factor=2, mode="nearest") if upsample else xin

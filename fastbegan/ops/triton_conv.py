@@ -1,29 +1,34 @@
 """Triton ``conv3x3_elu`` and ``upsample_nearest2x``: custom-op registration and wrappers.
 
 - ``torch.ops.fastbegan.conv3x3_elu(x, weight, bias, skip, wgrad_scale, upsample, stride,
-  activation) -> Tensor``: the fused forward (kernels in :mod:`fastbegan.kernels.conv3x3`).
+  activation) -> Tensor``: the fused forward (kernels in :mod:`fastbegan.kernels.conv3x3`),
+  behind the fallback chain tma -> ptr -> torch (:mod:`.fallback`, :func:`forward_paths`).
   ``wgrad_scale`` is accepted and ignored by the forward: it only scales the weight/bias
-  gradients, whose autograd formula is registered by :mod:`.triton_conv_autograd`
-  (imported at the bottom of this module).
+  gradients; the backward ops and the autograd formula are in :mod:`.triton_conv_bwd`,
+  registered here.
 - ``torch.ops.fastbegan.upsample_nearest2x(x) -> Tensor`` with its autograd (the adjoint
   of a nearest 2x upsample sums each 2x2 block).
 
 Both have fake (meta) implementations, so they work under ``torch.compile(fullgraph=True)``
-and inside CUDA graphs; outputs are channels_last. The Python wrappers
+and inside CUDA graphs; outputs are channels_last. Launches run on the inputs' device
+(:func:`fastbegan.kernels.common.device_guard`). The Python wrappers
 :func:`conv3x3_elu` and :func:`upsample_nearest2x` validate their inputs with clear errors
 and convert activations to channels_last before calling the ops.
 """
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from fastbegan.kernels import conv3x3 as _k
+from fastbegan.kernels import conv3x3
+from fastbegan.kernels.common import device_guard
 
-__all__ = ["conv3x3_elu", "upsample_nearest2x"]
+from . import fallback, reference
+from .checks import ACT_DTYPES, autocast_inputs, check_backend_device, check_device
+from .triton_conv_bwd import register_conv3x3_elu_autograd
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["conv3x3_elu", "upsample_nearest2x", "forward_paths"]
+
 _CL = torch.channels_last
 
 
@@ -34,6 +39,46 @@ def _conv_out_shape(x: Tensor, weight: Tensor, upsample: bool, stride: int):
     return (n, weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
+def _reference_forward(x, weight, bias, skip, upsample, stride, activation, out=None):
+    y = reference.conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
+                                  activation=activation, skip=skip)
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous(memory_format=_CL)
+
+
+def forward_paths(x, weight, bias, skip, upsample, stride, activation, out=None, w_kernel=None):
+    """The forward conv's paths, fastest first: ``[(name, thunk), ...]`` with "tma" (where
+    :func:`fastbegan.kernels.conv3x3.tma_eligible` and not FASTBEGAN_CONV_KERNEL=ptr), "ptr"
+    and "torch" (the reference). ``out``: write the result there (see ``conv3x3_fwd``).
+    ``w_kernel``: the weight as the kernels read it (``conv3x3.kernel_weight``), when the
+    caller made it already (the pair op casts once for its two launches)."""
+    kw = dict(skip=skip, upsample=upsample, stride=stride, activation=activation, out=out)
+    wk = weight if w_kernel is None else w_kernel
+    paths = []
+    if conv3x3.DEFAULT_KERNEL != "ptr" and conv3x3.tma_eligible(
+            x, conv3x3.weight_matrix(wk), skip, upsample, stride):
+        paths.append(("tma", lambda: conv3x3.conv3x3_fwd(x, wk, bias, kernel="tma", **kw)))
+    paths.append(("ptr", lambda: conv3x3.conv3x3_fwd(x, wk, bias, kernel="ptr", **kw)))
+    paths.append(("torch", lambda: _reference_forward(x, weight, bias, skip, upsample, stride,
+                                                      activation, out)))
+    return paths
+
+
+def run_forward(x, weight, bias, skip, upsample, stride, activation, out=None, w_kernel=None,
+                op="conv3x3_elu"):
+    """The forward conv through the fallback chain (on x's device); arguments as
+    :func:`forward_paths`, ``op`` names it in decisions and warnings."""
+    key = fallback.shape_key(x=x, skip=skip, weight=weight, bias=bias is not None,
+                             upsample=upsample, stride=stride, elu=activation, device=x.device)
+    with device_guard(x.device):
+        return fallback.run(op, key, forward_paths(x, weight, bias, skip, upsample, stride,
+                                                   activation, out, w_kernel), x.device,
+                            race=conv3x3.DEFAULT_KERNEL == "auto",
+                            reference=lambda: _reference_forward(x, weight, bias, skip, upsample,
+                                                                 stride, activation))
+
+
 # ----------------------------------------------------------------------------------------
 # custom ops
 # ----------------------------------------------------------------------------------------
@@ -42,8 +87,7 @@ def _conv3x3_elu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], skip: Opt
                     wgrad_scale: Optional[Tensor], upsample: bool, stride: int,
                     activation: bool) -> Tensor:
     """``elu(conv3x3(cat(up(x), skip), weight, pad=1, stride) + bias)``; see the wrapper."""
-    return _k.conv3x3_fwd(x, weight, bias, skip=skip, upsample=upsample, stride=stride,
-                          activation=activation)
+    return run_forward(x, weight, bias, skip, upsample, stride, activation)
 
 
 @_conv3x3_elu_op.register_fake
@@ -55,7 +99,11 @@ def _conv3x3_elu_fake(x, weight, bias, skip, wgrad_scale, upsample, stride, acti
 @torch.library.custom_op("fastbegan::upsample_nearest2x", mutates_args=())
 def _upsample_nearest2x_op(x: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C, 2H, 2W) nearest, channels_last."""
-    return _k.upsample_nearest2x_fwd(x)
+    with device_guard(x.device):
+        return fallback.run("upsample_nearest2x", fallback.shape_key(x=x, device=x.device), [
+            ("triton", lambda: conv3x3.upsample_nearest2x_fwd(x)),
+            ("torch", lambda: reference.upsample_nearest2x_ref(x).contiguous(memory_format=_CL)),
+        ], x.device)
 
 
 @_upsample_nearest2x_op.register_fake
@@ -82,45 +130,6 @@ torch.library.register_autograd("fastbegan::upsample_nearest2x", _upsample_backw
 # ----------------------------------------------------------------------------------------
 # wrappers: validation and layout
 # ----------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return _k.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(name: str, t: Tensor, ref: Tensor, op: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but x is on {ref.device}; "
-                         "all tensors must be on the same device")
-
-
-def _check_backend_device(x: Tensor, op: str) -> None:
-    if x.device.type == "cuda":
-        return
-    if x.device.type == "cpu":
-        if _interpreting():
-            return
-        raise RuntimeError(
-            f"{op}: x is a CPU tensor; the triton backend needs a CUDA GPU (CPU only under the "
-            "Triton interpreter, TRITON_INTERPRET=1 set before import). Use the torch backend "
-            "for CPU tensors: fastbegan.ops.set_backend('torch').")
-    raise RuntimeError(f"{op}: unsupported device {x.device} for the triton backend; "
-                       "use the torch backend: fastbegan.ops.set_backend('torch').")
-
-
-def _autocast_inputs(*ts: Optional[Tensor]):
-    """Activations in autocast's dtype when autocast is on for their device, as F.conv2d
-    would run (conv is on autocast's lower-precision list). Weights are not cast: the
-    kernels cast fp32 master weights tile by tile. Without this an fp32 input (the real
-    batch, or its concatenation with a bf16 fake batch) would run the whole encoder in fp32.
-    """
-    dev = ts[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return ts
-    dt = torch.get_autocast_dtype(dev)
-    # autocast's rule: floating tensors other than fp64 are cast
-    return tuple(t.to(dt) if isinstance(t, Tensor) and t.dtype in _ACT_DTYPES and t.dtype != dt
-                 else t for t in ts)
-
-
 def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: bool = False,
                 stride: int = 1, activation: bool = True, skip: Optional[Tensor] = None,
                 wgrad_scale: Optional[Tensor] = None) -> Tensor:
@@ -129,8 +138,8 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: 
     Same contract as :func:`fastbegan.ops.conv3x3_elu` (the torch backend's reference):
     x (N, C_x, H, W); skip (N, C_s, H', W') at the conv's input resolution (H' = 2H with
     ``upsample``), concatenated after x's channels; weight (C_out, C_x + C_s, 3, 3), any
-    float dtype (fp32 master weights with bf16 activations are cast tile by tile inside
-    the kernel; a channels_last weight is read without a copy); bias (C_out,) or None;
+    float dtype (fp32 master weights with bf16 activations are cast once per call, outside
+    the kernel's K loop; a channels_last weight of x's dtype is read without a copy); bias (C_out,) or None;
     stride 1 or 2 (not with upsample); wgrad_scale (N,) or None (gradients only).
     Activations are bf16, fp16 or fp32; NCHW or non-contiguous inputs are converted to
     channels_last. Returns (N, C_out, H'_out, W'_out) channels_last in x's dtype.
@@ -146,20 +155,20 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: 
         raise ValueError(f"{op}: stride must be 1 or 2, got {stride}")
     if upsample and stride != 1:
         raise ValueError(f"{op}: upsample and stride 2 cannot be combined")
-    x, skip = _autocast_inputs(x, skip)
-    if x.dtype not in _ACT_DTYPES:
+    x, skip = autocast_inputs(x, skip)
+    if x.dtype not in ACT_DTYPES:
         raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
     if not weight.is_floating_point():
         raise TypeError(f"{op}: weight must be a floating-point tensor, got {weight.dtype}")
-    _check_backend_device(x, op)
-    _check_device("weight", weight, x, op)
+    check_backend_device(x, op)
+    check_device("weight", weight, x, op)
     n, c_x, h, w = x.shape
     h_in, w_in = (2 * h, 2 * w) if upsample else (h, w)
     c_s = 0
     if skip is not None:
         if not isinstance(skip, Tensor) or skip.dim() != 4:
             raise ValueError(f"{op}: skip must be a 4-D (N, C, H, W) tensor")
-        _check_device("skip", skip, x, op)
+        check_device("skip", skip, x, op)
         if skip.dtype != x.dtype:
             raise TypeError(f"{op}: skip's dtype {skip.dtype} differs from x's {x.dtype}")
         if skip.shape[0] != n or tuple(skip.shape[2:]) != (h_in, w_in):
@@ -172,11 +181,11 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Optional[Tensor], *, upsample: 
             f"{op}: channel mismatch: weight expects {weight.shape[1]} input channels but x has "
             f"{c_x}" + (f" + skip {c_s} = {c_x + c_s}" if skip is not None else ""))
     if bias is not None:
-        _check_device("bias", bias, x, op)
+        check_device("bias", bias, x, op)
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if wgrad_scale is not None:
-        _check_device("wgrad_scale", wgrad_scale, x, op)
+        check_device("wgrad_scale", wgrad_scale, x, op)
         if wgrad_scale.dim() != 1 or wgrad_scale.shape[0] != n:
             raise ValueError(f"{op}: wgrad_scale must be ({n},), got {tuple(wgrad_scale.shape)}")
     x = x.contiguous(memory_format=_CL)
@@ -193,12 +202,8 @@ def upsample_nearest2x(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: x must be a 4-D (N, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    _check_backend_device(x, op)
+    check_backend_device(x, op)
     return torch.ops.fastbegan.upsample_nearest2x(x.contiguous(memory_format=_CL))
 
 
-# The backward of fastbegan::conv3x3_elu is registered by another module; keep last.
-try:
-    from . import triton_conv_autograd  # noqa: F401,E402
-except ImportError:
-    pass
+register_conv3x3_elu_autograd("fastbegan::conv3x3_elu")

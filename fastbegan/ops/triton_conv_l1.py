@@ -8,9 +8,9 @@ backward skip the L1 gradient tensor altogether::
               [L_real, L_fake] = mean |[x_real; x_fake] - y| per half, k_next, M
                                                           (kernels/l1_loss.py, 2 launches)
     backward  dpre = sign(y - x) * dL_half / numel        formed while loading, in
-              dh   = conv_transpose3x3(dpre, W)           _dgrad_kernel (L1 mode), which
-              dx   = -dpre (the targets)                  also writes dx_fake (and dx_real)
-              dW, db = sum_n scale[n] dpre (x) h          _wgrad_kernel (L1 mode)
+              dh   = conv_transpose3x3(dpre, W)           conv3x3_dgrad_kernel (L1 mode),
+              dx   = -dpre (the targets)                  which also writes dx_fake
+              dW, db = sum_n scale[n] dpre (x) h          conv3x3_wgrad_kernel (L1 mode)
 
 so d recon is never written or read back (the separate-loss path writes it in the
 loss backward and reads it in both conv kernels). The fake target is G's output: its
@@ -36,11 +36,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbegan.kernels import conv3x3 as _fwd
-from fastbegan.kernels import conv3x3_bwd as _bwd
+from fastbegan.kernels import conv3x3_bwd
+from fastbegan.kernels.common import device_guard
 
-from . import triton_loss as _loss
-from .triton_conv import _autocast_inputs, _check_backend_device, _check_device
+from . import fallback, reference, triton_loss
+from .checks import autocast_inputs, check_backend_device, check_device
+from .triton_conv import run_forward
 
 __all__ = ["conv3x3_l1_pair_began"]
 
@@ -54,9 +55,9 @@ _CL = torch.channels_last
 def _fused_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], x_real: Tensor, x_fake: Tensor,
               wgrad_scale: Optional[Tensor], k: Tensor, gamma: float,
               lambda_k: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y = _fwd.conv3x3_fwd(h, weight, bias, activation=False)
-    losses, k_next, m = _loss._launch_forward(x_real, x_fake, y, x_real.numel(), 2,
-                                              k.to(y.device), gamma, lambda_k)
+    y = run_forward(h, weight, bias, None, False, 1, False, op="conv3x3_l1_pair_began")
+    losses, k_next, m = triton_loss.pair_began_forward(x_real, x_fake, y, k.to(y.device),
+                                                       gamma, lambda_k)
     return losses, k_next, m, y
 
 
@@ -72,8 +73,14 @@ def _(h, weight, bias, x_real, x_fake, wgrad_scale, k, gamma, lambda_k):
 def _dgrad_op(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tensor, grad: Tensor,
               need_x_real: bool, need_x_fake: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dh, dx_real, dx_fake); a target gradient not asked for is an empty (0,) tensor."""
-    dh, dxr, dxf = _bwd.conv3x3_l1_dgrad(h, weight, x_real, x_fake, y, grad, need_x_real,
-                                         need_x_fake)
+    key = fallback.shape_key(h=h, weight=weight, x_real=x_real, x_fake=x_fake, y=y,
+                             need_x_real=need_x_real, need_x_fake=need_x_fake, device=h.device)
+    args = (h, weight, x_real, x_fake, y, grad, need_x_real, need_x_fake)
+    with device_guard(h.device):
+        dh, dxr, dxf = fallback.run("conv3x3_l1_dgrad", key, [
+            ("triton", lambda: conv3x3_bwd.conv3x3_l1_dgrad(*args)),
+            ("torch", lambda: reference.conv3x3_l1_dgrad_ref(*args))], h.device,
+            dtype=h.dtype)
     return (dh, dxr if dxr is not None else y.new_empty((0,)),
             dxf if dxf is not None else y.new_empty((0,)))
 
@@ -90,7 +97,14 @@ def _(h, weight, x_real, x_fake, y, grad, need_x_real, need_x_fake):
 def _wgrad_op(h: Tensor, weight: Tensor, x_real: Tensor, x_fake: Tensor, y: Tensor, grad: Tensor,
               wgrad_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(dW in the weight's dtype and layout, db in the weight's dtype)."""
-    return _bwd.conv3x3_l1_wgrad(h, weight, x_real, x_fake, y, grad, wgrad_scale)
+    key = fallback.shape_key(h=h, weight=weight, x_real=x_real, y=y,
+                             scale=wgrad_scale is not None, device=h.device)
+    args = (h, weight, x_real, x_fake, y, grad, wgrad_scale)
+    with device_guard(h.device):
+        return fallback.run("conv3x3_l1_wgrad", key, [
+            ("triton", lambda: conv3x3_bwd.conv3x3_l1_wgrad(*args)),
+            ("torch", lambda: reference.conv3x3_l1_wgrad_ref(*args))], h.device,
+            dtype=h.dtype)
 
 
 @_wgrad_op.register_fake
@@ -144,11 +158,11 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Optional[Tensor], x_r
             raise ValueError(f"{op}: {name} must be a 4-D (N, C, H, W) tensor")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] != h.shape[1]:
         raise ValueError(f"{op}: weight {tuple(weight.shape)} must be (C_out, {h.shape[1]}, 3, 3)")
-    _check_backend_device(h, op)
+    check_backend_device(h, op)
     for name, t in (("weight", weight), ("bias", bias), ("x_real", x_real), ("x_fake", x_fake),
                     ("wgrad_scale", wgrad_scale)):
         if t is not None:
-            _check_device(name, t, h, op)
+            check_device(name, t, h, op)
     b2, _, hh, ww = h.shape
     want = (b2 // 2, weight.shape[0], hh, ww)
     if b2 % 2 or tuple(x_real.shape) != want or tuple(x_fake.shape) != want:
@@ -158,7 +172,7 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Optional[Tensor], x_r
         raise ValueError(f"{op}: wgrad_scale must be ({b2},), got {tuple(wgrad_scale.shape)}")
     if x_real.numel() * 2 >= 2**31:
         raise ValueError(f"{op}: tensors of 2**31 or more elements are not supported")
-    h, = _autocast_inputs(h)
+    h, = autocast_inputs(h)
     if k.numel() != 1:
         raise ValueError(f"{op}: k must be a scalar tensor, got shape {tuple(k.shape)}")
     losses, k_next, m, y = _fused_op(

@@ -15,7 +15,7 @@ The dgrad skipped for the real half is the largest one of the model's first laye
 reads dy and y, the two (B, n, res, res) tensors of the layer's output side (67 MB each
 at res 128, n 128, batch 16, bf16). Stride 1, no upsample, no skip (what the encoder's
 first conv is). Outputs channels_last; fake implementations for torch.compile and CUDA
-graphs; the backward calls the ``fastbegan::conv3x3_elu_dgrad`` / ``_wgrad`` custom ops
+graphs; the backward calls the ``fastbegan::conv3x3_dgrad`` / ``_wgrad`` custom ops
 on the halves (views: a batch slice of a channels_last tensor is channels_last-dense).
 
 Reference: ``conv3x3_elu(torch.cat([xa, xb]))`` (:func:`fastbegan.ops.conv3x3_elu_pair`
@@ -28,9 +28,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastbegan.kernels import conv3x3 as _fwd
+from fastbegan.kernels import conv3x3
 
-from .triton_conv import _autocast_inputs, _check_backend_device, _check_device
+from .checks import autocast_inputs, check_backend_device, check_device
+from .triton_conv import run_forward
 
 __all__ = ["conv3x3_elu_pair"]
 
@@ -48,8 +49,10 @@ def _pair_op(xa: Tensor, xb: Tensor, weight: Tensor, bias: Optional[Tensor],
     y = torch.empty(_out_shape(xa, xb, weight), device=xa.device, dtype=xa.dtype,
                     memory_format=_CL)
     na = xa.shape[0]
-    _fwd.conv3x3_fwd(xa, weight, bias, activation=activation, out=y[:na])
-    _fwd.conv3x3_fwd(xb, weight, bias, activation=activation, out=y[na:])
+    wk = conv3x3.kernel_weight(weight, xa.dtype)     # cast once for both launches
+    for x, out in ((xa, y[:na]), (xb, y[na:])):
+        run_forward(x, weight, bias, None, False, 1, activation, out=out, w_kernel=wk,
+                    op="conv3x3_elu_pair")
     return y
 
 
@@ -73,12 +76,12 @@ def _backward(ctx, dy):
     ops = torch.ops.fastbegan
     halves = ((xa, slice(0, na)), (xb, slice(na, None)))
     ya = [None if y is None else y[s] for _, s in halves]
-    dxa = ops.conv3x3_elu_dgrad(dy[:na], ya[0], weight, xa, 0, False, 1) if need_a else None
-    dxb = ops.conv3x3_elu_dgrad(dy[na:], ya[1], weight, xb, 0, False, 1) if need_b else None
+    dxa = ops.conv3x3_dgrad(dy[:na], ya[0], weight, xa, 0, False, 1) if need_a else None
+    dxb = ops.conv3x3_dgrad(dy[na:], ya[1], weight, xb, 0, False, 1) if need_b else None
     dw = db = None
     has_bias = ctx.bias_dtype is not None
     if need_w or (need_bias and has_bias):
-        parts = [ops.conv3x3_elu_wgrad(dy[s], yh, x, None, weight,
+        parts = [ops.conv3x3_wgrad(dy[s], yh, x, None, weight,
                                        None if scale is None else scale[s], False, 1)
                  for (x, s), yh in zip(halves, ya)]
         dw = parts[0][0] + parts[1][0] if need_w else None
@@ -108,11 +111,11 @@ def conv3x3_elu_pair(xa: Tensor, xb: Tensor, weight: Tensor, bias: Optional[Tens
     n = xa.shape[0] + xb.shape[0]
     if wgrad_scale is not None and tuple(wgrad_scale.shape) != (n,):
         raise ValueError(f"{op}: wgrad_scale must be ({n},), got {tuple(wgrad_scale.shape)}")
-    _check_backend_device(xa, op)
+    check_backend_device(xa, op)
     for name, t in (("xb", xb), ("weight", weight), ("bias", bias), ("wgrad_scale", wgrad_scale)):
         if t is not None:
-            _check_device(name, t, xa, op)
-    xa, xb = _autocast_inputs(xa, xb)
+            check_device(name, t, xa, op)
+    xa, xb = autocast_inputs(xa, xb)
     if xa.dtype != xb.dtype:  # e.g. fp32 data and a bf16 G(z) outside autocast: as torch.cat
         dt = torch.promote_types(xa.dtype, xb.dtype)
         xa, xb = xa.to(dt), xb.to(dt)

@@ -31,23 +31,25 @@ copied, otherwise the launcher makes contiguous copies.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
 
-from fastbegan.kernels import l1_loss as _k
+from fastbegan.kernels import interpreting, l1_loss
+from fastbegan.kernels.common import check_grid, device_guard
 
-__all__ = ["l1_recon_loss", "l1_recon_loss_pair", "l1_recon_loss_pair_began", "began_update"]
+from . import fallback, reference
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["l1_recon_loss", "l1_recon_loss_pair", "l1_recon_loss_pair_began", "began_update",
+           "pair_began_forward"]
+
+_INTERPRET = interpreting()
 # Block sizes and the cap on partial sums per half (see the kernels module); smaller
 # under the interpreter so that the tests exercise several blocks and partials.
-_BLOCK = 1024 if _INTERPRET else _k.GPU_BLOCK
-_BLOCK_BWD = 1024 if _INTERPRET else _k.GPU_BLOCK_BWD
-_MAX_PARTS = 16 if _INTERPRET else _k.GPU_MAX_PARTS
-_NUM_WARPS = _k.NUM_WARPS
+_BLOCK = 1024 if _INTERPRET else l1_loss.GPU_BLOCK
+_BLOCK_BWD = 1024 if _INTERPRET else l1_loss.GPU_BLOCK_BWD
+_MAX_PARTS = 16 if _INTERPRET else l1_loss.GPU_MAX_PARTS
+_NUM_WARPS = l1_loss.NUM_WARPS
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,17 +101,17 @@ def _launch_forward(xa: Tensor, xb: Tensor, recon: Tensor, n: int, halves: int,
     parts = _n_parts(n)
     part = torch.empty((halves, parts), device=dev, dtype=torch.float32)
     out = torch.empty((halves,) if halves == 2 else (), device=dev, dtype=torch.float32)
-    _k.l1_partial_kernel[(parts, halves)](xa, xb, recon, part, n, parts, HALVES=halves,
-                                          BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    l1_loss.l1_partial_kernel[(parts, halves)](xa, xb, recon, part, n, parts, HALVES=halves,
+                                               BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     update = k is not None
     if update:
         k_next = torch.empty((), device=dev, dtype=torch.float32)
         m = torch.empty((), device=dev, dtype=torch.float32)
     else:
         k, k_next, m = out, out, out  # unused pointers (UPDATE is False)
-    _k.l1_finalize_kernel[(1,)](part, out, n, parts, k, k_next, m, float(gamma), float(lambda_k),
-                                HALVES=halves, UPDATE=update,
-                                BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
+    l1_loss.l1_finalize_kernel[(1,)](part, out, n, parts, k, k_next, m, float(gamma),
+                                     float(lambda_k), HALVES=halves, UPDATE=update,
+                                     BLOCK_P=triton.next_power_of_2(parts), num_warps=4)
     return (out, k_next, m) if update else out
 
 
@@ -121,11 +123,58 @@ def _launch_backward(xa: Tensor, xb: Tensor, recon: Tensor, grad: Tensor, halves
     g_recon = torch.empty_like(recon)
     g_xa = torch.empty_like(xa) if need_xa else None
     g_xb = torch.empty_like(xb) if (need_xb and halves == 2) else None
-    _k.l1_backward_kernel[(triton.cdiv(n, _BLOCK_BWD), halves)](
+    l1_loss.l1_backward_kernel[check_grid((triton.cdiv(n, _BLOCK_BWD), halves), "l1_loss")](
         xa, xb, recon, grad, g_xa if need_xa else recon, g_xb if g_xb is not None else recon,
         g_recon, n, HALVES=halves, WRITE_XA=need_xa, WRITE_XB=g_xb is not None,
-        BLOCK=_BLOCK_BWD, num_warps=_k.NUM_WARPS_BWD)
+        BLOCK=_BLOCK_BWD, num_warps=l1_loss.NUM_WARPS_BWD)
     return g_xa, g_xb, g_recon
+
+
+def _ref_losses(xa: Tensor, xb: Tensor, recon: Tensor, halves: int) -> Tensor:
+    if halves == 1:
+        return reference.l1_recon_loss_ref(xa, recon)
+    b = xa.shape[0]
+    return torch.stack([reference.l1_recon_loss_ref(xa, recon[:b]),
+                        reference.l1_recon_loss_ref(xb, recon[b:])])
+
+
+def _forward(op: str, xa: Tensor, xb: Tensor, recon: Tensor, halves: int, k=None,
+             gamma: float = 0.0, lambda_k: float = 0.0):
+    """The losses (and, with ``k``, the BEGAN update) through the fallback chain."""
+    n = _check(op, [xa] if halves == 1 else [xa, xb], recon, halves)
+
+    def ref():
+        losses = _ref_losses(xa, xb, recon, halves)
+        if k is None:
+            return losses
+        return (losses, *reference.began_update_ref(k.float(), losses[0], losses[1], gamma,
+                                                    lambda_k))
+    key = fallback.shape_key(x=xa, recon=recon, update=k is not None, device=recon.device)
+    with device_guard(recon.device):
+        return fallback.run(op, key, [
+            ("triton", lambda: _launch_forward(xa, xb, recon, n, halves, k, gamma, lambda_k)),
+            ("torch", ref)], recon.device)
+
+
+def pair_began_forward(x_real: Tensor, x_fake: Tensor, recon: Tensor, k: Tensor, gamma: float,
+                       lambda_k: float):
+    """``(losses, k_next, M)`` of D's output ``recon`` for ``[x_real; x_fake]``: both L1
+    losses and the BEGAN update in two launches (or the torch path of the chain)."""
+    return _forward("l1_loss_pair_began", x_real, x_fake, recon, 2, k, gamma, lambda_k)
+
+
+def _ref_backward(xa, xb, recon, grad, halves, need_xa, need_xb):
+    """The torch path of :func:`_launch_backward`: (d xa | None, d xb | None, d recon)."""
+    recon, (xa, xb) = _common_layout(recon, xa, xb)
+    g = grad.float() / xa.numel()
+    targets = xa if halves == 1 else torch.cat([xa, xb])
+    per = g.repeat_interleave(xa.shape[0]).view(-1, *([1] * (xa.dim() - 1))) if halves == 2 \
+        else g.reshape(())
+    d = torch.sign(recon.float() - targets.float()) * per
+    b = xa.shape[0] if halves == 2 else None
+    g_xa = (-(d[:b] if b else d)).to(xa.dtype) if need_xa else None
+    g_xb = (-d[b:]).to(xb.dtype) if (need_xb and halves == 2) else None
+    return g_xa, g_xb, d.to(recon.dtype)
 
 
 def _empty_like_or_none(flag: bool, t: Tensor) -> Tensor:
@@ -137,8 +186,7 @@ def _empty_like_or_none(flag: bool, t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------
 @torch.library.custom_op("fastbegan::l1_loss", mutates_args=())
 def _l1_loss_op(x: Tensor, recon: Tensor) -> Tensor:
-    n = _check("l1_recon_loss", [x], recon, 1)
-    return _launch_forward(x, x, recon, n, 1)
+    return _forward("l1_recon_loss", x, x, recon, 1)
 
 
 @_l1_loss_op.register_fake
@@ -148,8 +196,7 @@ def _(x, recon):
 
 @torch.library.custom_op("fastbegan::l1_loss_pair", mutates_args=())
 def _l1_loss_pair_op(x_real: Tensor, x_fake: Tensor, recon: Tensor) -> Tensor:
-    n = _check("l1_recon_loss_pair", [x_real, x_fake], recon, 2)
-    return _launch_forward(x_real, x_fake, recon, n, 2)
+    return _forward("l1_recon_loss_pair", x_real, x_fake, recon, 2)
 
 
 @_l1_loss_pair_op.register_fake
@@ -160,10 +207,9 @@ def _(x_real, x_fake, recon):
 @torch.library.custom_op("fastbegan::l1_loss_pair_began", mutates_args=())
 def _l1_loss_pair_began_op(x_real: Tensor, x_fake: Tensor, recon: Tensor, k: Tensor,
                            gamma: float, lambda_k: float) -> tuple[Tensor, Tensor, Tensor]:
-    n = _check("l1_recon_loss_pair", [x_real, x_fake], recon, 2)
     if k.numel() != 1:
         raise ValueError(f"l1_recon_loss_pair: k must be a scalar tensor, got shape {tuple(k.shape)}")
-    return _launch_forward(x_real, x_fake, recon, n, 2, k.to(recon.device), gamma, lambda_k)
+    return pair_began_forward(x_real, x_fake, recon, k.to(recon.device), gamma, lambda_k)
 
 
 @_l1_loss_pair_began_op.register_fake
@@ -181,7 +227,14 @@ def _l1_loss_backward_op(xa: Tensor, xb: Tensor, recon: Tensor, grad: Tensor, ne
     come back as empty (0,) tensors.
     """
     halves = grad.numel()
-    g_xa, g_xb, g_r = _launch_backward(xa, xb, recon, grad.reshape(-1), halves, need_xa, need_xb)
+    key = fallback.shape_key(x=xa, recon=recon, need_xa=need_xa, need_xb=need_xb,
+                             device=recon.device)
+    with device_guard(recon.device):
+        g_xa, g_xb, g_r = fallback.run("l1_loss_backward", key, [
+            ("triton", lambda: _launch_backward(xa, xb, recon, grad.reshape(-1), halves,
+                                                need_xa, need_xb)),
+            ("torch", lambda: _ref_backward(xa, xb, recon, grad.reshape(-1), halves, need_xa,
+                                            need_xb))], recon.device)
     # A fresh empty tensor per missing gradient: custom-op outputs must not alias each other.
     return (g_xa if g_xa is not None else recon.new_empty((0,)),
             g_xb if g_xb is not None else recon.new_empty((0,)), g_r)
@@ -199,11 +252,20 @@ def _(xa, xb, recon, grad, need_xa, need_xb):
 def _began_update_op(k: Tensor, loss_real: Tensor, loss_fake: Tensor, gamma: float,
                      lambda_k: float) -> tuple[Tensor, Tensor]:
     dev = k.device
-    k_next = torch.empty((), device=dev, dtype=torch.float32)
-    m = torch.empty((), device=dev, dtype=torch.float32)
-    _k.began_update_kernel[(1,)](k, loss_real.to(dev), loss_fake.to(dev), k_next, m,
-                                 float(gamma), float(lambda_k), num_warps=1)
-    return k_next, m
+
+    def launch():
+        k_next = torch.empty((), device=dev, dtype=torch.float32)
+        m = torch.empty((), device=dev, dtype=torch.float32)
+        l1_loss.began_update_kernel[(1,)](k, loss_real.to(dev), loss_fake.to(dev), k_next, m,
+                                          float(gamma), float(lambda_k), num_warps=1)
+        return k_next, m
+
+    def ref():
+        return reference.began_update_ref(k.float(), loss_real.to(dev).float(),
+                                          loss_fake.to(dev).float(), gamma, lambda_k)
+    with device_guard(dev):
+        return fallback.run("began_update", fallback.shape_key(device=dev),
+                            [("triton", launch), ("torch", ref)], dev)
 
 
 @_began_update_op.register_fake

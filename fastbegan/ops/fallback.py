@@ -1,0 +1,250 @@
+"""The fallback chain of the triton backend: per op and shape, the first path that works.
+
+Every custom op of the triton backend has an ordered list of *paths* that compute the
+same result, fastest first, the torch reference last::
+
+    conv3x3_elu (forward)        tma -> ptr -> torch     (tma only where eligible)
+    conv3x3_dgrad / _wgrad       triton -> torch
+    conv3x3_l1_* / l1 losses     triton -> torch
+    upsample_nearest2x           triton -> torch
+
+The path is decided at the first call of each (op, shape) key and kept for the process:
+
+- a path that raises (a Triton compile error, a launch error such as too much shared
+  memory or a grid over CUDA's limits, a kernel bug surfacing as a Python error) is
+  dropped;
+- with verification on (:func:`set_verify`; ``fastbegan train --verify-kernels``, always
+  in ``fastbegan doctor``), the first call's result is also compared with the torch
+  reference, and a path whose max relative error exceeds :data:`REL_TOL` is dropped;
+- on a GPU, when both the tma and the ptr forward kernels work for a shape, the faster
+  one (each already autotuned by Triton) goes first ("race", timed once per shape).
+
+Each dropped path costs one warning line (:class:`KernelFallbackWarning`) naming the op,
+the shape, the path and the error; the call returns the next path's result, so training
+goes on, slower. A *sticky* CUDA error (an illegal address, a launch failure: the CUDA
+context is unusable afterwards) cannot be absorbed: :class:`KernelFatalError` ends the
+run with a message saying so (the trainer writes checkpoints only from healthy states, so
+the last one is intact).
+
+Inside a CUDA graph capture nothing is tried or verified (no synchronisation is
+allowed there): an undecided key takes its first path. The training step decides every
+key in its eager warm-up steps, before it captures.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["KernelFallbackWarning", "KernelFatalError", "set_verify", "verify_enabled",
+           "set_strict", "run",
+           "decisions", "reset", "max_rel_error", "shape_key", "describe", "REL_TOL"]
+
+# max |got - want| / max |want| accepted when verifying a path against the reference, per
+# compute dtype: bf16 has 8 mantissa bits (outputs rounded: 2**-9 relative, plus a
+# different summation order over K up to 9 * 1024 products); fp32 dots run in TF32 on
+# a GPU (10 mantissa bits) like cuDNN's default. A wrong kernel is off by O(1).
+REL_TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-2, torch.float64: 1e-6}
+
+_verify = os.environ.get("FASTBEGAN_VERIFY_KERNELS") == "1"
+_strict = False                         # tests: no fallback, errors and mismatches raise
+_chosen: dict[tuple, str] = {}          # (op, key) -> path in use
+_events: list[dict] = []                # what was dropped, and why (doctor reports them)
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A kernel path was dropped for an (op, shape); a slower path is used instead."""
+
+
+class KernelFatalError(RuntimeError):
+    """A sticky CUDA error inside a kernel: the CUDA context cannot be used any more."""
+
+
+def set_verify(on: bool = True) -> None:
+    """Compare the first call of every (op, shape) with the torch reference."""
+    global _verify
+    _verify = bool(on)
+
+
+def verify_enabled() -> bool:
+    return _verify
+
+
+def set_strict(on: bool = True) -> None:
+    """Strict mode (the test suite's default): only the first path runs, its errors
+    propagate and, with verification on, a mismatch raises instead of falling back. Tests
+    of the kernels must not pass on the torch path."""
+    global _strict
+    _strict = bool(on)
+
+
+def reset() -> None:
+    """Forget every decision (the next call of each key tries its paths again)."""
+    _chosen.clear()
+    _events.clear()
+
+
+def decisions() -> dict:
+    """``{"op shape": path}`` for every key decided so far, and the dropped paths."""
+    return {"chosen": {f"{op} {describe(key)}": p for (op, key), p in _chosen.items()},
+            "dropped": list(_events)}
+
+
+def shape_key(**parts) -> tuple:
+    """The key of an op's call: tensors as (shape, dtype), flags that are set, other values
+    as they are. A tuple (cheap: it is built on every eager call); :func:`describe` makes
+    it readable."""
+    key = []
+    for k, v in parts.items():
+        if v is None or v is False:
+            continue
+        if isinstance(v, torch.Tensor):
+            v = (tuple(v.shape), v.dtype)
+        key.append((k, v))
+    return tuple(key)
+
+
+def describe(key) -> str:
+    """``x=2x8x4x4:float32 weight=... upsample device=cpu`` for a :func:`shape_key`."""
+    if not isinstance(key, tuple):
+        return str(key)
+    out = []
+    for k, v in key:
+        if v is True:
+            out.append(k)
+        elif isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
+            out.append(f"{k}={'x'.join(map(str, v[0]))}:{str(v[1]).replace('torch.', '')}")
+        else:
+            out.append(f"{k}={v}")
+    return " ".join(out)
+
+
+def max_rel_error(got, want) -> float:
+    """max |got - want| / max |want| over tensors (or sequences of tensors; None skipped)."""
+    if isinstance(got, torch.Tensor) or got is None:
+        got, want = [got], [want]
+    err, scale = 0.0, 0.0
+    for g, w in zip(got, want):
+        if g is None or w is None or g.numel() == 0:
+            continue
+        if g.shape != w.shape:
+            return float("inf")
+        w64 = w.detach().double()
+        err = max(err, (g.detach().double() - w64).abs().max().item())
+        scale = max(scale, w64.abs().max().item())
+    return err / max(scale, 1e-12)
+
+
+def _dtype_of(out) -> torch.dtype:
+    t = out if isinstance(out, torch.Tensor) else next(o for o in out if o is not None)
+    return t.dtype
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _sticky_cuda_error(device: torch.device) -> str | None:
+    """None if the CUDA context still works after an exception, else the error."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.empty(1, device=device).add_(1).item()
+    except Exception as e:  # noqa: BLE001 - any failure here means the context is gone
+        return f"{e.__class__.__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{e.__class__.__name__}: {lines[-1][:200] if lines else ''}"
+
+
+def _drop(op: str, key, path: str, why: str, next_path: str | None) -> None:
+    _events.append({"op": op, "shape": describe(key), "path": path, "error": why})
+    warnings.warn(f"fastbegan: {op} {describe(key)}: dropped the {path} path ({why}); using "
+                  f"{next_path or 'nothing'}", KernelFallbackWarning, stacklevel=4)
+
+
+def _try(op, key, name, fn, ref, device, verify, dtype):
+    """(result, None) or (None, why) for one path's first call."""
+    try:
+        out = fn()
+        if verify and name != "torch":
+            want = ref()
+            err = max_rel_error(out, want)
+            tol = REL_TOL.get(dtype or _dtype_of(want), 1e-2)
+            if not err <= tol:     # also catches NaN
+                return None, f"max relative error {err:.3g} > {tol:g} against the reference"
+        elif device.type == "cuda" and not _capturing():
+            torch.cuda.synchronize(device)   # surface an asynchronous launch error here
+        return out, None
+    except KernelFatalError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a compile/launch error or a kernel bug
+        sticky = _sticky_cuda_error(device)
+        if sticky is not None:
+            raise KernelFatalError(
+                f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that "
+                f"leaves the GPU unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
+                "checkpoint is intact. Rerun with FASTBEGAN_CONV_KERNEL=ptr, or --backend "
+                "torch, and please report it with the output of `fastbegan doctor`.") from e
+        return None, _one_line(e)
+
+
+def _race(paths, device) -> list:
+    """The first two paths (tma, ptr) ordered by measured time on a GPU."""
+    import triton.testing
+    timed = []
+    for name, fn in paths[:2]:
+        try:
+            fn()                                         # compile + autotune
+            timed.append((triton.testing.do_bench(fn, warmup=5, rep=20), name, fn))
+        except Exception:  # noqa: BLE001 - the chain below drops it with its reason
+            return paths
+    timed.sort(key=lambda t: t[0])
+    return [(n, f) for _, n, f in timed] + list(paths[2:])
+
+
+def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torch.device,
+        race: bool = False, reference: Callable | None = None, dtype: torch.dtype | None = None):
+    """The result of the path in use for ``(op, key)``, deciding it on the first call.
+
+    ``paths``: ``[(name, thunk), ...]`` fastest first, the last one the torch reference
+    ("torch"). ``reference``: a thunk returning the reference result in fresh tensors, to
+    verify against (default: the last path). ``race``: on a CUDA device, time the first
+    two paths and put the faster first (when both run). ``dtype``: the compute dtype
+    whose :data:`REL_TOL` applies (default: the result's; weight gradients come back in
+    the weights' fp32 but are computed from bf16 activations).
+    """
+    device = torch.device(device)
+    chosen = _chosen.get((op, key))
+    if chosen is not None:
+        for name, fn in paths:
+            if name == chosen:
+                return fn()
+    if _capturing():
+        return paths[0][1]()
+    ref = reference or paths[-1][1]
+    if _strict:
+        name, fn = paths[0]
+        out = fn()
+        if _verify and name != "torch":
+            err, tol = max_rel_error(out, ref()), REL_TOL.get(dtype or _dtype_of(out), 1e-2)
+            if not err <= tol:
+                raise AssertionError(f"{op} {describe(key)}: {name} path: max relative "
+                                     f"error {err:.3g} > {tol:g} against the reference")
+        return out
+    if race and device.type == "cuda" and len(paths) > 2:
+        paths = _race(list(paths), device)
+    for i, (name, fn) in enumerate(paths):
+        out, why = _try(op, key, name, fn, ref, device, _verify, dtype)
+        if why is None:
+            _chosen[(op, key)] = name
+            return out
+        _drop(op, key, name, why, paths[i + 1][0] if i + 1 < len(paths) else None)
+    raise RuntimeError(f"fastbegan: {op} {describe(key)}: every path failed, the torch reference "
+                       f"included ({_events[-1]['error']})")

@@ -1,0 +1,197 @@
+"""The triton backend's fallback chain (fastbegan.ops.fallback): a failing kernel is
+dropped with one warning line and the result is the next path's, equal to the reference.
+
+Failures are injected into the launchers the ops call (the tensor-descriptor forward, the
+pointer forward, the dgrad kernel): a real Triton error (a kernel that cannot be built:
+``tl.arange`` over a non-power-of-two range), a launch error as CUDA reports it, a wrong
+result (seen only with verification on), and a sticky CUDA error (ends the run). Under the
+interpreter, on CPU, at tiny shapes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from testutil import DEVICE, assert_close_rel
+from fastbegan import ops
+from fastbegan.kernels import conv3x3, conv3x3_bwd, interpreting
+from fastbegan.ops import fallback, reference
+
+pytestmark = [pytest.mark.skipif(not (interpreting() or DEVICE == "cuda"),
+                                 reason="needs the Triton interpreter or a GPU"),
+              pytest.mark.usefixtures("triton_backend")]
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def chain():
+    """The chain as in training (not the suite's strict mode), decisions forgotten."""
+    fallback.set_strict(False)
+    fallback.reset()
+    yield
+    fallback.reset()
+
+
+@triton.jit
+def _unbuildable_kernel(x_ptr):
+    offs = tl.arange(0, 3)            # not a power of two: Triton refuses to build it
+    tl.store(x_ptr + offs, tl.zeros((3,), tl.float32))
+
+
+def _compile_error(*args, **kwargs):
+    _unbuildable_kernel[(1,)](torch.zeros(4, device=DEVICE))
+    raise AssertionError("the broken kernel ran")
+
+
+def _launch_error(*args, **kwargs):
+    raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+
+
+def _inputs(c_in=8, c_out=8, hw=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, c_in, hw, hw, generator=g).to(DEVICE).contiguous(memory_format=CL)
+    w = (torch.randn(c_out, c_in, 3, 3, generator=g) * 0.3).to(DEVICE)
+    b = (0.1 * torch.randn(c_out, generator=g)).to(DEVICE)
+    return x, w, b
+
+
+def _break(monkeypatch, module, name, paths, failure):
+    """Replace ``module.name`` by a launcher that fails (``failure``) for the given
+    kernel paths ("tma"/"ptr" for the forward, None: every call) and counts its calls."""
+    real = getattr(module, name)
+    calls = []
+
+    def launcher(*args, **kwargs):
+        calls.append(kwargs.get("kernel"))
+        if paths is None or kwargs.get("kernel") in paths:
+            return failure(real, *args, **kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, launcher)
+    return calls
+
+
+def _fails_with(fn):
+    return lambda real, *a, **k: fn(*a, **k)
+
+
+def _wrong_result(real, *args, **kwargs):
+    return real(*args, **kwargs).add_(1.0)
+
+
+def _dropped(record, path):
+    msgs = [str(w.message) for w in record if issubclass(w.category, ops.KernelFallbackWarning)]
+    return [m for m in msgs if f"dropped the {path} path" in m]
+
+
+@pytest.mark.parametrize("failure, what", [(_fails_with(_compile_error), "arange"),
+                                           (_fails_with(_launch_error), "too many resources")])
+def test_forward_kernel_errors_fall_back_to_the_reference(monkeypatch, failure, what):
+    """Both kernel paths fail: one warning each naming op, shape, path and error; the
+    result is the reference's; the decision is kept (no retry, no second warning)."""
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma", "ptr"), failure)
+    x, w, b = _inputs()
+    with pytest.warns(ops.KernelFallbackWarning) as rec:
+        y = ops.conv3x3_elu(x, w, b)
+    lines = _dropped(rec, "ptr")
+    assert len(lines) == 1 and "conv3x3_elu" in lines[0] and "x=2x8x4x4:float32" in lines[0]
+    assert what in lines[0] and "using torch" in lines[0]
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b), torch.float32)
+    n = len(calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ops.KernelFallbackWarning)
+        y2 = ops.conv3x3_elu(x, w, b)
+    assert len(calls) == n                      # decided: the broken kernels are not retried
+    assert torch.equal(y, y2)
+    (key, path), = fallback.decisions()["chosen"].items()
+    assert key.startswith("conv3x3_elu x=2x8x4x4:float32 weight=8x8x3x3") and path == "torch"
+
+
+def test_tma_failure_falls_back_to_the_pointer_kernel(monkeypatch):
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma",), _fails_with(_launch_error))
+    x, w, b = _inputs(16, 16, 8)
+    with pytest.warns(ops.KernelFallbackWarning) as rec:
+        y = ops.conv3x3_elu(x, w, b)
+    assert len(_dropped(rec, "tma")) == 1 and "using ptr" in _dropped(rec, "tma")[0]
+    assert calls == ["tma", "ptr"]
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b), torch.float32)
+
+
+def test_wrong_result_is_caught_with_verification_only(monkeypatch):
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma",), _wrong_result)
+    x, w, b = _inputs(16, 16, 8)
+    ref = reference.conv3x3_elu_ref(x, w, b)
+    y = ops.conv3x3_elu(x, w, b)                # no verification: the wrong path stays
+    assert (y - ref).abs().max() > 0.5 and calls == ["tma"]
+    fallback.reset()
+    ops.set_verify_kernels(True)
+    with pytest.warns(ops.KernelFallbackWarning, match="tma path .max relative error"):
+        y = ops.conv3x3_elu(x, w, b)
+    assert calls == ["tma", "tma", "ptr"]
+    assert_close_rel("y", y, ref, torch.float32)
+
+
+def test_backward_kernel_failure_gives_reference_gradients(monkeypatch):
+    _break(monkeypatch, conv3x3_bwd, "conv3x3_dgrad", None, _fails_with(_compile_error))
+    x, w, b = _inputs(4, 4, 4)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with pytest.warns(ops.KernelFallbackWarning, match="conv3x3_dgrad .*dropped the triton"):
+        ops.conv3x3_elu(xg, wg, b).square().sum().backward()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    reference.conv3x3_elu_ref(xr, wr, b).square().sum().backward()
+    assert_close_rel("dx", xg.grad, xr.grad, torch.float32)
+    assert_close_rel("dw", wg.grad, wr.grad, torch.float32)   # wgrad kernel still in use
+
+
+def test_sticky_cuda_error_ends_the_run(monkeypatch):
+    _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma", "ptr"), _fails_with(_launch_error))
+    monkeypatch.setattr(fallback, "_sticky_cuda_error",
+                        lambda dev: "RuntimeError: CUDA error: an illegal memory access")
+    x, w, b = _inputs(4, 4, 4)
+    with pytest.raises(ops.KernelFatalError, match="last checkpoint is intact"):
+        ops.conv3x3_elu(x, w, b)
+
+
+def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
+    _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma", "ptr"), _fails_with(_launch_error))
+    fallback.set_strict(True)
+    x, w, b = _inputs(4, 4, 4)
+    with pytest.raises(RuntimeError, match="too many resources"):
+        ops.conv3x3_elu(x, w, b)
+
+
+def test_verification_passes_the_real_kernels():
+    """Every real path agrees with the reference (no warning with verification on)."""
+    ops.set_verify_kernels(True)
+    x, w, b = _inputs(16, 16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ops.KernelFallbackWarning)
+        y = ops.conv3x3_elu(x, w, b, upsample=True)
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b, upsample=True), torch.float32)
+    assert set(fallback.decisions()["chosen"].values()) == {"tma"}
+
+
+def test_train_verify_kernels_flag(monkeypatch, tmp_path):
+    """``fastbegan train --verify-kernels`` turns verification on before training starts."""
+    from click.testing import CliRunner
+
+    import fastbegan.train
+    from fastbegan.cli import main
+    seen = {}
+
+    class _Done:
+        step = 0
+
+    def fake_train(cfg, **kw):
+        seen["verify"] = fallback.verify_enabled()
+        return _Done()
+    monkeypatch.setattr(fastbegan.train, "train", fake_train)
+    args = ["train", "--device", "cpu", "--res", "8", "--steps", "1", "--out", str(tmp_path / "r")]
+    assert CliRunner().invoke(main, args).exit_code == 0 and seen == {"verify": False}
+    r = CliRunner().invoke(main, args + ["--verify-kernels"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"verify": True}

@@ -43,6 +43,7 @@ VARIANTS = {  # name -> extra `fastbegan train` flags
     "cs": ["--cs-alpha", "0.1"],          # BEGAN-CS, alpha as in the authors' code
     "pt": ["--pt-weight", "0.1"],         # EBGAN's pulling-away term, lambda_PT as in EBGAN
     "kinit": ["--k-init", "0.1"],         # start k_t at 0.1 instead of 0
+    "kinit+pt": ["--k-init", "0.1", "--pt-weight", "0.1"],  # both (the best of the 1,500-step pilots)
 }
 RES = 32
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -12,8 +12,7 @@ Writes benchmarks/results/cpu-<model>-anatomy-<date>.json / .md with, on this CP
    and ms per eager fused step without and with it.
 3. Single ops at the res-32 discriminator's largest layer (batch 32, 64 -> 64 channels,
    32x32, bf16, channels_last), each the slow and the fast form the torch backend chose
-   between: ELU's derivative, the input gradient call, the upsample adjoint, and the
-   nearest-upsample conv (forward + backward) against its sub-pixel form.
+   between: ELU's derivative, the input gradient call and the upsample adjoint.
 
 Each measurement of 1 and 2 runs in its own process (no state carried between them).
 """
@@ -110,7 +109,6 @@ def _time(fn, n: int = 20) -> float:
 
 def op_table() -> list[dict]:
     import torch.nn.functional as F
-    from fastbegan.ops.torch_conv import _image_to_phases, _phases_to_image, subpixel_weight
     cl = torch.channels_last
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 64, 32, 32, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
@@ -118,18 +116,6 @@ def op_table() -> list[dict]:
     dy = torch.randn(32, 64, 32, 32, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
     w = (torch.randn(64, 64, 3, 3, generator=g) * 0.05).to(torch.bfloat16).contiguous(memory_format=cl)
     geom = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-    lo = x[:, :, :16, :16].contiguous(memory_format=cl)
-    w4 = subpixel_weight(w.float()).to(torch.bfloat16).contiguous(memory_format=cl)
-
-    def up_conv():
-        u = F.interpolate(lo, scale_factor=2, mode="nearest")
-        F.conv2d(u, w, padding=1)
-        d = torch.ops.aten.convolution_backward(dy, u, w, None, *geom, [True, True, False])
-        torch.ops.aten.upsample_nearest2d_backward(d[0], [32, 32], list(lo.shape), None, None)
-
-    def sub_conv():
-        _phases_to_image(F.conv2d(lo, w4, padding=1), 64, cl)
-        torch.ops.aten.convolution_backward(_image_to_phases(dy), lo, w4, None, *geom, [True, True, False])
 
     pairs = [
         ("ELU' from the output", "where(y > 0, dy, dy * (y + 1))", lambda: torch.where(y > 0, dy, dy * (y + 1)),
@@ -141,8 +127,6 @@ def op_table() -> list[dict]:
          lambda: dy.unflatten(3, (16, 2)).unflatten(2, (16, 2)).sum((3, 5)),
          "aten.upsample_nearest2d_backward",
          lambda: torch.ops.aten.upsample_nearest2d_backward(dy, [32, 32], [32, 64, 16, 16], None, None)),
-        ("upsample conv 16 -> 32, forward + backward", "interpolate + 3x3 conv", up_conv,
-         "sub-pixel: one 2x2 conv, 4 x C_out", sub_conv),
     ]
     rows = []
     for what, slow_name, slow, fast_name, fast in pairs:

@@ -7,11 +7,12 @@ run win that back::
 
     steps_left * t_eager * g  >  T_c
 
-``t_eager`` is the run's own eager step time, measured on its first steps; ``g`` and the
-cold-start ``T_c`` were measured on the project's 2-core CPU (docs/design.md, "When
-compiling pays"). After every compilation the time it took is recorded per configuration
-in ``$FASTBEGAN_CACHE/compile_times.json``; later runs of that configuration use the
-record, which reflects the warm cache. On CUDA, auto always compiles (GPU runs are long).
+``t_eager`` is the run's own eager step time, measured on its first steps. ``g`` and
+``T_c`` are what the last compiled run of the same configuration measured (recorded in
+``$FASTBEGAN_CACHE/compile_times.json``: its compile time reflects the warm cache a later
+run finds); for a configuration never compiled here, the defaults below, measured on the
+project's 2-core CPU (benchmarks/results/cpu-*-anatomy-*.md). On CUDA, auto always
+compiles (GPU runs are long).
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from pathlib import Path
 
 import torch
 
-# Measured on the project's CPU machine (Xeon, 2 cores, AMX-BF16), fused step, res 32/64,
-# n 64, batch 16: the share of an eager step that compiling saves, and a cold compile's
-# seconds (empty inductor cache). See docs/design.md, "When compiling pays".
-CPU_GAIN = {"bf16": 0.20, "fp32": 0.15}
-CPU_COLD_COMPILE_S = 45.0
+# Defaults for a configuration never compiled here, from the anatomy results file
+# (2-core Xeon, AMX-BF16; fused step, n 64, batch 16): the gain is the smaller of its
+# measurements at res 32 (it is ~0 at res 64, where the recorded gain takes over after one
+# compiled run), the compile time the largest cold-cache one (res 64).
+CPU_GAIN = {"bf16": 0.10, "fp32": 0.10}
+CPU_COLD_COMPILE_S = 85.0
 EAGER_PROBE_STEPS = 3  # eager steps timed before deciding (the first one is not timed)
+GAIN_STEPS = 5         # compiled steps timed after the compilation, to record the gain
 
 
 def inductor_cache_dir() -> Path:
@@ -59,22 +62,26 @@ def _times_path() -> Path:
     return default_cache_dir() / "compile_times.json"
 
 
-def recorded_compile_s(key: str) -> float | None:
+def recorded(key: str) -> dict:
+    """``{"compile_s": ..., "gain": ...}`` of the last compiled run of ``key`` (parts may be absent)."""
     try:
-        return float(json.loads(_times_path().read_text())[key])
+        entry = json.loads(_times_path().read_text())[key]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
-def record_compile_s(key: str, seconds: float) -> None:
-    """Remember how long compiling ``key`` took (atomic write; errors are ignored)."""
+def record(key: str, **values: float) -> None:
+    """Merge ``values`` into ``key``'s entry (atomic write; errors are ignored)."""
     path = _times_path()
     try:
         try:
             table = json.loads(path.read_text())
         except (OSError, ValueError):
             table = {}
-        table[key] = round(seconds, 2)
+        entry = table.get(key) if isinstance(table.get(key), dict) else {}
+        entry.update({k: round(v, 4) for k, v in values.items()})
+        table[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
@@ -91,12 +98,13 @@ class Decision:
 
 def decide(steps_left: int, t_eager_s: float, precision: str, key: str) -> Decision:
     """The CPU rule above, with the numbers it used in ``why``."""
-    gain = CPU_GAIN.get(precision, min(CPU_GAIN.values()))
-    recorded = recorded_compile_s(key)
-    t_c = recorded if recorded is not None else CPU_COLD_COMPILE_S
-    source = "last compile of this configuration" if recorded is not None else "cold-cache estimate"
-    saved = steps_left * t_eager_s * gain
+    past = recorded(key)
+    gain = past.get("gain", CPU_GAIN.get(precision, min(CPU_GAIN.values())))
+    t_c = past.get("compile_s", CPU_COLD_COMPILE_S)
+    source = ("the last compiled run of this configuration" if past else
+              "defaults: no compiled run of this configuration here yet")
+    saved = steps_left * t_eager_s * max(gain, 0.0)
     verdict = saved > t_c
     why = (f"{steps_left} steps x {1e3 * t_eager_s:.0f} ms x {gain:.0%} saved = {saved:.0f} s "
-           f"{'>' if verdict else '<='} {t_c:.0f} s to compile ({source})")
+           f"{'>' if verdict else '<='} {t_c:.0f} s to compile; {source}")
     return Decision(verdict, why)

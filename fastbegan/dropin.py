@@ -28,7 +28,6 @@ from torch import fx
 
 from . import ops
 from .nn import Conv2dELU, _has_hooks, conv2d_support
-from .ops import reference
 
 __all__ = ["optimize", "OptimizeReport", "Replacement", "Skipped", "compile_backend",
            "rewrite_graph", "RewriteReport", "compile_reports"]
@@ -596,9 +595,7 @@ def _insert_fused(gm: fx.GraphModule, node: fx.Node, conv: _Conv, x: Any, *, ups
             # autocast region: the conv computed in conv_val.dtype
             x = graph.call_method("to", (x, conv_val.dtype))
             _copy_meta(x, torch.empty_like(in_val, dtype=conv_val.dtype))
-        # triton: the fused kernel; otherwise the reference math (the replaced modules' results)
-        target = ops.conv3x3_elu if backend == "triton" else reference.conv3x3_elu_ref
-        fused = graph.call_function(target, (x, w, b), {
+        fused = graph.call_function(ops.conv3x3_elu, (x, w, b), {
             "upsample": upsample, "stride": conv.stride, "activation": activation})
         result = fused
         if backend == "triton" and isinstance(out_val, torch.Tensor):

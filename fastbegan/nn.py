@@ -167,9 +167,7 @@ class Conv2dELU(_nn.Module):
         kw = dict(upsample=self.upsample, stride=self.stride[0], activation=self.activation,
                   skip=skip)
         if ops.get_backend() != "triton":
-            # the reference itself (not the torch backend's training conv): the same results
-            # as the modules it replaced, and plain conv2d/elu for torch.compile's pass to find
-            return reference.conv3x3_elu_ref(x, self.weight, self.bias, **kw)
+            return ops.conv3x3_elu(x, self.weight, self.bias, **kw)
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.is_floating_point():
             dt = torch.get_autocast_dtype(dev)

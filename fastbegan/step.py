@@ -149,7 +149,9 @@ class FusedStep:
         self._compile_pending = False  # compiled, first call (compilation) not done yet
         self.steps_planned: int | None = None  # steps this run will still take (--compile auto)
         self._probe: list[float] | None = None  # eager step times while auto decides
-        self.compile_s: float | None = None  # how long the compiling call took
+        self._t_eager: float | None = None  # their median (auto on CPU)
+        self._gain_probe: list[float] | None = None  # compiled step times, to record the gain
+        self.compile_s: float | None = None  # how long the compilation took
         if compile in (None, "auto"):
             if dev.type == "cuda":
                 self._start_compile(DEFAULT_COMPILE_MODE, "auto: CUDA")
@@ -178,6 +180,12 @@ class FusedStep:
             self._probe.append(time.perf_counter() - t0)  # (CPU work is synchronous)
             if len(self._probe) > autocompile.EAGER_PROBE_STEPS:
                 self._decide_compile()
+        elif self._gain_probe is not None and not self._compile_pending:
+            self._gain_probe.append(time.perf_counter() - t0)  # compiled steps: the real gain
+            if len(self._gain_probe) == autocompile.GAIN_STEPS:
+                t_compiled = sorted(self._gain_probe)[len(self._gain_probe) // 2]
+                autocompile.record(self._config_key(), gain=1.0 - t_compiled / self._t_eager)
+                self._gain_probe = None
         tr.step += 1
         self._host_step = tr.step
         tr._schedule_lr()
@@ -246,14 +254,18 @@ class FusedStep:
         """--compile auto on CPU: apply :func:`autocompile.decide` to the timed eager steps
         (the first one, with its allocations, is left out)."""
         times, self._probe = sorted(self._probe[1:]), None
+        self._t_eager = times[len(times) // 2]
         left = (self.steps_planned or 0) - len(times) - 1
-        d = autocompile.decide(left, times[len(times) // 2], self.tr.cfg.precision,
-                               autocompile.config_key(self.tr.cfg, self.device))
+        d = autocompile.decide(left, self._t_eager, self.tr.cfg.precision, self._config_key())
         if d.compile:
             self._start_compile(None, "auto: " + d.why)
+            self._gain_probe = []
         else:
             self.compile_why = "auto, not compiled: " + d.why
         self.tr.log(f"torch.compile {'on' if d.compile else 'off'} ({d.why})")
+
+    def _config_key(self) -> str:
+        return autocompile.config_key(self.tr.cfg, self.device)
 
     def _forward_backward(self, args: tuple) -> tuple[Tensor, ...]:
         """:func:`step_forward` (compiled or eager) on ``args``, then the one backward
@@ -266,9 +278,9 @@ class FusedStep:
                 out = self._forward(*args)
                 out[5].backward()
                 self._compile_pending = False
-                self.compile_s = time.perf_counter() - t0
-                autocompile.record_compile_s(autocompile.config_key(self.tr.cfg, self.device),
-                                             self.compile_s)
+                # the compiling call also ran one step: count only the compilation
+                self.compile_s = max(0.0, time.perf_counter() - t0 - (self._t_eager or 0.0))
+                autocompile.record(self._config_key(), compile_s=self.compile_s)
                 return out
             except ops.KernelFatalError:
                 raise  # the GPU is unusable: not a compile problem, no eager retry

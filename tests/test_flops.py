@@ -1,24 +1,11 @@
-"""fastbegan.flops against hand counts and against the convolutions the model really runs.
-
-fastbegan.flops counts *logical* 3x3 convolutions (an upsample conv as a 3x3 conv of the
-upsampled input; the sub-pixel form's savings are not credited), so the model runs here on
-the reference conv, which computes exactly that.
-"""
+"""fastbegan.flops against hand counts and against the convolutions the model really runs."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastbegan import flops, ops
+from fastbegan import flops
 from fastbegan.model import BEGAN
-from fastbegan.ops import reference
-
-
-@pytest.fixture(autouse=True)
-def logical_convs(monkeypatch):
-    """The torch backend's conv -> the reference (3x3 convs of upsampled inputs)."""
-    monkeypatch.setattr(ops, "conv3x3_elu_torch", lambda x, w, b, wgrad_scale=None, **kw:
-                        reference.conv3x3_elu_ref(x, w, b, **kw))
 
 
 def test_one_layer_by_hand():

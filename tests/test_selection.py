@@ -117,25 +117,31 @@ def test_allocator_setting_stops_the_page_faults():
 
 # ------------------------------------------------------------------------- torch.compile
 def test_compile_rule_numbers(tmp_path, monkeypatch):
+    """steps_left * t_eager * gain > compile time, with the defaults until a compiled run of
+    the configuration has recorded its own compile time and gain."""
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
     key = "cpu|test"
-    cold = autocompile.CPU_COLD_COMPILE_S
-    gain = autocompile.CPU_GAIN["bf16"]
-    t_step = 0.1
+    cold, gain, t_step = autocompile.CPU_COLD_COMPILE_S, autocompile.CPU_GAIN["bf16"], 0.1
     enough = int(cold / (t_step * gain)) + 10
     assert autocompile.decide(enough, t_step, "bf16", key).compile
     no = autocompile.decide(enough - 20, t_step, "bf16", key)
-    assert not no.compile and "cold-cache estimate" in no.why and f"{enough - 20} steps" in no.why
-    # a recorded (warm-cache) compile time replaces the cold estimate
-    autocompile.record_compile_s(key, cold / 10)
-    assert json.loads((tmp_path / "compile_times.json").read_text()) == {key: round(cold / 10, 2)}
+    assert not no.compile and "defaults" in no.why and f"{enough - 20} steps" in no.why
+    # a recorded compile time (a warm cache) and gain replace the defaults
+    autocompile.record(key, compile_s=cold / 10)
+    autocompile.record(key, gain=gain)
+    assert json.loads((tmp_path / "compile_times.json").read_text()) == {
+        key: {"compile_s": round(cold / 10, 4), "gain": round(gain, 4)}}
     warm = autocompile.decide(enough // 5, t_step, "bf16", key)
-    assert warm.compile and "last compile of this configuration" in warm.why
+    assert warm.compile and "last compiled run of this configuration" in warm.why
+    # a configuration where compiling did not pay is not compiled again, however long the run
+    autocompile.record(key, gain=-0.05)
+    assert not autocompile.decide(10 ** 9, t_step, "bf16", key).compile
 
 
 def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
     """CPU, --compile auto: eager for EAGER_PROBE_STEPS + 1 steps, then the rule; a short
-    run stays eager, a long one compiles on the next call and records the compile time."""
+    run stays eager; a long one compiles on the next call, records the compile time, and
+    after GAIN_STEPS compiled steps the gain it measured."""
     import fastbegan.step as step_mod
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
     compiled = []
@@ -155,9 +161,13 @@ def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
         long.train_step()
     assert long.fused_step.compiles_next and compiled == [None]
     long.train_step()
-    assert not long.fused_step.compiles_next and long.fused_step.compile_s > 0
+    assert not long.fused_step.compiles_next and long.fused_step.compile_s >= 0
     key = autocompile.config_key(long.cfg, long.device)
-    assert autocompile.recorded_compile_s(key) == pytest.approx(long.fused_step.compile_s, abs=0.01)
+    assert autocompile.recorded(key) == {"compile_s": pytest.approx(long.fused_step.compile_s, abs=1e-3)}
+    for _ in range(autocompile.GAIN_STEPS):
+        long.train_step()
+    assert set(autocompile.recorded(key)) == {"compile_s", "gain"}
+    assert abs(autocompile.recorded(key)["gain"]) < 1  # the stand-in "compiled" step is the eager one
 
 
 def test_progress_bar_shows_the_compiling_phase(tmp_path, monkeypatch, capsys):

@@ -125,8 +125,11 @@ def _attempt(row: dict, workload: str, variant: str, params: dict, session: Benc
         torch.cuda.reset_peak_memory_stats(device)
     prep = None
     try:
-        backend = variants.D_BACKEND if variant == "d" else "torch"
-        if variant == "d":
+        # fastbegan's variants run its kernels on a GPU; on a CPU its torch backend (the
+        # workloads that exist only as kernels say n/a there themselves)
+        gpu_kernels = variant in ("d", "e") and device.type == "cuda"
+        backend = variants.D_BACKEND if gpu_kernels else "torch"
+        if gpu_kernels:
             variants.require_triton(device)
         with variants.cudnn_benchmark(variant in ("b", "c", "d")), ops.use_backend(backend):
             prep = workloads.PREPARE[workload](variant, params, device, session)

@@ -2,9 +2,7 @@
 
 Every op has two implementations with identical signatures and semantics:
 
-- ``torch``: pure PyTorch, the CPU path: the reference (:mod:`fastbegan.ops.reference`,
-  the definition of correctness) and, for the convolution, the same math with a written-out
-  backward and the sub-pixel upsample (:mod:`fastbegan.ops.torch_conv`);
+- ``torch``: the pure-PyTorch reference (:mod:`fastbegan.ops.reference`), the CPU path;
 - ``triton``: fused Triton kernels registered as ``torch.library`` custom ops
   (:mod:`fastbegan.ops.triton_ops`), for CUDA GPUs (and the Triton interpreter on CPU
   when ``TRITON_INTERPRET=1``, which the tests use).
@@ -32,7 +30,6 @@ from fastbegan.kernels import interpreting
 
 from . import fallback, reference
 from .fallback import KernelFallbackWarning, KernelFatalError
-from .torch_conv import conv3x3_elu_torch
 
 BACKENDS = ("auto", "torch", "triton")
 MIN_TRITON = (3, 0)  # as pyproject.toml requires; tensor-descriptor kernels need newer, with a fallback
@@ -148,8 +145,11 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
     if _backend == "triton":
         return _triton().conv3x3_elu(x, weight, bias, upsample=upsample, stride=stride,
                                      activation=activation, skip=skip, wgrad_scale=wgrad_scale)
-    return conv3x3_elu_torch(x, weight, bias, upsample=upsample, stride=stride, activation=activation,
-                             skip=skip, wgrad_scale=wgrad_scale)
+    if wgrad_scale is not None:
+        return reference.conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, upsample=upsample,
+                                                stride=stride, activation=activation, skip=skip)
+    return reference.conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
+                                     activation=activation, skip=skip)
 
 
 def conv3x3_elu_pair(xa: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None, *,

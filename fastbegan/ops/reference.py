@@ -40,46 +40,55 @@ class _ScaledWgradConv(torch.autograd.Function):
     same backward pass that sends G the unscaled gradient of L_G.
 
     The backward is written out (no ``torch.autograd.grad`` inside, so that dynamo can
-    trace it under ``torch.compile(fullgraph=True)``): ELU's derivative from the saved
-    output (``y > 0 ? 1 : y + 1``), ``conv2d_input`` / ``conv2d_weight`` for the conv, the
-    sum over 2x2 blocks for the nearest upsample. It runs in dy's dtype (the autocast
-    dtype under autocast) and returns each gradient in its input's dtype.
+    trace it under ``torch.compile(fullgraph=True)``), and written to be fast on a CPU
+    (docs/design.md §4.4): ELU's derivative from the saved output in one pass
+    (``aten.elu_backward``), ``aten.convolution_backward`` on the conv's real input and
+    weight as the forward used them (saved in the compute dtype: no recast, no second
+    upsample, channels_last kept), the upsample adjoint as ``upsample_nearest2d_backward``.
+    It runs in the autocast dtype under autocast and returns each gradient in its input's
+    dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, upsample, stride, activation, skip):
-        y = conv3x3_elu_ref(x, weight, bias, upsample=upsample, stride=stride,
-                            activation=activation, skip=skip)
-        ctx.cfg = (upsample, stride, activation, bias is not None)
-        ctx.save_for_backward(x, weight, scale, skip, y if activation else None)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        inp = x.to(dt)
+        if upsample:
+            inp = F.interpolate(inp, scale_factor=2, mode="nearest")
+        if skip is not None:
+            inp = torch.cat([inp, skip.to(dt)], dim=1)
+        w = weight.to(dt)
+        y = F.conv2d(inp, w, None if bias is None else bias.to(dt), stride=stride, padding=1)
+        if activation:
+            y = F.elu(y, inplace=True)  # the conv's output is ours; ELU' needs only y
+        ctx.cfg = (upsample, stride, activation, bias is not None, x.dtype, x.shape, weight.dtype,
+                   None if skip is None else skip.dtype)
+        ctx.save_for_backward(inp, w, scale, y if activation else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, scale, skip, y = ctx.saved_tensors
-        upsample, stride, activation, has_bias = ctx.cfg
-        dt = dy.dtype
-        # ELU' from the output in one pass (aten's elu_backward with is_result=True); a
-        # where(y > 0, dy, dy * (y + 1)) costs ~15x more on a CPU (four eager passes)
-        dpre = torch.ops.aten.elu_backward(dy, 1.0, 1, 1, True, y.to(dt)) if activation else dy
-        inp = F.interpolate(x, scale_factor=2, mode="nearest") if upsample else x
-        if skip is not None:
-            inp = torch.cat([inp, skip], dim=1)
-        inp, w = inp.to(dt), weight.to(dt)
-        # aten.convolution_backward on the real tensors (torch.nn.grad.conv2d_input/_weight
-        # pass an expanded dummy, which loses the channels_last layout: ~1.5x slower on CPU)
-        conv = (dpre, inp, w)
+        inp, w, scale, y = ctx.saved_tensors
+        upsample, stride, activation, has_bias, x_dtype, x_shape, w_dtype, skip_dtype = ctx.cfg
+        dt = w.dtype
+        dy = dy.to(dt)
+        dpre = torch.ops.aten.elu_backward(dy, 1.0, 1, 1, True, y) if activation else dy
         geom = ([stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
-        dinp = torch.ops.aten.convolution_backward(*conv, None, *geom, [True, False, False])[0]
-        dx = dinp[:, :x.shape[1]]
-        if upsample:  # adjoint of nearest 2x: each pixel receives its 2x2 block's sum
-            dx = torch.ops.aten.upsample_nearest2d_backward(dx, dinp.shape[2:], x.shape, None, None)
-        dskip = dinp[:, x.shape[1]:].to(skip.dtype) if skip is not None else None
-        dpre_s = dpre * scale.to(dt).view(-1, 1, 1, 1)
+        dx = dskip = None
+        if ctx.needs_input_grad[0] or (skip_dtype is not None and ctx.needs_input_grad[7]):
+            dinp = torch.ops.aten.convolution_backward(dpre, inp, w, None, *geom, [True, False, False])[0]
+            dx = dinp[:, :x_shape[1]]
+            if upsample:  # adjoint of nearest 2x: each pixel receives its 2x2 block's sum
+                dx = torch.ops.aten.upsample_nearest2d_backward(dx, dinp.shape[2:], x_shape, None, None)
+            dx = dx.to(x_dtype)
+            if skip_dtype is not None:
+                dskip = dinp[:, x_shape[1]:].to(skip_dtype)
+        s = scale.to(dt).view(-1, 1, 1, 1)
+        dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
         _, dw, db = torch.ops.aten.convolution_backward(
-            dpre_s, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
-        return (dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype) if has_bias else None,
-                None, None, None, None, dskip)
+            dpre, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
+        return (dx, dw.to(w_dtype), db.to(w_dtype) if has_bias else None, None, None, None, None, dskip)
 
 
 def conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, *, upsample=False, stride=1,

@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,51 +235,55 @@ def main() -> None:
         fresh = procedural_faces(1024, RES, seed=args.seed + 10_000)[0]
         data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
 
-    jobs = [(ds, v) for ds in args.datasets for v in args.variants]
-    seconds = {}
+    # variant-major: the faithful BEGAN and each remedy on both data sets before the next
+    jobs = [(ds, v) for v in args.variants for ds in args.datasets]
+    seconds, rows, lock = {}, [], threading.Lock()
+    baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
+                 for ds, d in data.items()}
+    from fastbegan.bench.device import device_info, git_commit
+    dev = device_info(torch.device("cpu"))["name"]
+    slug = "".join(c if c.isalnum() else "-" for c in dev.lower().replace("cpu: ", "")).strip("-")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    results = Path(args.results)
+    grids = results / f"collapse-{stamp}"
+    stem = results / f"collapse-cpu-{slug}-{stamp}"
+
+    def write() -> None:
+        """The results so far (after every run: a study cut short still leaves its rows)."""
+        meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
+                "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
+                "steps": args.steps, "variants": {v: VARIANTS[v] for v in args.variants},
+                "train_seconds": dict(seconds), "n_scored": args.n,
+                "digit_classifier_heldout_accuracy": data.get("digits", {}).get("accuracy")}
+        order = {job: i for i, job in enumerate(jobs)}
+        done = sorted(rows, key=lambda r: (r["dataset"], order[(r["dataset"], r["variant"])], r["step"]))
+        doc = {"meta": meta, "datasets": args.datasets, "rows": done, "real_baselines": baselines}
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(doc))
 
     def run(job):
         ds, v = job
-        seconds[f"{ds}-{v}"] = train_run(work / f"{ds}-{v}", v, data[ds]["path"], args.steps, every,
-                                         args.threads, args.seed)
-        print(f"trained {ds}-{v} in {seconds[f'{ds}-{v}']:.0f} s", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run, jobs))
-
-    torch.set_num_threads(max(1, args.jobs * args.threads))
-    rows = []
-    for ds, v in jobs:
-        run_dir = work / f"{ds}-{v}"
-        d = data[ds]
+        run_dir, d = work / f"{ds}-{v}", data[ds]
+        seconds[f"{ds}-{v}"] = train_run(run_dir, v, d["path"], args.steps, every, args.threads, args.seed)
+        new = []
         for s in evals:
             ckpt = run_dir / "checkpoints" / f"ckpt_{s:08d}.safetensors"
             r = {"dataset": ds, "variant": v, "step": s, "k_t": logged_k(run_dir, s),
                  "logged_diversity": logged_diversity(run_dir, s)}
             r.update(score(ckpt, ds, d["ref"], d["train"], args.n, d["clf"]))
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"]) for ds, d in data.items()}
-
-    from fastbegan.bench.device import device_info, git_commit
-    stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    dev = device_info(torch.device("cpu"))["name"]
-    slug = "".join(c if c.isalnum() else "-" for c in dev.lower().replace("cpu: ", "")).strip("-")
-    meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
-            "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
-            "steps": args.steps, "variants": {v: VARIANTS[v] for v in args.variants},
-            "train_seconds": seconds, "n_scored": args.n,
-            "digit_classifier_heldout_accuracy": data.get("digits", {}).get("accuracy")}
-    doc = {"meta": meta, "datasets": args.datasets, "rows": rows, "real_baselines": baselines}
-    results = Path(args.results)
-    grids = results / f"collapse-{stamp}"
-    grids.mkdir(parents=True, exist_ok=True)
-    for ds, v in jobs:
-        src = work / f"{ds}-{v}" / "samples" / f"fake_{args.steps:08d}.png"
+            new.append(r)
+        grids.mkdir(parents=True, exist_ok=True)
+        src = run_dir / "samples" / f"fake_{args.steps:08d}.png"
         if src.exists():
             shutil.copy(src, grids / f"{ds}-{v}.png")
-    stem = results / f"collapse-cpu-{slug}-{stamp}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(doc))
+        with lock:
+            rows.extend(new)
+            write()
+        print(f"{ds}-{v}: trained in {seconds[f'{ds}-{v}']:.0f} s, scored", flush=True)
+
+    torch.set_num_threads(max(1, args.threads))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, jobs))
     print(f"wrote {stem}.json / .md and {grids}/")
 
 

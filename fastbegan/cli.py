@@ -15,6 +15,7 @@ from . import research_cli
 from .bench.cli import bench
 from .doctor import doctor
 from .errors import user_errors
+from .remedies import DEFAULT_VARIANT, VARIANT_PRESETS, variant_options
 
 
 def check_writable(folder: str) -> None:
@@ -65,15 +66,21 @@ def main():
 @click.option("--lr-stall", type=int, default=0, show_default=True,
               help="Also halve lr when M has not improved for this many steps (0 = off).")
 @click.option("--separate-z", is_flag=True, help="Paper-literal separate z_D / z_G (default: one z, as the TF reference).")
-@click.option("--cs-alpha", type=float, default=0.0, show_default=True,
-              help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss, against the "
-                   "early one-image collapse. Needs --h equal to --z-dim. 0 = off (the paper's BEGAN).")
-@click.option("--pt-weight", type=float, default=0.0, show_default=True,
+@click.option("--variant", type=click.Choice(sorted(VARIANT_PRESETS)), default=DEFAULT_VARIANT,
+              show_default=True,
+              help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
+                   "plus the remedies measured best against its early one-image collapse ("
+                   + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS["escape"].items() if v)
+                   + "). The three options below override the variant's values.")
+@click.option("--cs-alpha", type=float, default=None,
+              help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "
+                   "equal to --z-dim. 0 = off.")
+@click.option("--pt-weight", type=float, default=None,
               help="EBGAN's pulling-away term (Zhao et al. 2017) on D's codes of the fakes, added to G's "
-                   "loss with this weight. 0 = off (the paper's BEGAN).")
-@click.option("--k-init", type=float, default=0.0, show_default=True,
+                   "loss with this weight. 0 = off.")
+@click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
-                   "first step instead of waiting for k_t to grow (an early-collapse remedy).")
+                   "first step instead of waiting for k_t to grow.")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
@@ -112,7 +119,7 @@ def main():
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision, backend, device, seed, out, resume,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision, backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
           reference_step=False, verify_kernels=False):
@@ -133,8 +140,9 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                    "use a CUDA GPU for real runs.", err=True)
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
-                      lambda_k=lambda_k, separate_z=separate_z, cs_alpha=cs_alpha, pt_weight=pt_weight,
-                      k_init=k_init, skip=skip,
+                      lambda_k=lambda_k, separate_z=separate_z,
+                      **variant_options(variant, cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init),
+                      skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,

@@ -47,6 +47,7 @@ STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps wi
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
 K_EDGE = 1e-4               # k_t "at 0" below this (it bounces off 0 by ~1e-6), "at 1" above 1 - this
 EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
+REMEDY_FLAGS = "--k-init 0.1 --pt-weight 0.1"  # the remedy setting measured best (docs/training.md)
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
@@ -181,7 +182,7 @@ class HealthTracker:
                              f"k_t has been 0 for {step - since} steps (since step {since}): the fakes' "
                              f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
                              f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
-                             f"fakes and G cannot reach the balance; {advice}")]
+                             f"fakes and G cannot reach the balance; {advice}" + self._remedy_hint(row))]
 
     def _k_one(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully."""
@@ -221,7 +222,18 @@ class HealthTracker:
                              f"real (below {self.collapse_ratio:g}x for {step - since} steps{nums}); "
                              f"try a higher --gamma (now {g:g}) or a lower --lr (now {_fmt_lr(lr)})"
                              + ("; early in a run this can also be a phase that passes (look at the "
-                                "samples again in a few thousand steps)" if since < EARLY else ""))]
+                                "samples again in a few thousand steps)" if since < EARLY else "")
+                             + self._remedy_hint(row))]
+
+    @staticmethod
+    def _remedy_hint(row: dict) -> str:
+        """BEGAN's early one-image collapse (k_t at 0, D ignoring the fakes) has options that
+        escape it (fastbegan.remedies, measured in docs/training.md); name them unless the
+        run already uses them (the logged rows carry loss_pt / loss_cs then)."""
+        if "loss_pt" in row or "loss_cs" in row:
+            return ""
+        return (f"; to escape BEGAN's early one-image collapse, start a run with {REMEDY_FLAGS} "
+                "(docs/training.md, Early collapse)")
 
     def _m_trend(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """M_global stalled or rising, on a smoothed M (one batch's M is noisy)."""

@@ -12,12 +12,35 @@ ignores the fakes and G settles on the one image D reconstructs best (docs/desig
   cosine similarity between the codes D's encoder gives the fake batch, added with
   weight beta to G's loss; D's parameters receive none of its gradient.
 
-Both act on the encoder's codes ``(B, h)`` of the fake batch.
+- ``k_init``: k_0 above the paper's 0, so that D pushes back on the fakes from the first
+  step instead of waiting thousands of steps for k_t to grow (it decays on its own as the
+  equilibrium control takes over).
+
+BEGAN-CS and the pulling-away term act on the encoder's codes ``(B, h)`` of the fake batch.
+``--variant`` presets: ``began`` (none of them: the paper) and ``escape`` (the setting the
+collapse study measured best, docs/training.md "Early collapse").
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+VARIANT_PRESETS = {
+    "began": {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0},
+    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1},
+}
+DEFAULT_VARIANT = "began"
+
+
+def variant_options(variant: str, **given: float | None) -> dict:
+    """TrainConfig fields for ``variant``: its preset, with the options the user gave on top,
+    and ``variant`` itself ("custom" once a given option changes the preset)."""
+    if variant not in VARIANT_PRESETS:
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(sorted(VARIANT_PRESETS))}")
+    opts = dict(VARIANT_PRESETS[variant])
+    opts.update({k: v for k, v in given.items() if v is not None})
+    name = variant if opts == VARIANT_PRESETS[variant] else "custom"
+    return {**opts, "variant": name}
 
 
 def constrained_space_loss(codes: Tensor, z: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ class TrainConfig:
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
     k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
+    variant: str = "began"              # the preset the three options above came from (or "custom")
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
     precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
@@ -594,6 +595,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         + f", backend {trainer.backend}, precision {cfg.precision} ({trainer.precision_why}), "
         f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
+    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("pt_weight", cfg.pt_weight),
+                                                     ("cs_alpha", cfg.cs_alpha)) if value]
+    log(f"variant {cfg.variant}: " + (", ".join(terms) if terms else "the paper's BEGAN (no collapse remedy)")
+        + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
     try:
         trainer.fit(progress=progress)
     finally:

@@ -109,6 +109,16 @@ def test_k_zero_message_says_raise_gamma():
     assert "higher --gamma" in msg and "lower --gamma" not in msg
 
 
+def test_collapse_messages_name_the_remedy_unless_it_is_on():
+    """k_t at 0 is BEGAN's early collapse: the message names the options that escape it
+    (fastbegan.health.REMEDY_FLAGS), except in a run that already uses a remedy."""
+    from fastbegan.health import REMEDY_FLAGS
+    plain = feed(HealthTracker(gamma=0.5, patience=100), rows(range(10, 301, 10), k=0.0))
+    assert plain and REMEDY_FLAGS in plain[0].message and "docs/training.md" in plain[0].message
+    treated = feed(HealthTracker(gamma=0.5, patience=100), rows(range(10, 301, 10), k=0.0, loss_pt=0.3))
+    assert treated and REMEDY_FLAGS not in treated[0].message
+
+
 def test_k_one_message_says_lower_gamma():
     t = HealthTracker(gamma=0.9, patience=50)
     found = feed(t, rows(range(10, 201, 10), k=1.0, loss_real=0.2, loss_fake=0.05))

@@ -152,3 +152,30 @@ def test_k_init_starts_k_there_and_the_update_follows_the_paper(tmp_path):
         assert out["k"].item() == pytest.approx(min(1, max(0, 0.1 + 0.01 * (0.9 * lr_ - lf))), abs=1e-6)
     with pytest.raises(ValueError, match="k-init"):
         TrainConfig(k_init=1.5)
+
+
+def test_variant_presets_and_overrides(tmp_path, monkeypatch):
+    """--variant began is the paper (every remedy off); escape switches on its preset; an
+    option given on the command line wins over the preset and makes the variant "custom"."""
+    from fastbegan.remedies import VARIANT_PRESETS, variant_options
+    assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "variant": "began"}
+    assert variant_options("escape") == {**VARIANT_PRESETS["escape"], "variant": "escape"}
+    assert variant_options("began", pt_weight=0.2)["variant"] == "custom"
+    assert variant_options("escape", k_init=None)["variant"] == "escape"
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_options("wgan")
+    from click.testing import CliRunner
+    import fastbegan.train as train_mod
+    from fastbegan.cli import main
+    import types
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
+    for flags, want in ((["--variant", "began"], (0.0, 0.0, 0.0, "began")),
+                        (["--variant", "escape"], (VARIANT_PRESETS["escape"]["k_init"],
+                                                   VARIANT_PRESETS["escape"]["pt_weight"], 0.0, "escape")),
+                        (["--variant", "escape", "--k-init", "0"], (0.0, VARIANT_PRESETS["escape"]["pt_weight"],
+                                                                    0.0, "custom"))):
+        res = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "r"), *flags])
+        assert res.exit_code == 0, res.output
+        c = seen[-1]
+        assert (c.k_init, c.pt_weight, c.cs_alpha, c.variant) == want

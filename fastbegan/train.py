@@ -482,24 +482,10 @@ class Trainer:
                         bar.set_description_str("")
                     if self.step % cfg.log_every == 0 or self.step == total:
                         now = time.perf_counter()
-                        row = self._log_row(vals, (self.step - s_last) / max(now - t_last, 1e-9))
-                        t_last, s_last = now, self.step
-                        notes = [self.observe_m(row["M"])] + [hook(self, row) for hook in self.log_hooks]
-                        notes = [n for n in notes if n]
-                        if notes:
-                            row["events"] = notes
-                            for note in notes:
-                                self.log(f"step {row['step']}: {note}")  # a hook may have restored an earlier step
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
+                        row = self._log_interval(vals, (self.step - s_last) / max(now - t_last, 1e-9),
+                                                 metrics, tb, bar)
                         rows.append(row)
-                        if tb is not None:
-                            tb.log_row(row)
-                        if self.dist.enabled:
-                            self._stop = distributed.any_true(self._stop_requested, self.device)
-                        if bar is not None:
-                            bar.set_postfix(k=f"{row['k']:.4f}", M=f"{row['M']:.4f}",
-                                            Lr=f"{row['loss_real']:.4f}", Lf=f"{row['loss_fake']:.4f}")
+                        t_last, s_last = now, self.step
                     if bar is not None:
                         bar.update(1)
                     if self.step % cfg.sample_every == 0:
@@ -528,6 +514,27 @@ class Trainer:
             except Exception as e:
                 self.log(f"no metrics plot: {e}")
         return rows
+
+    def _log_interval(self, vals: dict[str, torch.Tensor], steps_per_s: float, metrics, tb, bar) -> dict:
+        """Every ``log_every`` steps: read the scalars (the host sync), run the M-stall rule
+        and the log hooks (divergence guard, health monitor), write the row everywhere."""
+        row = self._log_row(vals, steps_per_s)
+        notes = [self.observe_m(row["M"])] + [hook(self, row) for hook in self.log_hooks]
+        notes = [n for n in notes if n]
+        if notes:
+            row["events"] = notes
+            for note in notes:
+                self.log(f"step {row['step']}: {note}")  # a hook may have restored an earlier step
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if tb is not None:
+            tb.log_row(row)
+        if self.dist.enabled:
+            self._stop = distributed.any_true(self._stop_requested, self.device)
+        if bar is not None:
+            bar.set_postfix(k=f"{row['k']:.4f}", M=f"{row['M']:.4f}",
+                            Lr=f"{row['loss_real']:.4f}", Lf=f"{row['loss_fake']:.4f}")
+        return row
 
     def _log_row(self, vals: dict[str, torch.Tensor], steps_per_s: float) -> dict:
         keys = list(vals)

@@ -23,8 +23,9 @@ from .session import BenchSession
 @click.option("--batch-size", type=int, default=None, help="With --run: batch (default 16 on GPU, 4 on CPU).")
 @click.option("--filters", type=int, default=None, help="With --run: n (default: the model's default on "
               "GPU, 8 on CPU).")
-@click.option("--variants", default="abd", show_default=True, help="With --run: which of a, b, c "
-              "(torch.compile: slow to compile), d.")
+@click.option("--variants", default="pabe", show_default=True, help="With --run: letters of "
+              "p (the port), a, b, c (torch.compile: slow to compile), d (fastbegan, compiled on a CPU), "
+              "e (fastbegan without compile); benchmarks/README.md.")
 @click.option("--save", is_flag=True, help="With --run: also write <device>-<date>.json/.md into the results folder.")
 @click.option("--device", default="auto", show_default=True)
 def bench(run_now, results_dir, res_list, batch_size, filters, variants, save, device):
@@ -43,12 +44,12 @@ def bench(run_now, results_dir, res_list, batch_size, filters, variants, save, d
     dev = resolve_device(device)
     bad = set(variants) - set(VARIANTS)
     if bad or not variants:
-        raise click.ClickException(f"--variants takes letters from abcd, got {variants!r}")
+        raise click.ClickException(f"--variants takes letters from {''.join(VARIANTS)}, got {variants!r}")
     gpu = dev.type == "cuda"
     res_list = res_list or ((64,) if gpu else (8,))
     b = batch_size or (16 if gpu else 4)
     session = BenchSession.from_env(dev, results_dir=results if save else None, quick=True)
-    session.compile_policy = "all" if "c" in variants else "none"
+    session.compile_policy = "all" if set("cd") & set(variants) else "none"
     cases = [("matmul_peak", "bf16", dict(n=8192 if gpu else 512))]
     for r in res_list:
         check_resolution(r)

@@ -174,7 +174,7 @@ def markdown(doc: dict) -> str:
     lines = [f"# BEGAN's early collapse and its remedies ({m['device']})", "",
              f"- date {m['created']}, git {m['commit']}, torch {m['torch']}",
              f"- res {RES}, batch 16, n 64, seed {m['seed']}, {m['steps']} steps per run, same for every variant",
-             f"- variants: " + "; ".join(f"**{k}** `{' '.join(v) or '(paper)'}`" for k, v in m["variants"].items()),
+             "- variants: " + "; ".join(f"**{k}** `{' '.join(v) or '(paper)'}`" for k, v in m["variants"].items()),
              "- diversity ratio: mean pairwise distance of generated / real images (health monitor's "
              "measure; 256 images; monitor: its 16-image value averaged over the last 500 steps)",
              "- faces: factor coverage (factor score) and render fidelity; digits: class entropy (ln 10 = 2.30 "

@@ -44,7 +44,8 @@ def run(extra: list[str], out: Path) -> dict:
     for r in rows:
         step_s += (r["step"] - prev) / r["steps_per_s"]
         prev = r["step"]
-    lines = [line for line in p.stderr.splitlines() if line.startswith(("fused", "reference", "device", "torch.compile"))]
+    starts = ("fused", "reference", "device", "variant", "torch.compile")
+    lines = [line for line in p.stderr.splitlines() if line.startswith(starts)]
     return {"command": "fastbegan train " + " ".join(COMMAND + extra), "wall_s": wall, "train_s": step_s,
             "steps_per_s": 300 / step_s, "startup_lines": lines, **score(out)}
 

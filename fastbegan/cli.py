@@ -119,7 +119,8 @@ def main():
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision, backend, device, seed, out, resume,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision,
+          backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
           reference_step=False, verify_kernels=False):

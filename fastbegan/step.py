@@ -5,7 +5,8 @@ One step on the device with no host synchronisation: G(z) once; D once over
 with both L1 losses and the BEGAN update; ONE backward, in which D's weight gradients
 weight the fake half by -k_t per sample (exact, §1); fused Adam; k_t and the step counter
 updated in place. The forward region (:func:`step_forward`) is torch.compile'd as one
-graph on CUDA; the random draws stay eager, from the trainer's generator and in
+graph on CUDA, and on a CPU when the run is long enough to win the compile time back
+(:mod:`fastbegan.autocompile`); the random draws stay eager, from the trainer's generator and in
 ``Trainer.train_step``'s order, so both steps see the same batches and z. On CUDA the
 whole step is captured once into a CUDA graph and replayed. A failed compilation or
 capture falls back to eager steps with a warning.

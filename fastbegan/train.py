@@ -3,8 +3,8 @@
 :class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device)
 and BEGAN's state (k_t, step, lr). ``train_step`` is the same-z global step (with
 ``separate_z``, the paper's two draws); by default it hands over to the single-pass
-:class:`fastbegan.step.FusedStep` (``--reference-step`` keeps it here). ``fit`` is the loop: scalars read every
-``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
+:class:`fastbegan.step.FusedStep` (``--reference-step`` keeps it here). ``fit`` is the
+loop: scalars read every ``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
 exact resume, the divergence guard (restore and halve the lr on NaN/Inf) and the log hooks
 (the health monitor). :func:`train` loads the data and runs a config, also under torchrun
 (:mod:`fastbegan.distributed`). User guide: docs/training.md.
@@ -221,7 +221,6 @@ class Trainer:
         """
         g_params, d_params = list(self.G.parameters()), list(self.D.parameters())
         b = x.shape[0]
-        cfg = self.cfg
         with self.autocast():
             if z_g is None:
                 fake = self.G(z_d)

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def to_digit_features(images_u8: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------- training
 def train_run(out: Path, variant: str, data: str | None, steps: int, every: int, threads: int,
-              seed: int) -> float:
+              seed: int) -> None:
     cmd = [sys.executable, "-m", "fastbegan", "train", "--res", str(RES), "--steps", str(steps),
            "--seed", str(seed), "--log-every", "50", "--ckpt-every", str(every), "--keep-ckpts", "1000",
            "--sample-every", str(every), "--no-progress", "--out", str(out), *VARIANTS[variant]]
@@ -88,13 +87,22 @@ def train_run(out: Path, variant: str, data: str | None, steps: int, every: int,
     if (out / "checkpoints").is_dir():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
     with open(out.with_suffix(".log"), "a") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=log)
-    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------- scoring
+def train_seconds(run: Path) -> float:
+    """Seconds spent in steps, from the run's own log (resumed runs included)."""
+    total, prev = 0.0, 0
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["step"] > prev and r.get("steps_per_s"):
+            total += (r["step"] - prev) / r["steps_per_s"]
+            prev = r["step"]
+    return total
+
+
 def logged_diversity(run: Path, step: int, window: int = 500) -> float | None:
     from fastbegan.health import read_metrics
     vals = [r["diversity_ratio"] for r in read_metrics(run / "metrics.jsonl")
@@ -141,7 +149,11 @@ def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: 
 
 def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, train: np.ndarray,
                    n: int, clf=None) -> dict:
-    """The same metrics for real images against real images: the best reachable values."""
+    """The same metrics for real images against real images: the best reachable values.
+
+    ``real_other`` stands in for the generator: fresh faces, or for the digits (297 held-out
+    images only) training images; the NN ratio compares two halves of ``real_ref``.
+    """
     from fastbegan import quality as Q
     from fastbegan.evaluate import nearest_neighbours
     from fastbegan.health import batch_diversity
@@ -149,8 +161,11 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
     a, b = to_unit_range(real_ref[:n]), to_unit_range(real_other[:n])
     out = {"diversity_ratio": float(batch_diversity(b[:256]) / batch_diversity(a[:256])),
            "swd_x1e3": Q.swd(real_ref[:n], real_other[:n], seed=0).mean}
-    out["nn_ratio"] = float(nearest_neighbours(b, train, k=1)[0][:, 0].median()
-                            / nearest_neighbours(a, train, k=1)[0][:, 0].median())
+    # NN ratio from two halves of the held-out images (never training images: those would
+    # give ~0, the value of a generator that memorised its data)
+    half = min(n, len(real_ref)) // 2
+    out["nn_ratio"] = float(nearest_neighbours(a[half:2 * half], train, k=1)[0][:, 0].median()
+                            / nearest_neighbours(a[:half], train, k=1)[0][:, 0].median())
     if dataset == "faces":
         est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
         f = Q.factor_score(est, real_ref[:n], real_other[:n])
@@ -180,16 +195,23 @@ def markdown(doc: dict) -> str:
              "- faces: factor coverage (factor score) and render fidelity; digits: class entropy (ln 10 = 2.30 "
              "is an even spread over the 10 kinds; logistic regression on the 8x8 digits, held-out accuracy "
              f"{_fmt(m.get('digit_classifier_heldout_accuracy'))}) and kinds with >= 2% of the samples; SWD and "
-             "NN ratio against held-out real images (NN ratio well below 1: memorisation)", ""]
+             "NN ratio against held-out real images (NN ratio well below 1: memorisation)",
+             "- real images row: what real images score in the generator's place (faces: 512 fresh faces; "
+             "digits: training images; NN ratio: one half of the held-out images against the other)",
+             "- train s: seconds spent in the training steps of each run (from its metrics.jsonl; "
+             "2 runs at a time, 1 thread each, on a machine shared with other work: not a speed comparison)", ""]
     for ds in doc["datasets"]:
         cols = [c for c in COLUMNS if any(c[0] in r for r in doc["rows"] if r["dataset"] == ds)
                 or c[0] in ("k_t", "logged_diversity")]
         lines += [f"## {ds}", "", "| variant | step | " + " | ".join(h for _, h in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
         base = doc["real_baselines"].get(ds, {})
-        lines.append("| real vs real | - | " + " | ".join(_fmt(base.get(k)) for k, _ in cols) + " |")
+        lines.append("| real images | - | " + " | ".join(_fmt(base.get(k)) for k, _ in cols) + " |")
         for r in [r for r in doc["rows"] if r["dataset"] == ds]:
             lines.append(f"| {r['variant']} | {r['step']} | " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+        secs = {k.split("-", 1)[1]: v for k, v in m.get("train_seconds", {}).items() if k.startswith(ds + "-")}
+        if secs:
+            lines += ["", "train s: " + ", ".join(f"{v} {t:.0f}" for v, t in secs.items())]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -199,10 +221,15 @@ def _fmt(v) -> str:
         return "-"
     if isinstance(v, int):
         return str(v)
+    v = v + 0.0  # no "-0.0000"
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
 
 
 # ------------------------------------------------------------------------- main
+def order_of(jobs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    return {job: i for i, job in enumerate(jobs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5000)
@@ -216,6 +243,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rewrite the results files from their scored rows")
     args = ap.parse_args()
     evals = sorted(set(args.eval_steps or [s for s in (500, 1000, 2000, 3000) if s < args.steps] + [args.steps]))
     every = math.gcd(*evals)
@@ -240,9 +269,9 @@ def main() -> None:
     seconds, rows, lock = {}, [], threading.Lock()
     baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
                  for ds, d in data.items()}
-    from fastbegan.bench.device import device_info, git_commit
+    from fastbegan.bench.device import device_info, git_commit, slugify
     dev = device_info(torch.device("cpu"))["name"]
-    slug = "".join(c if c.isalnum() else "-" for c in dev.lower().replace("cpu: ", "")).strip("-")
+    slug = slugify(dev.replace("CPU: ", ""))
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     results = Path(args.results)
     grids = results / f"collapse-{stamp}"
@@ -255,16 +284,27 @@ def main() -> None:
                 "steps": args.steps, "variants": {v: VARIANTS[v] for v in args.variants},
                 "train_seconds": dict(seconds), "n_scored": args.n,
                 "digit_classifier_heldout_accuracy": data.get("digits", {}).get("accuracy")}
-        order = {job: i for i, job in enumerate(jobs)}
+        order = order_of(jobs)
         done = sorted(rows, key=lambda r: (r["dataset"], order[(r["dataset"], r["variant"])], r["step"]))
         doc = {"meta": meta, "datasets": args.datasets, "rows": done, "real_baselines": baselines}
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(doc))
 
+    if args.report_only:  # e.g. after a change to the baselines or the report's layout
+        rows.extend(r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]
+                    if (r["dataset"], r["variant"]) in order_of(jobs))
+        for ds, v in {(r["dataset"], r["variant"]) for r in rows}:
+            if (work / f"{ds}-{v}" / "metrics.jsonl").exists():
+                seconds[f"{ds}-{v}"] = round(train_seconds(work / f"{ds}-{v}"), 1)
+        write()
+        print(f"rewrote {stem}.json / .md")
+        return
+
     def run(job):
         ds, v = job
         run_dir, d = work / f"{ds}-{v}", data[ds]
-        seconds[f"{ds}-{v}"] = train_run(run_dir, v, d["path"], args.steps, every, args.threads, args.seed)
+        train_run(run_dir, v, d["path"], args.steps, every, args.threads, args.seed)
+        seconds[f"{ds}-{v}"] = round(train_seconds(run_dir), 1)
         new = []
         for s in evals:
             ckpt = run_dir / "checkpoints" / f"ckpt_{s:08d}.safetensors"

@@ -44,6 +44,8 @@ VARIANTS = {  # name -> extra `fastbegan train` flags
     "pt": ["--pt-weight", "0.1"],         # EBGAN's pulling-away term, lambda_PT as in EBGAN
     "kinit": ["--k-init", "0.1"],         # start k_t at 0.1 instead of 0
     "kinit+pt": ["--k-init", "0.1", "--pt-weight", "0.1"],  # both (the best of the 1,500-step pilots)
+    "kmin": ["--k-init", "0.1", "--k-min", "0.05"],       # start at 0.1 and never below 0.05
+    "kmin+pt": ["--k-init", "0.1", "--k-min", "0.05", "--pt-weight", "0.1"],
 }
 RES = 32
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -71,7 +71,7 @@ def main():
               help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
                    "plus the remedies measured best against its early one-image collapse ("
                    + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS["escape"].items() if v)
-                   + "). The three options below override the variant's values.")
+                   + "). The four options below override the variant's values.")
 @click.option("--cs-alpha", type=float, default=None,
               help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "
                    "equal to --z-dim. 0 = off.")
@@ -81,6 +81,9 @@ def main():
 @click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
                    "first step instead of waiting for k_t to grow.")
+@click.option("--k-min", type=float, default=None,
+              help="A floor under k_t (the paper: 0): k_t is clipped to [k_min, 1], so D never stops "
+                   "pushing back on the fakes.")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
@@ -119,7 +122,7 @@ def main():
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, skip, vanishing_residual, precision,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, skip, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -142,7 +145,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
-                      **variant_options(variant, cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init),
+                      **variant_options(variant, cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init,
+                                      k_min=k_min),
                       skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,

@@ -15,6 +15,8 @@ ignores the fakes and G settles on the one image D reconstructs best (docs/desig
 - ``k_init``: k_0 above the paper's 0, so that D pushes back on the fakes from the first
   step instead of waiting thousands of steps for k_t to grow (it decays on its own as the
   equilibrium control takes over).
+- ``k_min``: a floor under k_t (the paper clips to [0, 1]; this clips to [k_min, 1] after
+  the paper's update), so D never stops pushing back on the fakes entirely.
 
 BEGAN-CS and the pulling-away term act on the encoder's codes ``(B, h)`` of the fake batch.
 ``--variant`` presets: ``began`` (none of them: the paper) and ``escape`` (the setting the
@@ -26,8 +28,8 @@ import torch
 from torch import Tensor
 
 VARIANT_PRESETS = {
-    "began": {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0},
-    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1},
+    "began": {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0},
+    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.0},
 }
 DEFAULT_VARIANT = "began"
 
@@ -41,6 +43,11 @@ def variant_options(variant: str, **given: float | None) -> dict:
     opts.update({k: v for k, v in given.items() if v is not None})
     name = variant if opts == VARIANT_PRESETS[variant] else "custom"
     return {**opts, "variant": name}
+
+
+def k_floor(k_next: Tensor, k_min: float) -> Tensor:
+    """``k_next`` clipped to [k_min, 1] (a device op, no host sync); unchanged for k_min 0."""
+    return k_next.clamp(min=k_min) if k_min > 0 else k_next
 
 
 def constrained_space_loss(codes: Tensor, z: Tensor) -> Tensor:

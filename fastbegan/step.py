@@ -314,7 +314,7 @@ class FusedStep:
         for opt in self.opts:
             opt.step()
         loss_d = lv[0] - k * lv[1]
-        k.copy_(k_next)
+        k.copy_(remedies.k_floor(k_next, cfg.k_min))
         self.step_t.add_(1)
         self._static_batch = {"x": x, "fake": fake.detach()}
         return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global,

@@ -56,6 +56,7 @@ class TrainConfig:
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
     k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
+    k_min: float = 0.0                  # floor under k_t (the paper: 0)
     variant: str = "began"              # the preset the three options above came from (or "custom")
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError("--cs-alpha and --pt-weight must be >= 0")
         if not 0.0 <= self.k_init <= 1.0:
             raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
+        if not 0.0 <= self.k_min <= 1.0:
+            raise ValueError(f"--k-min must be in [0, 1] (k_t is clipped there), got {self.k_min}")
         if self.cs_alpha and self.h != self.z_dim:
             raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
                              f"(got h={self.h}, z_dim={self.z_dim})")
@@ -286,7 +289,8 @@ class Trainer:
         self.opt_d.step()
         self.opt_g.step()
         k_used = self.k
-        self.k, m_global = ops.began_update(self.k, loss_real, loss_fake, cfg.gamma, cfg.lambda_k)
+        k_next, m_global = ops.began_update(self.k, loss_real, loss_fake, cfg.gamma, cfg.lambda_k)
+        self.k = remedies.k_floor(k_next, cfg.k_min)
         self.step += 1
         self._schedule_lr()
         return {"loss_real": loss_real.detach(), "loss_fake": loss_fake.detach(),
@@ -601,8 +605,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         + f", backend {trainer.backend}, precision {cfg.precision} ({trainer.precision_why}), "
         f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
-    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("pt_weight", cfg.pt_weight),
-                                                     ("cs_alpha", cfg.cs_alpha)) if value]
+    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("k_min", cfg.k_min),
+                                                     ("pt_weight", cfg.pt_weight), ("cs_alpha", cfg.cs_alpha))
+             if value]
     log(f"variant {cfg.variant}: " + (", ".join(terms) if terms else "the paper's BEGAN (no collapse remedy)")
         + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
     try:

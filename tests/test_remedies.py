@@ -154,11 +154,31 @@ def test_k_init_starts_k_there_and_the_update_follows_the_paper(tmp_path):
         TrainConfig(k_init=1.5)
 
 
+def test_k_min_is_a_floor_after_the_papers_update(tmp_path):
+    """--k-min clips k_t to [k_min, 1] after the paper's update and nowhere else: a step
+    whose update lands below the floor ends at the floor, one above it is the paper's."""
+    for reference in (True, False):
+        for lambda_k in (1.0, 1e-4):  # far below the floor / barely moved from k_0 = 0.3
+            cfg = TrainConfig(res=8, filters=4, z_dim=8, h=8, batch_size=3, device="cpu", backend="torch",
+                              precision="fp32", out=str(tmp_path), health_patience=0, k_init=0.3, k_min=0.2,
+                              gamma=0.01, lambda_k=lambda_k, reference_step=reference)
+            t = Trainer(cfg, np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+                        log=lambda *_: None)
+            out = t.train_step()
+            lr_, lf = out["loss_real"].item(), out["loss_fake"].item()
+            paper = min(1.0, max(0.0, 0.3 + lambda_k * (0.01 * lr_ - lf)))
+            assert paper < 0.2 if lambda_k == 1.0 else paper > 0.2
+            assert out["k"].item() == pytest.approx(max(0.2, paper), abs=1e-6)
+    with pytest.raises(ValueError, match="k-min"):
+        TrainConfig(k_min=-0.1)
+
+
 def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     """--variant began is the paper (every remedy off); escape switches on its preset; an
     option given on the command line wins over the preset and makes the variant "custom"."""
     from fastbegan.remedies import VARIANT_PRESETS, variant_options
-    assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "variant": "began"}
+    assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
+                                        "variant": "began"}
     assert variant_options("escape") == {**VARIANT_PRESETS["escape"], "variant": "escape"}
     assert variant_options("began", pt_weight=0.2)["variant"] == "custom"
     assert variant_options("escape", k_init=None)["variant"] == "escape"
@@ -174,8 +194,10 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                         (["--variant", "escape"], (VARIANT_PRESETS["escape"]["k_init"],
                                                    VARIANT_PRESETS["escape"]["pt_weight"], 0.0, "escape")),
                         (["--variant", "escape", "--k-init", "0"], (0.0, VARIANT_PRESETS["escape"]["pt_weight"],
-                                                                    0.0, "custom"))):
+                                                                    0.0, "custom")),
+                        (["--k-min", "0.05"], (0.0, 0.0, 0.0, "custom"))):
         res = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "r"), *flags])
         assert res.exit_code == 0, res.output
         c = seen[-1]
         assert (c.k_init, c.pt_weight, c.cs_alpha, c.variant) == want
+        assert c.k_min == (0.05 if "--k-min" in flags else 0.0)

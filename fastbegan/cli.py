@@ -15,7 +15,7 @@ from . import research_cli
 from .bench.cli import bench
 from .doctor import doctor
 from .errors import user_errors
-from .remedies import DEFAULT_VARIANT, VARIANT_PRESETS, variant_options
+from .remedies import DEFAULT_VARIANT, VARIANT_PRESETS, variant_flags, variant_options
 
 
 def check_writable(folder: str) -> None:
@@ -70,7 +70,7 @@ def main():
               show_default=True,
               help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
                    "plus the remedies measured best against its early one-image collapse ("
-                   + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS["escape"].items() if v)
+                   + variant_flags("escape")
                    + "). The four options below override the variant's values.")
 @click.option("--cs-alpha", type=float, default=None,
               help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "

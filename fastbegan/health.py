@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .remedies import variant_flags
 from .runlog import read_metrics
 
 ON_COLLAPSE = ("warn", "stop", "restore")
@@ -47,7 +48,7 @@ STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps wi
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
 K_EDGE = 1e-4               # k_t "at 0" below this (it bounces off 0 by ~1e-6), "at 1" above 1 - this
 EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
-REMEDY_FLAGS = "--k-init 0.1 --pt-weight 0.1"  # the remedy setting measured best (docs/training.md)
+REMEDY_FLAGS = f"--variant escape ({variant_flags('escape')})"  # measured best (docs/training.md)
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
 MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 

@@ -29,9 +29,14 @@ from torch import Tensor
 
 VARIANT_PRESETS = {
     "began": {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0},
-    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.0},
+    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
 }
 DEFAULT_VARIANT = "began"
+
+
+def variant_flags(variant: str) -> str:
+    """The preset as command-line options, e.g. ``--k-init 0.1 --k-min 0.05 --pt-weight 0.1``."""
+    return " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS[variant].items() if v)
 
 
 def variant_options(variant: str, **given: float | None) -> dict:

@@ -195,9 +195,15 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                                    VARIANT_PRESETS["escape"]["pt_weight"], 0.0, "escape")),
                         (["--variant", "escape", "--k-init", "0"], (0.0, VARIANT_PRESETS["escape"]["pt_weight"],
                                                                     0.0, "custom")),
-                        (["--k-min", "0.05"], (0.0, 0.0, 0.0, "custom"))):
+                        (["--variant", "began", "--k-min", "0.05"], (0.0, 0.0, 0.0, "custom"))):
         res = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "r"), *flags])
         assert res.exit_code == 0, res.output
         c = seen[-1]
         assert (c.k_init, c.pt_weight, c.cs_alpha, c.variant) == want
-        assert c.k_min == (0.05 if "--k-min" in flags else 0.0)
+        assert c.k_min == (0.05 if "--k-min" in flags else VARIANT_PRESETS[flags[1]]["k_min"])
+    # no --variant: fastbegan train's default variant, its preset exactly
+    from fastbegan.remedies import DEFAULT_VARIANT
+    assert CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "d")]).exit_code == 0
+    c = seen[-1]
+    assert c.variant == DEFAULT_VARIANT
+    assert {k: getattr(c, k) for k in VARIANT_PRESETS[DEFAULT_VARIANT]} == VARIANT_PRESETS[DEFAULT_VARIANT]

@@ -88,10 +88,15 @@ def local_device(device: torch.device, di: DistInfo) -> torch.device:
     return device
 
 
-def check_batch(batch_size: int, di: DistInfo) -> None:
+def check_batch(batch_size: int, di: DistInfo, pairs: bool = False) -> None:
+    """The global batch splits evenly; with ``pairs`` (the pulling-away term, computed over
+    each process's own batch like an unsynchronised batch norm) each share holds >= 2."""
     if di.enabled and batch_size % di.world:
         raise ValueError(f"--batch-size {batch_size} (the global batch) is not divisible by the "
                          f"{di.world} processes: use a multiple of {di.world}")
+    if di.enabled and pairs and batch_size // di.world < 2:
+        raise ValueError(f"the pulling-away term (--pt-weight) compares the samples of each process's "
+                         f"batch: use --batch-size >= {2 * di.world} for {di.world} processes, or --pt-weight 0")
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -12,7 +12,9 @@ from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.cli import main
 from fastbegan.distributed import DistInfo, check_batch
 
-ARGS = ["--precision", "fp32", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "4",
+# --variant began: the pulling-away term of the default variant is computed over each
+# process's own batch (pairs within it), so 2 processes would not equal 1 by design
+ARGS = ["--variant", "began", "--precision", "fp32", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "4",
         "--device", "cpu", "--backend", "torch", "--no-progress", "--log-every", "2",
         "--ckpt-every", "4", "--sample-every", "4", "--seed", "3", "--lr", "1e-3"]
 # lr 1e-3: a wrong split (e.g. no all-reduce) moves weights by ~1e-2 in 4 steps; the right one
@@ -24,6 +26,9 @@ def test_shard_rows_and_batch_check():
     assert [DistInfo(r, 2).shard(4) for r in (0, 1)] == [slice(0, 2), slice(2, 4)]
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         check_batch(4, DistInfo(0, 3))
+    check_batch(4, DistInfo(0, 4))
+    with pytest.raises(ValueError, match="--batch-size >= 8 for 4 processes"):
+        check_batch(4, DistInfo(0, 4), pairs=True)
 
 
 def model_tensors(path):

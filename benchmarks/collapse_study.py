@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = {  # name -> extra `fastbegan train` flags
+VARIANTS = {  # name -> extra `fastbegan train` flags, on top of BEGAN (BASE)
     "began": [],
     "cs": ["--cs-alpha", "0.1"],          # BEGAN-CS, alpha as in the authors' code
     "pt": ["--pt-weight", "0.1"],         # EBGAN's pulling-away term, lambda_PT as in EBGAN
@@ -47,6 +47,7 @@ VARIANTS = {  # name -> extra `fastbegan train` flags
     "kmin": ["--k-init", "0.1", "--k-min", "0.05"],       # start at 0.1 and never below 0.05
     "kmin+pt": ["--k-init", "0.1", "--k-min", "0.05", "--pt-weight", "0.1"],
 }
+BASE = ["--variant", "began"]  # explicit: `fastbegan train`'s own default is --variant escape
 RES = 32
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,7 +84,7 @@ def train_run(out: Path, variant: str, data: str | None, steps: int, every: int,
               seed: int) -> None:
     cmd = [sys.executable, "-m", "fastbegan", "train", "--res", str(RES), "--steps", str(steps),
            "--seed", str(seed), "--log-every", "50", "--ckpt-every", str(every), "--keep-ckpts", "1000",
-           "--sample-every", str(every), "--no-progress", "--out", str(out), *VARIANTS[variant]]
+           "--sample-every", str(every), "--no-progress", "--out", str(out), *BASE, *VARIANTS[variant]]
     if data:
         cmd += ["--data", data]
     if (out / "checkpoints").is_dir():
@@ -192,6 +193,8 @@ def markdown(doc: dict) -> str:
              f"- date {m['created']}, git {m['commit']}, torch {m['torch']}",
              f"- res {RES}, batch 16, n 64, seed {m['seed']}, {m['steps']} steps per run, same for every variant",
              "- variants: " + "; ".join(f"**{k}** `{' '.join(v) or '(paper)'}`" for k, v in m["variants"].items()),
+             "- every run is `fastbegan train --variant began` plus its variant's flags; **kmin+pt** is "
+             "`--variant escape`, `fastbegan train`'s default",
              "- diversity ratio: mean pairwise distance of generated / real images (health monitor's "
              "measure; 256 images; monitor: its 16-image value averaged over the last 500 steps)",
              "- faces: factor coverage (factor score) and render fidelity; digits: class entropy (ln 10 = 2.30 "
@@ -239,6 +242,7 @@ def main() -> None:
                     help="checkpoints to score (default: 500, 1000, 2000, 3000, --steps)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--datasets", nargs="*", default=["faces", "digits"])
+    ap.add_argument("--skip", nargs="*", default=[], help="runs to leave out, as DATASET-VARIANT")
     ap.add_argument("--work", default="runs/collapse", help="run folders (resumed if present)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     ap.add_argument("--threads", type=int, default=1, help="threads per run")
@@ -267,7 +271,7 @@ def main() -> None:
         data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
 
     # variant-major: the faithful BEGAN and each remedy on both data sets before the next
-    jobs = [(ds, v) for v in args.variants for ds in args.datasets]
+    jobs = [(ds, v) for v in args.variants for ds in args.datasets if f"{ds}-{v}" not in args.skip]
     seconds, rows, lock = {}, [], threading.Lock()
     baselines = {ds: real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
                  for ds, d in data.items()}

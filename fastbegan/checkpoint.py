@@ -160,6 +160,15 @@ def _fsync_dir(d: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu"
                     ) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """-> (tensors, config, state). Raises CheckpointError with a readable message."""
+    return _read(path, map_location)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The run configuration a checkpoint was written with (its metadata only, no tensors)."""
+    return _read(path, None)[1]
+
+
+def _read(path: str | os.PathLike, map_location: str | None) -> tuple[dict[str, torch.Tensor], dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
@@ -167,7 +176,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu"
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(map_location))
+        tensors = load_file(str(path), device=str(map_location)) if map_location is not None else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or truncated ({e}); "
                               "delete it to resume from the previous one") from None

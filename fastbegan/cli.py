@@ -15,7 +15,8 @@ from . import research_cli
 from .bench.cli import bench
 from .doctor import doctor
 from .errors import user_errors
-from .remedies import DEFAULT_VARIANT, VARIANT_PRESETS, variant_flags, variant_options
+from .remedies import (DEFAULT_VARIANT, VARIANT_PRESETS, resumed_variant_options, variant_flags,
+                       variant_options)
 
 
 def check_writable(folder: str) -> None:
@@ -66,12 +67,13 @@ def main():
 @click.option("--lr-stall", type=int, default=0, show_default=True,
               help="Also halve lr when M has not improved for this many steps (0 = off).")
 @click.option("--separate-z", is_flag=True, help="Paper-literal separate z_D / z_G (default: one z, as the TF reference).")
-@click.option("--variant", type=click.Choice(sorted(VARIANT_PRESETS)), default=DEFAULT_VARIANT,
-              show_default=True,
+@click.option("--variant", type=click.Choice(sorted(VARIANT_PRESETS)), default=None,
+              show_default=f"{DEFAULT_VARIANT}; with --resume, the run's own",
               help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
                    "plus the remedies measured best against its early one-image collapse ("
                    + variant_flags("escape")
-                   + "). The four options below override the variant's values.")
+                   + "). The four options below override the variant's values. --resume without "
+                   "--variant keeps the remedies the run was started with.")
 @click.option("--cs-alpha", type=float, default=None,
               help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "
                    "equal to --z-dim. 0 = off.")
@@ -131,6 +133,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
 
     Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
     from . import ops
+    from .checkpoint import latest_checkpoint, read_config
     from .distributed import is_main_process
     from .train import TrainConfig, resolve_device, train as run_training
     if verify_kernels:
@@ -142,11 +145,14 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
+    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init, k_min=k_min)
+    ckpt_path = latest_checkpoint(out) if resume and variant is None else None
+    remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path
+              else variant_options(variant or DEFAULT_VARIANT, **remedy))
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
-                      **variant_options(variant, cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init,
-                                      k_min=k_min),
+                      **remedy,
                       skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,

@@ -41,6 +41,16 @@ def variant_flags(variant: str) -> str:
     return " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS[variant].items() if v)
 
 
+def resumed_variant_options(ckpt_config: dict, **given: float | None) -> dict:
+    """TrainConfig fields for resuming a run without ``--variant``: the remedies the run was
+    started with (its checkpoint's config; a checkpoint from before the remedies existed is
+    the paper's BEGAN), with the options given on the command line on top."""
+    opts = {k: float(ckpt_config.get(k, 0.0)) for k in VARIANT_PRESETS[DEFAULT_VARIANT]}
+    changed = {k: v for k, v in given.items() if v is not None and v != opts[k]}
+    opts.update(changed)
+    return {**opts, "variant": "custom" if changed else ckpt_config.get("variant", "began")}
+
+
 def variant_options(variant: str, **given: float | None) -> dict:
     """TrainConfig fields for ``variant``: its preset, with the options the user gave on top,
     and ``variant`` itself ("custom" once a given option changes the preset)."""

@@ -329,8 +329,8 @@ def test_cli_options(monkeypatch, tmp_path):
 
     from fastbegan.cli import main
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
-    tiny = ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
-            "--device", "cpu", "--no-progress", "--log-every", "1", "--steps", "4"]
+    tiny = ["train", "--variant", "began", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8",
+            "--batch-size", "2", "--device", "cpu", "--no-progress", "--log-every", "1", "--steps", "4"]
     r = CliRunner().invoke(main, [*tiny, "--gamma", "0", "--health-patience", "2", "--on-collapse", "stop",
                                   "--out", str(tmp_path / "run")], catch_exceptions=False)
     assert r.exit_code == 0, r.output

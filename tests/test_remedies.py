@@ -207,3 +207,34 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     c = seen[-1]
     assert c.variant == DEFAULT_VARIANT
     assert {k: getattr(c, k) for k in VARIANT_PRESETS[DEFAULT_VARIANT]} == VARIANT_PRESETS[DEFAULT_VARIANT]
+
+
+def test_resume_keeps_the_runs_own_variant(tmp_path, monkeypatch):
+    """--resume without --variant continues with the remedies the run was started with (not
+    the CLI's current default); options given on the command line still win; a checkpoint
+    from before the remedies existed resumes as the paper's BEGAN."""
+    import types
+
+    from click.testing import CliRunner
+
+    import fastbegan.train as train_mod
+    from fastbegan.cli import main
+    from fastbegan.remedies import resumed_variant_options
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    run = str(tmp_path / "run")
+    tiny = ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
+            "--device", "cpu", "--no-progress", "--steps", "2", "--ckpt-every", "2", "--out", run]
+    r = CliRunner().invoke(main, [*tiny, "--variant", "began", "--k-min", "0.02"])
+    assert r.exit_code == 0, r.output
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
+    for extra, want in (([], (0.0, 0.02, 0.0, "custom")),
+                        (["--pt-weight", "0.2"], (0.0, 0.02, 0.2, "custom")),
+                        (["--variant", "escape"], (0.1, 0.05, 0.1, "escape"))):
+        assert CliRunner().invoke(main, [*tiny, "--resume", *extra]).exit_code == 0
+        c = seen[-1]
+        assert (c.k_init, c.k_min, c.pt_weight, c.variant) == want
+    assert resumed_variant_options({"res": 8}) == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
+                                                   "variant": "began"}
+    assert resumed_variant_options({"variant": "escape", "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05,
+                                    "cs_alpha": 0.0})["variant"] == "escape"

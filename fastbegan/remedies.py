@@ -45,10 +45,8 @@ def resumed_variant_options(ckpt_config: dict, **given: float | None) -> dict:
     """TrainConfig fields for resuming a run without ``--variant``: the remedies the run was
     started with (its checkpoint's config; a checkpoint from before the remedies existed is
     the paper's BEGAN), with the options given on the command line on top."""
-    opts = {k: float(ckpt_config.get(k, 0.0)) for k in VARIANT_PRESETS[DEFAULT_VARIANT]}
-    changed = {k: v for k, v in given.items() if v is not None and v != opts[k]}
-    opts.update(changed)
-    return {**opts, "variant": "custom" if changed else ckpt_config.get("variant", "began")}
+    base = {k: float(ckpt_config.get(k, 0.0)) for k in VARIANT_PRESETS[DEFAULT_VARIANT]}
+    return _given_on_top(base, ckpt_config.get("variant", "began"), given)
 
 
 def variant_options(variant: str, **given: float | None) -> dict:
@@ -56,10 +54,13 @@ def variant_options(variant: str, **given: float | None) -> dict:
     and ``variant`` itself ("custom" once a given option changes the preset)."""
     if variant not in VARIANT_PRESETS:
         raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(sorted(VARIANT_PRESETS))}")
-    opts = dict(VARIANT_PRESETS[variant])
-    opts.update({k: v for k, v in given.items() if v is not None})
-    name = variant if opts == VARIANT_PRESETS[variant] else "custom"
-    return {**opts, "variant": name}
+    return _given_on_top(VARIANT_PRESETS[variant], variant, given)
+
+
+def _given_on_top(base: dict, name: str, given: dict) -> dict:
+    """``base`` with the given (not None) options on top, named ``name`` unless they change it."""
+    opts = {**base, **{k: v for k, v in given.items() if v is not None}}
+    return {**opts, "variant": name if opts == base else "custom"}
 
 
 def k_floor(k_next: Tensor, k_min: float) -> Tensor:

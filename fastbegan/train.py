@@ -57,7 +57,7 @@ class TrainConfig:
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
     k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
     k_min: float = 0.0                  # floor under k_t (the paper: 0)
-    variant: str = "began"              # the preset the three options above came from (or "custom")
+    variant: str = "began"              # the preset the four options above came from (or "custom")
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
     precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it

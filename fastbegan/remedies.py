@@ -93,14 +93,16 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
     would be wrong for these terms, so each runs D's encoder once more on the fake batch
     (B images, encoder only): BEGAN-CS on ``fake.detach()`` (its gradient reaches D's
-    encoder with weight +alpha and not G); the pulling-away term with a zero per-sample
-    weight-gradient scale (its gradient reaches G through the encoder, D's parameters get
-    exactly 0).
+    encoder with weight +alpha and not G); the pulling-away term with D's encoder weights
+    detached (its gradient reaches G through the encoder; D's parameters get none, and no
+    weight-gradient work is done). Its zero per-sample scale only selects the torch
+    backend's written-out conv backward (in-place ELU, ELU' from the output).
     """
     terms = {}
     if cs_alpha:
         terms["cs"] = (constrained_space_loss(d.encoder(fake.detach()), z), cs_alpha)
     if pt_weight:
+        frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
-        terms["pt"] = (pulling_away(d.encoder(fake, zero)), pt_weight)
+        terms["pt"] = (pulling_away(torch.func.functional_call(d.encoder, frozen, (fake, zero))), pt_weight)
     return terms

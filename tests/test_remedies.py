@@ -121,6 +121,35 @@ def test_fused_step_with_remedies_on_the_triton_backend():
     _pair("triton", steps=1, cs_alpha=0.3, pt_weight=0.2)
 
 
+def test_pulling_away_pass_computes_no_weight_gradients():
+    """The pulling-away term's extra encoder pass sends its gradient to G only, so its
+    backward runs no weight-gradient convolution at all (not one scaled by 0): recorded at
+    the aten level, every convolution_backward of that pass asks for the input gradient only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastbegan.remedies import fused_step_terms
+
+    class Record(TorchDispatchMode):
+        masks: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                self.masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    t = _trainer()
+    fake = t.G(torch.rand(3, 8) * 2 - 1).detach().requires_grad_()
+    (value, weight), = fused_step_terms(t.D, fake, None, cs_alpha=0.0, pt_weight=0.5).values()
+    with Record() as rec:
+        (weight * value).backward()
+    assert rec.masks == [[True, False, False]] * len(t.D.encoder.convs)
+    assert all(p.grad is None for p in t.D.parameters())
+    # the input gradient is the term's own (autograd through the encoder, weights frozen)
+    frozen = fake.detach().requires_grad_()
+    want, = torch.autograd.grad(weight * pulling_away(t.D.encoder(frozen)), frozen)
+    torch.testing.assert_close(fake.grad, want)
+
+
 def test_faithful_began_is_unchanged_bit_for_bit():
     """With the remedies off, a step equals the paper's step written out here (D over
     [x; G(z)], L_D to D, L_G = L_fake to G), to the last bit."""

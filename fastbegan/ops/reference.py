@@ -84,11 +84,15 @@ class _ScaledWgradConv(torch.autograd.Function):
             dx = dx.to(x_dtype)
             if skip_dtype is not None:
                 dskip = dinp[:, x_shape[1]:].to(skip_dtype)
-        s = scale.to(dt).view(-1, 1, 1, 1)
-        dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
-        _, dw, db = torch.ops.aten.convolution_backward(
-            dpre, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
-        return (dx, dw.to(w_dtype), db.to(w_dtype) if has_bias else None, None, None, None, None, dskip)
+        need_w, need_b = ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]
+        dw = db = None
+        if need_w or need_b:  # (frozen weights, e.g. the pulling-away pass: no weight-gradient work)
+            s = scale.to(dt).view(-1, 1, 1, 1)
+            dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
+            _, dw, db = torch.ops.aten.convolution_backward(
+                dpre, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
+            dw, db = dw.to(w_dtype), db.to(w_dtype) if has_bias else None
+        return (dx, dw, db, None, None, None, None, dskip)
 
 
 def conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, *, upsample=False, stride=1,

@@ -403,8 +403,12 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
         x = to_unit_range(data[idx], flip)
         scale = torch.cat([ones, k.neg().expand(ones.shape[0])])
+        # G: on the torch backend a per-sample scale of ones (exact) selects the written-out
+        # backward (in-place ELU, ELU' from the output, under compile a block-sum upsample
+        # adjoint: docs/design.md §4.4); the Triton ops need no such hint
+        g_scale = ones if ops.get_backend() == "torch" else None
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-            fake = G(z)
+            fake = G(z, g_scale)
             losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight)
         objective = losses.sum()

@@ -23,7 +23,7 @@ def conv3x3_elu_ref(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample:
     (N, C_out, H'/stride, W'/stride), ELU (alpha 1) applied unless ``activation=False``.
     """
     if upsample:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample_nearest2x_ref(x)
     if skip is not None:
         x = torch.cat([x, skip], dim=1)
     y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
@@ -55,7 +55,7 @@ class _ScaledWgradConv(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         inp = x.to(dt)
         if upsample:
-            inp = F.interpolate(inp, scale_factor=2, mode="nearest")
+            inp = upsample_nearest2x_ref(inp)
         if skip is not None:
             inp = torch.cat([inp, skip.to(dt)], dim=1)
         w = weight.to(dt)
@@ -79,8 +79,8 @@ class _ScaledWgradConv(torch.autograd.Function):
         if ctx.needs_input_grad[0] or (skip_dtype is not None and ctx.needs_input_grad[7]):
             dinp = torch.ops.aten.convolution_backward(dpre, inp, w, None, *geom, [True, False, False])[0]
             dx = dinp[:, :x_shape[1]]
-            if upsample:  # adjoint of nearest 2x: each pixel receives its 2x2 block's sum
-                dx = torch.ops.aten.upsample_nearest2d_backward(dx, dinp.shape[2:], x_shape, None, None)
+            if upsample:
+                dx = _upsample_adjoint(dx, x_shape)
             dx = dx.to(x_dtype)
             if skip_dtype is not None:
                 dskip = dinp[:, x_shape[1]:].to(skip_dtype)
@@ -93,6 +93,17 @@ class _ScaledWgradConv(torch.autograd.Function):
                 dpre, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
             dw, db = dw.to(w_dtype), db.to(w_dtype) if has_bias else None
         return (dx, dw, db, None, None, None, None, dskip)
+
+
+def _upsample_adjoint(d: Tensor, x_shape) -> Tensor:
+    """Adjoint of nearest 2x upsampling: each pixel receives its 2x2 block's sum.
+    Eager: ``aten.upsample_nearest2d_backward`` (one pass; a reshape + sum is ~40x slower
+    there). Compiled: the reshape + sum, one reduction loop in inductor, whose own lowering
+    of upsample_nearest2d_backward is a much slower scatter-add (docs/design.md §4.4)."""
+    if torch.compiler.is_compiling():
+        h, w = x_shape[2:]
+        return d.unflatten(3, (w, 2)).unflatten(2, (h, 2)).sum((3, 5))
+    return torch.ops.aten.upsample_nearest2d_backward(d, d.shape[2:], x_shape, None, None)
 
 
 def conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, *, upsample=False, stride=1,

@@ -16,6 +16,8 @@ compiles (GPU runs are long).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -51,10 +53,25 @@ def use_persistent_inductor_cache() -> Path:
 
 
 def config_key(cfg, device: torch.device) -> str:
-    """What a compiled step depends on: shapes, precision, options, torch version."""
+    """What a compiled step depends on: shapes, precision, options (the remedies add terms
+    to the graph), torch version, and the code of the step itself: a recorded gain is
+    measured on one version of the step and is not carried over to another (a gain once
+    recorded as negative would otherwise stop auto from ever compiling, and so from ever
+    measuring it again)."""
     return (f"{device.type}|torch {torch.__version__}|{cfg.precision}|res {cfg.res}|n {cfg.filters}|"
             f"z {cfg.z_dim}|h {cfg.h}|b {cfg.batch_size}|skip {cfg.skip}|vr {bool(cfg.vanishing_residual)}"
-            f"|flip {cfg.flip}")
+            f"|flip {cfg.flip}|cs {cfg.cs_alpha:g}|pt {cfg.pt_weight:g}|code {step_code_version()}")
+
+
+@functools.lru_cache(maxsize=1)
+def step_code_version() -> str:
+    """A short hash of the source files the compiled step is made of (model, step, ops)."""
+    root = Path(__file__).resolve().parent
+    files = [root / "model.py", root / "step.py", root / "remedies.py", *sorted((root / "ops").glob("*.py"))]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _times_path() -> Path:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +137,27 @@ def test_compile_rule_numbers(tmp_path, monkeypatch):
     # a configuration where compiling did not pay is not compiled again, however long the run
     autocompile.record(key, gain=-0.05)
     assert not autocompile.decide(10 ** 9, t_step, "bf16", key).compile
+
+
+def test_compile_records_are_per_variant_and_per_code_version(monkeypatch):
+    """The remedies change the compiled graph, and so does the step's code: neither may
+    inherit another's recorded gain (a stale negative gain would never be measured again)."""
+    dev = torch.device("cpu")
+    began, escape = TrainConfig(res=8), TrainConfig(res=8, pt_weight=0.1, k_init=0.1, k_min=0.05)
+    assert autocompile.config_key(began, dev) != autocompile.config_key(escape, dev)
+    key = autocompile.config_key(began, dev)
+    assert key.endswith(f"code {autocompile.step_code_version()}")
+    autocompile.step_code_version.cache_clear()
+    import fastbegan.step
+    src = Path(fastbegan.step.__file__)
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"#" if p == src else b""))
+    try:
+        assert autocompile.config_key(began, dev) != key
+    finally:
+        monkeypatch.undo()
+        autocompile.step_code_version.cache_clear()
+    assert autocompile.config_key(began, dev) == key
 
 
 def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):

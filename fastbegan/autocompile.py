@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-# Defaults for a configuration never compiled here, from the anatomy results file
-# (2-core Xeon, AMX-BF16; fused step, n 64, batch 16): the gain is the smaller of its
-# measurements at res 32 (it is ~0 at res 64, where the recorded gain takes over after one
-# compiled run), the compile time the largest cold-cache one (res 64).
+# Defaults for a configuration never compiled here, from the project's 2-core Xeon
+# (AMX-BF16; fused step, n 64, batch 16): the gain is at most each measured one (anatomy
+# file: 10% fp32 and 26% bf16 at res 32; benchmark file cpu-*-2026-11-30-134011, rows d
+# vs e: 12% at res 32 and 18% at res 64; the anatomy file's 1% at res 64 predates the
+# fix of G's upsample adjoint, docs/design.md §4.4), the compile time the largest
+# cold-cache one (anatomy file, res 64).
 CPU_GAIN = {"bf16": 0.10, "fp32": 0.10}
 CPU_COLD_COMPILE_S = 85.0
 EAGER_PROBE_STEPS = 3  # eager steps timed before deciding (the first one is not timed)

@@ -2,7 +2,8 @@
 
 On CPU: tiny shapes (res 8 / 16, 8 filters), one compiled case; with
 FASTBEGAN_BENCH_CPU_REAL=1 the real training step (res 32 and 64, n 64, batch 16), every
-variant in its own process (fastbegan/bench/isolated.py), peak memory per row.
+variant in its own process (fastbegan/bench/isolated.py), all of them three times over,
+interleaved (FASTBEGAN_BENCH_CPU_REPEATS), peak memory per row.
 On GPU: res 32 / 64 / 128 at batch 16 and 64, kernel shapes of the res-128 model.
 """
 import json
@@ -21,7 +22,8 @@ CASES = bench.default_cases(DEVICE)
 
 def _id(case):
     wl, v, p = case
-    return f"{wl}[{bench.case_name(wl, p).replace(' ', '_')}]-{v}"
+    repeat = f"-repeat{p['repeat']}" if "repeat" in p else ""
+    return f"{wl}[{bench.case_name(wl, p).replace(' ', '_')}]-{v}{repeat}"
 
 
 @pytest.mark.parametrize("workload,variant,params", CASES, ids=[_id(c) for c in CASES])
@@ -51,7 +53,8 @@ def test_results_file_written_and_well_formed():
         assert json_path.name.startswith(want), f"CPU results must be named {want}..."
     doc = json.loads(json_path.read_text())
     assert bench.validate_results(doc) == []
-    assert len(doc["rows"]) == len(session.rows)
+    # one row per case and variant (interleaved repeats of the CPU real shapes merged)
+    assert len(doc["rows"]) == len({(r["workload"], r["case"], r["variant"]) for r in session.rows})
     meta = doc["meta"]
     assert meta["device"]["type"] == DEVICE.type and meta["env"]["torch"]
     ran = {(r["workload"], r["variant"]) for r in doc["rows"] if r["status"] == "ok"}

@@ -148,10 +148,33 @@ def test_cpu_real_shapes_cases_and_file_names(monkeypatch):
     assert {("train_step", v) for v in "pabcde"} <= tiny and ("conv_elu", "e") not in tiny
     monkeypatch.setenv(CPU_REAL_ENV, "1")
     assert file_slug(dev) == "cpu-intel-r-xeon-r-processor"
+    monkeypatch.setenv("FASTBEGAN_BENCH_CPU_REPEATS", "2")
     real = [(w, v, p) for w, v, p in bench.default_cases(CPU) if w == "train_step"]
-    assert [(v, p["res"], p["batch"], p["filters"]) for _, v, p in real] == \
-        [(v, r, 16, 64) for r in (32, 64) for v in "pabcde"]
+    # every variant once, then all of them again (interleaved), each repeat numbered
+    assert [(v, p["res"], p["batch"], p["filters"], p["repeat"]) for _, v, p in real] == \
+        [(v, r, 16, 64, i) for i in (0, 1) for r in (32, 64) for v in "pabcde"]
     assert variants.compile_kwargs(CPU) == {"backend": "inductor"}
+
+
+def test_interleaved_repeats_merge_into_one_row_per_variant():
+    """Three processes of one variant: the row is the median of their medians (q1/q3 the
+    fastest and slowest), throughput from that median, speedups between merged rows; a
+    failed repeat is left out."""
+    f = 10 ** 12
+    rows = [_row("train_step", "b", "res32 b16 n64", ms, f) for ms in (9.0, 10.0, 30.0)]
+    rows += [_row("train_step", "d", "res32 b16 n64", ms, f) for ms in (4.0, 5.0)]
+    rows += [_row("train_step", "d", "res32 b16 n64", None, status="error", reason="killed")]
+    rows[0]["peak_mem_mb"], rows[2]["peak_mem_mb"] = 100.0, 300.0
+    out = {r["variant"]: r for r in bench.finalize_rows(rows, _meta())}
+    assert len(bench.finalize_rows(rows, _meta())) == 2
+    b, d = out["b"], out["d"]
+    assert (b["ms_median"], b["ms_q1"], b["ms_q3"]) == (10.0, 9.0, 30.0)
+    assert b["peak_mem_mb"] == 300.0 and "median of 3 processes" in b["what"]
+    assert b["images_per_s"] == pytest.approx(16 / 10.0 * 1e3) and b["tflops"] == pytest.approx(100.0)
+    assert d["status"] == "ok" and d["ms_median"] == 4.5 and "median of 2 processes" in d["what"]
+    assert d["speedup_vs_best_bc"] == pytest.approx(10.0 / 4.5)
+    doc = {"schema": bench.SCHEMA, "meta": _meta(), "rows": bench.finalize_rows(rows, _meta())}
+    assert bench.validate_results(doc) == []
 
 
 def test_isolated_case_reports_peak_memory():

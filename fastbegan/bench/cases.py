@@ -12,10 +12,19 @@ import torch
 CPU_REAL_ENV = "FASTBEGAN_BENCH_CPU_REAL"
 CPU_REAL_SHAPES = [dict(res=32, batch=16, filters=64), dict(res=64, batch=16, filters=64)]
 STEP_VARIANTS = "pabcde"  # the training step: the port baseline and fastbegan without compile too
+# The CPU real shapes run every variant this many times, interleaved (all variants, then all
+# again), each time in a new process; a row is the median of its processes' medians. A
+# shared VM's speed drifts by tens of percent within minutes, so variants measured minutes
+# apart, once each, compare the machine's moods as much as the steps.
+CPU_REAL_REPEATS_ENV = "FASTBEGAN_BENCH_CPU_REPEATS"
 
 
 def cpu_real_shapes() -> bool:
     return os.environ.get(CPU_REAL_ENV) == "1"
+
+
+def cpu_real_repeats() -> int:
+    return max(1, int(os.environ.get(CPU_REAL_REPEATS_ENV, 3)))
 
 def case_name(workload: str, p: dict) -> str:
     if workload in ("train_step", "D_fwd_bwd", "G_fwd"):
@@ -35,7 +44,8 @@ def default_cases(device: torch.device, quick: bool = False) -> list[tuple[str, 
     """(workload, variant, params) in run order: peak first, then eager/fused cases, then compiled."""
     gpu = device.type == "cuda"
     if not gpu and cpu_real_shapes():
-        steps = [("train_step", v, p) for p in CPU_REAL_SHAPES for v in STEP_VARIANTS]
+        steps = [("train_step", v, dict(p, repeat=i)) for i in range(cpu_real_repeats())
+                 for p in CPU_REAL_SHAPES for v in STEP_VARIANTS]
         return [("matmul_peak", "bf16", dict(n=2048))] + steps
     if gpu:
         model_shapes = [dict(res=r, batch=b, filters=128 if r >= 128 else 64)

@@ -4,12 +4,49 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 from .schema import ROW_KEYS, SCHEMA, SPEEDUP_KEYS, VARIANTS, WORKLOADS
 
+def merge_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (workload, case, variant): a case measured in several processes (the
+    CPU real shapes, interleaved repeats) becomes the median of their medians, with the
+    smallest and largest of them as q1 / q3, the largest peak memory, and a note saying so.
+    Failed repeats are left out while one succeeded."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["case"], r["variant"]), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if r.get("status") == "ok"]
+        if len(group) == 1 or not ok:
+            out.append(group[0] if len(group) == 1 else group[-1])
+            continue
+        if len(ok) == 1:
+            out.append(ok[0])
+            continue
+        meds = sorted(r["ms_median"] for r in ok)
+        row = dict(min(ok, key=lambda r: abs(r["ms_median"] - statistics.median(meds))))
+        med = statistics.median(meds)
+        row.update(ms_median=med, ms_q1=meds[0], ms_q3=meds[-1], ms_iqr=meds[-1] - meds[0],
+                   ms_min=min(r["ms_min"] for r in ok), rounds=sum(r.get("rounds") or 0 for r in ok))
+        for key, per in (("images_per_s", "images"), ("tflops", "flops"), ("gbps", "bytes")):
+            if row.get(per):
+                row[key] = row[per] / (med / 1e3) / (1e12 if key == "tflops" else 1e9 if key == "gbps" else 1)
+        mems = [r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None]
+        row["peak_mem_mb"] = max(mems) if mems else None
+        row["what"] = (row.get("what") or "") + (
+            f" [median of {len(ok)} processes run interleaved with the other variants; "
+            f"q1/q3: the fastest and slowest of them]")
+        out.append(row)
+    return out
+
+
 def finalize_rows(rows: list[dict], meta: dict) -> list[dict]:
-    """Rows plus speedups over (p), over (a) and over the best of (b)/(c), and % of peak."""
+    """Rows (repeats merged) plus speedups over (p), over (a) and over the best of (b)/(c),
+    and % of peak."""
+    rows = merge_repeats(rows)
     spec = (meta.get("device") or {}).get("peak_bf16_tflops_spec")
     measured = measured_peak(rows)
     by_case: dict[tuple, dict[str, dict]] = {}

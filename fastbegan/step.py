@@ -392,7 +392,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
 
     ``forward(data, idx, flip, z, k) -> (x, fake, losses, k_next, M, objective, terms)``:
     the uint8 gather ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``,
-    the scale vector ``[1]*B + [-k]*B`` (``ones`` is the (B,) ones buffer),
+    D's per-block weight-gradient scale ``[1; -k]`` (``ones`` is the (B,) ones buffer),
     :func:`d_losses` and the enabled collapse remedies (:func:`remedies.fused_step_terms`);
     ``objective`` is the scalar the one backward starts from, ``terms`` the remedies'
     unweighted values (for the log). G and D under bf16 autocast when ``bf16`` (without
@@ -402,11 +402,12 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
         x = to_unit_range(data[idx], flip)
-        scale = torch.cat([ones, k.neg().expand(ones.shape[0])])
-        # G: on the torch backend a per-sample scale of ones (exact) selects the written-out
-        # backward (in-place ELU, ELU' from the output, under compile a block-sum upsample
-        # adjoint: docs/design.md §4.4); the Triton ops need no such hint
-        g_scale = ones if ops.get_backend() == "torch" else None
+        # D's weight-gradient scale, per block: 1 for the real half, -k_t for the fake half
+        scale = torch.stack([ones[0], k.neg()]).view(2, 1)
+        # G: on the torch backend a scale of one (exact) selects the written-out backward
+        # (in-place ELU, ELU' from the output, under compile a block-sum upsample adjoint:
+        # docs/design.md §4.4); the Triton ops need no such hint
+        g_scale = ones[:1].view(1, 1) if ops.get_backend() == "torch" else None
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z, g_scale)
             losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)

@@ -189,6 +189,32 @@ def test_wgrad_scale_matches_per_sample_loop(case):
         _close(name, gg, ref[name], torch.float32)
 
 
+@pytest.mark.parametrize("c,hw,upsample,stride", [(64, 32, False, 1), (64, 16, True, 1), (4, 8, False, 2)])
+def test_per_block_wgrad_scale_equals_the_per_sample_one(c, hw, upsample, stride):
+    """A (G, 1) scale means the same as its per-sample expansion: dx, dW and db agree, on
+    a layer large enough for one weight-gradient call per block (64 channels at 32x32,
+    also after the upsample) and on small ones (the scaled-copy path); float64."""
+    g = torch.Generator().manual_seed(11)
+    n = 4
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    w = (0.1 * torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)).contiguous(memory_format=CL)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    block = torch.tensor([[1.0], [-0.37]], dtype=torch.float64)
+    out_hw = hw * 2 if upsample else hw // stride
+    assert (c * out_hw * out_hw >= R.SPLIT_WGRAD_MIN_NUMEL) == (c == 64)
+    dy = torch.randn(n, c, out_hw, out_hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    grads = []
+    for scale in (block, R.per_sample_scale(block, n)):
+        ins = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+        y = R.conv3x3_elu_scaled_ref(*ins, scale, upsample=upsample, stride=stride)
+        grads.append(torch.autograd.grad(y, ins, dy))
+    assert torch.equal(R.per_sample_scale(block, n), torch.tensor([1.0, 1.0, -0.37, -0.37], dtype=torch.float64))
+    for name, got, want in zip(("dx", "dw", "db"), *grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    with pytest.raises(ValueError, match="G dividing N"):
+        R.per_sample_scale(torch.ones(3, 1), n)
+
+
 # --------------------------------------------------------------------------------------
 # gradcheck (float64) of the reference path
 # --------------------------------------------------------------------------------------

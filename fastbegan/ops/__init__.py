@@ -126,6 +126,11 @@ def _triton():
     return _triton_ops
 
 
+def _per_sample(wgrad_scale: Tensor | None, n: int) -> Tensor | None:
+    """The Triton kernels take one factor per sample: a per-block scale expanded."""
+    return None if wgrad_scale is None else reference.per_sample_scale(wgrad_scale, n)
+
+
 def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: bool = False,
                 stride: int = 1, activation: bool = True, skip: Tensor | None = None,
                 wgrad_scale: Tensor | None = None) -> Tensor:
@@ -135,8 +140,11 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
     resolution (after the upsample), concatenated after x's channels. weight:
     (C_out, C_x + C_s, 3, 3); bias: (C_out,) or None. ``stride`` is 1 or 2 (not with
     ``upsample``). ``wgrad_scale``: optional (N,) tensor that weights sample n's
-    contribution to the weight and bias gradients (the input gradient is unscaled);
-    the forward value does not depend on it. Returns (N, C_out, H'/stride, W'/stride).
+    contribution to the weight and bias gradients (the input gradient is unscaled), or a
+    per-block (G, 1) tensor: the batch is G equal blocks and block g's samples all get
+    ``wgrad_scale[g]`` (the fused step's ``[1; -k_t]``; the torch backend then skips the
+    scaled copy of the gradient on large layers). The forward value does not depend on
+    it. Returns (N, C_out, H'/stride, W'/stride).
     """
     if stride not in (1, 2):
         raise ValueError(f"conv3x3_elu: stride must be 1 or 2, got {stride}")
@@ -144,7 +152,8 @@ def conv3x3_elu(x: Tensor, weight: Tensor, bias: Tensor | None, *, upsample: boo
         raise ValueError("conv3x3_elu: upsample and stride 2 cannot be combined")
     if _backend == "triton":
         return _triton().conv3x3_elu(x, weight, bias, upsample=upsample, stride=stride,
-                                     activation=activation, skip=skip, wgrad_scale=wgrad_scale)
+                                     activation=activation, skip=skip,
+                                     wgrad_scale=_per_sample(wgrad_scale, x.shape[0]))
     if wgrad_scale is not None:
         return reference.conv3x3_elu_scaled_ref(x, weight, bias, wgrad_scale, upsample=upsample,
                                                 stride=stride, activation=activation, skip=skip)
@@ -159,12 +168,12 @@ def conv3x3_elu_pair(xa: Tensor, xb: Tensor, weight: Tensor, bias: Tensor | None
 
     On triton the concatenation is never formed and the backward computes the input
     gradient only of the halves that need one (D's first conv in the fused step: G(z)
-    needs it, the real batch does not). ``wgrad_scale``: (Na + Nb,), as in
+    needs it, the real batch does not). ``wgrad_scale``: (Na + Nb,) or per block, as in
     :func:`conv3x3_elu`.
     """
     if _backend == "triton":
         return _triton().conv3x3_elu_pair(xa, xb, weight, bias, activation=activation,
-                                          wgrad_scale=wgrad_scale)
+                                          wgrad_scale=_per_sample(wgrad_scale, xa.shape[0] + xb.shape[0]))
     return conv3x3_elu(torch.cat([xa, xb]), weight, bias, activation=activation,
                        wgrad_scale=wgrad_scale)
 
@@ -207,13 +216,13 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Tensor | None, x_real
     weight (3, C, 3, 3); x_real, x_fake (B, 3, H, W). Returns ``(losses, k_next, M,
     recon)``: ``losses = [L_real, L_fake]`` (a (2,) fp32 tensor with gradients to h, weight,
     bias and both targets), ``k_next``, ``M`` as :func:`began_update`, ``recon`` detached.
-    ``wgrad_scale`` (2B,) scales the weight/bias gradients per sample, as in
+    ``wgrad_scale`` (2B,) or per block scales the weight/bias gradients, as in
     :func:`conv3x3_elu`. On triton the L1 gradient ``sign(recon - x) * dL / numel`` is
     computed inside the conv's backward kernels (never written as a tensor).
     """
     if _backend == "triton":
-        return _triton().conv3x3_l1_pair_began(h, weight, bias, x_real, x_fake, k, gamma,
-                                               lambda_k, wgrad_scale=wgrad_scale)
+        return _triton().conv3x3_l1_pair_began(h, weight, bias, x_real, x_fake, k, gamma, lambda_k,
+                                               wgrad_scale=_per_sample(wgrad_scale, h.shape[0]))
     return reference.conv3x3_l1_pair_began_ref(h, weight, bias, x_real, x_fake, k, gamma,
                                                lambda_k, wgrad_scale)
 

@@ -87,12 +87,42 @@ class _ScaledWgradConv(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]
         dw = db = None
         if need_w or need_b:  # (frozen weights, e.g. the pulling-away pass: no weight-gradient work)
-            s = scale.to(dt).view(-1, 1, 1, 1)
-            dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
-            _, dw, db = torch.ops.aten.convolution_backward(
-                dpre, inp, w, [w.shape[0]] if has_bias else None, *geom, [False, True, has_bias])
-            dw, db = dw.to(w_dtype), db.to(w_dtype) if has_bias else None
+            bias_sizes, mask = [w.shape[0]] if has_bias else None, [False, True, has_bias]
+
+            def wgrad(dp, ip):
+                return torch.ops.aten.convolution_backward(dp, ip, w, bias_sizes, *geom, mask)
+
+            if scale.dim() == 2 and dpre[0].numel() >= SPLIT_WGRAD_MIN_NUMEL:
+                # per-block scale on a large layer: one weight-gradient call per block, each
+                # result scaled (weight-sized), instead of a scaled copy of dpre
+                parts = [wgrad(dp, ip)[1:] for dp, ip in zip(dpre.chunk(len(scale)), inp.chunk(len(scale)))]
+                dw = sum(pw.to(w_dtype) * sg.to(w_dtype) for (pw, _), sg in zip(parts, scale))
+                db = sum(pb.to(w_dtype) * sg.to(w_dtype) for (_, pb), sg in zip(parts, scale)) if has_bias else None
+            else:
+                s = per_sample_scale(scale, dpre.shape[0]).to(dt).view(-1, 1, 1, 1)
+                dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
+                _, dw, db = wgrad(dpre, inp)
+                dw, db = dw.to(w_dtype), db.to(w_dtype) if has_bias else None
         return (dx, dw, db, None, None, None, None, dskip)
+
+
+# Per-block weight-gradient scale (the fused step's [1; -k_t], docs/design.md §4.4): one
+# weight-gradient call per block where dpre has at least this many elements per sample
+# (64 channels at 32x32). There a scaled copy of dpre costs more memory traffic than a
+# second oneDNN call; on the smaller layers the call's fixed cost is the larger.
+SPLIT_WGRAD_MIN_NUMEL = 64 * 32 * 32
+
+
+def per_sample_scale(scale: Tensor, n: int) -> Tensor:
+    """A weight-gradient scale as one factor per sample: ``scale`` (n,) as it is, or a
+    per-block scale (G, 1) (the batch is G equal blocks; block g's samples all get
+    ``scale[g]``) expanded to (n,)."""
+    if scale.dim() == 1:
+        return scale
+    if scale.dim() != 2 or scale.shape[1] != 1 or n % scale.shape[0]:
+        raise ValueError(f"wgrad_scale must be (N,) or (G, 1) with G dividing N = {n}, "
+                         f"got {tuple(scale.shape)}")
+    return scale.expand(-1, n // scale.shape[0]).reshape(n)
 
 
 def _upsample_adjoint(d: Tensor, x_shape) -> Tensor:
@@ -134,7 +164,7 @@ class _ScaledWgradLinear(torch.autograd.Function):
         if need_x:
             dx = (dy @ weight.to(dt)).to(x.dtype)
         if need_w or (need_b and ctx.has_bias):
-            s = scale.to(dt).view(-1, *([1] * (dy.dim() - 1)))
+            s = per_sample_scale(scale, dy.shape[0]).to(dt).view(-1, *([1] * (dy.dim() - 1)))
             dys = (dy * s).flatten(0, -2)
             if need_w:
                 dw = (dys.t() @ x.to(dt).flatten(0, -2)).to(weight.dtype)

@@ -76,7 +76,8 @@ def step_code_version() -> str:
     return h.hexdigest()[:10]
 
 
-def _times_path() -> Path:
+def records_path() -> Path:
+    """The compile records: ``$FASTBEGAN_CACHE/compile_times.json``."""
     from .data import default_cache_dir
     return default_cache_dir() / "compile_times.json"
 
@@ -84,7 +85,7 @@ def _times_path() -> Path:
 def recorded(key: str) -> dict:
     """``{"compile_s": ..., "gain": ...}`` of the last compiled run of ``key`` (parts may be absent)."""
     try:
-        entry = json.loads(_times_path().read_text())[key]
+        entry = json.loads(records_path().read_text())[key]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return entry if isinstance(entry, dict) else {}
@@ -92,7 +93,7 @@ def recorded(key: str) -> dict:
 
 def record(key: str, **values: float) -> None:
     """Merge ``values`` into ``key``'s entry (atomic write; errors are ignored)."""
-    path = _times_path()
+    path = records_path()
     try:
         try:
             table = json.loads(path.read_text())
@@ -107,6 +108,19 @@ def record(key: str, **values: float) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+_compiled_here = False  # a compilation has already run in this process
+
+
+def record_compile_time(key: str, seconds: float) -> None:
+    """Record a compilation's time if it was this process's first. A later one finds dynamo
+    and inductor warm in memory (a second trainer in one script, a benchmark comparing two
+    steps): its time would promise later runs a compile time a new process does not get."""
+    global _compiled_here
+    if not _compiled_here:
+        record(key, compile_s=seconds)
+    _compiled_here = True
 
 
 @dataclass

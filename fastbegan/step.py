@@ -281,7 +281,7 @@ class FusedStep:
                 self._compile_pending = False
                 # the compiling call also ran one step: count only the compilation
                 self.compile_s = max(0.0, time.perf_counter() - t0 - (self._t_eager or 0.0))
-                autocompile.record(self._config_key(), compile_s=self.compile_s)
+                autocompile.record_compile_time(self._config_key(), self.compile_s)
                 return out
             except ops.KernelFatalError:
                 raise  # the GPU is unusable: not a compile problem, no eager retry

@@ -160,12 +160,26 @@ def test_compile_records_are_per_variant_and_per_code_version(monkeypatch):
     assert autocompile.config_key(began, dev) == key
 
 
+def test_only_a_process_first_compile_time_is_recorded(tmp_path, monkeypatch):
+    """A second compilation in one process finds dynamo and inductor warm: its time is not
+    what a new process pays, so it is not recorded (a gain still is)."""
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    monkeypatch.setattr(autocompile, "_compiled_here", False)
+    autocompile.record_compile_time("cpu|a", 40.0)
+    autocompile.record_compile_time("cpu|b", 0.1)
+    autocompile.record("cpu|b", gain=0.2)
+    assert autocompile.recorded("cpu|a") == {"compile_s": 40.0}
+    assert autocompile.recorded("cpu|b") == {"gain": 0.2}
+    assert autocompile.records_path() == tmp_path / "compile_times.json"
+
+
 def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
     """CPU, --compile auto: eager for EAGER_PROBE_STEPS + 1 steps, then the rule; a short
     run stays eager; a long one compiles on the next call, records the compile time, and
     after GAIN_STEPS compiled steps the gain it measured."""
     import fastbegan.step as step_mod
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autocompile, "_compiled_here", False)  # as in a new process
     compiled = []
     monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: compiled.append(mode) or fn)
     probe = autocompile.EAGER_PROBE_STEPS + 1

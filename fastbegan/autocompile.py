@@ -25,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-# Defaults for a configuration never compiled here, from the project's 2-core Xeon
-# (AMX-BF16; fused step, n 64, batch 16): the gain is at most each measured one (anatomy
-# file: 10% fp32 and 26% bf16 at res 32; benchmark file cpu-*-2026-11-30-134011, rows d
-# vs e: 12% at res 32 and 18% at res 64; the anatomy file's 1% at res 64 predates the
-# fix of G's upsample adjoint, docs/design.md §4.4), the compile time the largest
-# cold-cache one (anatomy file, res 64).
-CPU_GAIN = {"bf16": 0.10, "fp32": 0.10}
-CPU_COLD_COMPILE_S = 85.0
+# Defaults for a configuration never compiled here, from the anatomy results file (2-core
+# Xeon, AMX-BF16; fused step, n 64, batch 16): per precision the smallest gain it measured
+# (bf16: 14% at res 32, 21% at res 64; fp32: 9% at res 32), and its largest cold-cache
+# compile time (res 64).
+CPU_GAIN = {"bf16": 0.14, "fp32": 0.09}
+CPU_COLD_COMPILE_S = 67.0
 EAGER_PROBE_STEPS = 3  # eager steps timed before deciding (the first one is not timed)
 GAIN_STEPS = 5         # compiled steps timed after the compilation, to record the gain
 

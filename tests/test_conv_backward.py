@@ -189,20 +189,24 @@ def test_wgrad_scale_matches_per_sample_loop(case):
         _close(name, gg, ref[name], torch.float32)
 
 
+def _f64_layer(n, c, hw, out_hw, seed):
+    """float64 (x, weight, bias, dy, per-block scale [1; -0.37]) of a c -> c conv, channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    w = (0.1 * torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)).contiguous(memory_format=CL)
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, c, out_hw, out_hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    return x, w, b, dy, torch.tensor([[1.0], [-0.37]], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("c,hw,upsample,stride", [(64, 32, False, 1), (64, 16, True, 1), (4, 8, False, 2)])
 def test_per_block_wgrad_scale_equals_the_per_sample_one(c, hw, upsample, stride):
     """A (G, 1) scale means the same as its per-sample expansion: dx, dW and db agree, on
     a layer large enough for one weight-gradient call per block (64 channels at 32x32,
     also after the upsample) and on small ones (the scaled-copy path); float64."""
-    g = torch.Generator().manual_seed(11)
-    n = 4
-    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
-    w = (0.1 * torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)).contiguous(memory_format=CL)
-    b = torch.randn(c, generator=g, dtype=torch.float64)
-    block = torch.tensor([[1.0], [-0.37]], dtype=torch.float64)
-    out_hw = hw * 2 if upsample else hw // stride
+    n, out_hw = 4, hw * 2 if upsample else hw // stride
+    x, w, b, dy, block = _f64_layer(n, c, hw, out_hw, seed=11)
     assert (c * out_hw * out_hw >= R.SPLIT_WGRAD_MIN_NUMEL) == (c == 64)
-    dy = torch.randn(n, c, out_hw, out_hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
     grads = []
     for scale in (block, R.per_sample_scale(block, n)):
         ins = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
@@ -221,13 +225,7 @@ def test_written_out_backward_traced_by_dynamo_equals_eager(c, hw):
     block-sum upsample adjoint; with a per-block scale on a large layer, one weight-gradient
     call per block): traced by dynamo + AOTAutograd (aot_eager, no C++ build), the gradients
     equal eager's; float64."""
-    g = torch.Generator().manual_seed(12)
-    n = 4
-    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
-    w = (0.1 * torch.randn(c, c, 3, 3, generator=g, dtype=torch.float64)).contiguous(memory_format=CL)
-    b = torch.randn(c, generator=g, dtype=torch.float64)
-    scale = torch.tensor([[1.0], [-0.37]], dtype=torch.float64)
-    dy = torch.randn(n, c, 2 * hw, 2 * hw, generator=g, dtype=torch.float64).contiguous(memory_format=CL)
+    x, w, b, dy, scale = _f64_layer(4, c, hw, 2 * hw, seed=12)
 
     def loss(x, w, b):
         return (R.conv3x3_elu_scaled_ref(x, w, b, scale, upsample=True) * dy).sum()

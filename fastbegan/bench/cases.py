@@ -26,6 +26,7 @@ def cpu_real_shapes() -> bool:
 def cpu_real_repeats() -> int:
     return max(1, int(os.environ.get(CPU_REAL_REPEATS_ENV, 3)))
 
+
 def case_name(workload: str, p: dict) -> str:
     if workload in ("train_step", "D_fwd_bwd", "G_fwd"):
         return f"res{p['res']} b{p['batch']} n{p['filters']}"

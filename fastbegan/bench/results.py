@@ -20,20 +20,15 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
     out = []
     for group in groups.values():
         ok = [r for r in group if r.get("status") == "ok"]
-        if len(group) == 1 or not ok:
-            out.append(group[0] if len(group) == 1 else group[-1])
-            continue
-        if len(ok) == 1:
-            out.append(ok[0])
+        if len(ok) <= 1:
+            out.append(ok[0] if ok else group[-1])
             continue
         meds = sorted(r["ms_median"] for r in ok)
-        row = dict(min(ok, key=lambda r: abs(r["ms_median"] - statistics.median(meds))))
         med = statistics.median(meds)
+        row = dict(min(ok, key=lambda r: abs(r["ms_median"] - med)))
         row.update(ms_median=med, ms_q1=meds[0], ms_q3=meds[-1], ms_iqr=meds[-1] - meds[0],
                    ms_min=min(r["ms_min"] for r in ok), rounds=sum(r.get("rounds") or 0 for r in ok))
-        for key, per in (("images_per_s", "images"), ("tflops", "flops"), ("gbps", "bytes")):
-            if row.get(per):
-                row[key] = row[per] / (med / 1e3) / (1e12 if key == "tflops" else 1e9 if key == "gbps" else 1)
+        set_rates(row)
         mems = [r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None]
         row["peak_mem_mb"] = max(mems) if mems else None
         row["what"] = (row.get("what") or "") + (
@@ -41,6 +36,17 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
             f"q1/q3: the fastest and slowest of them]")
         out.append(row)
     return out
+
+
+def set_rates(row: dict) -> None:
+    """images/s, TFLOP/s and GB/s of a row from its work per call and its median time."""
+    sec = row["ms_median"] / 1e3
+    if row.get("images"):
+        row["images_per_s"] = row["images"] / sec
+    if row.get("flops"):
+        row["tflops"] = row["flops"] / sec / 1e12
+    if row.get("bytes"):
+        row["gbps"] = row["bytes"] / sec / 1e9
 
 
 def finalize_rows(rows: list[dict], meta: dict) -> list[dict]:

@@ -10,6 +10,7 @@ import torch
 from .. import ops
 from . import timing, variants, workloads
 from .cases import case_name
+from .results import set_rates
 from .schema import ROW_KEYS, VARIANTS
 from .session import BenchSession
 
@@ -157,13 +158,7 @@ def _attempt(row: dict, workload: str, variant: str, params: dict, session: Benc
         row.update(timing.summarize(times))
         row.update(status="ok", reason=None, inner=inner, images=prep.images, flops=prep.flops,
                    bytes=prep.bytes)
-        sec = row["ms_median"] / 1e3
-        if prep.images:
-            row["images_per_s"] = prep.images / sec
-        if prep.flops:
-            row["tflops"] = prep.flops / sec / 1e12
-        if prep.bytes:
-            row["gbps"] = prep.bytes / sec / 1e9
+        set_rates(row)
         if device.type == "cuda":
             row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated(device) - base_mem) / 2 ** 20, 1)
     finally:

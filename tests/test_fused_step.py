@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastbegan import ops
-from fastbegan.step import FusedStep, fused_step_status
+from fastbegan.step import CPU_COMPILE_MODE, FusedStep, fused_step_status
 from fastbegan.train import TrainConfig, Trainer
 
 from testutil import requires_gpu
@@ -289,7 +289,7 @@ def test_compiled_step_equals_reference(precision):
     with _no_compile_fallback():
         fus, _ = _run_pair("torch", steps=2, step_kw={"compile": True}, precision=precision,
                            atol=1e-6 if precision == "fp32" else 1e-2)
-    assert fus.fused_step.compile_mode == "default" and not fus.fused_step._compile_pending
+    assert fus.fused_step.compile_mode == CPU_COMPILE_MODE and not fus.fused_step._compile_pending
 
 
 @pytest.mark.skipif(_triton_conv_reason() is not None, reason=str(_triton_conv_reason()))

@@ -10,11 +10,14 @@ Writes benchmarks/results/cpu-<model>-anatomy-<date>.json / .md with, on this CP
    constants (CPU_GAIN, CPU_COLD_COMPILE_S) are read off this table.
 2. The glibc allocator setting (fastbegan.hardware.tune_cpu_allocator): minor page faults
    and ms per eager fused step without and with it.
-3. Single ops at the res-32 discriminator's largest layer (batch 32, 64 -> 64 channels,
+3. Inductor's wrapper (res 32 and 64, bf16): the compiled step with the Python wrapper
+   (inductor's default) and with the C++ wrapper (``fastbegan.step.CPU_COMPILE_MODE``),
+   both in one process, steps interleaved.
+4. Single ops at the res-32 discriminator's largest layer (batch 32, 64 -> 64 channels,
    32x32, bf16, channels_last), each the slow and the fast form the torch backend chose
    between: ELU's derivative, the input gradient call and the upsample adjoint.
 
-Each measurement of 1 and 2 runs in its own process (no state carried between them).
+Each measurement of 1, 2 and 3 runs in its own process (no state carried between them).
 """
 from __future__ import annotations
 
@@ -59,6 +62,46 @@ print(json.dumps({"first_s": first, "ms": sorted(times)[len(times) // 2] * 1e3, 
 """
 
 
+# Two compiled steps in one process. Each forward is wrapped in its own function (its own
+# code object): dynamo caches compiled code per code object, and its guards check the
+# modules' structure, not their identity, so a second torch.compile of the same step
+# function would silently reuse the first one's compilation, whatever its options.
+WRAPPER_CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+from fastbegan.hardware import tune_cpu_allocator
+tune_cpu_allocator()
+from fastbegan import step as step_mod
+from fastbegan.train import Trainer, TrainConfig
+res, steps = json.loads(sys.argv[1])
+data = np.random.default_rng(0).integers(0, 256, (256, res, res, 3), dtype=np.uint8)
+
+def python_wrapper(f):
+    def forward_a(*a):
+        return f(*a)
+    return forward_a
+
+def cpp_wrapper(f):
+    def forward_b(*a):
+        return f(*a)
+    return forward_b
+
+runs = {}
+for name, mode, wrap in (("python", None, python_wrapper), ("cpp", step_mod.CPU_COMPILE_MODE, cpp_wrapper)):
+    cfg = TrainConfig(res=res, batch_size=16, filters=64, backend="torch", device="cpu",
+                      out="/tmp/fastbegan-anatomy", health_patience=0, precision="bf16")
+    s = step_mod.FusedStep(Trainer(cfg, data, log=lambda *_: None), compile=False)
+    s._forward, s._compile_pending = step_mod._compiled(wrap(s._forward_eager), mode), True
+    for _ in range(3):
+        s()
+    runs[name] = (s, [])
+for _ in range(steps):
+    for s, times in runs.values():
+        t0 = time.perf_counter(); s(); times.append(time.perf_counter() - t0)
+print(json.dumps({k: sorted(v)[len(v) // 2] * 1e3 for k, (_, v) in runs.items()}))
+"""
+
+
 def step_child(res: int, precision: str, compile_: bool, steps: int = 15, tune_allocator: bool = True,
                cache: str | None = None) -> dict:
     env = dict(os.environ)
@@ -70,6 +113,20 @@ def step_child(res: int, precision: str, compile_: bool, steps: int = 15, tune_a
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wrapper_table() -> list[dict]:
+    rows = []
+    for res, steps in ((32, 60), (64, 24)):
+        out = subprocess.run([sys.executable, "-c", WRAPPER_CHILD, json.dumps([res, steps])], capture_output=True,
+                             text=True, timeout=1800)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append({"res": res, "steps": steps, "python_ms": r["python"], "cpp_ms": r["cpp"],
+                     "gain": 1 - r["cpp"] / r["python"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def compile_table() -> list[dict]:
@@ -141,7 +198,7 @@ def markdown(doc: dict) -> str:
     L = [f"# The CPU training step, measured ({m['device']})", "",
          f"- {m['created']}, git {m['commit']}, torch {m['torch']}, {m['threads']} threads",
          "- fused single-pass step, torch backend, n 64, batch 16; medians; each step measurement in "
-         "its own process", "", "## torch.compile of the fused step", "",
+         "its own process", "", f"## torch.compile of the fused step (mode {m.get('compile_mode', 'default')})", "",
          "| res | precision | eager ms | compiled ms | gain | first compile, cold cache (s) | "
          "again, warm cache (s) |", "|---|---|---|---|---|---|---|"]
     for r in doc["compile"]:
@@ -151,6 +208,10 @@ def markdown(doc: dict) -> str:
           "per step |", "|---|---|---|"]
     for r in doc["allocator"]:
         L.append(f"| {r['allocator']} | {r['ms']:.1f} | {r['faults_per_step']:.0f} |")
+    L += ["", "## Inductor's wrapper (bf16; both compiled steps in one process, steps interleaved)", "",
+          "| res | steps each | Python wrapper ms | C++ wrapper ms | gain |", "|---|---|---|---|---|"]
+    for r in doc.get("wrapper", []):
+        L.append(f"| {r['res']} | {r['steps']} | {r['python_ms']:.1f} | {r['cpp_ms']:.1f} | {r['gain']:.1%} |")
     L += ["", "## Single ops (batch 32, 64 -> 64 channels, 32x32, bf16, channels_last)", "",
           "| op | slow form | ms | fast form | ms |", "|---|---|---|---|---|"]
     for r in doc["ops"]:
@@ -161,13 +222,15 @@ def markdown(doc: dict) -> str:
 def main() -> None:
     from fastbegan.bench.device import device_info, git_commit, slugify
     from fastbegan.hardware import configure_threads, tune_cpu_allocator
+    from fastbegan.step import CPU_COMPILE_MODE
     configure_threads()
     dev = device_info(torch.device("cpu"))["name"]
     doc = {"meta": {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
                     "commit": git_commit()["commit"], "torch": torch.__version__,
-                    "threads": torch.get_num_threads()}}
+                    "threads": torch.get_num_threads(), "compile_mode": CPU_COMPILE_MODE}}
     doc["allocator"] = allocator_table()
     doc["compile"] = compile_table()
+    doc["wrapper"] = wrapper_table()
     tune_cpu_allocator()
     doc["ops"] = op_table()
     stem = RESULTS / f"cpu-{slugify(dev.removeprefix('CPU: '))}-anatomy-{dt.date.today()}"

@@ -219,6 +219,31 @@ def test_per_block_wgrad_scale_equals_the_per_sample_one(c, hw, upsample, stride
         R.per_sample_scale(torch.ones(3, 1), n)
 
 
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(2, 3, 5, 4, 6), (3, 8, 4, 5, 3)])
+def test_subpixel_upsample_conv_equals_conv_of_the_upsampled_input(n, c_in, c_out, h, w):
+    """The written-out conv runs an upsample (no skip) as one 2x2 conv with 4*C_out outputs
+    on the low-res input (R.subpixel_weight): its output and its input, weight and bias
+    gradients equal autograd of the plain conv of the nearest-upsampled input; and the
+    weight fold's adjoint is its transpose (<S w, d> = <w, S^T d>); float64."""
+    g = torch.Generator().manual_seed(21)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x = mk(n, c_in, h, w).contiguous(memory_format=CL)
+    wt, b = mk(c_out, c_in, 3, 3), mk(c_out)
+    dy = mk(n, c_out, 2 * h, 2 * w).contiguous(memory_format=CL)
+    outs = []
+    for f in (lambda *a: R.conv3x3_elu_ref(*a, upsample=True),
+              lambda *a: R.conv3x3_elu_scaled_ref(*a, torch.ones(1, 1, dtype=torch.float64), upsample=True)):
+        ins = [t.clone().requires_grad_(True) for t in (x, wt, b)]
+        y = f(*ins)
+        outs.append((y.detach(), *torch.autograd.grad(y, ins, dy)))
+    assert outs[1][0].is_contiguous(memory_format=CL)
+    for name, got, want in zip(("y", "dx", "dw", "db"), outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    d = mk(4 * c_out, c_in, 2, 2)
+    torch.testing.assert_close((R.subpixel_weight(wt) * d).sum(), (wt * R._subpixel_weight_adjoint(d)).sum(),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("c,hw", [(3, 4), (64, 16)])
 def test_written_out_backward_traced_by_dynamo_equals_eager(c, hw):
     """Under torch.compile the written-out backward takes its compile-time forms (the 2x2

@@ -44,7 +44,10 @@ class _ScaledWgradConv(torch.autograd.Function):
     (docs/design.md §4.4): ELU's derivative from the saved output in one pass
     (``aten.elu_backward``), ``aten.convolution_backward`` on the conv's real input and
     weight as the forward used them (saved in the compute dtype: no recast, no second
-    upsample, channels_last kept), the upsample adjoint as ``upsample_nearest2d_backward``.
+    upsample, channels_last kept). An upsample without a skip runs in sub-pixel form
+    (:func:`subpixel_weight`: one 2x2 conv with 4*C_out outputs of the low-res input,
+    4 instead of 9 MACs per output pixel, no upsampled tensor); with a skip, the input is
+    upsampled and its adjoint is ``upsample_nearest2d_backward``.
     It runs in the autocast dtype under autocast and returns each gradient in its input's
     dtype.
     """
@@ -54,15 +57,21 @@ class _ScaledWgradConv(torch.autograd.Function):
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         inp = x.to(dt)
-        if upsample:
-            inp = upsample_nearest2x_ref(inp)
-        if skip is not None:
-            inp = torch.cat([inp, skip.to(dt)], dim=1)
-        w = weight.to(dt)
-        y = F.conv2d(inp, w, None if bias is None else bias.to(dt), stride=stride, padding=1)
+        sub = upsample and skip is None and stride == 1
+        if sub:  # sub-pixel: one 2x2 conv with 4*C_out outputs on the low-res input
+            w = subpixel_weight(weight).to(dt)  # taps summed in the master dtype, then rounded
+            b = None if bias is None else bias.repeat(4).to(dt)
+            y = _subpixel_to_image(F.conv2d(inp, w, b, padding=1), weight.shape[0])
+        else:
+            if upsample:
+                inp = upsample_nearest2x_ref(inp)
+            if skip is not None:
+                inp = torch.cat([inp, skip.to(dt)], dim=1)
+            w = weight.to(dt)
+            y = F.conv2d(inp, w, None if bias is None else bias.to(dt), stride=stride, padding=1)
         if activation:
             y = F.elu(y, inplace=True)  # the conv's output is ours; ELU' needs only y
-        ctx.cfg = (upsample, stride, activation, bias is not None, x.dtype, x.shape, weight.dtype,
+        ctx.cfg = (upsample, sub, stride, activation, bias is not None, x.dtype, x.shape, weight.dtype,
                    None if skip is None else skip.dtype)
         ctx.save_for_backward(inp, w, scale, y if activation else None)
         return y
@@ -70,16 +79,18 @@ class _ScaledWgradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         inp, w, scale, y = ctx.saved_tensors
-        upsample, stride, activation, has_bias, x_dtype, x_shape, w_dtype, skip_dtype = ctx.cfg
+        upsample, sub, stride, activation, has_bias, x_dtype, x_shape, w_dtype, skip_dtype = ctx.cfg
         dt = w.dtype
         dy = dy.to(dt)
         dpre = torch.ops.aten.elu_backward(dy, 1.0, 1, 1, True, y) if activation else dy
+        if sub:  # the gradient at the four phase outputs of the 2x2 conv
+            dpre = _image_to_subpixel(dpre)
         geom = ([stride, stride], [1, 1], [1, 1], False, [0, 0], 1)
         dx = dskip = None
         if ctx.needs_input_grad[0] or (skip_dtype is not None and ctx.needs_input_grad[7]):
             dinp = torch.ops.aten.convolution_backward(dpre, inp, w, None, *geom, [True, False, False])[0]
             dx = dinp[:, :x_shape[1]]
-            if upsample:
+            if upsample and not sub:
                 dx = _upsample_adjoint(dx, x_shape)
             dx = dx.to(x_dtype)
             if skip_dtype is not None:
@@ -100,10 +111,61 @@ class _ScaledWgradConv(torch.autograd.Function):
                 db = sum(pb.to(w_dtype) * sg.to(w_dtype) for (_, pb), sg in zip(parts, scale)) if has_bias else None
             else:
                 s = per_sample_scale(scale, dpre.shape[0]).to(dt).view(-1, 1, 1, 1)
-                dpre = dpre.mul_(s) if activation else dpre * s  # elu_backward's output is ours to scale
+                dpre = dpre.mul_(s) if activation or sub else dpre * s  # ours to scale
                 _, dw, db = wgrad(dpre, inp)
                 dw, db = dw.to(w_dtype), db.to(w_dtype) if has_bias else None
+            if sub:  # back to the 3x3 kernel and one bias per output channel
+                dw = _subpixel_weight_adjoint(dw)
+                db = db.view(4, -1).sum(0) if has_bias else None
         return (dx, dw, db, None, None, None, None, dskip)
+
+
+def subpixel_weight(w: Tensor) -> Tensor:
+    """(C_out, C_in, 3, 3) -> (4*C_out, C_in, 2, 2), phase-major (p = 2*py + px).
+
+    A 3x3 conv (padding 1) of the 2x nearest-upsampled input, at output pixel
+    (2i+py, 2j+px), is a 2x2 conv of the input at rows i-1+py, i+py (columns likewise)
+    whose taps are the 3x3 taps landing on the same input pixel, summed: along one axis
+    phase 0 has taps (0 | 1+2), phase 1 (0+1 | 2) (docs/design.md §3.1). As one 2x2 conv
+    with padding 1, phase p's output (i, j) sits at (i+py, j+px) of an (H+1, W+1) map.
+    """
+    def fold(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        k0, k1, k2 = t.unbind(dim)
+        return torch.stack([k0, k1 + k2], dim), torch.stack([k0 + k1, k2], dim)
+    return torch.cat([p for rows in fold(w, 2) for p in fold(rows, 3)])
+
+
+def _subpixel_weight_adjoint(d: Tensor) -> Tensor:
+    """Adjoint of :func:`subpixel_weight`: (4*C_out, C_in, 2, 2) -> (C_out, C_in, 3, 3)."""
+    def unfold(t: Tensor, dim: int, phase: int) -> Tensor:  # (0 | 1+2) or (0+1 | 2), transposed
+        a0, a1 = t.unbind(dim)
+        return torch.stack([a0, a1, a1] if phase == 0 else [a0, a0, a1], dim)
+    d = d.unflatten(0, (2, 2, -1))  # (py, px, C_out, C_in, 2, 2)
+    return sum(unfold(unfold(d[py, px], 3, px), 2, py) for py in (0, 1) for px in (0, 1))
+
+
+def _phase_view(t: Tensor, h: int, w: int, c: int) -> Tensor:
+    """(N, H+1, W+1, 4C) NHWC memory viewed as the image it makes, (N, H, 2, W, 2, C):
+    element (n, i, py, j, px, c) is phase 2py+px's channel c at (i+py, j+px)."""
+    s0, s1, s2 = t.stride()[:3]
+    return t.as_strided((t.shape[0], h, 2, w, 2, c), (s0, s1, s1 + 2 * c, s2, s2 + c, 1))
+
+
+def _subpixel_to_image(o: Tensor, c: int) -> Tensor:
+    """The 2x2 conv's (N, 4C, H+1, W+1) output -> the (N, C, 2H, 2W) image, channels_last:
+    one strided view and one copy (inductor fuses the following ELU into that copy)."""
+    n, _, h1, w1 = o.shape
+    nhwc = o.permute(0, 2, 3, 1).contiguous()  # a view when o is channels_last
+    return _phase_view(nhwc, h1 - 1, w1 - 1, c).reshape(n, 2 * h1 - 2, 2 * w1 - 2, c).permute(0, 3, 1, 2)
+
+
+def _image_to_subpixel(d: Tensor) -> Tensor:
+    """Adjoint of :func:`_subpixel_to_image`: (N, C, 2H, 2W) -> (N, 4C, H+1, W+1)
+    channels_last, zero where a phase has no output pixel."""
+    n, c, h2, w2 = d.shape
+    out = d.new_zeros((n, h2 // 2 + 1, w2 // 2 + 1, 4 * c))
+    _phase_view(out, h2 // 2, w2 // 2, c).copy_(d.permute(0, 2, 3, 1).reshape(n, h2 // 2, 2, w2 // 2, 2, c))
+    return out.permute(0, 3, 1, 2)
 
 
 # Per-block weight-gradient scale (the fused step's [1; -k_t], docs/design.md §4.4): one

@@ -35,8 +35,8 @@ __all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "match_
 # step captures its own graph around the whole step; cudagraph trees must not nest in it).
 DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
 # On a CPU (torch backend): inductor's default mode with its C++ wrapper, which makes the
-# compiled graph's ~400 kernel and oneDNN calls from C++ instead of Python: 4-6% less per
-# res-32 step in a one-process A/B, no slower to compile (docs/design.md §4.4).
+# compiled graph's hundreds of kernel and oneDNN calls per step from C++ instead of
+# Python (the anatomy results file times both; docs/design.md §4.4).
 CPU_COMPILE_MODE = "default+cpp_wrapper"
 
 

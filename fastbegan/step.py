@@ -251,10 +251,10 @@ class FusedStep:
         return self._compile_pending
 
     def _default_mode(self) -> str | None:
-        """The compile mode off CUDA: :data:`CPU_COMPILE_MODE` on the torch backend, else
-        inductor's default (None; the triton backend's custom ops are left as inductor
-        calls them from Python)."""
-        return CPU_COMPILE_MODE if self.tr.backend == "torch" else None
+        """The compile mode for ``compile=True`` and CPU auto: :data:`CPU_COMPILE_MODE` on a
+        CPU with the torch backend, else inductor's default (None; the triton backend's
+        custom ops are left as inductor calls them from Python)."""
+        return CPU_COMPILE_MODE if self.tr.backend == "torch" and self.device.type == "cpu" else None
 
     def _start_compile(self, mode: str | None, why: str) -> None:
         self.compile_mode, self.compile_why = mode or "default", why

@@ -343,6 +343,18 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, where):
     _compare(fus, ref, va, ref.train_step(), what="step 1")
 
 
+def test_cpu_compile_mode_only_for_the_torch_backend_on_a_cpu(monkeypatch):
+    """compile=True takes the C++ wrapper (CPU_COMPILE_MODE) on a CPU with the torch
+    backend, and inductor's default mode (None) on other devices."""
+    import fastbegan.step as step_mod
+    modes = []
+    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: modes.append(mode) or fn)
+    step = FusedStep(_trainer(), compile=True)
+    assert modes == [CPU_COMPILE_MODE] and step.compile_mode == CPU_COMPILE_MODE
+    step.device = torch.device("cuda")  # what _default_mode reads; nothing runs
+    assert step._default_mode() is None
+
+
 def test_compile_default_and_switch(monkeypatch, tmp_path):
     """FusedStep: compile "auto" by default (on CPU decided after timed eager steps, see
     tests/test_selection.py); the trainer maps --compile auto|on|off onto it."""

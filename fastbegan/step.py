@@ -108,10 +108,10 @@ class FusedStep:
     cuda_graph: capture the step into a CUDA graph after ``warmup`` eager steps (default:
     on CUDA). compile: ``torch.compile`` the step's forward region (:func:`step_forward`:
     batch gather/conversion, G, D, losses; the random draws and Adam stay eager); False,
-    True (inductor's default mode; :data:`CPU_COMPILE_MODE` on the torch backend), a mode
-    string, or ``"auto"`` (default): on CUDA :data:`DEFAULT_COMPILE_MODE`; on CPU the rule of :mod:`fastbegan.autocompile`, decided
-    after a few timed eager steps from ``steps_planned`` (set by the trainer; unknown:
-    no compile). ``compile_mode`` says what is in use (None: eager, also after a failed
+    True (inductor's default mode; :data:`CPU_COMPILE_MODE` on a CPU with the torch
+    backend), a mode string, or ``"auto"`` (default): on CUDA :data:`DEFAULT_COMPILE_MODE`;
+    on CPU the rule of :mod:`fastbegan.autocompile`, decided after a few timed eager steps
+    from ``steps_planned`` (set by the trainer; unknown: no compile). ``compile_mode`` says what is in use (None: eager, also after a failed
     compilation fell back); ``compile_why`` why. fused_adam: switch the
     trainer's Adam optimisers to the fused implementation (on CPU too, where it removes
     the ``.item()`` the for-each Adam does on its step counters).
@@ -414,8 +414,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         x = to_unit_range(data[idx], flip)
         # D's weight-gradient scale, per block: 1 for the real half, -k_t for the fake half
         scale = torch.stack([ones[0], k.neg()]).view(2, 1)
-        # G: on the torch backend a scale of one (exact) selects the written-out backward
-        # (in-place ELU, ELU' from the output, under compile a block-sum upsample adjoint:
+        # G: on the torch backend a scale of one (exact) selects the written-out conv
+        # (in-place ELU, ELU' from the output, upsample convs in sub-pixel form:
         # docs/design.md §4.4); the Triton ops need no such hint
         g_scale = ones[:1].view(1, 1) if ops.get_backend() == "torch" else None
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):

@@ -70,7 +70,10 @@ class _ScaledWgradConv(torch.autograd.Function):
             w = weight.to(dt)
             y = F.conv2d(inp, w, None if bias is None else bias.to(dt), stride=stride, padding=1)
         if activation:
-            y = F.elu(y, inplace=True)  # the conv's output is ours; ELU' needs only y
+            # Eager: in place (the conv's output is ours; ELU' needs only y). Traced: out of
+            # place, which inductor fuses just the same; torch 2.11's compile of an in-place
+            # ELU saved by an autograd.Function gives zero input gradients (docs/design.md §4.4)
+            y = F.elu(y, inplace=not torch.compiler.is_compiling())
         ctx.cfg = (upsample, sub, stride, activation, bias is not None, x.dtype, x.shape, weight.dtype,
                    None if skip is None else skip.dtype)
         ctx.save_for_backward(inp, w, scale, y if activation else None)

@@ -130,6 +130,9 @@ class Decision:
 def decide(steps_left: int, t_eager_s: float, precision: str, key: str) -> Decision:
     """The CPU rule above, with the numbers it used in ``why``."""
     past = recorded(key)
+    if "self_check_error" in past:
+        return Decision(False, "the compiled step of this configuration failed its gradient "
+                               f"self-check here (error {past['self_check_error']:.3g})")
     gain = past.get("gain", CPU_GAIN.get(precision, min(CPU_GAIN.values())))
     t_c = past.get("compile_s", CPU_COLD_COMPILE_S)
     source = ("the last compiled run of this configuration" if past else

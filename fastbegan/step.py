@@ -29,7 +29,7 @@ from .images import to_unit_range
 from .model import Conv3x3
 
 __all__ = ["FusedStep", "fused_step_status", "step_forward", "d_losses", "match_state_layout",
-           "DEFAULT_COMPILE_MODE", "CPU_COMPILE_MODE"]
+           "DEFAULT_COMPILE_MODE", "CPU_COMPILE_MODE", "SELF_CHECK_TOL"]
 
 # torch.compile mode of the step's forward on CUDA: no CUDA graphs of inductor's own (the
 # step captures its own graph around the whole step; cudagraph trees must not nest in it).
@@ -38,6 +38,10 @@ DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
 # compiled graph's hundreds of kernel and oneDNN calls per step from C++ instead of
 # Python (the anatomy results file times both; docs/design.md §4.4).
 CPU_COMPILE_MODE = "default+cpp_wrapper"
+# The compile self-check (FusedStep._self_check): largest relative L2 error of a parameter's
+# gradient, compiled against eager, per precision. Measured on the first command's shapes
+# (docs/design.md §4.2): well below these; a dropped or zeroed gradient gives 1.
+SELF_CHECK_TOL = {"fp32": 1e-3, "bf16": 5e-2}
 
 
 def _check_scalable(d: nn.Module) -> None:
@@ -157,6 +161,7 @@ class FusedStep:
         self._t_eager: float | None = None  # their median (auto on CPU)
         self._gain_probe: list[float] | None = None  # compiled step times, to record the gain
         self.compile_s: float | None = None  # how long the compilation took
+        self.self_check: tuple[str, float] | None = None  # (worst parameter, its gradient error)
         if compile in (None, "auto"):
             if dev.type == "cuda":
                 self._start_compile(DEFAULT_COMPILE_MODE, "auto: CUDA")
@@ -281,8 +286,10 @@ class FusedStep:
     def _forward_backward(self, args: tuple) -> tuple[Tensor, ...]:
         """:func:`step_forward` (compiled or eager) on ``args``, then the one backward
         (AOTAutograd's compiled backward when compiled). The first compiled call compiles
-        both; if that raises, warn once and run this and every later step eagerly (the same
-        step: the random draws are already made, and the forward changes no state)."""
+        both and is checked against the eager step (:meth:`_self_check`); if compiling
+        raises, or the check fails, warn once and run this and every later step eagerly
+        (the same step: the random draws are already made, and the forward changes no
+        state)."""
         if self._compile_pending:
             try:
                 t0 = time.perf_counter()
@@ -292,21 +299,55 @@ class FusedStep:
                 # the compiling call also ran one step: count only the compilation
                 self.compile_s = max(0.0, time.perf_counter() - t0 - (self._t_eager or 0.0))
                 autocompile.record_compile_time(self._config_key(), self.compile_s)
-                return out
             except ops.KernelFatalError:
                 raise  # the GPU is unusable: not a compile problem, no eager retry
             except Exception as e:
-                self._forward, self._compile_pending = self._forward_eager, False
-                warnings.warn(f"fastbegan: torch.compile of the training step's forward (mode "
-                              f"{self.compile_mode}) failed ({e.__class__.__name__}: "
-                              f"{(str(e).strip().splitlines() or [''])[0][:200]}); "
-                              "continuing with the eager forward", stacklevel=4)
-                self.compile_mode = None
+                self._compile_pending = False
+                self._drop_compile(f"failed ({e.__class__.__name__}: "
+                                   f"{(str(e).strip().splitlines() or [''])[0][:200]})")
                 for opt in self.opts:  # a failure inside the backward may have left grads
                     opt.zero_grad(set_to_none=True)
+            else:
+                return self._self_check(args)
         out = self._forward(*args)
         out[5].backward()
         return out
+
+    def _self_check(self, args: tuple) -> tuple[Tensor, ...]:
+        """Once, after the compiling step: run the eager step on the same ``args`` and
+        compare every parameter's gradient with the compiled one's (relative L2 error
+        ``|g_compiled - g_eager| / max(|g_eager|, |g_compiled|)``). Beyond
+        :data:`SELF_CHECK_TOL` the compilation is dropped with one warning naming the torch
+        version and the worst parameter, and recorded so that ``--compile auto`` does not
+        compile this configuration again: a torch or inductor bug must never silently stop
+        a network from learning (torch 2.11 once zeroed G's gradients, docs/design.md
+        §4.2). One extra eager step and one host sync, once per run. The eager step's
+        results and gradients are the ones kept."""
+        named = list(self.tr.model.named_parameters())
+        compiled = [None if p.grad is None else p.grad.detach().clone() for _, p in named]
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        out = self._forward_eager(*args)
+        out[5].backward()
+        errs = torch.stack([_grad_error(g, p.grad, self.device)
+                             for g, (_, p) in zip(compiled, named)]).tolist()
+        worst = max(range(len(errs)), key=lambda i: errs[i])
+        self.self_check = (named[worst][0], errs[worst])
+        tol = SELF_CHECK_TOL[self.tr.cfg.precision]
+        if not errs[worst] <= tol:  # NaN fails too
+            autocompile.record(self._config_key(), gain=-1.0, self_check_error=min(errs[worst], 1e6))
+            self._drop_compile(
+                f"gave gradients that differ from the eager step's: {named[worst][0]} off by "
+                f"{errs[worst]:.3g} (relative L2; tolerance {tol:g}) with torch {torch.__version__}")
+        return out
+
+    def _drop_compile(self, why: str) -> None:
+        """Eager forward for good, with one warning saying why."""
+        warnings.warn(f"fastbegan: torch.compile of the training step (mode {self.compile_mode}) "
+                      f"{why}; continuing with the eager forward", stacklevel=5)
+        self._forward, self.compile_mode = self._forward_eager, None
+        self.compile_why = f"dropped: {why}"
+        self._gain_probe = None
 
     def _device_step(self, zero_grad: bool) -> dict[str, Tensor]:
         """The whole step as device work only (what the CUDA graph captures)."""
@@ -438,6 +479,15 @@ def _compiled(fn, mode: str | None):
     if mode == CPU_COMPILE_MODE:
         return torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+
+
+def _grad_error(got: Tensor | None, want: Tensor | None, device: torch.device) -> Tensor:
+    """``|got - want| / max(|want|, |got|)`` (L2, fp32, 0-d on ``device``; 0 for two
+    zeros, 1 where one of them is missing or zero)."""
+    if got is None or want is None:
+        return torch.tensor(0.0 if got is None and want is None else 1.0, device=device)
+    g, w = got.detach().float(), want.detach().float()
+    return (g - w).norm() / torch.maximum(w.norm(), g.norm()).clamp_min(1e-30)
 
 
 def _cpu_fused_adam() -> bool:

@@ -16,6 +16,7 @@ Modules (one per op family, each: kernels, launchers, autotune configs, AOT spec
 
 :func:`interpreting` is the one place that reads ``TRITON_INTERPRET``.
 """
+import inspect
 import os
 
 
@@ -24,3 +25,31 @@ def interpreting() -> bool:
     tensors, in the tests. Triton reads the variable when a kernel module is imported,
     so it must be set before that (tests/testutil.py does)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _patch_interpreter_scalars() -> bool:
+    """Let older interpreters run loops with runtime bounds under NumPy >= 2.4.
+
+    The interpreter holds a scalar as a 1-element array, and Triton 3.6's converts it for
+    ``range(...)`` with ``int(array)``, which NumPy 2.4 rejects ("only 0-dimensional
+    arrays can be converted to Python scalars"): every kernel with a K loop failed there.
+    Later Tritons squeeze the array first; this gives 3.6 the same conversion. Returns
+    whether it patched (only an interpreter with the old conversion is touched)."""
+    try:
+        from triton.runtime import interpreter
+        patch_tensor = interpreter._patch_lang_tensor
+        if "int(self.handle.data)" not in inspect.getsource(patch_tensor):
+            return False
+    except Exception:  # another Triton layout: leave it as it is
+        return False
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+if interpreting():
+    _patch_interpreter_scalars()

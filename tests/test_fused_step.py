@@ -13,6 +13,7 @@ and half of what is tested would be trivially zero.
 """
 
 import contextlib
+import re
 import types
 import warnings
 
@@ -391,3 +392,68 @@ def test_compile_default_and_switch(monkeypatch, tmp_path):
         res = CliRunner().invoke(main, args)
         assert res.exit_code == 0, res.output
         assert cfgs[-1].compile_step == want, flags
+
+
+def _zeroing_g_compile(fn, mode):
+    """A stand-in for torch.compile with the bug torch 2.11 had: the compiled step runs,
+    but no gradient reaches G (a hook zeroes the gradient of G's output)."""
+    def compiled(*args):
+        out = fn(*args)
+        out[1].register_hook(torch.zeros_like)
+        return out
+    return compiled
+
+
+def test_compile_self_check_drops_a_wrong_compilation(monkeypatch, tmp_path):
+    """The first compiled step's gradients are compared with the eager step's on the same
+    inputs: an injected compilation that gives G zero gradients is dropped with one
+    warning naming the torch version and a parameter of G, recorded so that --compile
+    auto does not compile it again, and every step (that one included) is the reference
+    step."""
+    import fastbegan.step as step_mod
+    from fastbegan import autocompile
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    monkeypatch.setattr(step_mod, "_compiled", _zeroing_g_compile)
+    ref, fus = _trainer(), _trainer()
+    _use_fused_adam(ref)
+    step = FusedStep(fus, compile=True)
+    with pytest.warns(UserWarning, match=rf"gradients that differ .* G\.\S+ off by 1 .*torch {re.escape(torch.__version__)}") as rec:
+        va = step()
+    assert len([w for w in rec if "fastbegan" in str(w.message)]) == 1
+    _compare(fus, ref, va, ref.train_step(), what="step 0")
+    assert step.compile_mode is None and step.self_check[0].startswith("G.") and step.self_check[1] == 1.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastbegan")
+        for i in (1, 2):
+            _compare(fus, ref, step(), ref.train_step(), what=f"step {i}")
+    decision = autocompile.decide(10**6, 1.0, "fp32", step._config_key())
+    assert not decision.compile and "self-check" in decision.why
+
+
+def test_compile_self_check_keeps_a_right_compilation(monkeypatch, tmp_path):
+    """A compilation that computes the same gradients passes the check silently (error 0:
+    the stand-in runs the eager code) and stays in use."""
+    import fastbegan.step as step_mod
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: lambda *a: calls.append(1) or fn(*a))
+    ref, fus = _trainer(), _trainer()
+    _use_fused_adam(ref)
+    step = FusedStep(fus, compile=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastbegan")
+        for i in range(2):
+            _compare(fus, ref, step(), ref.train_step(), what=f"step {i}")
+    assert step.compile_mode == CPU_COMPILE_MODE and step.self_check[1] <= 1e-6 and len(calls) == 2
+
+
+def test_grad_error():
+    """The self-check's measure, against the formula written out."""
+    from fastbegan.step import _grad_error
+    cpu = torch.device("cpu")
+    g, w = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])
+    assert _grad_error(g, w, cpu).item() == pytest.approx(4.0 / 5.0)
+    assert _grad_error(w, w, cpu).item() == 0.0
+    assert _grad_error(torch.zeros(2), w, cpu).item() == 1.0
+    assert _grad_error(None, w, cpu).item() == 1.0 and _grad_error(None, None, cpu).item() == 0.0
+    assert _grad_error(torch.zeros(2), torch.zeros(2), cpu).item() == 0.0

@@ -1,7 +1,8 @@
 """``fastbegan eval CHECKPOINT``: a quality report (JSON + Markdown + PNG) for one checkpoint.
 
 M_global (logged and measured now with the checkpoint's D), SWD per Laplacian level, on
-the embedded faces the factor score and render fidelity, a memorisation check (nearest
+the embedded faces the factor score and render fidelity, k-NN precision (fidelity) and
+recall (variety) in feature spaces independent of G and D, a memorisation check (nearest
 training images in pixel L2 against held-out real images), the run's training-health
 findings, and FID/IS only with local Inception weights. Every distance comes with a
 real-vs-real baseline of the same size. The metrics: :mod:`fastbegan.quality`,
@@ -156,6 +157,7 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
     report["measured"]["k_checkpoint"] = float(tensors["state.k"]) if "state.k" in tensors else None
     report.update(_swd_section(ref, fake, base, swd_patches, swd_dirs, seed, log))
     report.update(_factor_section(cfg["res"], ref, fake, base, factors, held_out, log))
+    report["fidelity"] = fidelity_section(cfg["res"], ref, fake, base, factors and held_out, log)
     report["memorisation"], nn_index = _memorisation(fake, ref, train, held_out)
     report.update(_write_images(out, fake, train, nn_index, min(nn_rows, n), run_dir if row is not None else None))
     report["health"] = health_section(run_dir)
@@ -204,6 +206,30 @@ def _factor_section(res: int, ref, fake, base, factors: bool, held_out: bool, lo
         f"{fr['recall']:.3f} ({fb['recall']:.3f}), render fidelity {fr['render_fidelity']:.3f} "
         f"({fb['render_fidelity']:.3f}) [{time.perf_counter() - tf:.1f}s]")
     return {"factors": fr, "factors_real_baseline": fb}
+
+
+def fidelity_spaces(faces: bool) -> list[str]:
+    """The feature spaces of the fidelity section, the primary one first: on the embedded
+    faces the factor regressor's (and the random CNN's), on other data the random CNN's."""
+    return ["factor-regressor", "random-cnn"] if faces else ["random-cnn"]
+
+
+def fidelity_section(res: int, ref, fake, base, faces: bool, log, k: int = 3) -> dict:
+    """k-NN precision/recall of the fakes against ``ref`` per feature space
+    (:func:`fastbegan.quality.fidelity`), each with the real-vs-real baseline (``base`` in
+    the generator's place) when there is one; ``primary`` names the headline space."""
+    tf = time.perf_counter()
+    out = {"primary": fidelity_spaces(faces)[0], "spaces": {}}
+    for space in fidelity_spaces(faces):
+        feats = Q.feature_extractor(space, res, log=log)
+        row = {**Q.fidelity(ref, fake, feats, k), "about": Q.FEATURE_SPACES[space]}
+        row["real_baseline"] = Q.fidelity(ref, base, feats, k) if base is not None else None
+        out["spaces"][space] = row
+    p = out["spaces"][out["primary"]]
+    b = p["real_baseline"] or {}
+    log(f"precision {p['precision']:.3f} ({_f(b.get('precision'), '{:.3f}')}), recall {p['recall']:.3f} "
+        f"({_f(b.get('recall'), '{:.3f}')}) in {out['primary']} features [{time.perf_counter() - tf:.1f}s]")
+    return out
 
 
 def _memorisation(fake: torch.Tensor, ref, train: np.ndarray, held_out: bool) -> tuple[dict, torch.Tensor]:
@@ -283,6 +309,13 @@ def markdown(r: dict) -> str:
                  "combinations that occur in real faces (blind to realism: see render fidelity) |")
         L.append(f"| factor recall | {f['recall']:.3f} | {fb['recall']:.3f} | real factor combinations "
                  "the generator covers |")
+    for space, v in (r.get("fidelity") or {}).get("spaces", {}).items():
+        b = v.get("real_baseline") or {}
+        L.append(f"| precision ({space} features, {v['k']}-NN) | {v['precision']:.3f} | "
+                 f"{_f(b.get('precision'), '{:.3f}')} | share of samples inside the real images' manifold "
+                 "(fidelity) |")
+        L.append(f"| recall ({space} features, {v['k']}-NN) | {v['recall']:.3f} | {_f(b.get('recall'), '{:.3f}')} "
+                 "| share of real images inside the samples' manifold (variety) |")
     mem = r["memorisation"]
     L.append(f"| NN distance, generated -> train (RMS) | {mem['nn_rms_generated_median']:.4f} | "
              f"{_f(mem.get('nn_rms_heldout_real_median'))} (held-out real -> train) | ratio "
@@ -324,4 +357,4 @@ def markdown(r: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-__all__ = ["evaluate", "markdown", "health_section", "nearest_neighbours", "measure_m", "CheckpointError"]
+__all__ = ["evaluate", "markdown", "health_section", "fidelity_section", "fidelity_spaces", "nearest_neighbours", "measure_m", "CheckpointError"]

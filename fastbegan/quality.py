@@ -7,6 +7,9 @@
 - :class:`FactorEstimator` and :func:`factor_score`: on the embedded procedural faces, a
   small CNN estimates the 8 known factors (fastbegan.data.FACTORS) of generated and real
   images; per-factor coverage and W1, precision/recall in factor space, render fidelity.
+- :func:`fidelity`: k-NN precision (fidelity) and recall (variety) of generated against
+  real images (Kynkaenniemi et al. 2019) in a feature space independent of G and D
+  (:data:`FEATURE_SPACES`: the factor regressor's or a fixed random CNN's).
 - :func:`fid_is`: FID and IS through torch-fidelity, with local Inception weights only.
 
 Images everywhere: (N, H, W, 3) uint8 numpy arrays or (N, 3, H, W) float tensors in
@@ -277,6 +280,14 @@ class FactorEstimator:
         x = self._prep(images)
         return np.concatenate([_decode(self.net(x[i:i + batch])) for i in range(0, len(x), batch)])
 
+    @torch.no_grad()
+    def features(self, images, batch: int = 256) -> Tensor:
+        """-> (N, 128) float32: the net's penultimate layer (the last hidden ReLU), a feature
+        space for k-NN precision/recall (:func:`fidelity`)."""
+        x = self._prep(images)
+        hidden = self.net.body[:-1]
+        return torch.cat([hidden(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
     @classmethod
     def train(cls, res: int, n_train: int = 2048, n_val: int = 512, epochs: int = 8, seed: int = 1234,
               width: int = 16, log=None) -> "FactorEstimator":
@@ -414,18 +425,7 @@ def _embed(f: np.ndarray) -> np.ndarray:
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision/recall (Kynkaenniemi et al. 2019) with k-NN balls in factor space."""
-    r = torch.tensor(_embed(real))
-    f = torch.tensor(_embed(fake))
-
-    def radii(x):
-        d = torch.cdist(x, x)
-        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself
-
-    rr, rf = radii(r), radii(f)
-    d = torch.cdist(f, r)                                        # (n_fake, n_real)
-    precision = (d <= rr[None, :]).any(1).double().mean().item()
-    recall = (d.T <= rf[None, :]).any(1).double().mean().item()
-    return precision, recall
+    return knn_precision_recall(torch.tensor(_embed(real)), torch.tensor(_embed(fake)), k)
 
 
 def compare_factors(real: np.ndarray, fake: np.ndarray, r2: dict[str, float] | None = None,
@@ -472,6 +472,86 @@ def factor_score(estimator: FactorEstimator, real, fake, quantile: float = 0.95)
     out["render_rms_median"] = float(np.median(ef))
     out["render_rms_median_real"] = float(np.median(er))
     return out
+
+
+# --------------------------------------------------------------------------- fidelity: k-NN precision / recall
+
+def knn_precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaenniemi et al. 2019) of two feature sets (rows).
+
+    Each point's k-NN ball has the radius of the distance to its k-th nearest other point of
+    its own set. Precision: the share of ``fake`` points inside at least one ``real`` ball
+    (fidelity); recall: the share of ``real`` points inside at least one ``fake`` ball
+    (variety). Both sets should have the same size (the radii shrink as a set grows).
+    """
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"k-NN precision/recall with k={k} needs more than {k} points per set, "
+                         f"got {len(real)} real and {len(fake)} generated")
+    r, f = real.double(), fake.double()
+
+    def radii(x: Tensor) -> Tensor:
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # +1: the point itself
+
+    d = torch.cdist(f, r)                                         # (n_fake, n_real)
+    precision = (d <= radii(r)[None, :]).any(1).double().mean().item()
+    recall = (d.T <= radii(f)[None, :]).any(1).double().mean().item()
+    return precision, recall
+
+
+class RandomFeatures:
+    """A fixed, randomly initialised CNN as a feature space that needs no weights and that no
+    GAN trains against: three 3x3 conv + ReLU stages (widths w, 2w, 4w; 2x2 average pooling
+    after the first two), then 4x4 adaptive average pooling -> 64 w features (2,048 at w 32).
+    Weights are He-normal draws from a seeded CPU generator and biases are 0, so the space is
+    the same on every machine. Blur, noise and in-between images leave it, unlike pixel space
+    (docs/evaluation.md has the checks)."""
+
+    def __init__(self, width: int = 32, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        chans = [3, width, 2 * width, 4 * width]
+        self.weights = [torch.randn(co, ci, 3, 3, generator=gen) * math.sqrt(2.0 / (9 * ci))
+                        for ci, co in zip(chans[:-1], chans[1:])]
+
+    @torch.no_grad()
+    def __call__(self, images, batch: int = 256) -> Tensor:
+        """Images (uint8 NHWC or float NCHW in [-1, 1]) -> (N, 64 w) float32 features."""
+        x = as_float_images(images)
+        out = []
+        for i in range(0, len(x), batch):
+            h = x[i:i + batch]
+            for j, w in enumerate(self.weights):
+                h = F.relu(F.conv2d(h, w, padding=1))
+                if j < len(self.weights) - 1:
+                    h = F.avg_pool2d(h, 2) if h.shape[-1] >= 2 else h
+            out.append(F.adaptive_avg_pool2d(h, 4).flatten(1))
+        return torch.cat(out)
+
+
+# name -> what the report says about it
+FEATURE_SPACES = {
+    "factor-regressor": "the factor regressor's penultimate layer (128 ReLU features of the 16x16-pooled "
+                        "image; trained on procedural faces only, blur-tolerant by its augmentation)",
+    "random-cnn": "a fixed random CNN (quality.RandomFeatures: 3 conv+ReLU stages, 2,048 features; "
+                  "never trained)",
+}
+
+
+def feature_extractor(space: str, res: int, log=None):
+    """``images -> (N, d) features`` for a name of :data:`FEATURE_SPACES`."""
+    if space == "factor-regressor":
+        return FactorEstimator.load_or_train(res, log=log).features
+    if space == "random-cnn":
+        return RandomFeatures()
+    raise ValueError(f"unknown feature space {space!r}: one of {', '.join(FEATURE_SPACES)}")
+
+
+def fidelity(real, fake, features, k: int = 3, n: int | None = None) -> dict:
+    """k-NN precision (samples inside the real images' manifold) and recall (real images
+    inside the samples') of ``fake`` against ``real`` in the space ``features`` (a callable
+    of :func:`feature_extractor`); the first ``n`` (default: the smaller set's size) of each."""
+    n = min(len(real), len(fake)) if n is None else min(n, len(real), len(fake))
+    p, r = knn_precision_recall(features(real[:n]).float(), features(fake[:n]).float(), k)
+    return {"precision": p, "recall": r, "k": k, "n": n}
 
 
 # --------------------------------------------------------------------------- FID / IS (optional)

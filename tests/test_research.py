@@ -214,6 +214,68 @@ def test_factor_estimator_end_to_end(cache_dir):
         est.predict(procedural_faces(2, 32, seed=0)[0])
 
 
+# --------------------------------------------------------------------------- fidelity: k-NN precision / recall
+
+def _knn_pr_by_loops(real, fake, k):
+    """Kynkaenniemi et al. 2019 written out point by point (the definition, slow)."""
+    def radius(points, i):
+        d = sorted(float(np.linalg.norm(points[i] - points[j])) for j in range(len(points)) if j != i)
+        return d[k - 1]
+    rr = [radius(real, i) for i in range(len(real))]
+    rf = [radius(fake, i) for i in range(len(fake))]
+    prec = np.mean([any(np.linalg.norm(f - r) <= rr[j] for j, r in enumerate(real)) for f in fake])
+    rec = np.mean([any(np.linalg.norm(r - f) <= rf[j] for j, f in enumerate(fake)) for r in real])
+    return prec, rec
+
+
+def test_knn_precision_recall_by_hand():
+    # 1-NN radii of the real points 0, 1, 3: 1, 1, 2. Fakes 0.5 (inside 0's ball), 10 (outside
+    # all), 4.9 (inside 3's): precision 2/3; the fakes' radii 4.4, 5.1, 4.4 cover every real point
+    real, fake = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([[0.5], [10.0], [4.9]])
+    assert Q.knn_precision_recall(real, fake, k=1) == pytest.approx((2 / 3, 1.0))
+    rng = np.random.default_rng(0)
+    for k in (1, 3):
+        r, f = rng.normal(size=(40, 5)), rng.normal(0.7, 1.3, size=(35, 5))
+        want = _knn_pr_by_loops(r, f, k)
+        assert Q.knn_precision_recall(torch.tensor(r), torch.tensor(f), k) == pytest.approx(want)
+    with pytest.raises(ValueError, match="more than 3 points"):
+        Q.knn_precision_recall(torch.zeros(3, 2), torch.zeros(5, 2))
+
+
+def test_random_features_are_fixed_and_see_fidelity():
+    a, _ = procedural_faces(96, 16, seed=3)
+    b, _ = procedural_faces(96, 16, seed=4)
+    feats = Q.RandomFeatures()
+    fa = feats(a)
+    assert fa.shape == (96, 2048) and torch.equal(fa, Q.RandomFeatures()(a))   # seeded: the same space
+    x = Q.as_float_images(b)
+    assert torch.allclose(feats(x), feats(b))                                 # uint8 and float alike
+    good = Q.fidelity(a, b, feats)
+    assert good["precision"] > 0.8 and good["recall"] > 0.8 and good["n"] == 96
+    blurred = Q._gauss(Q._gauss(Q._gauss(x)))
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert Q.fidelity(a, blurred, feats)["precision"] < good["precision"] - 0.3
+    assert Q.fidelity(a, noise, feats)["precision"] == 0.0
+    one = Q.fidelity(a, x[:1].repeat(96, 1, 1, 1), feats)
+    assert one["recall"] < 0.1
+
+
+def test_factor_regressor_features(cache_dir):
+    est = Q.FactorEstimator.load_or_train(16)
+    a, _ = procedural_faces(64, 16, seed=7)
+    b, _ = procedural_faces(64, 16, seed=8)
+    f = est.features(a)
+    assert f.shape == (64, 128) and (f >= 0).all()                            # the last hidden ReLU
+    with torch.no_grad():                                                     # its head gives predict()
+        out = est.net.body[-1](f)
+    assert np.allclose(Q._decode(out), est.predict(a), atol=1e-6)
+    good = Q.fidelity(a, b, Q.feature_extractor("factor-regressor", 16))
+    bad = Q.fidelity(a, np.repeat(b[:1], 64, 0), est.features)
+    assert good["recall"] > bad["recall"] + 0.5
+    with pytest.raises(ValueError, match="unknown feature space"):
+        Q.feature_extractor("inception", 16)
+
+
 # --------------------------------------------------------------------------- eval report
 
 def test_eval_report(tiny_run, tmp_path, cache_dir):
@@ -232,9 +294,15 @@ def test_eval_report(tiny_run, tmp_path, cache_dir):
     assert 0 <= rep["factors_real_baseline"]["factor_score"] <= 1
     assert 0 <= f["render_fidelity"] <= 1
     assert rep["memorisation"]["ratio"] > 0
+    fid = rep["fidelity"]
+    assert fid["primary"] == "factor-regressor" and set(fid["spaces"]) == {"factor-regressor", "random-cnn"}
+    for v in fid["spaces"].values():
+        assert 0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1 and v["k"] == 3 and v["n"] == 32
+        assert 0 <= v["real_baseline"]["precision"] <= 1
     assert rep["health"]["source"] == "fastbegan.health.diagnose_run" and isinstance(rep["health"]["signals"], list)
     md = (out / "report.md").read_text()
-    for text in ("SWD x1e3", "factor score", "render fidelity", "Training health", "nearest_neighbours.png", "samples.png"):
+    for text in ("SWD x1e3", "factor score", "render fidelity", "precision (factor-regressor features",
+                 "recall (random-cnn features", "Training health", "nearest_neighbours.png", "samples.png"):
         assert text in md
     assert _png_size(out / "samples.png") == (8 * 18 + 2, 4 * 18 + 2)     # 32 samples, 8 per row
     assert _png_size(out / "nearest_neighbours.png") == (6 * 18 + 2, 8 * 18 + 2)
@@ -259,6 +327,7 @@ def test_eval_on_image_folder(tmp_path, cache_dir):
     assert rep["real_data"]["reference"] == "random training images"
     assert rep["swd_real_baseline"]["swd_x1e3_mean"] > 0
     assert "ratio" not in rep["memorisation"]
+    assert list(rep["fidelity"]["spaces"]) == ["random-cnn"] and rep["fidelity"]["primary"] == "random-cnn"
     assert "n/a" in (tmp_path / "ev" / "report.md").read_text()
 
 

@@ -63,9 +63,98 @@ def _given_on_top(base: dict, name: str, given: dict) -> dict:
     return {**opts, "variant": name if opts == base else "custom"}
 
 
-def k_floor(k_next: Tensor, k_min: float) -> Tensor:
-    """``k_next`` clipped to [k_min, 1] (a device op, no host sync); unchanged for k_min 0."""
+def k_floor(k_next: Tensor, k_min: float | Tensor) -> Tensor:
+    """``k_next`` clipped to [k_min, 1] (a device op, no host sync); unchanged for k_min 0.
+    ``k_min`` may be a 0-d device tensor (an annealed floor, :func:`k_min_at`)."""
+    if isinstance(k_min, Tensor):
+        return torch.maximum(k_next, k_min.to(k_next.dtype))
     return k_next.clamp(min=k_min) if k_min > 0 else k_next
+
+
+# ------------------------------------------------------------------ ending the escape
+def anneal_scale(step: Tensor, start: int, end: int) -> Tensor:
+    """The factor an annealed term is multiplied by at step ``step`` (the 0-based counter of
+    the step being taken, an int64 0-d device tensor): 1 up to ``start``, then falling
+    linearly to 0 at ``end`` (``(end - step) / (end - start)``), 0 from there on; with
+    ``end <= start`` it drops from 1 to 0 at ``end``. fp32 0-d, device ops only."""
+    t = step.double()
+    if end <= start:
+        return (t < end).float()
+    return ((end - t) / float(end - start)).clamp(0.0, 1.0).float()
+
+
+def pt_scale_at(cfg, step: Tensor | None) -> Tensor | None:
+    """The pulling-away weight's anneal factor at ``step`` (None: not annealed)."""
+    if step is None or not cfg.pt_anneal_end:
+        return None
+    return anneal_scale(step, cfg.pt_anneal_start, cfg.pt_anneal_end)
+
+
+def k_min_at(cfg, step: Tensor) -> float | Tensor:
+    """The floor under k_t at ``step``: ``cfg.k_min``, or with ``--k-min-anneal`` a 0-d device
+    tensor ``k_min * anneal_scale``."""
+    if not (cfg.k_min and cfg.k_min_anneal_end):
+        return cfg.k_min
+    return cfg.k_min * anneal_scale(step, cfg.k_min_anneal_start, cfg.k_min_anneal_end)
+
+
+def check_anneal(cfg) -> None:
+    """ValueError for an anneal window that cannot be meant (negative, or end before start)."""
+    for name in ("pt", "k_min"):
+        start, end = getattr(cfg, f"{name}_anneal_start"), getattr(cfg, f"{name}_anneal_end")
+        if start < 0 or end < 0 or (end and end < start):
+            raise ValueError(f"--{name.replace('_', '-')}-anneal START END needs 0 <= START <= END "
+                             f"(END 0 = off), got {start} {end}")
+
+
+# ------------------------------------------------------------------ EMA of G's weights
+def ema_rate(step: Tensor, decay: float) -> Tensor:
+    """The weight of the new parameters in the EMA update after step ``step`` (0-based, int64
+    0-d device tensor): ``1 - min(decay, (1 + step) / (10 + step))`` (the warm-up of
+    TensorFlow's ExponentialMovingAverage with num_updates, so early weights do not linger)."""
+    t = step.double()
+    return (1.0 - torch.clamp((1.0 + t) / (10.0 + t), max=decay)).float()
+
+
+class GeneratorEMA:
+    """An exponential moving average of G's parameters (Yazici et al. 2019), for sampling.
+
+    ``update(step)`` after each optimiser step: ``ema += rate * (p - ema)`` with
+    :func:`ema_rate`, as foreach device ops (no host sync; inside the CUDA graph). The
+    averages start as copies of G's parameters (same memory format) and are kept in
+    checkpoints as ``G_ema.<name>`` (:meth:`state_tensors`); :meth:`load` copies them in place
+    (a captured graph keeps pointing at them).
+    """
+
+    PREFIX = "G_ema."
+
+    def __init__(self, g: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema-decay must be in (0, 1) (0 = off), got {decay}")
+        self.decay = decay
+        named = list(g.named_parameters())
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: Tensor) -> None:
+        diffs = torch._foreach_sub([p.detach() for p in self.params], self.shadow)
+        torch._foreach_mul_(diffs, ema_rate(step, self.decay))  # the Tensor overload: no .item()
+        torch._foreach_add_(self.shadow, diffs)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {self.PREFIX + n: s for n, s in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, Tensor]) -> bool:
+        """Copy ``G_ema.*`` from checkpoint tensors in place; a checkpoint without them (a run
+        started without the EMA) starts the averages from G's current parameters. Returns
+        whether the checkpoint had them."""
+        have = all(self.PREFIX + n in tensors for n in self.names)
+        for n, s, p in zip(self.names, self.shadow, self.params):
+            s.copy_(tensors[self.PREFIX + n] if have else p.detach())
+        return have
 
 
 def constrained_space_loss(codes: Tensor, z: Tensor) -> Tensor:
@@ -86,8 +175,8 @@ def pulling_away(codes: Tensor) -> Tensor:
     return (cos2.sum() - cos2.diagonal().sum()) / (b * (b - 1))
 
 
-def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float
-                     ) -> dict[str, tuple[Tensor, float]]:
+def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float,
+                     pt_scale: Tensor | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -96,7 +185,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     encoder with weight +alpha and not G); the pulling-away term with D's encoder weights
     detached (its gradient reaches G through the encoder; D's parameters get none, and no
     weight-gradient work is done). Its zero per-sample scale only selects the torch
-    backend's written-out conv backward (in-place ELU, ELU' from the output).
+    backend's written-out conv backward (in-place ELU, ELU' from the output). ``pt_scale``
+    (a 0-d device tensor, :func:`pt_scale_at`) multiplies the pulling-away weight.
     """
     terms = {}
     if cs_alpha:
@@ -104,5 +194,6 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     if pt_weight:
         frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
-        terms["pt"] = (pulling_away(torch.func.functional_call(d.encoder, frozen, (fake, zero))), pt_weight)
+        weight = pt_weight if pt_scale is None else pt_weight * pt_scale
+        terms["pt"] = (pulling_away(torch.func.functional_call(d.encoder, frozen, (fake, zero))), weight)
     return terms

@@ -58,6 +58,11 @@ class TrainConfig:
     k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
     k_min: float = 0.0                  # floor under k_t (the paper: 0)
     variant: str = "began"              # the preset the four options above came from (or "custom")
+    pt_anneal_start: int = 0            # pt_weight falls linearly to 0 from this step ...
+    pt_anneal_end: int = 0              # ... to this one (0 = not annealed); remedies.anneal_scale
+    k_min_anneal_start: int = 0         # the same for the floor k_min
+    k_min_anneal_end: int = 0
+    ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
     precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
@@ -108,6 +113,9 @@ class TrainConfig:
         if self.cs_alpha and self.h != self.z_dim:
             raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
                              f"(got h={self.h}, z_dim={self.z_dim})")
+        remedies.check_anneal(self)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.pt_weight and self.batch_size < 2:
             raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
         if self.health_patience < 0:
@@ -188,6 +196,7 @@ class Trainer:
             self.log_hooks.append(HealthMonitor.from_config(cfg))
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
         self.remedy_terms: dict[str, torch.Tensor] = {}  # the collapse remedies' last values
+        self.g_ema = remedies.GeneratorEMA(self.G, cfg.ema_decay) if cfg.ema_decay else None
         # The fused single-pass step (fastbegan.step: one backward; CUDA graph on a GPU)
         # wherever it applies; the reference step below otherwise. step_path says which.
         from .step import FusedStep, fused_step_status
@@ -269,7 +278,8 @@ class Trainer:
         if not self.cfg.pt_weight:
             return 0.0
         self.remedy_terms["loss_pt"] = value = remedies.pulling_away(codes)
-        return self.cfg.pt_weight * value
+        scale = remedies.pt_scale_at(self.cfg, torch.full((), self.step, device=self.device))
+        return self.cfg.pt_weight * value if scale is None else self.cfg.pt_weight * scale * value
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One BEGAN step; returns device scalars (no host synchronisation)."""
@@ -288,9 +298,12 @@ class Trainer:
         self.nonfinite.logical_or_(~torch.isfinite(loss_real + loss_fake))  # no host sync
         self.opt_d.step()
         self.opt_g.step()
+        step_t = torch.full((), self.step, device=self.device)
+        if self.g_ema is not None:
+            self.g_ema.update(step_t)
         k_used = self.k
         k_next, m_global = ops.began_update(self.k, loss_real, loss_fake, cfg.gamma, cfg.lambda_k)
-        self.k = remedies.k_floor(k_next, cfg.k_min)
+        self.k = remedies.k_floor(k_next, remedies.k_min_at(cfg, step_t))
         self.step += 1
         self._schedule_lr()
         return {"loss_real": loss_real.detach(), "loss_fake": loss_fake.detach(),
@@ -327,6 +340,8 @@ class Trainer:
             for i, st in opt.state_dict()["state"].items():
                 for key, val in st.items():
                     t[f"{name}.{i}.{key}"] = torch.as_tensor(val)
+        if self.g_ema is not None:
+            t.update(self.g_ema.state_tensors())
         t["state.k"] = self.k
         t["state.step"] = torch.tensor(self.step)
         t["rng.gen"] = self.gen.get_state()
@@ -356,6 +371,8 @@ class Trainer:
         """Set everything from checkpoint tensors + host state (see :meth:`state_tensors`)."""
         ckpt.load_into(self.G, ckpt.unprefixed("G.", tensors))
         ckpt.load_into(self.D, ckpt.unprefixed("D.", tensors))
+        if self.g_ema is not None:
+            self.g_ema.load(tensors)
         for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
             sd = opt.state_dict()
             sd["state"] = {}

@@ -153,7 +153,8 @@ class FusedStep:
         self._forward_eager = step_forward(trainer.G, trainer.D, self._ones, gamma=cfg.gamma,
                                            lambda_k=cfg.lambda_k, device_type=dev.type,
                                            bf16=cfg.precision == "bf16", cs_alpha=cfg.cs_alpha,
-                                           pt_weight=cfg.pt_weight)
+                                           pt_weight=cfg.pt_weight, step_t=self.step_t,
+                                           pt_anneal=(cfg.pt_anneal_start, cfg.pt_anneal_end))
         self._forward = self._forward_eager
         self._compile_pending = False  # compiled, first call (compilation) not done yet
         self.steps_planned: int | None = None  # steps this run will still take (--compile auto)
@@ -364,8 +365,10 @@ class FusedStep:
         tr.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
         for opt in self.opts:
             opt.step()
+        if getattr(tr, "g_ema", None) is not None:
+            tr.g_ema.update(self.step_t)  # EMA of G's weights (device ops)
         loss_d = lv[0] - k * lv[1]
-        k.copy_(remedies.k_floor(k_next, cfg.k_min))
+        k.copy_(remedies.k_floor(k_next, remedies.k_min_at(cfg, self.step_t)))
         self.step_t.add_(1)
         self._static_batch = {"x": x, "fake": fake.detach()}
         return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k, "M": m_global,
@@ -437,7 +440,8 @@ class FusedStep:
 
 
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
-                 device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0):
+                 device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
+                 step_t: Tensor | None = None, pt_anneal: tuple[int, int] = (0, 0)):
     """The forward region of the fused step, as one function of device tensors (what
     ``FusedStep(compile=...)`` hands to ``torch.compile(fullgraph=True, dynamic=False)``):
 
@@ -462,7 +466,10 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z, g_scale)
             losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)
-            terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight)
+            # annealed pulling-away weight: a function of the device step counter step_t
+            pt_scale = remedies.anneal_scale(step_t, *pt_anneal) if pt_anneal[1] else None
+            terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
+                                              pt_scale=pt_scale)
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

@@ -267,3 +267,146 @@ def test_resume_keeps_the_runs_own_variant(tmp_path, monkeypatch):
                                                    "variant": "began"}
     assert resumed_variant_options({"variant": "escape", "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05,
                                     "cs_alpha": 0.0})["variant"] == "escape"
+
+
+# ------------------------------------------------------------------------- ending the escape, EMA
+def test_anneal_scale_by_hand():
+    from fastbegan.remedies import anneal_scale
+    steps = torch.tensor([0, 10, 11, 15, 19, 20, 25])
+    want = [1.0, 1.0, 0.9, 0.5, 0.1, 0.0, 0.0]      # (20 - t) / (20 - 10), clipped to [0, 1]
+    got = [anneal_scale(s, 10, 20).item() for s in steps]
+    assert got == pytest.approx(want, abs=1e-7)
+    assert [anneal_scale(s, 20, 20).item() for s in steps] == [1, 1, 1, 1, 1, 0, 0]  # abrupt at END
+    assert anneal_scale(torch.tensor(3), 1, 5).dtype == torch.float32
+    with pytest.raises(ValueError, match="START <= END"):
+        TrainConfig(pt_anneal_start=5, pt_anneal_end=3)
+    with pytest.raises(ValueError, match="ema-decay"):
+        TrainConfig(ema_decay=1.0)
+
+
+def _tiny_cfg(tmp_path, **kw):
+    base = dict(res=8, filters=4, z_dim=8, h=8, batch_size=3, device="cpu", backend="torch", precision="fp32",
+                out=str(tmp_path), health_patience=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _tiny_data():
+    return np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_annealed_floor_follows_the_schedule(tmp_path, reference):
+    """k_min annealed over steps [1, 3]: the floor after step t is 0.2 * clip((3 - t) / 2, 0, 1);
+    lambda_k 1 and gamma 0.01 put the paper's update below it every step."""
+    cfg = _tiny_cfg(tmp_path, k_init=0.3, k_min=0.2, k_min_anneal_start=1, k_min_anneal_end=3, gamma=0.01,
+                    lambda_k=1.0, reference_step=reference)
+    t = Trainer(cfg, _tiny_data(), log=lambda *_: None)
+    k = 0.3
+    for step in range(5):
+        out = t.train_step()
+        paper = min(1.0, max(0.0, k + 1.0 * (0.01 * out["loss_real"].item() - out["loss_fake"].item())))
+        floor = 0.2 * min(1.0, max(0.0, (3 - step) / 2))
+        assert out["k"].item() == pytest.approx(max(paper, floor), abs=1e-6), step
+        k = out["k"].item()
+    assert k == 0.0  # no floor left, and the update pushes k to 0
+
+
+def test_annealed_pulling_away_weight_by_hand():
+    """At step 2 of the window [1, 3] the pulling-away term enters G's gradient with weight
+    0.5 * (3 - 2) / (3 - 1) = 0.25; D's gradients are BEGAN's."""
+    plain, withit = _trainer(), _trainer(pt_weight=0.5, pt_anneal_start=1, pt_anneal_end=3)
+    plain.step = withit.step = 2
+    state = plain.gen.get_state()
+    d0, g0, x, z = _grads(plain, state)
+    d1, g1, _, _ = _grads(withit, state)
+    extra = torch.autograd.grad(0.25 * pulling_away(withit.D.encoder(withit.G(z))), list(withit.G.parameters()))
+    for a, b in zip(d1, d0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, e in zip(g1, g0, extra):
+        torch.testing.assert_close(a, b + e, rtol=1e-5, atol=1e-7)
+    withit.step = 3  # the end of the window: weight 0, G's gradient is BEGAN's
+    _, g3, _, _ = _grads(withit, state)
+    for a, b in zip(g3, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_step_with_anneals_and_ema_equals_the_reference_step():
+    kw = dict(pt_weight=0.2, pt_anneal_start=1, pt_anneal_end=3, k_init=0.3, k_min=0.25, k_min_anneal_start=1,
+              k_min_anneal_end=4, gamma=0.01, lambda_k=1.0, ema_decay=0.9)
+    ref, fus = _trainer(**kw), _trainer(**kw)
+    for t in (ref, fus):
+        t.k = torch.tensor(0.3)
+        for opt in (t.opt_g, t.opt_d):
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = True, False
+    step = FusedStep(fus, compile=False)
+    for i in range(5):
+        vb, va = ref.train_step(), step()
+        for key in ("loss_real", "loss_fake", "k", "loss_pt"):
+            torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
+        for a, b in zip(fus.g_ema.shadow, ref.g_ema.shadow):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    assert va["k"].item() == 0.0  # past the floor's window
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_ema_of_g_by_hand(tmp_path, reference):
+    """ema_0 = G's initial weights; after step t: ema += r_t (p_t - ema) with
+    r_t = 1 - min(decay, (1 + t) / (10 + t)), written out here over G's weights after each step."""
+    decay = 0.5
+    t = Trainer(_tiny_cfg(tmp_path, ema_decay=decay, reference_step=reference), _tiny_data(), log=lambda *_: None)
+    want = [p.detach().clone() for p in t.G.parameters()]
+    for step in range(4):
+        t.train_step()
+        r = 1 - min(decay, (1 + step) / (10 + step))     # 0.9, 0.8182, 0.75 (decay 0.5 from step 3 on)
+        want = [w + r * (p.detach() - w) for w, p in zip(want, t.G.parameters())]
+    for a, w in zip(t.g_ema.shadow, want):
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-7)
+    assert t.g_ema.shadow[0].stride() == next(t.G.parameters()).stride()
+
+
+def test_ema_is_in_checkpoints_and_resumes_exactly(tmp_path):
+    from fastbegan import checkpoint as ckpt
+    cfg = dict(ema_decay=0.9, k_init=0.1, k_min=0.05, pt_weight=0.1, pt_anneal_start=1, pt_anneal_end=3)
+    straight = Trainer(_tiny_cfg(tmp_path / "a", **cfg), _tiny_data(), log=lambda *_: None)
+    for _ in range(4):
+        straight.train_step()
+    first = Trainer(_tiny_cfg(tmp_path / "b", **cfg), _tiny_data(), log=lambda *_: None)
+    for _ in range(2):
+        first.train_step()
+    path = first.save_checkpoint()
+    tensors, _, _ = ckpt.load_checkpoint(path)
+    assert {k for k in tensors if k.startswith("G_ema.")} == {f"G_ema.{n}" for n, _ in first.G.named_parameters()}
+    resumed = Trainer(_tiny_cfg(tmp_path / "b", **cfg), _tiny_data(), log=lambda *_: None)
+    resumed.load_checkpoint(path)
+    for _ in range(2):
+        resumed.train_step()
+    for a, b in zip(resumed.g_ema.shadow, straight.g_ema.shadow):
+        assert torch.equal(a, b)
+    # a checkpoint of a run without the EMA: the averages start from its G
+    plain = {k: v for k, v in tensors.items() if not k.startswith("G_ema.")}
+    assert resumed.g_ema.load(plain) is False
+    for a, p in zip(resumed.g_ema.shadow, resumed.G.parameters()):
+        assert torch.equal(a, p.detach())
+
+
+def test_levers_make_no_host_sync():
+    """The schedules and the EMA update are device ops: no aten._local_scalar_dense (.item())."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastbegan.remedies import GeneratorEMA, anneal_scale, k_floor
+
+    class Record(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    t = _trainer()
+    ema = GeneratorEMA(t.G, 0.99)
+    step = torch.tensor(7)
+    with Record() as rec:
+        k_floor(torch.tensor(0.01), 0.05 * anneal_scale(step, 5, 9))
+        ema.update(step)
+    assert rec.ops and not any("_local_scalar_dense" in o for o in rec.ops)

@@ -86,6 +86,12 @@ def main():
 @click.option("--k-min", type=float, default=None,
               help="A floor under k_t (the paper: 0): k_t is clipped to [k_min, 1], so D never stops "
                    "pushing back on the fakes.")
+@click.option("--pt-anneal", type=int, nargs=2, default=None, metavar="START END",
+              help="Anneal the pulling-away weight linearly to 0 between these steps (ends the escape).")
+@click.option("--k-min-anneal", type=int, nargs=2, default=None, metavar="START END",
+              help="Anneal the floor under k_t linearly to 0 between these steps.")
+@click.option("--ema-decay", type=float, default=None,
+              help="Keep an EMA of G's weights with this decay (e.g. 0.999) in the checkpoints; 0 = off.")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
@@ -124,7 +130,8 @@ def main():
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, skip, vanishing_residual, precision,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, pt_anneal, k_min_anneal,
+          ema_decay, skip, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -153,6 +160,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
                       **remedy,
+                      **_lever_options(pt_anneal, k_min_anneal, ema_decay),
                       skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
@@ -170,6 +178,15 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
         raise
     if main_rank:
         click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
+
+
+def _lever_options(pt_anneal, k_min_anneal, ema_decay) -> dict:
+    """TrainConfig fields of --pt-anneal, --k-min-anneal and --ema-decay (those given)."""
+    out = {} if ema_decay is None else {"ema_decay": ema_decay}
+    for name, window in (("pt", pt_anneal), ("k_min", k_min_anneal)):
+        if window:
+            out[f"{name}_anneal_start"], out[f"{name}_anneal_end"] = window
+    return out
 
 
 @main.command()

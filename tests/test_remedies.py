@@ -410,3 +410,22 @@ def test_levers_make_no_host_sync():
         k_floor(torch.tensor(0.01), 0.05 * anneal_scale(step, 5, 9))
         ema.update(step)
     assert rec.ops and not any("_local_scalar_dense" in o for o in rec.ops)
+
+
+def test_cli_lever_options(tmp_path, monkeypatch):
+    import types
+
+    from click.testing import CliRunner
+
+    import fastbegan.train as train_mod
+    from fastbegan.cli import main
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
+    r = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "r"), "--pt-anneal", "10", "20",
+                                  "--k-min-anneal", "5", "30", "--ema-decay", "0.99"])
+    assert r.exit_code == 0, r.output
+    c = seen[-1]
+    assert (c.pt_anneal_start, c.pt_anneal_end, c.k_min_anneal_start, c.k_min_anneal_end, c.ema_decay) == \
+        (10, 20, 5, 30, 0.99)
+    assert CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "s")]).exit_code == 0
+    assert (seen[-1].pt_anneal_end, seen[-1].ema_decay) == (0, 0.0)

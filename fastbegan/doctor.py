@@ -140,9 +140,26 @@ def _time_ms(fn, device: torch.device) -> float:
     return float(triton.testing.do_bench(fn, warmup=3, rep=10))
 
 
-def _check(rows, op, shape, path, dtype, device, fn, ref, time_it=True):
-    """Run ``fn`` (the path) and ``ref`` (the reference), append the row."""
+STICKY_EXIT = 3  # exit status of a doctor stopped by a sticky CUDA error (run it again)
+
+
+class StickyCudaError(RuntimeError):
+    """A check left the CUDA context unusable: the doctor saves its table and stops (the
+    path is recorded as dropped, so running the doctor again goes on past it)."""
+
+
+def _check(rows, op, shape, path, dtype, device, fn, ref, time_it=True, chain=None):
+    """Run ``fn`` (the path) and ``ref`` (the reference), append the row. ``chain``: the
+    ``(op, key)`` under which the fallback chain knows this path, for a path it can drop:
+    a path recorded as dropped by an earlier process is not run (status ``dropped``), and a
+    mismatch or a sticky CUDA error is recorded for later processes (training, tests)."""
     dname = str(dtype).replace("torch.", "")
+    if chain is not None:
+        why = fallback.recorded_drops(device).get(fallback.variant(*chain), {}).get(path)
+        if why is not None and fallback._persists(device):
+            rows.append(Row(op, shape, path, dname, None, None, "dropped",
+                            f"recorded by an earlier process: {why}"))
+            return
     try:
         t = time.perf_counter()
         got = fn()
@@ -152,11 +169,18 @@ def _check(rows, op, shape, path, dtype, device, fn, ref, time_it=True):
             ms = _time_ms(fn, device) if time_it else None
     except Exception as e:  # noqa: BLE001 - reported as an ERROR row
         msg = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [""]
-        rows.append(Row(op, shape, path, dname, None, None, "ERROR",
-                        f"{e.__class__.__name__}: {msg[-1][:160]}"))
+        note = f"{e.__class__.__name__}: {msg[-1][:160]}"
+        rows.append(Row(op, shape, path, dname, None, None, "ERROR", note))
+        sticky = fallback._sticky_cuda_error(device)
+        if sticky is not None:
+            if chain is not None:
+                fallback.record_dropped(*chain, path, f"sticky CUDA error: {note}", device)
+            raise StickyCudaError(f"{op} {shape} {path} {dname}: {note}; then {sticky}") from e
         return
     ok = err <= _tol(dtype, device)
     rows.append(Row(op, shape, path, dname, err, ms, "pass" if ok else "FAIL"))
+    if not ok and chain is not None:
+        fallback.record_dropped(*chain, path, f"doctor: max relative error {err:.3g}", device)
 
 
 def _tensors(c: ConvCase, dtype, device, seed=0):
@@ -195,22 +219,32 @@ def check_conv(rows, c: ConvCase, dtype, device) -> None:
     elif not any(p[0] == "tma" for p in paths):
         rows.append(Row("conv3x3_elu", c.shape(), "tma", str(dtype)[6:], None, None, "skip",
                         "not eligible here (needs sm_90+ and 16-byte aligned rows)"))
+    fwd_chain = ("conv3x3_elu", fallback.shape_key(
+        x=x, skip=skip, weight=w, bias=True, upsample=c.upsample, stride=c.stride,
+        elu=c.activation, device=device))
     for name, fn in paths:
-        _check(rows, "conv3x3_elu", c.shape(), name, dtype, device, fn, ref)
+        _check(rows, "conv3x3_elu", c.shape(), name, dtype, device, fn, ref,
+               chain=fwd_chain if name in ("tma", "ptr") else None)
     y = ref().to(dtype).contiguous(memory_format=CL) if c.activation else None
     yr = _f32(y)
     sources = [("x", x, 0, c.upsample)] + ([("skip", skip, c.c_x, False)] if c.c_s else [])
-    for sname, src, c_off, up in sources:
+    for sname, src, c_off, up in sources:  # keys as fastbegan/ops/triton_conv_bwd.py makes them
+        chain = ("conv3x3_dgrad", fallback.shape_key(dy=dy, src=src, weight=w, c_off=c_off,
+                                                     elu=y is not None, upsample=up,
+                                                     stride=c.stride, device=device))
         _check(rows, f"conv3x3_dgrad[{sname}]", c.shape(), "triton", dtype, device,
                lambda: conv3x3_bwd.conv3x3_dgrad(dy, y, w, src, c_off=c_off, upsample=up,
                                                  stride=c.stride),
                lambda: reference.conv3x3_dgrad_ref(dy.float(), yr, wr, src.float(), c_off, up,
-                                                   c.stride))
+                                                   c.stride), chain=chain)
+    chain = ("conv3x3_wgrad", fallback.shape_key(dy=dy, x=x, skip=skip, weight=w, elu=y is not None,
+                                                 scale=True, upsample=c.upsample, stride=c.stride,
+                                                 device=device))
     _check(rows, "conv3x3_wgrad", c.shape(), "triton", dtype, device,
            lambda: conv3x3_bwd.conv3x3_wgrad(dy, y, x, skip, w, scale, upsample=c.upsample,
                                              stride=c.stride),
            lambda: reference.conv3x3_wgrad_ref(dy.float(), yr, _f32(x), _f32(skip), w, scale,
-                                               c.upsample, c.stride))
+                                               c.upsample, c.stride), chain=chain)
 
 
 def _grads(fn, leaves, dout_seed=1):
@@ -308,21 +342,41 @@ def run_matrix(device: torch.device, dtypes, cases: list[ConvCase], log=None,
     rows: list[Row] = []
     first = next(c for c in cases if c.name == "c_in3")
     last = next(c for c in cases if c.name == "c_out3")
-    for dtype in dtypes:
-        for c in cases:
-            n0 = len(rows)
-            check_conv(rows, c, dtype, device)
-            if log:
-                bad = [r.status for r in rows[n0:] if r.status not in ("pass", "skip")]
-                log(f"  {c.shape()} {str(dtype)[6:]}: {', '.join(bad) or 'pass'}")
-            if on_case:
-                on_case(rows)
-        check_pair(rows, first, dtype, device)
-        check_l1_pair(rows, last, dtype, device)
-        check_upsample(rows, next(c for c in cases if c.upsample), dtype, device)
-        if device.type == "cuda" and torch.cuda.device_count() >= 2:
-            check_second_gpu(rows, first, dtype)
+    try:
+        for dtype in dtypes:
+            for c in cases:
+                n0 = len(rows)
+                check_conv(rows, c, dtype, device)
+                if log:
+                    bad = [r.status for r in rows[n0:] if r.status not in ("pass", "skip")]
+                    log(f"  {c.shape()} {str(dtype)[6:]}: {', '.join(bad) or 'pass'}")
+                if on_case:
+                    on_case(rows)
+            check_pair(rows, first, dtype, device)
+            check_l1_pair(rows, last, dtype, device)
+            check_upsample(rows, next(c for c in cases if c.upsample), dtype, device)
+            if device.type == "cuda" and torch.cuda.device_count() >= 2:
+                check_second_gpu(rows, first, dtype)
+    except StickyCudaError as e:
+        e.rows = rows  # the table so far, for the command to save
+        raise
     return rows
+
+
+def toolchain_rows(device: torch.device) -> list[Row]:
+    """What Triton needs to build its kernel launchers on a GPU (a C compiler, the Python
+    headers): one ERROR row per missing piece on a GPU, naming it (every kernel would fail
+    at its first launch, and each op fall back to the reference); rows of status skip on
+    a CPU, where the interpreter builds nothing."""
+    from .ops import launcher_toolchain_missing
+    missing = launcher_toolchain_missing()
+    if not missing:
+        return [Row("launcher toolchain", "-", "-", "-", None, None, "pass",
+                    "C compiler and Python headers found")]
+    status = "ERROR" if device.type == "cuda" else "skip"
+    return [Row("launcher toolchain", "-", "-", "-", None, None, status,
+                f"missing {m}" + ("" if device.type == "cuda" else " (needed on a GPU only)"))
+            for m in missing]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -363,7 +417,10 @@ def _reexec_under_interpreter(argv) -> int:
 @click.option("--batch", type=int, default=16, show_default=True, help="GPU: batch size.")
 @click.option("--dtype", "dtypes", type=click.Choice(["bf16", "fp16", "fp32"]), multiple=True,
               default=None, help="Default: bf16 and fp32 on a GPU, fp16 and fp32 on a CPU.")
-def doctor(out, resolutions, batch, dtypes):
+@click.option("--retest", is_flag=True,
+              help="Forget the kernel paths that earlier processes recorded as dropped on this "
+                   "GPU (a sticky CUDA error, a wrong result) and check them again.")
+def doctor(out, resolutions, batch, dtypes, retest):
     """Check every kernel path against the torch reference (run it once on a new GPU).
 
     Prints a table (op, shape, path, dtype, max relative error, ms per call, status),
@@ -383,6 +440,8 @@ def doctor(out, resolutions, batch, dtypes):
     cases = cpu_cases() if not cuda else _gpu_cases(resolutions, batch)
     t0 = time.perf_counter()
     env = environment(device)
+    if retest:
+        click.echo(f"forgot {fallback.forget_recorded(device)} recorded kernel-path drops", err=True)
 
     def save(rows, complete=False):
         report = {"environment": env, "complete": complete,
@@ -392,7 +451,17 @@ def doctor(out, resolutions, batch, dtypes):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1) + "\n")
         return report
-    rows = run_matrix(device, dts, cases, log=lambda m: click.echo(m, err=True), on_case=save)
+    rows = toolchain_rows(device)
+    try:
+        rows += run_matrix(device, dts, cases, log=lambda m: click.echo(m, err=True),
+                           on_case=lambda r: save(rows + r))
+    except StickyCudaError as e:
+        save(rows + e.rows)
+        click.echo(format_table(rows + e.rows))
+        click.echo(f"stopped: a check left the GPU unusable ({e}). The path is recorded as "
+                   f"dropped on this GPU; run `fastbegan doctor` again to check the rest "
+                   f"(table so far in {out})", err=True)
+        sys.exit(STICKY_EXIT)
     report = save(rows, complete=True)
     click.echo(format_table(rows))
     bad = [r for r in rows if r.status not in ("pass", "skip")]

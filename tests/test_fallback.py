@@ -195,3 +195,82 @@ def test_train_verify_kernels_flag(monkeypatch, tmp_path):
     r = CliRunner().invoke(main, args + ["--verify-kernels"])
     assert r.exit_code == 0, r.output
     assert seen == {"verify": True}
+
+
+# ------------------------------------------------------------------ drops that outlive the process
+@pytest.fixture
+def persisted(monkeypatch, tmp_path):
+    """Records on this device too (on a GPU they are kept by default), in a fresh cache."""
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    monkeypatch.setattr(fallback, "_persists", lambda device: True)
+    return tmp_path / "dropped_paths.json"
+
+
+def test_variant_keeps_flags_and_dtypes_not_sizes():
+    a = fallback.shape_key(x=torch.zeros(2, 8, 4, 4), weight=torch.zeros(8, 8, 3, 3), upsample=True,
+                           stride=1, elu=True, device=torch.device("cpu"))
+    b = fallback.shape_key(x=torch.zeros(32, 64, 16, 16), weight=torch.zeros(64, 64, 3, 3),
+                           upsample=True, stride=1, elu=True, device=torch.device("cpu"))
+    c = fallback.shape_key(x=torch.zeros(2, 8, 4, 4, dtype=torch.float16),
+                           weight=torch.zeros(8, 8, 3, 3), upsample=True, stride=1, elu=True)
+    assert fallback.variant("conv3x3_elu", a) == fallback.variant("conv3x3_elu", b) == \
+        "conv3x3_elu x:float32 weight:float32 upsample stride=1 elu"
+    assert fallback.variant("conv3x3_elu", c) != fallback.variant("conv3x3_elu", a)
+
+
+def test_a_wrong_path_is_skipped_by_later_processes(monkeypatch, persisted):
+    """Verification drops a wrong tma path and records it; a later process (decisions and
+    records forgotten, verification off) skips it with one warning, at every size of the
+    variant, without calling it: the doctor's findings carry into training."""
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma",), _wrong_result)
+    x, w, b = _inputs(16, 16, 8)
+    ops.set_verify_kernels(True)
+    with pytest.warns(ops.KernelFallbackWarning, match="tma path .max relative error"):
+        ops.conv3x3_elu(x, w, b)
+    assert "max relative error" in persisted.read_text()
+    fallback.reset()                              # a new process
+    ops.set_verify_kernels(False)
+    calls.clear()
+    with pytest.warns(ops.KernelFallbackWarning, match="tma path .recorded by an earlier process") as rec:
+        y = ops.conv3x3_elu(x, w, b)
+        x2 = torch.randn(4, 16, 16, 16).contiguous(memory_format=CL)   # same variant, other size
+        y2 = ops.conv3x3_elu(x2, w, b)
+    assert len(_dropped(rec, "tma")) == 1 and calls == ["ptr", "ptr"]
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b), torch.float32)
+    assert_close_rel("y2", y2, reference.conv3x3_elu_ref(x2, w, b), torch.float32)
+    assert fallback.forget_recorded(torch.device(DEVICE)) == 1    # doctor --retest
+    fallback.reset()
+    calls.clear()
+    ops.conv3x3_elu(x, w, b)
+    assert calls == ["tma"]
+
+
+def test_a_sticky_error_is_recorded_and_the_next_process_takes_the_next_path(monkeypatch, persisted):
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma",), _fails_with(_launch_error))
+    with monkeypatch.context() as m:
+        m.setattr(fallback, "_sticky_cuda_error", lambda dev: "RuntimeError: CUDA error: illegal address")
+        x, w, b = _inputs(16, 16, 8)
+        with pytest.raises(ops.KernelFatalError, match="running the same command again takes the next"):
+            ops.conv3x3_elu(x, w, b)
+    assert "sticky CUDA error" in persisted.read_text()
+    fallback.reset()
+    calls.clear()
+    with pytest.warns(ops.KernelFallbackWarning, match="recorded by an earlier process: sticky"):
+        y = ops.conv3x3_elu(x, w, b)
+    assert calls == ["ptr"]
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b), torch.float32)
+    fallback.reset()
+    fallback.set_strict(True)          # the tests' mode: the recorded path is reported, not run
+    with pytest.raises(fallback.KernelPathDropped, match="dropped on this GPU by an earlier process"):
+        ops.conv3x3_elu(x, w, b)
+
+
+def test_no_path_is_tried_inside_a_capture(monkeypatch):
+    """A key first met inside a CUDA graph capture raises (nothing may be tried, verified or
+    autotuned there); a key decided before runs its path."""
+    x, w, b = _inputs(4, 4, 4)
+    ops.conv3x3_elu(x, w, b)
+    monkeypatch.setattr(fallback, "_capturing", lambda: True)
+    assert_close_rel("y", ops.conv3x3_elu(x, w, b), reference.conv3x3_elu_ref(x, w, b), torch.float32)
+    with pytest.raises(RuntimeError, match="first called inside a CUDA graph capture"):
+        ops.conv3x3_elu(x, w, b, upsample=True)

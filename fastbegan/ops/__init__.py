@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
 import warnings
 
@@ -55,7 +56,30 @@ def triton_status() -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return False, f"GPU compute capability {major}.{minor} < 8.0 (bf16 tensor cores needed)"
+    missing = launcher_toolchain_missing()
+    if missing:
+        return False, f"Triton cannot build its kernel launchers: missing {' and '.join(missing)}"
     return True, f"CUDA GPU sm_{major}{minor}"
+
+
+def launcher_toolchain_missing() -> list[str]:
+    """What Triton lacks to build its kernel launchers, as Triton looks for it (a C compiler:
+    ``$CC``, else gcc or clang; the Python headers of this interpreter); empty if nothing.
+    Triton builds a small C module at the first launch on a GPU: without these, every
+    kernel would fail there and each op fall back to the reference."""
+    import shutil
+    import sysconfig
+    missing = []
+    cc = os.environ.get("CC")
+    if not (shutil.which(cc) if cc else (shutil.which("gcc") or shutil.which("clang"))):
+        missing.append(f"a C compiler ({'CC=' + cc + ' is not found' if cc else 'no gcc or clang on PATH'}; "
+                       "e.g. apt install gcc)")
+    scheme = sysconfig.get_default_scheme()
+    scheme = "posix_prefix" if scheme == "posix_local" else scheme
+    include = sysconfig.get_paths(scheme=scheme)["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        missing.append(f"the Python headers ({include}/Python.h; e.g. apt install python3-dev)")
+    return missing
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -228,6 +252,6 @@ def conv3x3_l1_pair_began(h: Tensor, weight: Tensor, bias: Tensor | None, x_real
 
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "resolve_backend",
-           "triton_status", "interpreting", "set_verify_kernels", "KernelFallbackWarning",
+           "triton_status", "launcher_toolchain_missing", "interpreting", "set_verify_kernels", "KernelFallbackWarning",
            "KernelFatalError", "conv3x3_elu", "conv3x3_elu_pair", "linear", "upsample_nearest2x", "l1_recon_loss", "began_update",
            "conv3x3_l1_pair_began"]

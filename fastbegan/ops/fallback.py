@@ -26,21 +26,37 @@ context is unusable afterwards) cannot be absorbed: :class:`KernelFatalError` en
 run with a message saying so (the trainer writes checkpoints only from healthy states, so
 the last one is intact).
 
-Inside a CUDA graph capture nothing is tried or verified (no synchronisation is
-allowed there): an undecided key takes its first path. The training step decides every
-key in its eager warm-up steps, before it captures.
+Some drops outlive the process. A sticky CUDA error cannot be absorbed in-process, and
+every later process would pick the same path and die the same way; a path that computes
+a wrong result on this GPU will do so again. Both are recorded on a GPU in
+``$FASTBEGAN_CACHE/dropped_paths.json``, keyed by the GPU, the Triton version and a hash
+of the kernel sources, per op, path and *variant* (the key's flags and dtypes, not its
+sizes: the doctor's batch is not the trainer's). Every later process skips such a path
+with one warning per key, so the doctor's findings carry into the tests and the training
+run, and a stage that died of a sticky error runs the next path when it is started again
+(``benchmarks/gpu_suite.sh`` does that once). ``fastbegan doctor --retest`` forgets this
+GPU's records and checks every path afresh.
+
+Inside a CUDA graph capture nothing is tried, verified or autotuned (no synchronisation
+is allowed there): a key first seen inside a capture raises, and the training step, which
+decides every key in its eager warm-up steps, re-warms and captures again.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["KernelFallbackWarning", "KernelFatalError", "set_verify", "verify_enabled",
-           "set_strict", "run",
-           "decisions", "reset", "max_rel_error", "shape_key", "describe", "REL_TOL"]
+__all__ = ["KernelFallbackWarning", "KernelFatalError", "KernelPathDropped", "set_verify",
+           "verify_enabled", "set_strict", "run", "decisions", "reset", "max_rel_error",
+           "shape_key", "describe", "REL_TOL", "record_dropped", "recorded_drops",
+           "forget_recorded", "records_path", "variant"]
 
 # max |got - want| / max |want| accepted when verifying a path against the reference, per
 # compute dtype: bf16 has 8 mantissa bits (outputs rounded: 2**-9 relative, plus a
@@ -52,6 +68,8 @@ _verify = os.environ.get("FASTBEGAN_VERIFY_KERNELS") == "1"
 _strict = False                         # tests: no fallback, errors and mismatches raise
 _chosen: dict[tuple, str] = {}          # (op, key) -> path in use
 _events: list[dict] = []                # what was dropped, and why (doctor reports them)
+_records: dict[str, dict] = {}          # env key -> {variant: {path: why}} (read once)
+_warned: set[tuple[str, str]] = set()   # (variant, path) skipped with a warning already
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -60,6 +78,11 @@ class KernelFallbackWarning(RuntimeWarning):
 
 class KernelFatalError(RuntimeError):
     """A sticky CUDA error inside a kernel: the CUDA context cannot be used any more."""
+
+
+class KernelPathDropped(RuntimeError):
+    """Strict mode (tests): the path under test was dropped on this GPU by an earlier
+    process (a sticky error or a wrong result, recorded); tests report it as a skip."""
 
 
 def set_verify(on: bool = True) -> None:
@@ -81,9 +104,12 @@ def set_strict(on: bool = True) -> None:
 
 
 def reset() -> None:
-    """Forget every decision (the next call of each key tries its paths again)."""
+    """Forget every decision (the next call of each key tries its paths again) and reread
+    the records of earlier processes at the next call."""
     _chosen.clear()
     _events.clear()
+    _records.clear()
+    _warned.clear()
 
 
 def decisions() -> dict:
@@ -169,6 +195,134 @@ def _drop(op: str, key, path: str, why: str, next_path: str | None) -> None:
                   f"{next_path or 'nothing'}", KernelFallbackWarning, stacklevel=4)
 
 
+# ------------------------------------------------------------------ drops that outlive the process
+def records_path() -> Path:
+    """``$FASTBEGAN_CACHE/dropped_paths.json``."""
+    from fastbegan.data import default_cache_dir
+    return default_cache_dir() / "dropped_paths.json"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_source_hash() -> str:
+    """A short hash of the kernel sources (kernels/*.py): a fixed kernel is tried again."""
+    from fastbegan import kernels
+    h = hashlib.sha1()
+    for f in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _persists(device: torch.device) -> bool:
+    """Drops are recorded on CUDA devices only (the interpreter's are the tests' own)."""
+    return device.type == "cuda"
+
+
+def env_key(device: torch.device) -> str:
+    """What a record is valid for: the GPU, the Triton version and the kernel sources."""
+    import triton
+    if device.type == "cuda":
+        cc = "".join(map(str, torch.cuda.get_device_capability(device)))
+        where = f"{torch.cuda.get_device_name(device)} sm_{cc}"
+    else:
+        where = device.type
+    return f"{where}|triton {triton.__version__}|kernels {_kernel_source_hash()}"
+
+
+def variant(op: str, key) -> str:
+    """``op`` and the flags and dtypes of a :func:`shape_key`, without sizes: what a record
+    covers (``conv3x3_elu x:bfloat16 weight:float32 upsample elu stride=1``)."""
+    parts = [op]
+    for k, v in key:
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
+            parts.append(f"{k}:{str(v[1]).replace('torch.', '')}")
+        elif isinstance(v, torch.device):
+            continue  # the env key names the GPU
+        elif isinstance(v, int) and not isinstance(v, bool) and k != "stride":
+            if v:
+                parts.append(k)  # an offset or a size (the skip's channel offset): set or not
+        else:
+            parts.append(k if v is True else f"{k}={v}")
+    return " ".join(parts)
+
+
+def _read_table() -> dict:
+    try:
+        table = json.loads(records_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def recorded_drops(device: torch.device) -> dict[str, dict[str, str]]:
+    """``{variant: {path: why}}`` recorded for this device by earlier processes (read once
+    per process; :func:`reset` rereads)."""
+    env = env_key(device)
+    if env not in _records:
+        entry = _read_table().get(env)
+        _records[env] = entry if isinstance(entry, dict) else {}
+    return _records[env]
+
+
+def record_dropped(op: str, key, path: str, why: str, device: torch.device) -> None:
+    """Record that ``path`` must not run for ``op``'s variant of ``key`` on this device
+    (merged into the file atomically; an unwritable cache only loses the record)."""
+    if not _persists(device) or path == "torch":
+        return
+    env, var = env_key(device), variant(op, key)
+    recorded_drops(device).setdefault(var, {})[path] = why
+    file = records_path()
+    try:
+        table = _read_table()
+        table.setdefault(env, {}).setdefault(var, {})[path] = why
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, file)
+    except OSError:
+        pass
+
+
+def forget_recorded(device: torch.device) -> int:
+    """Delete this device's records (``fastbegan doctor --retest``); returns how many."""
+    env = env_key(device)
+    table = _read_table()
+    gone = table.pop(env, {})
+    _records.pop(env, None)
+    if gone:
+        tmp = records_path().with_name(f".dropped_paths.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, records_path())
+    return sum(len(v) for v in gone.values())
+
+
+def _skip_recorded(op, key, paths, device) -> list:
+    """``paths`` without those an earlier process recorded as dropped (one warning each)."""
+    if not _persists(device):
+        return list(paths)
+    dropped = recorded_drops(device).get(variant(op, key), {})
+    kept = [(n, f) for n, f in paths if n not in dropped or n == "torch"]
+    for name in dropped:
+        if any(n == name for n, _ in paths):
+            why = f"recorded by an earlier process: {dropped[name]}"
+            if (variant(op, key), name) in _warned:  # one line per variant, not per shape
+                _events.append({"op": op, "shape": describe(key), "path": name, "error": why})
+            else:
+                _warned.add((variant(op, key), name))
+                _drop(op, key, name, why, next((n for n, _ in kept), None))
+    return kept
+
+
+def _fatal(op, key, name, e, sticky, device) -> KernelFatalError:
+    """Record the path and make the error that ends the run."""
+    record_dropped(op, key, name, f"sticky CUDA error: {_one_line(e)}", device)
+    return KernelFatalError(
+        f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that "
+        f"leaves the GPU unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
+        "checkpoint is intact. The path is recorded as dropped on this GPU, so running the "
+        "same command again takes the next one (`fastbegan doctor --retest` forgets it); "
+        "please report it with the output of `fastbegan doctor`.")
+
+
 def _try(op, key, name, fn, ref, device, verify, dtype):
     """(result, None) or (None, why) for one path's first call."""
     try:
@@ -178,7 +332,9 @@ def _try(op, key, name, fn, ref, device, verify, dtype):
             err = max_rel_error(out, want)
             tol = REL_TOL.get(dtype or _dtype_of(want), 1e-2)
             if not err <= tol:     # also catches NaN
-                return None, f"max relative error {err:.3g} > {tol:g} against the reference"
+                why = f"max relative error {err:.3g} > {tol:g} against the reference"
+                record_dropped(op, key, name, why, device)
+                return None, why
         elif device.type == "cuda" and not _capturing():
             torch.cuda.synchronize(device)   # surface an asynchronous launch error here
         return out, None
@@ -187,11 +343,7 @@ def _try(op, key, name, fn, ref, device, verify, dtype):
     except Exception as e:  # noqa: BLE001 - a compile/launch error or a kernel bug
         sticky = _sticky_cuda_error(device)
         if sticky is not None:
-            raise KernelFatalError(
-                f"fastbegan: {op} {describe(key)}: the {name} path hit a CUDA error that "
-                f"leaves the GPU unusable ({_one_line(e)}; then {sticky}). The run stops here; the last "
-                "checkpoint is intact. Rerun with FASTBEGAN_CONV_KERNEL=ptr, or --backend "
-                "torch, and please report it with the output of `fastbegan doctor`.") from e
+            raise _fatal(op, key, name, e, sticky, device) from e
         return None, _one_line(e)
 
 
@@ -227,17 +379,13 @@ def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torc
             if name == chosen:
                 return fn()
     if _capturing():
-        return paths[0][1]()
+        raise RuntimeError(f"fastbegan: {op} {describe(key)} was first called inside a CUDA graph "
+                           "capture, where no kernel path can be tried or autotuned: run every "
+                           "shape in eager warm-up steps before capturing")
     ref = reference or paths[-1][1]
     if _strict:
-        name, fn = paths[0]
-        out = fn()
-        if _verify and name != "torch":
-            err, tol = max_rel_error(out, ref()), REL_TOL.get(dtype or _dtype_of(out), 1e-2)
-            if not err <= tol:
-                raise AssertionError(f"{op} {describe(key)}: {name} path: max relative "
-                                     f"error {err:.3g} > {tol:g} against the reference")
-        return out
+        return _run_strict(op, key, paths, device, ref, dtype)
+    paths = _skip_recorded(op, key, paths, device)
     if race and device.type == "cuda" and len(paths) > 2:
         paths = _race(list(paths), device)
     for i, (name, fn) in enumerate(paths):
@@ -248,3 +396,30 @@ def run(op: str, key: tuple, paths: Sequence[tuple[str, Callable]], device: torc
         _drop(op, key, name, why, paths[i + 1][0] if i + 1 < len(paths) else None)
     raise RuntimeError(f"fastbegan: {op} {describe(key)}: every path failed, the torch reference "
                        f"included ({_events[-1]['error']})")
+
+
+def _run_strict(op, key, paths, device, ref, dtype):
+    """Strict mode (tests): the first path only; its errors propagate (a sticky one as
+    :class:`KernelFatalError`, recorded) and, with verification on, a mismatch raises. A
+    first path recorded as dropped by an earlier process raises :class:`KernelPathDropped`."""
+    name, fn = paths[0]
+    if _persists(device):
+        why = recorded_drops(device).get(variant(op, key), {}).get(name)
+        if why is not None and name != "torch":
+            raise KernelPathDropped(f"{op} {describe(key)}: the {name} path was dropped on this GPU "
+                                    f"by an earlier process ({why}); `fastbegan doctor --retest` "
+                                    "checks it again")
+    try:
+        out = fn()
+    except Exception as e:
+        sticky = _sticky_cuda_error(device)
+        if sticky is not None:
+            raise _fatal(op, key, name, e, sticky, device) from e
+        raise
+    if _verify and name != "torch":
+        err, tol = max_rel_error(out, ref()), REL_TOL.get(dtype or _dtype_of(out), 1e-2)
+        if not err <= tol:
+            raise AssertionError(f"{op} {describe(key)}: {name} path: max relative "
+                                 f"error {err:.3g} > {tol:g} against the reference")
+    _chosen[(op, key)] = name  # decided: a CUDA graph capture may call it now
+    return out

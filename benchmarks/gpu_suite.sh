@@ -14,7 +14,8 @@
 #      first log interval) from the steps/s after warm-up
 #   5. the benchmarks                             (pytest benchmarks/, budgeted to the time left)
 # and leaves few files in OUTDIR (the device tool brings back at most 8):
-#   summary.txt               stage, exit code, seconds (also printed)
+#   summary.txt               stage, exit code, seconds (also printed); kernel paths dropped
+#                             for good, and a stage rerun after a sticky CUDA error
 #   doctor.json               the doctor's table (written as it goes: complete=false if cut)
 #   <device>-<date>.json/.md  benchmark results (copied from the run's results folder)
 #   samples.png               the training run's newest sample grid
@@ -62,7 +63,13 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 
 left() { echo $(( TOTAL_S - ($(date +%s) - T0) )); }
 
-# stage NAME LIMIT_S CMD...: run with a time limit, log to $LOGS/NAME.log, record rc + seconds
+# Kernel paths dropped for good (a sticky CUDA error, a wrong result) are recorded here by
+# any stage and skipped by every later one (docs/kernels.md, "fallback chain").
+DROPPED=$FASTBEGAN_CACHE/dropped_paths.json
+
+# stage NAME LIMIT_S CMD...: run with a time limit, log to $LOGS/NAME.log, record rc + seconds.
+# A stage that fails after recording a dropped kernel path (it died of a sticky CUDA error,
+# which no process survives) runs once more: the next process takes the next path.
 stage() {
     local name=$1 limit=$2; shift 2
     local l; l=$(left)
@@ -71,6 +78,7 @@ stage() {
         say "$(printf '%-8s skipped: no time left (%ss of %ss used)' "$name" "$(( $(date +%s) - T0 ))" "$TOTAL_S")"
         return 0
     fi
+    local before; before=$(cksum "$DROPPED" 2>/dev/null)
     local s rc; s=$(date +%s.%N)
     timeout -s INT -k 20 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     rc=$?
@@ -82,6 +90,10 @@ stage() {
     { grep -E '(passed|failed|[0-9] errors?|no tests ran|Traceback|Error:|error:|done: step|results:)' \
         "$LOGS/$name.log" || tail -n 3 "$LOGS/$name.log"; } | tail -n 3 | cut -c1-300 \
         | sed 's/^/         | /' | tee -a "$SUMMARY"
+    if (( rc != 0 )) && [[ "$(cksum "$DROPPED" 2>/dev/null)" != "$before" && "$name" != *-rerun ]]; then
+        say "$(printf '%-8s recorded a dropped kernel path (%s): running it once more' "$name" "$DROPPED")"
+        stage "$name-rerun" "$limit" "$@"
+    fi
     return 0
 }
 
@@ -153,8 +165,9 @@ if [[ "${SKIP_TRAIN:-0}" != 1 ]]; then
     wait "$DATA_PID" 2>/dev/null
     RUN=$WORK/run128
     # shellcheck disable=SC2086
+    # --resume: a rerun after a sticky CUDA error continues from the run's last checkpoint
     stage train "$T_TRAIN" "$PY" -m fastbegan train --res 128 --steps "$TRAIN_STEPS" --out "$RUN" \
-        --sample-every 100 --ckpt-every 200 --log-every 25 --no-progress --verify-kernels \
+        --sample-every 100 --ckpt-every 200 --log-every 25 --no-progress --verify-kernels --resume \
         ${TRAIN_ARGS:-}
     # warm-up (the first log interval: compile, autotune, graph capture) vs steps/s after it
     "$PY" - "$RUN/metrics.jsonl" <<'PYEOF' | tee -a "$SUMMARY"
@@ -207,6 +220,14 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
 fi
 
 # --- 6. logs: one archive (no checkpoints, no data cache)
+if [[ -f "$DROPPED" ]]; then
+    say "kernel paths dropped for good on this GPU (skipped after their first failure):"
+    "$PY" -c "import json,sys; t=json.load(open(sys.argv[1]))
+for env, v in t.items():
+    for var, paths in v.items():
+        for p, why in paths.items(): print(f'         | {p:8s} {var}: {why}'[:300])" "$DROPPED" | tee -a "$SUMMARY"
+    cp "$DROPPED" "$LOGS/"
+fi
 say "total $(( $(date +%s) - T0 ))s"
 cp "$SUMMARY" "$LOGS/summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null

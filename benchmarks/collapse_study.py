@@ -82,9 +82,16 @@ def to_digit_features(images_u8: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------- training
 def train_run(out: Path, variant: str, data: str | None, steps: int, every: int, threads: int,
               seed: int) -> None:
-    cmd = [sys.executable, "-m", "fastbegan", "train", "--res", str(RES), "--steps", str(steps),
+    train_cli(out, [*BASE, *VARIANTS[variant]], data, steps, every, threads, seed)
+
+
+def train_cli(out: Path, flags: list[str], data: str | None, steps: int, every: int, threads: int,
+              seed: int, res: int = RES) -> None:
+    """``fastbegan train`` to ``steps`` with ``flags``, a checkpoint and a sample grid every
+    ``every`` steps (all kept), resumed if ``out`` holds checkpoints; output in OUT.log."""
+    cmd = [sys.executable, "-m", "fastbegan", "train", "--res", str(res), "--steps", str(steps),
            "--seed", str(seed), "--log-every", "50", "--ckpt-every", str(every), "--keep-ckpts", "1000",
-           "--sample-every", str(every), "--no-progress", "--out", str(out), *BASE, *VARIANTS[variant]]
+           "--sample-every", str(every), "--no-progress", "--out", str(out), *flags]
     if data:
         cmd += ["--data", data]
     if (out / "checkpoints").is_dir():
@@ -95,11 +102,13 @@ def train_run(out: Path, variant: str, data: str | None, steps: int, every: int,
 
 
 # ------------------------------------------------------------------------- scoring
-def train_seconds(run: Path) -> float:
-    """Seconds spent in steps, from the run's own log (resumed runs included)."""
+def train_seconds(run: Path, upto: int | None = None) -> float:
+    """Seconds spent in steps (up to step ``upto``), from the run's own log (resumed runs included)."""
     total, prev = 0.0, 0
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
+        if upto is not None and r["step"] > upto:
+            break
         if r["step"] > prev and r.get("steps_per_s"):
             total += (r["step"] - prev) / r["steps_per_s"]
             prev = r["step"]
@@ -120,33 +129,57 @@ def logged_k(run: Path, step: int) -> float | None:
     return rows[-1]["k"] if rows else None
 
 
-def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: int, clf=None) -> dict:
+def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: int, clf=None, *,
+          raw: bool = True, truncate: float = 1.0, full: bool = True) -> dict:
+    """The metrics of ``n`` samples of a checkpoint's G (``raw`` weights or its EMA; z drawn
+    from U(-truncate, truncate)); ``full=False`` leaves out the NN ratio and the factor score."""
     from fastbegan import quality as Q
     from fastbegan.evaluate import nearest_neighbours
     from fastbegan.health import batch_diversity
     from fastbegan.images import to_unit_range
-    from fastbegan.model import Generator
-    from fastbegan.sampling import generate, sample_z
-    g = Generator.from_checkpoint(str(ckpt))
-    fake = generate(g, sample_z(n, g.fc.in_features, 1234))
+    from fastbegan.sampling import generate, load_generator, sample_z
+    g = load_generator(ckpt, raw=raw)
+    fake = generate(g, sample_z(n, g.fc.in_features, 1234, truncate))
     ref = to_unit_range(real_ref[:n])
-    out = {"diversity_ratio": float(batch_diversity(fake[:256]) / batch_diversity(ref[:256]))}
+    out = {"weights": g.weights, "diversity_ratio": float(batch_diversity(fake[:256]) / batch_diversity(ref[:256]))}
     out["swd_x1e3"] = Q.swd(real_ref[:n], fake, seed=0).mean
-    d_fake, _ = nearest_neighbours(fake, train, k=1)
-    d_real, _ = nearest_neighbours(ref, train, k=1)
-    out["nn_ratio"] = float(d_fake[:, 0].median() / d_real[:, 0].median())
-    if dataset == "faces":
+    out.update(fidelity_scores(dataset, real_ref, fake))
+    if full:
+        d_fake, _ = nearest_neighbours(fake, train, k=1)
+        d_real, _ = nearest_neighbours(ref, train, k=1)
+        out["nn_ratio"] = float(d_fake[:, 0].median() / d_real[:, 0].median())
+    if dataset == "faces" and full:
         est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
         f = Q.factor_score(est, real_ref[:n], fake)
         out["factor_coverage"] = f["factor_score"]
         out["render_fidelity"] = f["render_fidelity"]
-        out["recall"] = f["recall"]
-    else:
-        u8 = ((fake.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        pred = clf.predict(to_digit_features(u8))
-        p = np.bincount(pred, minlength=10) / len(pred)
-        out["class_entropy"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-        out["classes_2pct"] = int((p >= 0.02).sum())
+        out["factor_recall"] = f["recall"]
+    elif dataset != "faces":
+        out.update(digit_kinds(fake, clf))
+    return out
+
+
+def digit_kinds(images, clf) -> dict:
+    """Spread over the ten kinds: class entropy and kinds with >= 2% of the images (float
+    NCHW in [-1, 1] or uint8 NHWC), classified by ``clf`` (:func:`digit_classifier`)."""
+    if torch.is_tensor(images):
+        images = ((images.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    p = np.bincount(clf.predict(to_digit_features(images)), minlength=10) / len(images)
+    return {"class_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()), "classes_2pct": int((p >= 0.02).sum())}
+
+
+def fidelity_scores(dataset: str, real_ref: np.ndarray, fake) -> dict:
+    """k-NN precision/recall (k 3) of ``fake`` against ``real_ref`` in ``fastbegan eval``'s
+    feature spaces: ``precision``/``recall`` in the primary one (faces: the factor
+    regressor's; digits: the random CNN's), ``precision_rcnn``/``recall_rcnn`` in the random
+    CNN's on the faces as well."""
+    from fastbegan import quality as Q
+    from fastbegan.evaluate import fidelity_spaces
+    out = {}
+    for i, space in enumerate(fidelity_spaces(dataset == "faces")):
+        f = Q.fidelity(real_ref, fake, Q.feature_extractor(space, RES))
+        suffix = "" if i == 0 else "_rcnn"
+        out[f"precision{suffix}"], out[f"recall{suffix}"] = f["precision"], f["recall"]
     return out
 
 
@@ -169,14 +202,14 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
     half = min(n, len(real_ref)) // 2
     out["nn_ratio"] = float(nearest_neighbours(a[half:2 * half], train, k=1)[0][:, 0].median()
                             / nearest_neighbours(a[:half], train, k=1)[0][:, 0].median())
+    out.update(fidelity_scores(dataset, real_ref[:n], real_other[:n]))
     if dataset == "faces":
         est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
         f = Q.factor_score(est, real_ref[:n], real_other[:n])
-        out.update(factor_coverage=f["factor_score"], render_fidelity=f["render_fidelity"], recall=f["recall"])
+        out.update(factor_coverage=f["factor_score"], render_fidelity=f["render_fidelity"],
+                   factor_recall=f["recall"])
     else:
-        p = np.bincount(clf.predict(to_digit_features(real_other[:n])), minlength=10) / min(n, len(real_other))
-        out["class_entropy"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-        out["classes_2pct"] = int((p >= 0.02).sum())
+        out.update(digit_kinds(real_other[:n], clf))
     return out
 
 
@@ -184,7 +217,7 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
 COLUMNS = [("k_t", "k"), ("diversity_ratio", "div. ratio (256)"), ("logged_diversity", "div. ratio (monitor)"),
            ("factor_coverage", "factor coverage"), ("render_fidelity", "render fidelity"),
            ("class_entropy", "class entropy"), ("classes_2pct", "kinds >= 2%"),
-           ("swd_x1e3", "SWD x1e3"), ("nn_ratio", "NN ratio")]
+           ("swd_x1e3", "SWD x1e3"), ("nn_ratio", "NN ratio"), ("precision", "precision"), ("recall", "recall")]
 
 
 def markdown(doc: dict) -> str:

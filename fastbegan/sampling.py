@@ -46,3 +46,20 @@ def save_each(images: Tensor, folder: str | os.PathLike, prefix: str = "sample",
     folder.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images)
     return [save_png(a, folder / f"{prefix}_{start + i:06d}.png") for i, a in enumerate(arr)]
+
+
+def load_generator(checkpoint: str | os.PathLike, map_location: str = "cpu", raw: bool = False):
+    """The generator of a ``fastbegan train`` checkpoint, in eval mode, with the EMA of its
+    weights (``G_ema.*``, ``--ema-decay``) when the checkpoint holds one and ``raw`` is
+    False, else the trained weights; ``g.weights`` says which ("ema" or "raw")."""
+    from .checkpoint import load_checkpoint, load_into, unprefixed
+    from .model import Generator
+    g = Generator.from_checkpoint(str(checkpoint), map_location=map_location)
+    g.weights = "raw"
+    if not raw:
+        ema = unprefixed("G_ema.", load_checkpoint(checkpoint, map_location)[0])
+        if ema:
+            with torch.no_grad():
+                load_into(g, {**{k: v for k, v in g.state_dict().items() if k not in ema}, **ema})
+            g.weights = "ema"
+    return g

@@ -201,12 +201,12 @@ def _lever_options(pt_anneal, k_min_anneal, ema_decay) -> dict:
 @click.option("--each", type=click.Path(), default=None,
               help="Also write every sample as its own PNG in this folder (sample_000000.png, ...).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--raw", is_flag=True, help="Use G's trained weights, not the EMA of them the checkpoint may hold.")
 @user_errors
-def sample(checkpoint, out, n, seed, truncate, grid, each, device):
+def sample(checkpoint, out, n, seed, truncate, grid, each, device, raw=False):
     """Draw samples from a checkpoint's generator into a PNG grid (and/or one file each)."""
     from .images import save_grid
-    from .model import Generator
-    from .sampling import generate, parse_grid, sample_z, save_each
+    from .sampling import generate, load_generator, parse_grid, sample_z, save_each
     cols = rows = None
     if grid:
         cols, rows = parse_grid(grid)
@@ -216,7 +216,7 @@ def sample(checkpoint, out, n, seed, truncate, grid, each, device):
         raise click.BadParameter("must be >= 1", param_hint="--n")
     if grid and n > cols * rows:
         raise click.BadParameter(f"{n} samples do not fit a {grid} grid", param_hint="--n")
-    g = Generator.from_checkpoint(checkpoint, map_location=device)
+    g = load_generator(checkpoint, map_location=device, raw=raw)  # its EMA weights if it has them
     images = generate(g, sample_z(n, g.fc.in_features, seed, truncate))
     if each:
         save_each(images, each)

@@ -25,10 +25,10 @@ from . import health
 from . import quality as Q
 from .checkpoint import CheckpointError, load_checkpoint
 from .images import save_grid, save_png, to_unit_range
-from .model import Discriminator, Generator
+from .model import Discriminator
 from .plots import plot_run
 from .runlog import read_metrics
-from .sampling import generate, sample_z, save_each
+from .sampling import generate, load_generator, sample_z, save_each
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -120,8 +120,11 @@ def _real_sets(cfg: dict, data: str | None, n: int, seed: int, log):
 def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: int = 512, seed: int = 0,
              device: str = "cpu", data: str | None = None, fid_weights: str | None = None,
              swd_patches: int = 64, swd_dirs: int = 512, factors: bool = True, nn_rows: int = 8,
-             log=print) -> dict:
-    """Write report.json, report.md, samples.png, nearest_neighbours.png (+ metrics.png) and return the report."""
+             truncate: float = 1.0, raw: bool = False, log=print) -> dict:
+    """Write report.json, report.md, samples.png, nearest_neighbours.png (+ metrics.png) and return the report.
+
+    G's EMA weights when the checkpoint holds them (``--ema-decay``) unless ``raw``; samples
+    with z ~ U(-truncate, truncate)."""
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
     _check_options(n, fid_weights)
@@ -130,13 +133,13 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
     run_dir = run_dir_of(checkpoint)
     out = Path(out_dir) if out_dir else run_dir / "eval" / checkpoint.stem
     out.mkdir(parents=True, exist_ok=True)
-    g = Generator.from_checkpoint(str(checkpoint), map_location=device)
+    g = load_generator(checkpoint, map_location=device, raw=raw)
     d = Discriminator.from_checkpoint_tensors(tensors, cfg).to(device)
     report: dict = {
         "checkpoint": str(checkpoint), "step": step, "run_dir": str(run_dir),
         "config": {k: cfg.get(k) for k in ("res", "filters", "z_dim", "h", "gamma", "batch_size",
                                            "data", "n_procedural", "seed", "precision")},
-        "n": n, "seed": seed,
+        "n": n, "seed": seed, "weights": g.weights, "truncate": truncate,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     row = last_logged(run_dir, step)
@@ -148,7 +151,7 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, *, n: in
     report["real_data"] = {"source": source, "training_images": int(len(train)),
                            "reference": "fresh procedural faces (not in the training set)" if held_out
                            else "random training images"}
-    z = sample_z(n, cfg["z_dim"], seed)
+    z = sample_z(n, cfg["z_dim"], seed, truncate)
     fake = generate(g, z)
     # M_global measured now, with the checkpoint's D, on up to 128 training images
     x_m = to_unit_range(train[np.random.default_rng(seed + 1).choice(len(train), min(n, 128, len(train)),
@@ -277,6 +280,12 @@ def _fid_is(fake: torch.Tensor, ref: np.ndarray, fid_weights: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _weights(r: dict) -> str:
+    w = "EMA weights" if r.get("weights") == "ema" else "trained weights"
+    t = r.get("truncate", 1.0)
+    return w + ("" if t == 1.0 else f", z ~ U(-{t:g}, {t:g})")
+
+
 def _f(v, fmt="{:.4f}") -> str:
     return "n/a" if v is None else fmt.format(v)
 
@@ -284,7 +293,7 @@ def _f(v, fmt="{:.4f}") -> str:
 def markdown(r: dict) -> str:
     """The human-readable report.md."""
     L = [f"# fastbegan evaluation: step {r['step']}", "",
-         f"Checkpoint `{r['checkpoint']}`; {r['n']} generated vs {r['n']} real images "
+         f"Checkpoint `{r['checkpoint']}` (G's {_weights(r)}); {r['n']} generated vs {r['n']} real images "
          f"({r['real_data']['reference']}; data: {r['real_data']['source']}), seed {r['seed']}.", "",
          "| metric | value | real-vs-real baseline | meaning |", "|---|---|---|---|"]
     lg, ms = r.get("logged") or {}, r["measured"]

@@ -29,19 +29,20 @@ from .errors import user_errors
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), default="interpolation.png", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--raw", is_flag=True, help="Use G's trained weights, not the EMA of them the checkpoint may hold.")
 @user_errors
 def interpolate(checkpoint, seeds, from_images, pairs, frames, invert_steps, invert_lr, restarts,
-                truncate, data, seed, out, device):
+                truncate, data, seed, out, device, raw=False):
     """Latent interpolation (one row per pair): between real images (z found by optimisation,
     the BEGAN paper's figure), between random latents (--seeds), or image files (--from-images)."""
     from .images import save_grid
     from .interpolate import interpolate_images, interpolate_seeds
-    from .model import Generator
+    from .sampling import load_generator
     if seeds and from_images:
         raise click.UsageError("use either --seeds or --from-images, not both")
     if frames < 2:
         raise click.BadParameter("must be >= 2", param_hint="--frames")
-    g = Generator.from_checkpoint(checkpoint, map_location=device)
+    g = load_generator(checkpoint, map_location=device, raw=raw)  # its EMA weights if it has them
     if seeds:
         imgs = interpolate_seeds(g, list(seeds), frames, truncate)
         path = save_grid(imgs, out, nrow=frames)
@@ -97,12 +98,17 @@ def _image_pairs(cfg: dict, from_images, pairs: int, data, seed: int):
 @click.option("--no-factors", is_flag=True, help="Skip the factor score (it trains a small regressor once).")
 @click.option("--fid-weights", type=click.Path(), default=None,
               help="Local Inception weights file: also compute FID / IS with torch-fidelity (never downloaded).")
+@click.option("--truncate", type=float, default=1.0, show_default=True,
+              help="Score samples with z ~ U(-t, t), 0 < t <= 1 (smaller: more typical, less varied).")
+@click.option("--raw", is_flag=True, help="Score G's trained weights, not the EMA of them the checkpoint may hold.")
 @user_errors
-def eval_(checkpoint, out, n, seed, device, data, swd_patches, swd_dirs, no_factors, fid_weights):
-    """Quality report for a checkpoint: M_global, SWD, factor score, nearest neighbours (JSON + Markdown + PNG)."""
+def eval_(checkpoint, out, n, seed, device, data, swd_patches, swd_dirs, no_factors, fid_weights, truncate=1.0,
+          raw=False):
+    """Quality report for a checkpoint: M_global, SWD, precision/recall, factor score, nearest neighbours
+    (JSON + Markdown + PNG)."""
     from .evaluate import evaluate
     r = evaluate(checkpoint, out, n=n, seed=seed, device=device, data=data, fid_weights=fid_weights,
-                 swd_patches=swd_patches, swd_dirs=swd_dirs, factors=not no_factors,
+                 swd_patches=swd_patches, swd_dirs=swd_dirs, factors=not no_factors, truncate=truncate, raw=raw,
                  log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {r['out']}/report.md and report.json")
 

@@ -10,6 +10,7 @@ has more than one) and keeps axes 1 and 2 for small counts (phases, halves, spli
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 
@@ -101,5 +102,59 @@ def cap(configs: list) -> list:
 
 
 def autotune(configs, key, **kwargs):
-    """``triton.autotune`` with the results cached on disk when this Triton supports it."""
-    return triton.autotune(configs=configs, key=key, **AUTOTUNE_CACHE, **kwargs)
+    """``triton.autotune`` with the results cached on disk when this Triton supports it,
+    and the guards of :func:`_guarded_autotuner`."""
+    make = triton.autotune(configs=configs, key=key, **AUTOTUNE_CACHE, **kwargs)
+
+    def decorator(fn):
+        tuner = make(fn)
+        tuner.__class__ = _guarded_autotuner(type(tuner))
+        return tuner
+    return decorator
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_autotuner(cls):
+    """``cls`` (Triton's Autotuner) with three guards, the same on Triton 3.6 to 3.9:
+
+    - a config that fails to build or run for any reason is timed as infinitely slow, so
+      one bad config cannot take the whole kernel path down (Triton itself forgives only
+      resource and compile-assertion errors; if every config fails, the launch after
+      tuning raises and the fallback chain drops the path). A sticky CUDA error is not
+      forgiven: the context is gone, and the fallback chain ends the run;
+    - a single config left after pruning is not benchmarked (Triton 3.6 benchmarks it);
+    - nothing is benchmarked inside a CUDA graph capture (it raises instead): every shape
+      must be tuned in the eager warm-up steps before the step is captured.
+    """
+    class GuardedAutotuner(cls):
+        def prune_configs(self, kwargs):
+            pruned = super().prune_configs(kwargs)
+            self._single_config = len(pruned) == 1
+            return pruned
+
+        def _bench(self, *args, config, **meta):
+            if getattr(self, "_single_config", False):
+                return [0.0, 0.0, 0.0]
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"fastbegan: {self.base_fn.__name__} would be autotuned inside a "
+                                   "CUDA graph capture: run every shape in eager steps first")
+            try:
+                return super()._bench(*args, config=config, **meta)
+            except Exception:
+                if not _cuda_context_alive():
+                    raise
+                return [float("inf")] * 3
+
+    GuardedAutotuner.__name__ = GuardedAutotuner.__qualname__ = f"Guarded{cls.__name__}"
+    return GuardedAutotuner
+
+
+def _cuda_context_alive() -> bool:
+    """False after a sticky CUDA error (the context cannot run anything any more)."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return True
+    except Exception:
+        return False

@@ -331,7 +331,8 @@ def conv3x3_dgrad_kernel(
         b_offs = ((wtap * Co + ck) * C)[:, None] + offs_n[None, :]
         b = tl.load(wt_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
 
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        # out_dtype: the accumulator's (fp64 in gradcheck; Triton 3.6 assumes fp32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
 
     # ---- epilogue: store the tile (NHWC, source dtype)
     o_offs = (((nb * Hs + oh) * Ws + ow) * C)[:, None] + offs_n[None, :]
@@ -517,7 +518,7 @@ def conv3x3_wgrad_kernel(
         b = tl.load(src_ptr + b_offs, mask=in_ok[:, None] & ci_ok[None, :], other=0.0)
 
         acc = tl.dot(a.to(src_ptr.dtype.element_ty), b.to(src_ptr.dtype.element_ty), acc,
-                     input_precision=DOT_PRECISION)
+                     input_precision=DOT_PRECISION, out_dtype=ACC)
 
     # partial tile -> part[s, co, t, ci] (fp32; fp64 for fp64 tensors)
     p_offs = (((pid_s * Co + offs_co) * T + t) * C)[:, None] + offs_ci[None, :]

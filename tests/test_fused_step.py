@@ -457,3 +457,23 @@ def test_grad_error():
     assert _grad_error(torch.zeros(2), w, cpu).item() == 1.0
     assert _grad_error(None, w, cpu).item() == 1.0 and _grad_error(None, None, cpu).item() == 0.0
     assert _grad_error(torch.zeros(2), torch.zeros(2), cpu).item() == 0.0
+
+
+@pytest.mark.skipif(_triton_conv_reason() is not None, reason=str(_triton_conv_reason()))
+@pytest.mark.parametrize("variant", [{}, {"pt_weight": 0.1, "k_min": 0.05, "skip": True}])
+def test_warmup_decides_every_kernel_shape_before_capture(monkeypatch, one_thread, variant):
+    """On a GPU the step is captured after ``warmup`` eager steps, and inside a capture no
+    kernel path may be tried or autotuned (a key first met there raises). Here the third
+    step runs as if captured: it must find every (op, shape) of the triton backend decided
+    by the two warm-up steps, with the remedies and skip connections on too."""
+    from fastbegan.ops import fallback
+    fallback.set_strict(False)
+    tr = _trainer("triton", **variant)
+    step = FusedStep(tr, compile=False, warmup=2)
+    with ops.use_backend("triton"):
+        step()
+        step()
+        decided = set(fallback.decisions()["chosen"])
+        monkeypatch.setattr(fallback, "_capturing", lambda: True)
+        step()
+    assert set(fallback.decisions()["chosen"]) == decided and len(decided) >= 10

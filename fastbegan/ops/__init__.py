@@ -33,7 +33,7 @@ from . import fallback, reference
 from .fallback import KernelFallbackWarning, KernelFatalError
 
 BACKENDS = ("auto", "torch", "triton")
-MIN_TRITON = (3, 0)  # as pyproject.toml requires; tensor-descriptor kernels need newer, with a fallback
+MIN_TRITON = (3, 6)  # as pyproject.toml requires: the oldest Triton tested (.ci/versions)
 _backend = "torch"
 _warned = False
 _triton_ops = None  # fastbegan.ops.triton_ops, imported once when the backend is selected

@@ -43,8 +43,25 @@ def sm90_table(factories, results_path, what, python=None):
     except aot.Sm90Unavailable as e:
         pytest.skip(f"cannot compile for sm_90 without a GPU here: {e}")
     if results_path is not None:
-        aot.write_table(results_path, rows, what, info.get("triton_version"))
+        aot.write_table(_table_path(results_path, info.get("triton_version")), rows, what,
+                        info.get("triton_version"))
     return rows
+
+
+def _table_path(path, version):
+    """``path`` for the Triton version it holds already (or a new file); another version's
+    table goes beside it, as ``<stem>_triton<version>.json`` (.ci/versions runs the suite
+    with the GPU machines' Triton and must not overwrite the main table)."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    try:
+        held = json.loads(path.read_text()).get("triton_version")
+    except (OSError, ValueError):
+        held = None
+    if held is None or held == version:
+        return path
+    return path.with_name(f"{path.stem}_triton{version}{path.suffix}")
 
 
 # max abs error allowed, relative to the reference's largest magnitude, per activation dtype

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,30 @@ def _folder_key(files: list[Path], res: int) -> str:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTBEGAN_CACHE", Path.home() / ".cache" / "fastbegan"))
+
+
+def read_json_table(path: Path) -> dict:
+    """A JSON object kept in the cache (compile records, dropped kernel paths); {} when the
+    file is missing, unreadable or not an object."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def write_json_atomic(path: Path, table: dict) -> bool:
+    """Write ``table`` as JSON through a temporary file and a rename (never a half file);
+    False if the cache cannot be written (the record is lost, nothing else)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
 
 
 def save_array_atomic(path: Path, arr: np.ndarray) -> None:

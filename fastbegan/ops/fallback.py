@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -246,11 +245,8 @@ def variant(op: str, key) -> str:
 
 
 def _read_table() -> dict:
-    try:
-        table = json.loads(records_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return table if isinstance(table, dict) else {}
+    from fastbegan.data import read_json_table
+    return read_json_table(records_path())
 
 
 def recorded_drops(device: torch.device) -> dict[str, dict[str, str]]:
@@ -268,30 +264,23 @@ def record_dropped(op: str, key, path: str, why: str, device: torch.device) -> N
     (merged into the file atomically; an unwritable cache only loses the record)."""
     if not _persists(device) or path == "torch":
         return
+    from fastbegan.data import write_json_atomic
     env, var = env_key(device), variant(op, key)
     recorded_drops(device).setdefault(var, {})[path] = why
-    file = records_path()
-    try:
-        table = _read_table()
-        table.setdefault(env, {}).setdefault(var, {})[path] = why
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, file)
-    except OSError:
-        pass
+    table = _read_table()
+    table.setdefault(env, {}).setdefault(var, {})[path] = why
+    write_json_atomic(records_path(), table)
 
 
 def forget_recorded(device: torch.device) -> int:
     """Delete this device's records (``fastbegan doctor --retest``); returns how many."""
+    from fastbegan.data import write_json_atomic
     env = env_key(device)
     table = _read_table()
     gone = table.pop(env, {})
     _records.pop(env, None)
     if gone:
-        tmp = records_path().with_name(f".dropped_paths.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, records_path())
+        write_json_atomic(records_path(), table)
     return sum(len(v) for v in gone.values())
 
 

@@ -44,10 +44,10 @@ BASE = ["--variant", "escape", "--ema-decay", "0.999"]
 # name -> (flags on top of BASE, (parent run, step it forks from) or None)
 LEVERS = {
     "escape": ([], None),                                              # today's default
-    "anneal": (["--pt-anneal", "2000", "4000", "--k-min-anneal", "2000", "4000"], ("escape", 2000)),
-    "pt-anneal": (["--pt-anneal", "2000", "4000"], ("escape", 2000)),  # the floor stays
+    "anneal": (["--pt-anneal", "2000", "3000", "--k-min-anneal", "2000", "3000"], ("escape", 2000)),
+    "pt-anneal": (["--pt-anneal", "2000", "3000"], ("escape", 2000)),  # the floor stays
     "lr-decay": (["--lr-half-every", "2000"], ("escape", 1500)),       # lr halved at 2k, 4k, ... (min 2e-5)
-    "pt-anneal+lr-decay": (["--pt-anneal", "2000", "4000", "--lr-half-every", "2000"], ("escape", 1500)),
+    "pt-anneal+lr-decay": (["--pt-anneal", "2000", "3000", "--lr-half-every", "2000"], ("escape", 1500)),
 }
 VIEWS = {"raw": dict(raw=True, truncate=1.0), "ema": dict(raw=False, truncate=1.0),
          "raw-t0.5": dict(raw=True, truncate=0.5), "ema-t0.5": dict(raw=False, truncate=0.5)}
@@ -100,12 +100,21 @@ def score_run(run: Path, ds: str, lever: str, d: dict, steps: int, n: int, done:
             if (ds, lever, s, view) in done or not ckpt.exists():
                 continue
             r = {"dataset": ds, "lever": lever, "view": view, "step": s, "k_t": logged_k(run, s),
-                 "train_s": round(train_seconds(run, s), 1)}
+                 "loss_ratio": loss_ratio(run, s), "train_s": round(train_seconds(run, s), 1)}
             r.update(score(ckpt, ds, d["ref"], d["train"], n, d["clf"], full=kw["truncate"] == 1.0, **kw))
             rows.append(r)
             print(f"{ds}-{lever} step {s} {view}: P {r['precision']:.3f} R {r['recall']:.3f} "
                   f"SWD {r['swd_x1e3']:.1f}", flush=True)
     return rows
+
+
+def loss_ratio(run: Path, step: int, window: int = 500) -> float | None:
+    """Median L_fake / L_real of the logged rows in (step - window, step]: where it is above
+    gamma, the paper's k_t update is negative (k_t sits on the floor)."""
+    from fastbegan.health import read_metrics
+    vals = [r["loss_fake"] / r["loss_real"] for r in read_metrics(run / "metrics.jsonl")
+            if step - window < r["step"] <= step and r.get("loss_real")]
+    return float(np.median(vals)) if vals else None
 
 
 def load_data(datasets: list[str], work: Path, seed: int) -> dict:
@@ -194,6 +203,8 @@ def markdown(doc: dict) -> str:
              "- cells: k-NN precision / recall (k 3; faces: factor regressor's features, 512 vs 512 fresh faces; "
              "digits: fixed random CNN's features, 297 samples vs the 297 held-out digits) / SWD x1e3 / "
              "diversity ratio / kinds of digit with >= 2% of 512 samples (faces: factor coverage)",
+             "- details: k_t logged at the checkpoint; L_f/L_r (loss_ratio): median L_fake / L_real of the rows "
+             "logged in the 500 steps up to it (while it is above gamma, the paper's k_t update is negative)",
              f"- time to quality: training seconds until precision >= {TARGET} and recall >= {TARGET} first "
              "(checkpoints every 500 steps to 4,000, then every 1,000), or the best min(P, R) reached", ""]
     for ds in doc["datasets"]:
@@ -212,7 +223,7 @@ def markdown(doc: dict) -> str:
 
 def details(rows: list[dict], ds: str) -> str:
     """Every scored row of the trained weights' view (all metrics), by lever and step."""
-    cols = ["k_t", "train_s", "precision", "recall", "swd_x1e3", "diversity_ratio", "nn_ratio"]
+    cols = ["k_t", "loss_ratio", "train_s", "precision", "recall", "swd_x1e3", "diversity_ratio", "nn_ratio"]
     cols += (["factor_coverage", "render_fidelity", "precision_rcnn", "recall_rcnn"] if ds == "faces"
              else ["class_entropy", "classes_2pct"])
     out = [f"<details><summary>{ds}: every scored checkpoint, trained weights (raw)</summary>", "",

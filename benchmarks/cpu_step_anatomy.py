@@ -11,7 +11,7 @@ Writes benchmarks/results/cpu-<model>-anatomy-<date>.json / .md with, on this CP
 2. The glibc allocator setting (fastbegan.hardware.tune_cpu_allocator): minor page faults
    and ms per eager fused step without and with it.
 3. Inductor's wrapper (res 32 and 64, bf16): the compiled step with the Python wrapper
-   (inductor's default) and with the C++ wrapper (``fastbegan.step.CPU_COMPILE_MODE``),
+   (inductor's default) and with the C++ wrapper (``fastbegan.autocompile.CPU_COMPILE_MODE``),
    both in one process, steps interleaved.
 4. Single ops at the res-32 discriminator's largest layer (batch 32, 64 -> 64 channels,
    32x32, bf16, channels_last), each the slow and the fast form the torch backend chose
@@ -71,7 +71,7 @@ import json, sys, time
 import numpy as np, torch
 from fastbegan.hardware import tune_cpu_allocator
 tune_cpu_allocator()
-from fastbegan import step as step_mod
+from fastbegan import autocompile, step as step_mod
 from fastbegan.train import Trainer, TrainConfig
 res, steps = json.loads(sys.argv[1])
 data = np.random.default_rng(0).integers(0, 256, (256, res, res, 3), dtype=np.uint8)
@@ -87,11 +87,12 @@ def cpp_wrapper(f):
     return forward_b
 
 runs = {}
-for name, mode, wrap in (("python", None, python_wrapper), ("cpp", step_mod.CPU_COMPILE_MODE, cpp_wrapper)):
+for name, mode, wrap in (("python", None, python_wrapper), ("cpp", autocompile.CPU_COMPILE_MODE, cpp_wrapper)):
     cfg = TrainConfig(res=res, batch_size=16, filters=64, backend="torch", device="cpu",
                       out="/tmp/fastbegan-anatomy", health_patience=0, precision="bf16")
     s = step_mod.FusedStep(Trainer(cfg, data, log=lambda *_: None), compile=False)
-    s._forward, s._compile_pending = step_mod._compiled(wrap(s._forward_eager), mode), True
+    f = s.forward
+    f.fn, f.mode, f.pending = autocompile._compiled(wrap(f.eager), mode), mode or "default", True
     for _ in range(3):
         s()
     runs[name] = (s, [])
@@ -222,7 +223,7 @@ def markdown(doc: dict) -> str:
 def main() -> None:
     from fastbegan.bench.device import device_info, git_commit, slugify
     from fastbegan.hardware import configure_threads, tune_cpu_allocator
-    from fastbegan.step import CPU_COMPILE_MODE
+    from fastbegan.autocompile import CPU_COMPILE_MODE
     configure_threads()
     dev = device_info(torch.device("cpu"))["name"]
     doc = {"meta": {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastbegan import ops
+from fastbegan.step import ReferenceStep
 
 
 class PortStep:
@@ -23,13 +24,14 @@ class PortStep:
 
     def __init__(self, trainer):
         self.tr = trainer
+        self.draws = ReferenceStep(trainer)  # the same batches and z as the reference step
         self.k = float(trainer.k)
 
     def losses(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L_D, L_G, L_real) for a fresh batch and z, graphs attached."""
         tr = self.tr
-        x = tr.real_batch().contiguous()  # the port's tensors are NCHW
-        z = tr.sample_z(tr.cfg.batch_size)
+        x = self.draws.real_batch().contiguous()  # the port's tensors are NCHW
+        z = self.draws.sample_z()
         fake = tr.G(z)
         loss_real = ops.l1_recon_loss(x, tr.D(x))
         loss_fake_d = ops.l1_recon_loss(fake.detach(), tr.D(fake.detach()))

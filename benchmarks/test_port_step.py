@@ -1,13 +1,14 @@
 """The port baseline is faithful: its gradients are those of one backward of L_D + L_G.
 
 Checked against an independent computation: fastbegan's reference step
-(``Trainer.compute_grads``: D gets grad(L_D), G gets grad(L_G), same z) plus, for D only,
+(``ReferenceStep.compute_grads``: D gets grad(L_D), G gets grad(L_G), same z) plus, for D only,
 the gradient of L_G with respect to D's parameters, the port's known bug.
 """
 import numpy as np
 import torch
 
 from fastbegan.data import procedural_faces
+from fastbegan.step import ReferenceStep
 from fastbegan.train import Trainer, TrainConfig
 
 from port_step import PortStep
@@ -38,9 +39,10 @@ def test_port_gradients_are_ld_plus_lg_into_d(tmp_path):
     # the same batch and z again, through the reference step and a separate L_G -> D gradient
     t.gen.set_state(gen_state)
     t.k = torch.tensor(0.3)
-    x = t.real_batch()
-    z = t.sample_z(4)
-    t.compute_grads(x, z)
+    ref = ReferenceStep(t)
+    x = ref.real_batch()
+    z = ref.sample_z(4)
+    ref.compute_grads(x, z)
     ref_d, ref_g = _grads(t.D.parameters()), _grads(t.G.parameters())
     fake = t.G(z).detach()
     lg_into_d = torch.autograd.grad((fake - t.D(fake)).abs().mean(), list(t.D.parameters()))

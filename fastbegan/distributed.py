@@ -1,21 +1,33 @@
-"""Several GPUs (or CPU processes): ``torchrun --nproc-per-node N -m fastbegan train ...``.
+"""Several GPUs, processes or machines: ``torchrun ... -m fastbegan train ...`` (docs/design.md §4.1).
 
 Data parallel with a *global* batch: ``--batch-size B`` is the whole step's batch and
 each of the W processes takes B / W rows of it. Every rank keeps the same data/z
 generator, so all draw the same global indices, flips and z, and rank r uses rows
 ``r*B/W .. (r+1)*B/W``. One all-reduce after the backward averages D's and G's gradients
-and the two losses (one buffer), so k_t, M and every Adam step are the same on all ranks
-and equal, up to summation order, to one process with batch B. Rank 0 alone writes and
-prints; a checkpoint resumes on any number of processes. Single-process runs never touch
-``torch.distributed`` (:func:`info` is then rank 0 of 1).
+and the losses (:class:`GradSync`, one buffer), so k_t, M and every Adam step are the same
+on all ranks and equal, up to summation order, to one process with batch B; both training
+steps call it the same way (``fastbegan.step.Step``). Rank 0 alone writes and prints; a
+checkpoint resumes on any number of processes. Single-process runs never touch
+``torch.distributed`` (:func:`info` is then rank 0 of 1, not ``enabled``).
+
+Faults: a collective that fails because another process died raises :class:`PeerLost`
+(one clear line, exit status 1); the checkpoints on disk are intact (they are written
+atomically) and the run resumes with ``--resume``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+
+class PeerLost(RuntimeError):
+    """Another process of the run died or stopped answering (a collective failed)."""
 
 
 @dataclass(frozen=True)
@@ -23,10 +35,13 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: bool = False  # a torch.distributed process group is in use
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        """The run is one of a process group's ranks: gradients are all-reduced (a group of
+        one process too, which measures the collective's own cost)."""
+        return self.world > 1 or self.group
 
     @property
     def is_main(self) -> bool:
@@ -50,7 +65,7 @@ def info() -> DistInfo:
     """The current process group's rank and size (rank 0 of 1 without one)."""
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
-        return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return DistInfo(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", dist.get_rank())), True)
     return DistInfo()
 
 
@@ -59,10 +74,11 @@ def is_main_process() -> bool:
     return info().is_main and env_info().is_main
 
 
-def init_from_env(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); no-op alone."""
+def init_from_env(device: str = "auto", force: bool = False) -> DistInfo:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); no-op alone
+    (``force``: a group of one process too, for the benchmark of the collective's cost)."""
     env = env_info()
-    if env.world <= 1 or (dist.is_available() and dist.is_initialized()):
+    if (env.world <= 1 and not force) or (dist.is_available() and dist.is_initialized()):
         return info()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
@@ -99,6 +115,43 @@ def check_batch(batch_size: int, di: DistInfo, pairs: bool = False) -> None:
                          f"batch: use --batch-size >= {2 * di.world} for {di.world} processes, or --pt-weight 0")
 
 
+# ----------------------------------------------------------------------------------------
+# collectives
+# ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def peer_errors():
+    """Turn a failed collective (gloo: 'Connection reset by peer', a timeout; NCCL: an
+    aborted communicator) into :class:`PeerLost` with one plain sentence."""
+    try:
+        yield
+    except PeerLost:
+        raise
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        raise PeerLost(f"rank {info().rank}: lost contact with the other processes of the run "
+                       f"(another process died or stopped answering; {first[:200]})") from e
+
+
+def from_rank0(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (``flag`` itself without a process group)."""
+    if not info().enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    with peer_errors():
+        dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all ranks (``value`` itself without a process group)."""
+    if not info().enabled:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    with peer_errors():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's parameters and buffers equal to rank ``src``'s."""
     with torch.no_grad():
@@ -106,25 +159,41 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
-def average_grads_and_losses(params, losses: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average ``.grad`` of ``params`` and the 0-d ``losses`` over all ranks, in one
-    all-reduce of one flat fp32 buffer; returns the averaged losses (new tensors)."""
-    params = [p for p in params if p.grad is not None]
-    world = dist.get_world_size()
-    flat = torch.cat([p.grad.reshape(-1).float() for p in params]
-                     + [torch.stack([l.detach().float() for l in losses])])
-    dist.all_reduce(flat)
-    flat.div_(world)
-    o = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[o:o + n].view(p.grad.shape))
-        o += n
-    return list(flat[o:].unbind())
+class GradSync:
+    """The one collective of a training step: ``sync(losses) -> losses`` averages the
+    ``.grad`` of ``params`` (G's and D's) and the 1-d fp32 ``losses`` over all ranks in ONE
+    all-reduce of one flat fp32 buffer, and returns the averaged losses (a new tensor).
+
+    Device work only (no host read), so it can sit inside a CUDA graph: NCCL collectives
+    are captured when every rank captures the same graph. ``seconds`` / ``calls``: the
+    host time spent in the all-reduce (the time itself on a CPU; on CUDA only the launch).
+    """
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.world = dist.get_world_size()
+        self.seconds, self.calls = 0.0, 0
+
+    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [losses.detach().float().reshape(-1)])
+        t0 = time.perf_counter()
+        with peer_errors():
+            dist.all_reduce(flat)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        flat.div_(self.world)
+        o = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[o:o + n].view(g.shape))
+            o += n
+        return flat[o:]
 
 
 def any_true(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is True on any (a host synchronisation)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with peer_errors():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

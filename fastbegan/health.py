@@ -408,7 +408,8 @@ class HealthMonitor:
         checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
         before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if ckpt.checkpoint_step(p) < since]
         old_step, old_lr = trainer.step, trainer.lr
-        good = getattr(trainer, "_good", None)  # the divergence guard's in-memory start state
+        guard = getattr(trainer, "guard", None)
+        good = guard.start if guard is not None else None  # the divergence guard's in-memory start state
         if before:
             path = before[-1]
             trainer.load_checkpoint(path)

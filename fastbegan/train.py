@@ -1,13 +1,14 @@
-"""The BEGAN trainer, reference path: any device, any backend (docs/design.md §1, §4.1).
+"""The BEGAN trainer: a run's state and the training loop (docs/design.md §4).
 
-:class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device)
-and BEGAN's state (k_t, step, lr). ``train_step`` is the same-z global step (with
-``separate_z``, the paper's two draws); by default it hands over to the single-pass
-:class:`fastbegan.step.FusedStep` (``--reference-step`` keeps it here). ``fit`` is the
-loop: scalars read every ``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
-exact resume, the divergence guard (restore and halve the lr on NaN/Inf) and the log hooks
-(the health monitor). :func:`train` loads the data and runs a config, also under torchrun
-(:mod:`fastbegan.distributed`). User guide: docs/training.md.
+:class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device),
+BEGAN's state (k_t, step, lr) and the run's checkpoint state (``state_tensors`` /
+``load_state``). One step is ``train_step``: the :class:`fastbegan.step.Step` that
+:func:`fastbegan.step.make_step` picked (the fused single-pass step, or the reference
+step). ``fit`` is the loop: scalars read every ``log_every`` steps (the only host
+synchronisation), samples, atomic checkpoints with exact resume, and the log hooks (the
+divergence guard, :mod:`fastbegan.guard`; the health monitor). :func:`train` loads the
+data and runs a config, also under torchrun (:mod:`fastbegan.distributed`). User guide:
+docs/training.md.
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from . import checkpoint as ckpt
 from . import distributed
 from . import ops
 from . import remedies
+from .guard import DivergenceGuard
 from .hardware import PRECISIONS, configure_threads, resolve_precision, tune_cpu_allocator
 from .images import to_unit_range
 from .model import BEGAN, check_resolution, default_filters
+from .step import make_step
 
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -141,10 +144,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-class DivergenceError(RuntimeError):
-    """Training kept producing NaN/Inf after ``max_restores`` restores."""
-
-
 class Trainer:
     """Owns the model, optimisers, device-resident data and BEGAN state of one run."""
 
@@ -160,7 +159,6 @@ class Trainer:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
                              "images): use a smaller --batch-size or more images")
         distributed.check_batch(cfg.batch_size, self.dist, pairs=cfg.pt_weight > 0)
-        self.shard = self.dist.shard(cfg.batch_size)  # this rank's rows of each global draw
         torch.manual_seed(cfg.seed)
         self.model = BEGAN(cfg.res, cfg.filters, cfg.z_dim, cfg.h, skip=cfg.skip,
                            vanishing_residual=cfg.vanishing_residual > 0).to(self.device)
@@ -177,8 +175,7 @@ class Trainer:
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.k = torch.full((), float(cfg.k_init), device=self.device)  # k_0
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # divergence flag
-        self.restores = 0
-        self._good: tuple[dict, dict] | None = None  # in-memory restore point (no checkpoint yet)
+        self.guard = DivergenceGuard(cfg.max_restores)
         self._stop_requested = False
         self.step = 0
         self.lr = cfg.lr
@@ -190,125 +187,25 @@ class Trainer:
         # Called at every log interval as hook(trainer, row) -> str | None (a message for the
         # user, also stored in the metrics row). The health monitor and the divergence guard
         # plug in here: they run on the host only when the logged scalars are read anyway.
-        self.log_hooks: list = [Trainer._divergence_hook]
+        self.log_hooks: list = [self.guard]
         if cfg.health_patience:  # mode collapse, k_t pinned, M trend (fastbegan.health)
             from .health import HealthMonitor
             self.log_hooks.append(HealthMonitor.from_config(cfg))
         self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
-        self.remedy_terms: dict[str, torch.Tensor] = {}  # the collapse remedies' last values
         self.g_ema = remedies.GeneratorEMA(self.G, cfg.ema_decay) if cfg.ema_decay else None
-        # The fused single-pass step (fastbegan.step: one backward; CUDA graph on a GPU)
-        # wherever it applies; the reference step below otherwise. step_path says which.
-        from .step import FusedStep, fused_step_status
-        use_fused, why = fused_step_status(self)
-        compile_arg = {"auto": "auto", "on": True, "off": False}[cfg.compile_step]
-        self.fused_step = FusedStep(self, compile=compile_arg) if use_fused else None
-        self.step_path = f"{'fused' if use_fused else 'reference'} training step ({why})"
-        if use_fused:
-            fs = self.fused_step
-            self.step_path += (f"; torch.compile {fs.compile_mode} ({fs.compile_why}; the first "
-                               "step compiles)" if fs.compile_mode else f"; torch.compile {fs.compile_why}")
-
-    # ------------------------------------------------------------------ sampling
-    def sample_z(self, n: int) -> torch.Tensor:
-        return torch.rand(n, self.cfg.z_dim, device=self.device, generator=self.gen).mul_(2).sub_(1)
-
-    def real_batch(self) -> torch.Tensor:
-        b = self.cfg.batch_size
-        idx = torch.randint(len(self.data), (b,), device=self.device, generator=self.gen)
-        flip = torch.rand(b, device=self.device, generator=self.gen) < 0.5 if self.cfg.flip else None
-        x = to_unit_range(self.data[idx[self.shard]])  # several ranks: this rank's rows only
-        if flip is not None:
-            x = torch.where(flip[self.shard].view(-1, 1, 1, 1), x.flip(3), x)
-        return x.contiguous(memory_format=torch.channels_last)
+        # The fused single-pass step (one backward; CUDA graph on a GPU) wherever it
+        # applies, the reference step otherwise (fastbegan.step); step_path says which.
+        self.stepper = make_step(self)
+        self.step_path = self.stepper.describe()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     # ------------------------------------------------------------------ one step
-    def compute_grads(self, x: torch.Tensor, z_d: torch.Tensor, z_g: torch.Tensor | None = None):
-        """Losses for one step, with D's and G's gradients written to ``.grad``.
-
-        Same-z step when ``z_g`` is None. Returns (L_real, L_fake_for_k) as 0-d fp32 tensors.
-        """
-        g_params, d_params = list(self.G.parameters()), list(self.D.parameters())
-        b = x.shape[0]
-        with self.autocast():
-            if z_g is None:
-                fake = self.G(z_d)
-                codes = self.D.encoder(torch.cat([x, fake]))
-                rec = self.D.decoder(codes)
-                loss_real = ops.l1_recon_loss(x, rec[:b])
-                loss_fake = ops.l1_recon_loss(fake, rec[b:])
-                loss_d = loss_real - self.k * loss_fake + self._cs_term(codes[b:], z_d)
-                loss_g = loss_fake + self._pt_term(codes[b:])
-                grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
-                grads_g = torch.autograd.grad(loss_g, g_params)
-                self.last_batch = {"x": x, "fake": fake.detach()}
-            else:
-                with torch.no_grad():
-                    fake_d = self.G(z_d)
-                codes = self.D.encoder(torch.cat([x, fake_d]))
-                rec = self.D.decoder(codes)
-                loss_real = ops.l1_recon_loss(x, rec[:b])
-                loss_d = (loss_real - self.k * ops.l1_recon_loss(fake_d, rec[b:])
-                          + self._cs_term(codes[b:], z_d))
-                grads_d = torch.autograd.grad(loss_d, d_params)
-                fake_g = self.G(z_g)
-                codes_g = self.D.encoder(fake_g)
-                loss_fake = ops.l1_recon_loss(fake_g, self.D.decoder(codes_g))
-                loss_g = loss_fake + self._pt_term(codes_g)
-                grads_g = torch.autograd.grad(loss_g, g_params)
-                self.last_batch = {"x": x, "fake": fake_g.detach()}
-        for p, g in zip(d_params, grads_d):
-            p.grad = g
-        for p, g in zip(g_params, grads_g):
-            p.grad = g
-        return loss_real.float(), loss_fake.float()
-
-    def _cs_term(self, codes: torch.Tensor, z: torch.Tensor):
-        """BEGAN-CS's term of L_D (0 when off); autograd.grad takes it to D's parameters only."""
-        if not self.cfg.cs_alpha:
-            return 0.0
-        self.remedy_terms["loss_cs"] = value = remedies.constrained_space_loss(codes, z)
-        return self.cfg.cs_alpha * value
-
-    def _pt_term(self, codes: torch.Tensor):
-        """The pulling-away term of L_G (0 when off); autograd.grad takes it to G's only."""
-        if not self.cfg.pt_weight:
-            return 0.0
-        self.remedy_terms["loss_pt"] = value = remedies.pulling_away(codes)
-        scale = remedies.pt_scale_at(self.cfg, torch.full((), self.step, device=self.device))
-        return self.cfg.pt_weight * value if scale is None else self.cfg.pt_weight * scale * value
-
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One BEGAN step; returns device scalars (no host synchronisation)."""
-        if self.fused_step is not None:
-            return self.fused_step()
-        cfg = self.cfg
-        if cfg.vanishing_residual:
-            self.model.set_carry(max(0.0, 1.0 - self.step / cfg.vanishing_residual))
-        x = self.real_batch()
-        z_d = self.sample_z(cfg.batch_size)[self.shard]
-        z_g = self.sample_z(cfg.batch_size)[self.shard] if cfg.separate_z else None
-        loss_real, loss_fake = self.compute_grads(x, z_d, z_g)
-        if self.dist.enabled:  # one all-reduce: mean grads of G and D, mean losses
-            loss_real, loss_fake = distributed.average_grads_and_losses(
-                self.model.parameters(), [loss_real, loss_fake])
-        self.nonfinite.logical_or_(~torch.isfinite(loss_real + loss_fake))  # no host sync
-        self.opt_d.step()
-        self.opt_g.step()
-        step_t = torch.full((), self.step, device=self.device)
-        if self.g_ema is not None:
-            self.g_ema.update(step_t)
-        k_used = self.k
-        k_next, m_global = ops.began_update(self.k, loss_real, loss_fake, cfg.gamma, cfg.lambda_k)
-        self.k = remedies.k_floor(k_next, remedies.k_min_at(cfg, step_t))
-        self.step += 1
-        self._schedule_lr()
-        return {"loss_real": loss_real.detach(), "loss_fake": loss_fake.detach(),
-                "loss_d": (loss_real - k_used * loss_fake).detach(), "k": self.k, "M": m_global,
-                **{n: v.detach().float() for n, v in self.remedy_terms.items()}}
+        """One BEGAN step (:class:`fastbegan.step.Step`); returns device scalars (no host
+        synchronisation)."""
+        return self.stepper()
 
     def _set_lr(self, lr: float) -> None:
         self.lr = lr
@@ -351,12 +248,12 @@ class Trainer:
     def host_state(self) -> dict:
         return {"lr": self.lr, "best_m": None if math.isinf(self.best_m) else self.best_m,
                 "best_m_step": self.best_m_step, "lr_halvings": self.lr_halvings,
-                "restores": self.restores}
+                "restores": self.guard.restores}
 
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<step>`` (rank 0; every rank must call it). Never from a diverged
         state: the divergence check runs first, and restores instead of saving."""
-        if self.check_divergence(params=True) is not None or not self.dist.is_main:
+        if self.guard.check(self, params=True) is not None or not self.dist.is_main:
             return None
         path = ckpt.checkpoint_path(self.cfg.out, self.step)
         return ckpt.save_checkpoint(path, self.state_tensors(), self.cfg.to_dict(), self.host_state(),
@@ -391,57 +288,6 @@ class Trainer:
         self.best_m_step = state.get("best_m_step", 0)
         self.lr_halvings = state.get("lr_halvings", 0)
         self.nonfinite.zero_()  # ``restores`` is not loaded: the retry budget is per launch
-
-    # ------------------------------------------------------------------ divergence guard
-    @staticmethod
-    def _divergence_hook(trainer: "Trainer", row: dict) -> str | None:
-        return trainer.check_divergence()
-
-    def _snapshot(self) -> None:
-        """Keep the current state in host memory as the restore point, unless a checkpoint
-        of this very step exists (a resumed run): then that file is the restore point."""
-        last = ckpt.latest_checkpoint(self.cfg.out)
-        if last is not None and ckpt.checkpoint_step(last) == self.step:
-            self._good = None
-            return
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.state_tensors().items()}
-        self._good = (tensors, self.host_state())
-
-    def check_divergence(self, params: bool = False) -> str | None:
-        """Host side: if a loss was NaN/Inf since the last check (or, with ``params``, a
-        parameter is), restore the last good state with lr halved and return a message;
-        raise :class:`DivergenceError` after ``max_restores`` restores. None if all is well."""
-        bad = self.nonfinite
-        if params:
-            finite = [torch.isfinite(p).all() for p in self.model.parameters()]
-            bad = bad | ~torch.stack(finite).all()
-        if not bool(bad):  # host synchronisation (log intervals and checkpoints only)
-            return None
-        bad_step, lr, restores = self.step, self.lr, self.restores + 1
-        last = ckpt.latest_checkpoint(self.cfg.out)
-        good_step = self._good[0]["state.step"].item() if self._good is not None else -1
-        if restores > self.cfg.max_restores:
-            where = last if last is not None and ckpt.checkpoint_step(last) >= good_step else None
-            raise DivergenceError(
-                f"training diverged (NaN/Inf loss by step {bad_step}) again after "
-                f"{self.cfg.max_restores} restores with halved lr (lr now {lr:.3g}). Start a new run "
-                "with a lower --lr, --precision fp32 or another --gamma"
-                + (f"; the last good checkpoint is {where}" if where else "")
-                + " (--max-restores sets the number of retries)")
-        if last is not None and ckpt.checkpoint_step(last) >= good_step:
-            self.load_checkpoint(last)
-            source = str(last)
-        elif self._good is not None:
-            tensors, state = self._good
-            self.load_state({k: v.clone() for k, v in tensors.items()}, dict(state))  # keep it pristine
-            source = "the state this run started from"
-        else:  # pragma: no cover - _snapshot runs at the start of fit
-            raise DivergenceError(f"training diverged (NaN/Inf loss by step {bad_step}) and there "
-                                  "is no checkpoint to go back to")
-        self.restores = restores
-        self._set_lr(min(lr, self.lr) * 0.5)
-        return (f"NaN/Inf loss by step {bad_step}: restored {source} (step {self.step}), lr halved "
-                f"to {self.lr:.3g} (restore {restores} of at most {self.cfg.max_restores})")
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
@@ -480,7 +326,7 @@ class Trainer:
             for s in old:
                 signal.signal(s, self.request_stop)
         bar = None
-        self._snapshot()
+        self.guard.snapshot(self)
         if progress and self.dist.is_main:
             from tqdm import tqdm
             bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
@@ -490,10 +336,9 @@ class Trainer:
         tb = TBWriter(out / "tb") if self.dist.is_main else None  # a no-op without tensorboard
         try:
             with open(metrics_path if self.dist.is_main else os.devnull, "a") as metrics:
-                if self.fused_step is not None:
-                    self.fused_step.steps_planned = total - self.step  # for --compile auto
+                self.stepper.steps_planned = total - self.step  # for --compile auto
                 while self.step < total and not self._stop:
-                    compiling = bar is not None and self.fused_step is not None and self.fused_step.compiles_next
+                    compiling = bar is not None and self.stepper.compiles_next
                     if compiling:  # one long step: say so instead of a frozen bar
                         bar.set_description_str("compiling (torch.compile, once)")
                         bar.refresh()

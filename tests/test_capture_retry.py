@@ -3,13 +3,17 @@ then training goes on with eager steps, with the eager rate in the warning.
 
 The GPU-free part: :meth:`FusedStep._capture_failed` on a step object whose device work is
 stubbed (the real capture needs a GPU; its success path is covered by the GPU tests of
-tests/test_fused_step.py)."""
+tests/test_fused_step.py), and the first compiled call's error handling
+(:class:`fastbegan.autocompile.CompiledForward`)."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fastbegan import ops
+from fastbegan.autocompile import CompiledForward
 from fastbegan.step import FusedStep
 
 
@@ -44,24 +48,25 @@ def test_capture_failure_retried_once_then_eager(monkeypatch):
 def test_first_step_error_handling(fatal):
     """A sticky CUDA error (KernelFatalError) in the first, compiling step ends the run; any
     other error is a compile problem: warn, and run the same step eagerly."""
-    st = _Stub()
     err = ops.KernelFatalError("GPU unusable") if fatal else RuntimeError("dynamo failed")
     eager = []
-
-    def compiled(*args):
-        raise err
 
     def eager_fwd(*args):
         eager.append(args)
         t = torch.ones(2, requires_grad=True)  # step_forward's tuple: the objective at [5]
         return (None, None, t * 2, None, None, (t * 2).sum(), {})
-    st._forward, st._forward_eager, st._compile_pending = compiled, eager_fwd, True
-    st.compile_mode, st.opts = "max-autotune-no-cudagraphs", []
+
+    def compiled(*args):
+        raise err
+    cfg = SimpleNamespace(precision="fp32", res=8)
+    cf = CompiledForward(eager_fwd, torch.nn.Linear(2, 2), cfg, device=torch.device("cpu"),
+                         backend="torch", compile=False)
+    cf.fn, cf.mode, cf.pending = compiled, "max-autotune-no-cudagraphs", True
     if fatal:
         with pytest.raises(ops.KernelFatalError):
-            st._forward_backward((1,))
+            cf((1,))
         assert not eager
     else:
         with pytest.warns(UserWarning, match="torch.compile of the training step"):
-            st._forward_backward((1,))
-        assert eager == [(1,)] and st.compile_mode is None
+            cf((1,))
+        assert eager == [(1,)] and cf.mode is None and cf.fn is eager_fwd

@@ -11,7 +11,8 @@ from fastbegan import ops
 from fastbegan.checkpoint import list_checkpoints, load_checkpoint
 from fastbegan.cli import main
 from fastbegan.data import procedural_faces
-from fastbegan.train import DivergenceError, Trainer
+from fastbegan.guard import DivergenceError
+from fastbegan.train import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def make(tmp_path, data, **kw):
 
 def inject_nan(t: Trainer, at_steps):
     """Make the step that ends at each of ``at_steps`` produce NaN losses and gradients."""
-    orig = t.compute_grads
+    orig = t.stepper.compute_grads
     hits = []
 
     def compute_grads(*a, **kw):
@@ -38,7 +39,7 @@ def inject_nan(t: Trainer, at_steps):
                 p.grad.fill_(math.nan)
             return lr_ * math.nan, lf * math.nan
         return lr_, lf
-    t.compute_grads = compute_grads
+    t.stepper.compute_grads = compute_grads
     return hits
 
 
@@ -56,7 +57,7 @@ def test_nan_restores_last_checkpoint_with_half_lr(tmp_path, faces8):
     events = [e for r in rows for e in r.get("events", [])]
     assert len(events) == 1 and "restored" in events[0] and "ckpt_00000004" in events[0]
     assert "lr halved to 5e-05" in events[0]
-    assert t.step == 10 and t.restores == 1 and t.lr == pytest.approx(5e-5)
+    assert t.step == 10 and t.guard.restores == 1 and t.lr == pytest.approx(5e-5)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     all_finite_checkpoints(tmp_path)
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])[2]["lr"] == pytest.approx(5e-5)
@@ -78,7 +79,7 @@ def test_no_checkpoint_is_written_from_a_diverged_state(tmp_path, faces8):
     t = make(tmp_path, faces8, log_every=100, ckpt_every=3, steps=9, keep_ckpts=10)
     hits = inject_nan(t, lambda n: {5} if n == 0 else set())
     t.fit(progress=False)
-    assert hits == [5] and t.restores == 1 and t.step == 9
+    assert hits == [5] and t.guard.restores == 1 and t.step == 9
     all_finite_checkpoints(tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt_00000009.safetensors"
 

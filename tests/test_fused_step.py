@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from fastbegan import ops
-from fastbegan.step import CPU_COMPILE_MODE, FusedStep, fused_step_status
+from fastbegan.autocompile import CPU_COMPILE_MODE
+from fastbegan.step import FusedStep, ReferenceStep, fused_step_status
 from fastbegan.train import TrainConfig, Trainer
 
 from testutil import requires_gpu
@@ -67,7 +68,7 @@ def _run_pair(fused_backend, steps, ref_backend="torch", step_kw=None, atol=1e-6
             va = step()
         _compare(fus, ref, va, vb, atol=atol, what=f"step {i}")
         assert fus.step == ref.step == i + 1
-    fus.fused_step = step  # for the caller (Trainer.train_step is not used here)
+    fus.stepper = step  # for the caller (Trainer.train_step is not used here)
     return fus, ref
 
 
@@ -100,8 +101,9 @@ def test_gradients_go_where_they_belong():
     g_grads = [p.grad.clone() for p in t.G.parameters()]
     d_grads = [p.grad.clone() for p in t.D.parameters()]
     ref = _trainer()
-    x = ref.real_batch()
-    z = ref.sample_z(2)
+    draws = ReferenceStep(ref)  # the same draws as the fused step's
+    x = draws.real_batch()
+    z = draws.sample_z(2)
     fake = ref.G(z)
     rec = ref.D(torch.cat([x, fake]))
     l_real = ops.l1_recon_loss(x, rec[:2])
@@ -175,7 +177,7 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
 
     def make(out, steps):
         t = _trainer(out=str(out), steps=steps, log_every=1, sample_every=100, ckpt_every=2)
-        t.fused_step = FusedStep(t)
+        t.stepper = FusedStep(t)
         return t
 
     full = make(tmp_path / "a", 4)
@@ -192,7 +194,7 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
         assert resumed.opt_g.state[p]["exp_avg"].stride() == p.stride()
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
-    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.fused_step.k
+    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.stepper.k
 
 
 def test_status_and_trainer_path():
@@ -201,9 +203,9 @@ def test_status_and_trainer_path():
     ok, why = fused_step_status(_trainer(reference_step=False))
     assert ok and "cpu" in why
     t = _trainer(reference_step=False)
-    assert isinstance(t.fused_step, FusedStep) and t.step_path.startswith("fused")
+    assert isinstance(t.stepper, FusedStep) and t.step_path.startswith("fused")
     ok, why = fused_step_status(_trainer())
-    assert not ok and "--reference-step" in why and _trainer().fused_step is None
+    assert not ok and "--reference-step" in why and isinstance(_trainer().stepper, ReferenceStep)
     ok, why = fused_step_status(_trainer(separate_z=True, reference_step=False))
     assert not ok and "separate" in why
     with pytest.raises(ValueError, match="separate_z"):
@@ -290,7 +292,7 @@ def test_compiled_step_equals_reference(precision):
     with _no_compile_fallback():
         fus, _ = _run_pair("torch", steps=2, step_kw={"compile": True}, precision=precision,
                            atol=1e-6 if precision == "fp32" else 1e-2)
-    assert fus.fused_step.compile_mode == CPU_COMPILE_MODE and not fus.fused_step._compile_pending
+    assert fus.stepper.forward.mode == CPU_COMPILE_MODE and not fus.stepper.forward.pending
 
 
 @pytest.mark.skipif(_triton_conv_reason() is not None, reason=str(_triton_conv_reason()))
@@ -302,8 +304,8 @@ def test_compiled_step_triton_backend(device):
     with _no_compile_fallback():
         fus, _ = _run_pair("triton", steps=1 if device == "cpu" else 4, device=device, filters=4,
                            step_kw={"compile": True}, atol=1e-6 if device == "cpu" else 1e-3)
-    assert fus.fused_step.compile_mode == "default"
-    assert fus.fused_step.cuda_graph == (device == "cuda")
+    assert fus.stepper.forward.mode == "default"
+    assert fus.stepper.cuda_graph == (device == "cuda")
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
@@ -333,11 +335,11 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, where):
     _use_fused_adam(ref)
     step = FusedStep(fus, compile="max-autotune-no-cudagraphs")
     assert calls == [{"fullgraph": True, "dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
-    assert step.compile_mode == "max-autotune-no-cudagraphs"
+    assert step.forward.mode == "max-autotune-no-cudagraphs"
     with pytest.warns(UserWarning, match=r"torch.compile .*max-autotune-no-cudagraphs.*boom"):
         va = step()
     _compare(fus, ref, va, ref.train_step(), what="step 0")
-    assert step.compile_mode is None
+    assert step.forward.mode is None
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fastbegan")
         va = step()  # eager for good: no second warning
@@ -347,29 +349,30 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, where):
 def test_cpu_compile_mode_only_for_the_torch_backend_on_a_cpu(monkeypatch):
     """compile=True takes the C++ wrapper (CPU_COMPILE_MODE) on a CPU with the torch
     backend, and inductor's default mode (None) on other devices."""
-    import fastbegan.step as step_mod
+    from fastbegan import autocompile
     modes = []
-    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: modes.append(mode) or fn)
+    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: modes.append(mode) or fn)
     step = FusedStep(_trainer(), compile=True)
-    assert modes == [CPU_COMPILE_MODE] and step.compile_mode == CPU_COMPILE_MODE
-    step.device = torch.device("cuda")  # what _default_mode reads; nothing runs
-    assert step._default_mode() is None
+    assert modes == [CPU_COMPILE_MODE] and step.forward.mode == CPU_COMPILE_MODE
+    step.forward.device = torch.device("cuda")  # what default_mode reads; nothing runs
+    assert step.forward.default_mode() is None
 
 
 def test_compile_default_and_switch(monkeypatch, tmp_path):
     """FusedStep: compile "auto" by default (on CPU decided after timed eager steps, see
     tests/test_selection.py); the trainer maps --compile auto|on|off onto it."""
     step = FusedStep(_trainer())
-    assert step.compile_mode is None and "auto" in step.compile_why
-    assert FusedStep(_trainer(), compile=False).compile_mode is None
+    assert step.forward.mode is None and "auto" in step.forward.why
+    assert FusedStep(_trainer(), compile=False).forward.mode is None
     import fastbegan.step as step_mod
     seen = []
 
     class Recorder:
-        compile_mode, compile_why = None, "test"
-
         def __init__(self, trainer, **kw):
             seen.append(kw)
+
+        def describe(self):
+            return "test"
 
     monkeypatch.setattr(step_mod, "fused_step_status", lambda t: (True, "test"))
     monkeypatch.setattr(step_mod, "FusedStep", Recorder)
@@ -410,10 +413,9 @@ def test_compile_self_check_drops_a_wrong_compilation(monkeypatch, tmp_path):
     warning naming the torch version and a parameter of G, recorded so that --compile
     auto does not compile it again, and every step (that one included) is the reference
     step."""
-    import fastbegan.step as step_mod
     from fastbegan import autocompile
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
-    monkeypatch.setattr(step_mod, "_compiled", _zeroing_g_compile)
+    monkeypatch.setattr(autocompile, "_compiled", _zeroing_g_compile)
     ref, fus = _trainer(), _trainer()
     _use_fused_adam(ref)
     step = FusedStep(fus, compile=True)
@@ -421,22 +423,23 @@ def test_compile_self_check_drops_a_wrong_compilation(monkeypatch, tmp_path):
         va = step()
     assert len([w for w in rec if "fastbegan" in str(w.message)]) == 1
     _compare(fus, ref, va, ref.train_step(), what="step 0")
-    assert step.compile_mode is None and step.self_check[0].startswith("G.") and step.self_check[1] == 1.0
+    assert step.forward.mode is None and step.forward.self_check[0].startswith("G.")
+    assert step.forward.self_check[1] == 1.0
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fastbegan")
         for i in (1, 2):
             _compare(fus, ref, step(), ref.train_step(), what=f"step {i}")
-    decision = autocompile.decide(10**6, 1.0, "fp32", step._config_key())
+    decision = autocompile.decide(10**6, 1.0, "fp32", step.forward.key())
     assert not decision.compile and "self-check" in decision.why
 
 
 def test_compile_self_check_keeps_a_right_compilation(monkeypatch, tmp_path):
     """A compilation that computes the same gradients passes the check silently (error 0:
     the stand-in runs the eager code) and stays in use."""
-    import fastbegan.step as step_mod
+    from fastbegan import autocompile
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: lambda *a: calls.append(1) or fn(*a))
+    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: lambda *a: calls.append(1) or fn(*a))
     ref, fus = _trainer(), _trainer()
     _use_fused_adam(ref)
     step = FusedStep(fus, compile=True)
@@ -444,12 +447,12 @@ def test_compile_self_check_keeps_a_right_compilation(monkeypatch, tmp_path):
         warnings.filterwarnings("error", message="fastbegan")
         for i in range(2):
             _compare(fus, ref, step(), ref.train_step(), what=f"step {i}")
-    assert step.compile_mode == CPU_COMPILE_MODE and step.self_check[1] <= 1e-6 and len(calls) == 2
+    assert step.forward.mode == CPU_COMPILE_MODE and step.forward.self_check[1] <= 1e-6 and len(calls) == 2
 
 
 def test_grad_error():
     """The self-check's measure, against the formula written out."""
-    from fastbegan.step import _grad_error
+    from fastbegan.autocompile import _grad_error
     cpu = torch.device("cpu")
     g, w = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])
     assert _grad_error(g, w, cpu).item() == pytest.approx(4.0 / 5.0)

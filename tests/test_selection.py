@@ -177,29 +177,28 @@ def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
     """CPU, --compile auto: eager for EAGER_PROBE_STEPS + 1 steps, then the rule; a short
     run stays eager; a long one compiles on the next call, records the compile time, and
     after GAIN_STEPS compiled steps the gain it measured."""
-    import fastbegan.step as step_mod
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(autocompile, "_compiled_here", False)  # as in a new process
     compiled = []
-    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: compiled.append(mode) or fn)
+    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: compiled.append(mode) or fn)
     probe = autocompile.EAGER_PROBE_STEPS + 1
 
     short = _trainer(tmp_path / "a", precision="fp32")
-    short.fused_step.steps_planned = 10
+    short.stepper.steps_planned = 10
     for _ in range(probe):
-        assert not short.fused_step.compiles_next and short.fused_step.compile_mode is None
+        assert not short.stepper.compiles_next and short.stepper.forward.mode is None
         short.train_step()
-    assert "not compiled" in short.fused_step.compile_why and compiled == []
+    assert "not compiled" in short.stepper.forward.why and compiled == []
 
     long = _trainer(tmp_path / "b", precision="fp32")
-    long.fused_step.steps_planned = 10 ** 9
+    long.stepper.steps_planned = 10 ** 9
     for _ in range(probe):
         long.train_step()
-    assert long.fused_step.compiles_next and compiled == [step_mod.CPU_COMPILE_MODE]  # torch backend on a CPU
+    assert long.stepper.compiles_next and compiled == [autocompile.CPU_COMPILE_MODE]  # torch backend on a CPU
     long.train_step()
-    assert not long.fused_step.compiles_next and long.fused_step.compile_s >= 0
+    assert not long.stepper.compiles_next and long.stepper.forward.compile_s >= 0
     key = autocompile.config_key(long.cfg, long.device)
-    assert autocompile.recorded(key) == {"compile_s": pytest.approx(long.fused_step.compile_s, abs=1e-3)}
+    assert autocompile.recorded(key) == {"compile_s": pytest.approx(long.stepper.forward.compile_s, abs=1e-3)}
     for _ in range(autocompile.GAIN_STEPS):
         long.train_step()
     assert set(autocompile.recorded(key)) == {"compile_s", "gain"}
@@ -207,12 +206,11 @@ def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
 
 
 def test_progress_bar_shows_the_compiling_phase(tmp_path, monkeypatch, capsys):
-    import fastbegan.step as step_mod
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(step_mod, "_compiled", lambda fn, mode: fn)
+    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: fn)
     t = _trainer(tmp_path, precision="fp32", compile_step="on", steps=2, sample_every=10 ** 6,
                  ckpt_every=10 ** 6)
-    assert t.fused_step.compiles_next
+    assert t.stepper.compiles_next
     t.fit(progress=True)
     assert "compiling (torch.compile, once)" in capsys.readouterr().err
 

@@ -69,7 +69,7 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
         step = FusedStep(trainer, compile="auto" if gpu else variant == "d")
         return Prepared(step, batch, fl, what=f"{backend} backend, fastbegan.step.FusedStep (single pass, "
                         f"fused Adam{', CUDA graph' if step.cuda_graph else ''}"
-                        + (f", forward torch.compile'd ({step.compile_mode})" if step.compile_mode else "")
+                        + (f", forward torch.compile'd ({step.forward.mode})" if step.forward.mode else "")
                         + f"), {cfg.precision}" + ("" if gpu else ", glibc allocator tuned"))
     return Prepared(trainer.train_step, batch, fl, what=VARIANTS[variant])
 

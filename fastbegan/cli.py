@@ -124,6 +124,10 @@ def main():
 @click.option("--reference-step", is_flag=True,
               help="Train with the reference step (two backward passes, the definition of correctness) "
                    "instead of the fused single-pass step.")
+@click.option("--dist-timeout", type=float, default=300.0, show_default=True, metavar="SECONDS",
+              help="Under torchrun: a process whose training step (or checkpoint) does not finish "
+                   "within this many seconds ends the run with a message (another process died or "
+                   "hangs); a step that compiles gets 30 minutes more.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 @click.option("--verify-kernels", is_flag=True,
               help="Triton backend: check the first call of every kernel and shape against the "
@@ -135,10 +139,11 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
-          reference_step=False, verify_kernels=False):
+          reference_step=False, verify_kernels=False, dist_timeout=300.0):
     """Train BEGAN (on the embedded procedural faces unless --data is given).
 
-    Several GPUs: torchrun --nproc-per-node N -m fastbegan train ... (--batch-size is the global batch)."""
+    Several GPUs or machines: torchrun [--nnodes M] --nproc-per-node N -m fastbegan train ...
+    (--batch-size is the global batch; docs/training.md)."""
     from . import ops
     from .checkpoint import latest_checkpoint, read_config
     from .distributed import is_main_process
@@ -166,7 +171,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,
                       max_restores=max_restores, on_collapse=on_collapse, health_patience=health_patience,
-                      compile_step="off" if no_compile else compile_step, reference_step=reference_step)
+                      compile_step="off" if no_compile else compile_step, reference_step=reference_step,
+                      dist_timeout=dist_timeout)
     created = not Path(out).exists()
     check_writable(out)
     try:

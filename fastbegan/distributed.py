@@ -1,4 +1,4 @@
-"""Several GPUs, processes or machines: ``torchrun ... -m fastbegan train ...`` (docs/design.md §4.1).
+"""Several GPUs, processes or machines: ``torchrun ... -m fastbegan train ...`` (docs/design.md §4.5).
 
 Data parallel with a *global* batch: ``--batch-size B`` is the whole step's batch and
 each of the W processes takes B / W rows of it. Every rank keeps the same data/z
@@ -11,19 +11,31 @@ checkpoint resumes on any number of processes. Single-process runs never touch
 ``torch.distributed`` (:func:`info` is then rank 0 of 1, not ``enabled``).
 
 Faults: a collective that fails because another process died raises :class:`PeerLost`
-(one clear line, exit status 1); the checkpoints on disk are intact (they are written
+(one clear line, exit status 1); a step that does not finish within the timeout (another
+process hangs, or a NCCL collective inside a CUDA graph waits for ever) ends the process
+from :class:`Watchdog`. Either way the checkpoints on disk are intact (they are written
 atomically) and the run resumes with ``--resume``.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+# How long a rank waits inside a collective before the process group gives up: long, so
+# that a rank still compiling its first step (minutes, on another machine with a cold
+# cache) is not mistaken for a dead one. The bound a user sees is the Watchdog's.
+GROUP_TIMEOUT_S = 3600.0
+# Extra time the watchdog gives a step that compiles (torch.compile, autotuning).
+COMPILE_GRACE_S = 1800.0
 
 
 class PeerLost(RuntimeError):
@@ -88,7 +100,8 @@ def init_from_env(device: str = "auto", force: bool = False) -> DistInfo:
             raise RuntimeError(f"LOCAL_RANK {env.local_rank} but only {torch.cuda.device_count()} "
                                "CUDA GPUs: use --nproc-per-node <= the number of GPUs")
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     return info()
 
 
@@ -142,6 +155,19 @@ def from_rank0(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def check_same_step(step: int, device: torch.device, what: str) -> None:
+    """Raise unless every rank is at ``step`` after reading a checkpoint (``what``): rank 0
+    writes the checkpoints and every rank reads them, so on several machines ``--out`` must be
+    a folder they all see."""
+    if not info().enabled:
+        return
+    lo, hi = -max_over_ranks(-float(step), device), max_over_ranks(float(step), device)
+    if lo != hi:
+        raise RuntimeError(f"after {what} the processes are at different steps ({lo:.0f} to {hi:.0f}): "
+                           "rank 0 writes the checkpoints and every process reads them, so --out must be "
+                           "a folder every machine sees (a shared file system)")
+
+
 def max_over_ranks(value: float, device: torch.device) -> float:
     """The largest ``value`` over all ranks (``value`` itself without a process group)."""
     if not info().enabled:
@@ -154,9 +180,19 @@ def max_over_ranks(value: float, device: torch.device) -> float:
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's parameters and buffers equal to rank ``src``'s."""
-    with torch.no_grad():
+    with torch.no_grad(), peer_errors():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
+
+
+def average(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over all ranks (a new tensor; ``t`` itself without a process group)."""
+    if not info().enabled:
+        return t
+    t = t.clone()
+    with peer_errors():
+        dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 class GradSync:
@@ -197,3 +233,63 @@ def any_true(flag: bool, device: torch.device) -> bool:
     with peer_errors():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+# ----------------------------------------------------------------------------------------
+# a rank that hangs
+# ----------------------------------------------------------------------------------------
+class Watchdog:
+    """Ends this process when the training loop makes no progress for ``timeout_s``.
+
+    The loop calls :meth:`arm` before each step (and before each checkpoint): it sets a
+    deadline ``timeout_s`` (+ ``grace_s`` for a step that compiles) from now. A daemon
+    thread checks the deadline; past it, this rank is waiting in a collective for a process
+    that died or hangs (or it hangs itself), and no error will come: with NCCL the
+    collective may sit inside a CUDA graph, where the process group's own timeout does not
+    reach. The thread prints ``message()`` (one line, with the last checkpoint) to stderr
+    and exits the process with status 1 (``os._exit``: the stuck main thread cannot run
+    cleanup; checkpoints are written atomically, so the last one is intact).
+    """
+
+    def __init__(self, timeout_s: float, message, poll_s: float = 1.0):
+        self.timeout_s, self.message, self.poll_s = float(timeout_s), message, poll_s
+        self._deadline: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastbegan-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, grace_s: float = 0.0) -> None:
+        self._deadline = time.monotonic() + self.timeout_s + grace_s
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                try:
+                    sys.stderr.write(f"Error: {self.message(self.timeout_s)}\n")
+                    sys.stderr.flush()
+                finally:
+                    os._exit(1)
+
+
+def resume_hint(out: str | os.PathLike) -> str:
+    """Where the run can be resumed from, for the fault messages."""
+    from .checkpoint import latest_checkpoint
+    last = latest_checkpoint(out)
+    if last is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {last}, is intact: resume with --resume (on any number of processes)"
+
+
+def stall_message(out: str | os.PathLike):
+    """``message(timeout_s)`` for :class:`Watchdog`."""
+    def message(timeout_s: float) -> str:
+        return (f"rank {info().rank}: no training step finished within {timeout_s:g} s "
+                f"(--dist-timeout): another process died or hangs. Stopping; {resume_hint(out)}")
+    return message

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 
 
 class DivergenceError(RuntimeError):
@@ -78,6 +79,7 @@ class DivergenceGuard:
             raise DivergenceError(f"training diverged (NaN/Inf loss by step {bad_step}) and there "
                                   "is no checkpoint to go back to")
         self.restores = restores
+        distributed.check_same_step(trainer.step, trainer.device, "a restore")
         trainer._set_lr(min(lr, trainer.lr) * 0.5)
         return (f"NaN/Inf loss by step {bad_step}: restored {source} (step {trainer.step}), lr halved "
                 f"to {trainer.lr:.3g} (restore {restores} of at most {self.max_restores})")

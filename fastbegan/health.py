@@ -356,9 +356,8 @@ class HealthMonitor:
         vec = torch.stack([div_f, div_r, nonfinite, amax, batch_contrast(fake), batch_contrast(x)])
         dist = getattr(trainer, "dist", None)
         if dist is not None and dist.enabled:  # every rank sees the same numbers, takes the same action
-            import torch.distributed as tdist
-            tdist.all_reduce(vec)
-            vec = vec / dist.world
+            from .distributed import average
+            vec = average(vec)
         df, dr, nf, am, cf, cr = vec.tolist()  # the one host read
         ratio = df / dr if dr > 0 else float("nan")
         contrast = cf / cr if cr > 0 else float("nan")

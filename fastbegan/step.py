@@ -15,7 +15,7 @@ skeleton (:meth:`Step._device_step`): the global random draws (all ranks draw th
 each uses its rows), the step's own forward and backward, then :meth:`Step._update`:
 under torchrun ONE all-reduce of G's and D's gradients and the losses
 (:class:`fastbegan.distributed.GradSync`), the divergence flag, Adam, k_t. So the
-distributed path is written once for both (§4.1).
+distributed path is written once for both (§4.5).
 
 Shapes: the data set is (N, H, W, 3) uint8 on the device; with W processes each step works
 on B / W rows of the global batch B: x and G(z) are (B/W, 3, H, W) in channels_last memory;
@@ -69,8 +69,6 @@ def fused_step_status(trainer) -> tuple[bool, str]:
         return False, "--reference-step"
     if trainer.cfg.separate_z:
         return False, "--separate-z needs two G passes (the fused step is the same-z step)"
-    if trainer.dist.enabled:
-        return False, "several processes (torchrun): the reference step all-reduces the gradients"
     try:
         _check_scalable(trainer.D)
     except NotImplementedError as e:
@@ -129,7 +127,9 @@ class Step:
 
     def describe(self) -> str:
         """The start-up line: which step runs and why."""
-        return f"{self.kind} training step ({self.why})"
+        world = self.tr.dist.world
+        return f"{self.kind} training step ({self.why}" + (
+            f"; {world} processes, one all-reduce of the gradients and losses per step)" if self.sync else ")")
 
     def __call__(self) -> dict[str, Tensor]:
         vals = self._run()

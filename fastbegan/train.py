@@ -84,6 +84,7 @@ class TrainConfig:
     on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
     health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
     compile_step: str = "auto"          # fused step: torch.compile its forward: auto | on | off
+    dist_timeout: float = 300.0         # torchrun: a rank whose step does not finish in this many s ends the run
     reference_step: bool = False        # the reference two-backward step instead of the fused one
 
     def __post_init__(self):
@@ -121,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         if self.pt_weight and self.batch_size < 2:
             raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.health_patience < 0:
             raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
 
@@ -154,7 +157,9 @@ class Trainer:
         self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
         # bf16 autocast or fp32; cfg keeps the resolved value (checkpoints record what ran)
         cfg.precision, self.precision_why = resolve_precision(cfg.precision, self.device)
-        self.backend = ops.set_backend(cfg.backend)
+        # the backend, and why auto fell back to the reference (a start-up line, not a warning)
+        self.backend, self.backend_why = ops.backend_choice(cfg.backend)
+        ops.set_backend(self.backend)
         if len(data) < cfg.batch_size:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
                              "images): use a smaller --batch-size or more images")
@@ -332,19 +337,17 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True,
                        file=sys.stderr, disable=not progress)
         t_last, s_last = time.perf_counter(), self.step
+        first_step = self.step
         from .tb import TBWriter
         tb = TBWriter(out / "tb") if self.dist.is_main else None  # a no-op without tensorboard
+        # several processes: a rank that dies or hangs ends this one within --dist-timeout
+        watchdog = (distributed.Watchdog(cfg.dist_timeout, distributed.stall_message(cfg.out))
+                    if self.dist.enabled else None)
         try:
             with open(metrics_path if self.dist.is_main else os.devnull, "a") as metrics:
                 self.stepper.steps_planned = total - self.step  # for --compile auto
                 while self.step < total and not self._stop:
-                    compiling = bar is not None and self.stepper.compiles_next
-                    if compiling:  # one long step: say so instead of a frozen bar
-                        bar.set_description_str("compiling (torch.compile, once)")
-                        bar.refresh()
-                    vals = self.train_step()
-                    if compiling:
-                        bar.set_description_str("")
+                    vals = self._one_step(bar, watchdog, first=self.step == first_step)
                     if self.step % cfg.log_every == 0 or self.step == total:
                         now = time.perf_counter()
                         row = self._log_interval(vals, (self.step - s_last) / max(now - t_last, 1e-9),
@@ -356,12 +359,13 @@ class Trainer:
                     if self.step % cfg.sample_every == 0:
                         self.write_samples()
                     if self.step % cfg.ckpt_every == 0:
+                        if watchdog is not None:
+                            watchdog.arm()  # the checkpoint gets a deadline of its own
                         self.save_checkpoint()
         finally:
-            if tb is not None:
-                tb.close()
-            if bar is not None:
-                bar.close()
+            for closing in (watchdog, tb, bar):
+                if closing is not None:
+                    closing.close()
             if in_main:
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -379,6 +383,21 @@ class Trainer:
             except Exception as e:
                 self.log(f"no metrics plot: {e}")
         return rows
+
+    def _one_step(self, bar, watchdog, first: bool) -> dict[str, torch.Tensor]:
+        """One training step. A step that compiles says so on the progress bar (one long step
+        instead of a frozen bar); it and a launch's first step (autotuning, CUDA graph warm-up,
+        NCCL set-up) get the watchdog's compile grace on top of --dist-timeout."""
+        compiling = self.stepper.compiles_next
+        if watchdog is not None:
+            watchdog.arm(distributed.COMPILE_GRACE_S if compiling or first else 0.0)
+        if compiling and bar is not None:
+            bar.set_description_str("compiling (torch.compile, once)")
+            bar.refresh()
+        vals = self.train_step()
+        if compiling and bar is not None:
+            bar.set_description_str("")
+        return vals
 
     def _log_interval(self, vals: dict[str, torch.Tensor], steps_per_s: float, metrics, tb, bar) -> dict:
         """Every ``log_every`` steps: read the scalars (the host sync), run the M-stall rule
@@ -431,6 +450,22 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
+    """What the run picked and why, once (rank 0: ``log`` is a no-op elsewhere)."""
+    cfg, di = trainer.cfg, trainer.dist
+    log(trainer.step_path)
+    log(f"device {trainer.device.type}" + (f" ({threads})" if threads else "")
+        + f", backend {trainer.backend}" + (f" ({trainer.backend_why})" if trainer.backend_why else "")
+        + f", precision {cfg.precision} ({trainer.precision_why}), res {cfg.res}, filters {cfg.filters}, "
+        f"batch {cfg.batch_size}"
+        + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
+    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("k_min", cfg.k_min),
+                                                     ("pt_weight", cfg.pt_weight), ("cs_alpha", cfg.cs_alpha))
+             if value]
+    log(f"variant {cfg.variant}: " + (", ".join(terms) if terms else "the paper's BEGAN (no collapse remedy)")
+        + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:
     """Load data, build the trainer, resume if asked, train to ``cfg.steps``.
 
@@ -462,18 +497,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     elif ckpt.latest_checkpoint(cfg.out) is not None:
         raise ckpt.CheckpointError(f"{cfg.out} already holds checkpoints: pass --resume to continue "
                                    "that run, or choose another --out")
-    log(trainer.step_path)
-    log(f"device {trainer.device.type}" + (f" ({threads})" if threads else "")
-        + f", backend {trainer.backend}, precision {cfg.precision} ({trainer.precision_why}), "
-        f"res {cfg.res}, filters {cfg.filters}, batch {cfg.batch_size}"
-        + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
-    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("k_min", cfg.k_min),
-                                                     ("pt_weight", cfg.pt_weight), ("cs_alpha", cfg.cs_alpha))
-             if value]
-    log(f"variant {cfg.variant}: " + (", ".join(terms) if terms else "the paper's BEGAN (no collapse remedy)")
-        + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
+    distributed.check_same_step(trainer.step, trainer.device, "--resume" if resume else "the start")
+    _startup_lines(trainer, threads, log)
+    lost = False
     try:
         trainer.fit(progress=progress)
+    except distributed.PeerLost as e:  # another process died: say where to resume from
+        lost = True
+        raise distributed.PeerLost(f"{e}. Stopping; {distributed.resume_hint(cfg.out)}") from None
     finally:
-        distributed.cleanup()
+        if not lost:  # a process group with a dead member is left to the process's exit
+            distributed.cleanup()
     return trainer

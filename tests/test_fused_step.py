@@ -199,7 +199,7 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
 
 def test_status_and_trainer_path():
     """The fused step is the default wherever it applies (CPU included); the reference
-    step for --reference-step, --separate-z (and torchrun, tested in test_distributed)."""
+    step for --reference-step and --separate-z (torchrun runs the fused step: test_distributed)."""
     ok, why = fused_step_status(_trainer(reference_step=False))
     assert ok and "cpu" in why
     t = _trainer(reference_step=False)

@@ -92,25 +92,34 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(parts) or (0,)
 
 
-def resolve_backend(name: str) -> str:
-    """Map ``auto|torch|triton`` to a concrete backend, raising a clear error on bad input."""
-    global _warned
+def backend_choice(name: str) -> tuple[str, str]:
+    """``(backend, why)``: the concrete backend for ``auto|torch|triton`` and, when ``auto``
+    fell back to the reference, why (else ""). Raises a clear error on bad input; warns
+    nothing (callers that report their choices, like the trainer's start-up lines, say it)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "torch":
-        return "torch"
+        return "torch", ""
     ok, why = triton_status()
     if name == "triton" and not ok:
         raise RuntimeError(f"the triton backend cannot run here: {why}. "
                            "Use --backend torch (or auto, which falls back by itself).")
     if name == "auto" and not ok:
-        if not _warned:
-            warnings.warn(f"fastbegan: using the pure-PyTorch backend ({why}).", stacklevel=3)
-            _warned = True
-        return "torch"
+        return "torch", why
     if name == "auto" and interpreting():
-        return "torch"  # the interpreter is for tests: never pick it implicitly
-    return "triton"
+        return "torch", ""  # the interpreter is for tests: never pick it implicitly
+    return "triton", ""
+
+
+def resolve_backend(name: str) -> str:
+    """Map ``auto|torch|triton`` to a concrete backend (:func:`backend_choice`), with a
+    one-time warning when ``auto`` falls back to the pure-PyTorch reference."""
+    global _warned
+    backend, why = backend_choice(name)
+    if why and not _warned:
+        warnings.warn(f"fastbegan: using the pure-PyTorch backend ({why}).", stacklevel=3)
+        _warned = True
+    return backend
 
 
 def set_backend(name: str) -> str:

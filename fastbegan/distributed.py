@@ -147,12 +147,17 @@ def peer_errors():
 
 def from_rank0(flag: bool, device: torch.device) -> bool:
     """Rank 0's ``flag`` on every rank (``flag`` itself without a process group)."""
+    return bool(values_from_rank0([1.0 if flag else 0.0], device)[0])
+
+
+def values_from_rank0(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's ``values`` on every rank (``values`` themselves without a process group)."""
     if not info().enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(values)
+    t = torch.tensor(values, device=device, dtype=torch.float64)
     with peer_errors():
         dist.broadcast(t, 0)
-    return bool(t.item())
+    return t.tolist()
 
 
 def check_same_step(step: int, device: torch.device, what: str) -> None:

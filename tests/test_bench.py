@@ -188,6 +188,19 @@ def test_isolated_case_reports_peak_memory():
     assert bad["status"] == "error" and "resolution" in bad["reason"]
 
 
+def test_isolated_case_under_torchrun_reports_the_allreduce():
+    """A case with ``world`` runs under torchrun (benchmarks/distributed_step.py): both ranks
+    time the same number of steps (else the all-reduce would hang), rank 0 reports the row,
+    with the processes and the all-reduce's time per step; its case name says torchrun."""
+    from fastbegan.bench.isolated import run_in_subprocess
+    s = bench.BenchSession.from_env(CPU, quick=True)
+    row = run_in_subprocess("train_step", "e", dict(res=8, batch=4, filters=4, world=2), s, timeout_s=300)
+    assert row["status"] == "ok", row["reason"]
+    assert row["case"] == "res8 b4 n4 torchrun x2" and row["world"] == 2
+    assert 0 < row["allreduce_ms"] < row["ms_median"]
+    assert "[torchrun, 2 processes x 1 thread; all-reduce" in row["what"]
+
+
 def test_speedup_over_the_port():
     rows = _rows() + [_row("train_step", "p", "res128 b16 n128", 20.0, 10 ** 12)]
     d = {(r["variant"]): r for r in bench.finalize_rows(rows, _meta()) if r["case"] == "res128 b16 n128"}["d"]

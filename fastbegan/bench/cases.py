@@ -29,7 +29,8 @@ def cpu_real_repeats() -> int:
 
 def case_name(workload: str, p: dict) -> str:
     if workload in ("train_step", "D_fwd_bwd", "G_fwd"):
-        return f"res{p['res']} b{p['batch']} n{p['filters']}"
+        world = f" torchrun x{p['world']}" if "world" in p else ""
+        return f"res{p['res']} b{p['batch']} n{p['filters']}{world}"
     if workload in ("conv_elu", "up_conv_elu"):
         hw = p["hw"]
         out = hw * 2 if workload == "up_conv_elu" else hw

@@ -122,6 +122,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
              f"- FLOPs: {meta.get('flops_note', '')}",
              "- timing: median of rounds (each round: `inner` iterations, then one synchronisation); "
              "IQR = q3 - q1; speedups compare medians within the same case",
+             *(f"- {note}" for note in meta.get("notes") or []),
              "", "Variants: " + "; ".join(f"**{k}** {v}" for k, v in VARIANTS.items()), ""]
     order = list(WORKLOADS)
     workloads = sorted({r["workload"] for r in rows}, key=lambda w: order.index(w) if w in order else 99)

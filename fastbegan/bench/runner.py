@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from . import timing, variants, workloads
 from .cases import case_name
 from .results import set_rates
@@ -154,7 +154,13 @@ def _attempt(row: dict, workload: str, variant: str, params: dict, session: Benc
             inner = max(1, min(1000, int(policy.target_round_ms / max(t1, 1e-3))))
             rounds = int(policy.case_budget_s * 1e3 / max(t1 * inner, 1e-3))
             rounds = max(policy.min_rounds, min(policy.max_rounds, rounds))
+            # under torchrun every rank must call the step as often as rank 0
+            inner, rounds = (int(v) for v in distributed.values_from_rank0([inner, rounds], device))
+            if prep.timed is not None:
+                prep.timed(True)
             times = measure(prep.fn, device, inner, rounds)
+            if prep.timed is not None:
+                row.update(prep.timed(False) or {})
         row.update(timing.summarize(times))
         row.update(status="ok", reason=None, inner=inner, images=prep.images, flops=prep.flops,
                    bytes=prep.bytes)

@@ -26,6 +26,7 @@ WORKLOADS = {
 
 # keys every row has; finalize_rows adds the speedups (SPEEDUP_KEYS) and the % of peak
 SPEEDUP_KEYS = ("speedup_vs_p", "speedup_vs_a", "speedup_vs_best_bc")
+# world / allreduce_ms: under torchrun, the processes and each step's host time in its all-reduce
 ROW_KEYS = ("workload", "variant", "case", "status", "reason", "what", "params", "ms_median", "ms_q1",
             "ms_q3", "ms_iqr", "ms_min", "rounds", "inner", "first_call_s", "images", "images_per_s",
-            "flops", "tflops", "bytes", "gbps", "peak_mem_mb")
+            "flops", "tflops", "bytes", "gbps", "peak_mem_mb", "world", "allreduce_ms")

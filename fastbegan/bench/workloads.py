@@ -26,6 +26,9 @@ class Prepared:
     bytes: int | None = None
     what: str = ""
     cleanup: Callable[[], None] | None = None
+    # called with True just before the timed rounds and with False after them; what the
+    # second call returns is added to the row (the all-reduce's time under torchrun)
+    timed: Callable[[bool], dict | None] | None = None
 
 
 def _random_images(n: int, res: int, seed: int = 0):
@@ -70,8 +73,25 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
         return Prepared(step, batch, fl, what=f"{backend} backend, fastbegan.step.FusedStep (single pass, "
                         f"fused Adam{', CUDA graph' if step.cuda_graph else ''}"
                         + (f", forward torch.compile'd ({step.forward.mode})" if step.forward.mode else "")
-                        + f"), {cfg.precision}" + ("" if gpu else ", glibc allocator tuned"))
-    return Prepared(trainer.train_step, batch, fl, what=VARIANTS[variant])
+                        + f"), {cfg.precision}" + ("" if gpu else ", glibc allocator tuned"),
+                        timed=_allreduce_time(step))
+    return Prepared(trainer.train_step, batch, fl, what=VARIANTS[variant], timed=_allreduce_time(trainer.stepper))
+
+
+def _allreduce_time(step):
+    """Under torchrun: the ranks and the host time per step spent in the step's all-reduce
+    (``GradSync``) during the timed rounds (on a CPU the all-reduce itself, waiting for the
+    slowest rank included; on CUDA only its launch). None in one process."""
+    sync = step.sync
+    if sync is None:
+        return None
+
+    def timed(start: bool) -> dict | None:
+        if start:
+            sync.seconds, sync.calls = 0.0, 0
+            return None
+        return {"world": sync.world, "allreduce_ms": 1e3 * sync.seconds / max(sync.calls, 1)}
+    return timed
 
 
 def _model_for(p: dict, device: torch.device, variant: str):

@@ -57,14 +57,21 @@ def configure_threads(processes: int = 1) -> str:
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
         where = "cores"
+    if cores == 1:
+        where = where.replace("cores", "core")
     omp = os.environ.get("OMP_NUM_THREADS")
     if omp:
-        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={omp}; {cores} {where})"
+        return f"{_threads()} (OMP_NUM_THREADS={omp}; {cores} {where})"
     share = max(1, cores // max(1, processes))
     if torch.get_num_threads() != share:
         torch.set_num_threads(share)
     per = f", shared by {processes} processes" if processes > 1 else ""
-    return f"{torch.get_num_threads()} threads ({cores} {where}{per})"
+    return f"{_threads()} ({cores} {where}{per})"
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread{'s' if n != 1 else ''}"
 
 
 # glibc mallopt parameters (malloc.h)

@@ -77,7 +77,7 @@ def test_threads_follow_affinity_unless_omp_num_threads(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-        assert hardware.configure_threads().startswith("1 threads (1 cores in this process's CPU affinity")
+        assert hardware.configure_threads().startswith("1 thread (1 core in this process's CPU affinity")
         assert torch.get_num_threads() == 1
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
         assert "shared by 2 processes" in hardware.configure_threads(processes=2)
@@ -226,4 +226,4 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path):
     out = res.output
     assert "fused training step" in out and "torch.compile auto" in out
     assert f"precision {hardware.resolve_precision('auto', CPU)[0]} (auto: " in out
-    assert f"{torch.get_num_threads()} threads" in out and "allocator:" in out
+    assert f"{torch.get_num_threads()} thread" in out and "allocator:" in out

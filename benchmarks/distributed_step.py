@@ -34,37 +34,49 @@ import torch
 from fastbegan.bench.device import default_results_dir, slugify
 from fastbegan.bench.isolated import run_in_subprocess
 from fastbegan.bench.session import BenchSession
+from fastbegan.model import default_filters
 
 
-def plan(device: str, repeats: int, tiny: bool) -> list[tuple[str, dict]]:
+def plan(device: str, repeats: int, tiny: bool, res: list[int] | None = None) -> list[tuple[str, dict]]:
     """(variant, params) in run order: all cases, then all again (interleaved repeats)."""
+    if tiny:
+        res = [8]
+    res = res or ([64, 128] if device == "cuda" else [32, 64])
+    shapes = [dict(res=r, batch=4 if tiny else 16, filters=4 if tiny else default_filters(r)) for r in res]
     if device == "cuda":
-        shapes = [dict(res=64, batch=16, filters=64), dict(res=128, batch=16, filters=128)]
         runs = [("d", {}), ("d", {"world": 1})]
     else:
-        shapes = ([dict(res=8, batch=4, filters=4)] if tiny else
-                  [dict(res=32, batch=16, filters=64), dict(res=64, batch=16, filters=64)])
         fused = "e" if tiny else "d"  # --tiny: no inductor build, the plumbing only
         runs = [("b", {}), (fused, {}), ("b", {"world": 2}), (fused, {"world": 2})]
     return [(v, dict(p, **w, device=device, repeat=i)) for i in range(repeats) for p in shapes for v, w in runs]
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """One line per shape: fused over reference under torchrun, and the all-reduce's share."""
-    med: dict[tuple, list[dict]] = {}
+    """The file's conclusions, one line per shape: under torchrun x2, the fused step over the
+    reference step and the all-reduce's share of the fused step; under torchrun x1 (GPU),
+    what the process group and its all-reduce add to the plain fused step."""
+    ms: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("status") == "ok":
-            med.setdefault((r["case"], r["variant"]), []).append(r)
+            ms.setdefault((r["case"], r["variant"]), []).append(r)
+
+    def median(case, variant):
+        return statistics.median(r["ms_median"] for r in ms[(case, variant)])
     out = []
-    for (case, variant), group in sorted(med.items()):
-        if variant not in "de" or "torchrun" not in case or (case, "b") not in med:
+    for case, variant in sorted(ms):
+        if variant not in "de" or "torchrun" not in case:
             continue
-        t = statistics.median(r["ms_median"] for r in group)
-        ref = statistics.median(r["ms_median"] for r in med[(case, "b")])
-        shares = [r["allreduce_ms"] / r["ms_median"] for r in group if r.get("allreduce_ms") is not None]
-        out.append(f"{case}: fused step ({variant}) {t:.1f} ms, reference step (b) {ref:.1f} ms: "
-                   f"{ref / t:.2f}x" + (f"; the all-reduce is {statistics.median(shares):.1%} of the "
-                                        "fused step" if shares else ""))
+        t = median(case, variant)
+        if (case, "b") in ms:
+            shares = [r["allreduce_ms"] / r["ms_median"] for r in ms[(case, variant)] if r.get("allreduce_ms")]
+            out.append(f"{case}: fused step ({variant}) {t:.1f} ms, reference step (b) {median(case, 'b'):.1f} ms: "
+                       f"{median(case, 'b') / t:.2f}x" + (f"; the all-reduce is {statistics.median(shares):.1%} "
+                                                         "of the fused step" if shares else ""))
+        plain = case.split(" torchrun")[0]
+        if case.endswith("torchrun x1") and (plain, variant) in ms:
+            base = median(plain, variant)
+            out.append(f"{plain}: fused step ({variant}) {base:.3f} ms in one process, {t:.3f} ms in a process "
+                       f"group of one (its all-reduce inside the CUDA graph): {t - base:+.3f} ms ({t / base - 1:+.1%})")
     return out
 
 
@@ -72,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--res", type=int, action="append", help="resolutions (repeatable; default: CPU 32 and "
+                    "64, GPU 64 and 128; n is the model's default for each)")
     ap.add_argument("--tiny", action="store_true", help="res 8, n 4, batch 4, no compile: the plumbing")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     args = ap.parse_args()
@@ -81,7 +95,7 @@ def main() -> None:
         "cpu-smoke" if args.tiny else "cpu-" + slugify(dev["name"].removeprefix("CPU: ")))
     session.stem = f"{slug}-distributed-{dt.datetime.now().strftime('%Y-%m-%d-%H%M%S')}"
     session.meta["script"] = "benchmarks/distributed_step.py " + " ".join(sys.argv[1:])
-    for variant, params in plan(args.device, args.repeats, args.tiny):
+    for variant, params in plan(args.device, args.repeats, args.tiny, args.res):
         row = run_in_subprocess("train_step", variant, params, session, timeout_s=args.timeout)
         print(f"{row['case']:<28} {variant}  {row['status']:<6} "
               f"{row['ms_median'] or 0:9.1f} ms  {row.get('reason') or ''}"[:200], flush=True)

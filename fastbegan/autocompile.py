@@ -235,8 +235,13 @@ class CompiledForward:
         t0 = time.perf_counter()
         failed = None
         try:
-            out = self.fn(*args)
-            out[5].backward()
+            with warnings.catch_warnings():
+                # torch's own deprecation notices from inside inductor (torch 2.13 prints one per
+                # lowering): nothing the user can act on, and they bury the training log
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+                out = self.fn(*args)
+                out[5].backward()
         except ops.KernelFatalError:
             raise  # the GPU is unusable: not a compile problem, no eager retry
         except Exception as e:  # noqa: BLE001 - any compile problem: eager from here on

@@ -6,7 +6,8 @@ Joins the gloo process group, then runs each job (a dict: ``name``, ``steps``, T
 fields, and optionally ``fake_compile``) on a fresh Trainer built from the same data as the
 test's one-process reference (:func:`data`), calling ``train_step`` directly (no files but
 its own), and writes ``OUT/<name>-rank<r>.pt``: the trainer's checkpoint tensors (G, D, both
-Adam states, k_t, step) and what the fused step's compile handling decided.
+Adam states, k_t, step) and what the fused step's compile handling decided. Last,
+``OUT/same_step-rank<r>.json``: the error of ranks that resumed at different steps.
 
 ``fake_compile`` stands in for torch.compile (the tests cannot afford inductor's build):
 ``"eager"`` runs the eager forward (a compilation that is right), ``"zero_g_on_rank1"``
@@ -63,12 +64,27 @@ def run_job(job: dict, out: str) -> None:
     torch.save({"tensors": t.state_tensors(), "info": info}, f"{out}/{name}-rank{rank}.pt")
 
 
+def check_steps(out: str) -> None:
+    """Ranks that read different checkpoints (an --out that is not shared): rank r at step r."""
+    from fastbegan import distributed
+    rank = distributed.info().rank
+    try:
+        distributed.check_same_step(rank, torch.device("cpu"), "--resume")
+        msg = None
+    except RuntimeError as e:
+        msg = str(e)
+    distributed.check_same_step(7, torch.device("cpu"), "--resume")  # the same step: no error
+    with open(f"{out}/same_step-rank{rank}.json", "w") as f:
+        json.dump(msg, f)
+
+
 def main() -> None:
     from fastbegan import distributed
     distributed.init_from_env("cpu")
     out, jobs = sys.argv[1], json.loads(sys.argv[2])
     for job in jobs:
         run_job(job, out)
+    check_steps(out)
     distributed.cleanup()
 
 

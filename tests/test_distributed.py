@@ -93,7 +93,9 @@ def two_ranks(tmp_path_factory):
     """Every job of JOBS run once by 2 processes (one torchrun launch)."""
     tmp = tmp_path_factory.mktemp("dist")
     _torchrun([str(HERE / "distworker.py"), str(tmp), json.dumps(JOBS)], _env(tmp))
-    return {job["name"]: [torch.load(tmp / f"{job['name']}-rank{r}.pt") for r in (0, 1)] for job in JOBS}
+    out = {job["name"]: [torch.load(tmp / f"{job['name']}-rank{r}.pt") for r in (0, 1)] for job in JOBS}
+    out["same_step"] = [json.loads((tmp / f"same_step-rank{r}.json").read_text()) for r in (0, 1)]
+    return out
 
 
 def _one_process(tmp_path, steps, **cfg):
@@ -155,6 +157,13 @@ def test_compile_decisions_are_made_once_for_all_ranks(two_ranks):
     assert "another process" in check[0]["why"] and "G." in check[1]["why"]
     assert check[1]["self_check"][1] == 1.0 and check[0]["self_check"][1] < 1e-3
     _assert_ranks_identical(two_ranks["selfcheck"])
+
+
+def test_ranks_at_different_steps_stop_with_a_message(two_ranks):
+    """Rank 0 writes the checkpoints and every rank reads them: ranks that resume (or restore)
+    at different steps, as on machines without a shared --out, stop the run, on every rank."""
+    msgs = two_ranks["same_step"]
+    assert all(m and "different steps (0 to 1)" in m and "shared file system" in m for m in msgs), msgs
 
 
 # ---------------------------------------------------------------------------- the command

@@ -100,8 +100,11 @@ def init_from_env(device: str = "auto", force: bool = False) -> DistInfo:
             raise RuntimeError(f"LOCAL_RANK {env.local_rank} but only {torch.cuda.device_count()} "
                                "CUDA GPUs: use --nproc-per-node <= the number of GPUs")
         torch.cuda.set_device(env.local_rank)
+    # device_id: NCCL's communicator is created now, not at the first collective, which must
+    # never happen inside a CUDA graph capture (the fused step captures its all-reduce)
     dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+                            **({"device_id": torch.device("cuda", env.local_rank)} if use_cuda else {}))
     return info()
 
 

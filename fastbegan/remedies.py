@@ -72,22 +72,32 @@ def k_floor(k_next: Tensor, k_min: float | Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ ending the escape
-def anneal_scale(step: Tensor, start: int, end: int) -> Tensor:
+def anneal_scale(step: Tensor, start: int, end: int, to: float = 0.0) -> Tensor:
     """The factor an annealed term is multiplied by at step ``step`` (the 0-based counter of
     the step being taken, an int64 0-d device tensor): 1 up to ``start``, then falling
-    linearly to 0 at ``end`` (``(end - step) / (end - start)``), 0 from there on; with
-    ``end <= start`` it drops from 1 to 0 at ``end``. fp32 0-d, device ops only."""
+    linearly to ``to`` at ``end`` (``to + (1 - to) (end - step) / (end - start)``), ``to``
+    from there on; with ``end <= start`` it drops from 1 to ``to`` at ``end``. fp32 0-d,
+    device ops only."""
     t = step.double()
     if end <= start:
-        return (t < end).float()
-    return ((end - t) / float(end - start)).clamp(0.0, 1.0).float()
+        frac = (t < end).double()
+    else:
+        frac = ((end - t) / float(end - start)).clamp(0.0, 1.0)
+    return (to + (1.0 - to) * frac).float() if to else frac.float()
+
+
+def pt_anneal_window(cfg) -> tuple[int, int, float]:
+    """(start, end, final weight / weight) of the pulling-away weight's anneal
+    (``--pt-anneal START END``, ``--pt-final``); end 0: not annealed."""
+    to = cfg.pt_final / cfg.pt_weight if cfg.pt_weight else 0.0
+    return cfg.pt_anneal_start, cfg.pt_anneal_end, to
 
 
 def pt_scale_at(cfg, step: Tensor | None) -> Tensor | None:
     """The pulling-away weight's anneal factor at ``step`` (None: not annealed)."""
     if step is None or not cfg.pt_anneal_end:
         return None
-    return anneal_scale(step, cfg.pt_anneal_start, cfg.pt_anneal_end)
+    return anneal_scale(step, *pt_anneal_window(cfg))
 
 
 def k_min_at(cfg, step: Tensor) -> float | Tensor:
@@ -105,6 +115,9 @@ def check_anneal(cfg) -> None:
         if start < 0 or end < 0 or (end and end < start):
             raise ValueError(f"--{name.replace('_', '-')}-anneal START END needs 0 <= START <= END "
                              f"(END 0 = off), got {start} {end}")
+    if cfg.pt_final < 0 or (cfg.pt_final and not cfg.pt_anneal_end):
+        raise ValueError(f"--pt-final is the pulling-away weight after --pt-anneal: >= 0, with --pt-anneal "
+                         f"(got {cfg.pt_final})")
 
 
 # ------------------------------------------------------------------ EMA of G's weights

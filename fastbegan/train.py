@@ -63,6 +63,7 @@ class TrainConfig:
     variant: str = "began"              # the preset the four options above came from (or "custom")
     pt_anneal_start: int = 0            # pt_weight falls linearly to 0 from this step ...
     pt_anneal_end: int = 0              # ... to this one (0 = not annealed); remedies.anneal_scale
+    pt_final: float = 0.0               # the pulling-away weight the anneal ends at
     k_min_anneal_start: int = 0         # the same for the floor k_min
     k_min_anneal_end: int = 0
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA

@@ -347,7 +347,7 @@ class FusedStep(Step):
         eager = step_forward(trainer.G, trainer.D, torch.ones(1, device=dev), gamma=cfg.gamma,
                              lambda_k=cfg.lambda_k, device_type=dev.type, bf16=cfg.precision == "bf16",
                              cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.step_t,
-                             pt_anneal=(cfg.pt_anneal_start, cfg.pt_anneal_end))
+                             pt_anneal=remedies.pt_anneal_window(cfg))
         self.forward = CompiledForward(eager, trainer.model, cfg, device=dev, backend=trainer.backend,
                                        compile=compile, log=trainer.log, main=trainer.dist.is_main)
         self._graph = None
@@ -520,7 +520,7 @@ def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Ten
 
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
-                 step_t: Tensor | None = None, pt_anneal: tuple[int, int] = (0, 0)):
+                 step_t: Tensor | None = None, pt_anneal: tuple = (0, 0)):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
@@ -533,7 +533,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     unweighted values (for the log). G and D under bf16 autocast when ``bf16`` (without
     the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
     with its generator) and no state changes. ``step_t`` (0-d int64 device step counter)
-    drives an annealed pulling-away weight (``pt_anneal``: start, end; end 0 = off).
+    drives an annealed pulling-away weight (``pt_anneal``: start, end[, final fraction]; end 0 = off).
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2

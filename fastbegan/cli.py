@@ -88,6 +88,8 @@ def main():
                    "pushing back on the fakes.")
 @click.option("--pt-anneal", type=int, nargs=2, default=None, metavar="START END",
               help="Anneal the pulling-away weight linearly to 0 between these steps (ends the escape).")
+@click.option("--pt-final", type=float, default=None,
+              help="The pulling-away weight --pt-anneal ends at (default 0).")
 @click.option("--k-min-anneal", type=int, nargs=2, default=None, metavar="START END",
               help="Anneal the floor under k_t linearly to 0 between these steps.")
 @click.option("--ema-decay", type=float, default=None,
@@ -134,7 +136,7 @@ def main():
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, pt_anneal, k_min_anneal,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, pt_anneal, pt_final, k_min_anneal,
           ema_decay, skip, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
@@ -165,7 +167,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
                       **remedy,
-                      **_lever_options(pt_anneal, k_min_anneal, ema_decay),
+                      **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final),
                       skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
@@ -186,9 +188,11 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
         click.echo(f"done: step {trainer.step}; samples, metrics.jsonl and checkpoints in {out}")
 
 
-def _lever_options(pt_anneal, k_min_anneal, ema_decay) -> dict:
-    """TrainConfig fields of --pt-anneal, --k-min-anneal and --ema-decay (those given)."""
+def _lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final=None) -> dict:
+    """TrainConfig fields of --pt-anneal, --pt-final, --k-min-anneal and --ema-decay (those given)."""
     out = {} if ema_decay is None else {"ema_decay": ema_decay}
+    if pt_final is not None:
+        out["pt_final"] = pt_final
     for name, window in (("pt", pt_anneal), ("k_min", k_min_anneal)):
         if window:
             out[f"{name}_anneal_start"], out[f"{name}_anneal_end"] = window

@@ -279,6 +279,11 @@ def test_anneal_scale_by_hand():
     assert got == pytest.approx(want, abs=1e-7)
     assert [anneal_scale(s, 20, 20).item() for s in steps] == [1, 1, 1, 1, 1, 0, 0]  # abrupt at END
     assert anneal_scale(torch.tensor(3), 1, 5).dtype == torch.float32
+    # down to a final fraction 0.3 instead of 0: 0.3 + 0.7 * (20 - t) / 10
+    assert [anneal_scale(s, 10, 20, 0.3).item() for s in steps] == pytest.approx(
+        [1.0, 1.0, 0.93, 0.65, 0.37, 0.3, 0.3], abs=1e-6)
+    with pytest.raises(ValueError, match="pt-final"):
+        TrainConfig(pt_weight=0.1, pt_final=0.05)  # without --pt-anneal
     with pytest.raises(ValueError, match="START <= END"):
         TrainConfig(pt_anneal_start=5, pt_anneal_end=3)
     with pytest.raises(ValueError, match="ema-decay"):
@@ -325,6 +330,12 @@ def test_annealed_pulling_away_weight_by_hand():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b, e in zip(g1, g0, extra):
         torch.testing.assert_close(a, b + e, rtol=1e-5, atol=1e-7)
+    final = _trainer(pt_weight=0.5, pt_anneal_start=1, pt_anneal_end=3, pt_final=0.1)
+    final.step = 2  # halfway from 0.5 to the final 0.1: weight 0.3
+    _, g2, _, _ = _grads(final, state)
+    extra = torch.autograd.grad(0.3 * pulling_away(final.D.encoder(final.G(z))), list(final.G.parameters()))
+    for a, b, e in zip(g2, g0, extra):
+        torch.testing.assert_close(a, b + e, rtol=1e-5, atol=1e-7)
     withit.step = 3  # the end of the window: weight 0, G's gradient is BEGAN's
     _, g3, _, _ = _grads(withit, state)
     for a, b in zip(g3, g0):
@@ -332,7 +343,7 @@ def test_annealed_pulling_away_weight_by_hand():
 
 
 def test_fused_step_with_anneals_and_ema_equals_the_reference_step():
-    kw = dict(pt_weight=0.2, pt_anneal_start=1, pt_anneal_end=3, k_init=0.3, k_min=0.25, k_min_anneal_start=1,
+    kw = dict(pt_weight=0.2, pt_anneal_start=1, pt_anneal_end=3, pt_final=0.05, k_init=0.3, k_min=0.25, k_min_anneal_start=1,
               k_min_anneal_end=4, gamma=0.01, lambda_k=1.0, ema_decay=0.9)
     ref, fus = _trainer(**kw), _trainer(**kw)
     for t in (ref, fus):
@@ -423,10 +434,10 @@ def test_cli_lever_options(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
     r = CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "r"), "--pt-anneal", "10", "20",
-                                  "--k-min-anneal", "5", "30", "--ema-decay", "0.99"])
+                                  "--k-min-anneal", "5", "30", "--ema-decay", "0.99", "--pt-final", "0.02"])
     assert r.exit_code == 0, r.output
     c = seen[-1]
-    assert (c.pt_anneal_start, c.pt_anneal_end, c.k_min_anneal_start, c.k_min_anneal_end, c.ema_decay) == \
-        (10, 20, 5, 30, 0.99)
+    assert (c.pt_anneal_start, c.pt_anneal_end, c.k_min_anneal_start, c.k_min_anneal_end, c.ema_decay, c.pt_final) == \
+        (10, 20, 5, 30, 0.99, 0.02)
     assert CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "s")]).exit_code == 0
     assert (seen[-1].pt_anneal_end, seen[-1].ema_decay) == (0, 0.0)

@@ -173,7 +173,7 @@ def test_only_a_process_first_compile_time_is_recorded(tmp_path, monkeypatch):
     assert autocompile.records_path() == tmp_path / "compile_times.json"
 
 
-def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch):
+def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch, one_thread):
     """CPU, --compile auto: eager for EAGER_PROBE_STEPS + 1 steps, then the rule; a short
     run stays eager; a long one compiles on the next call, records the compile time, and
     after GAIN_STEPS compiled steps the gain it measured."""

@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 

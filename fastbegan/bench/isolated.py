@@ -82,7 +82,8 @@ def _where(di, row: dict) -> str:
         return f" [own process, {threads} threads]"
     share = (f"; all-reduce {row['allreduce_ms']:.1f} ms = {row['allreduce_ms'] / row['ms_median']:.0%} of the step"
              if row.get("allreduce_ms") is not None else "")
-    return f" [torchrun, {di.world} processes x {threads} thread{'s' if threads > 1 else ''}{share}]"
+    return (f" [torchrun, {di.world} process{'es' if di.world > 1 else ''} x {threads} "
+            f"thread{'s' if threads > 1 else ''}{share}]")
 
 
 if __name__ == "__main__":

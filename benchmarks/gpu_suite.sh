@@ -13,6 +13,8 @@
 #      --verify-kernels); the summary splits its warm-up (compile, autotune, capture: the
 #      first log interval) from the steps/s after warm-up
 #   5. the benchmarks                             (pytest benchmarks/, budgeted to the time left)
+#   5b. the distributed path at world size 1      (benchmarks/distributed_step.py: the fused
+#      step plain and under torchrun in a one-process group; in the time left after 5)
 # and leaves few files in OUTDIR (the device tool brings back at most 8):
 #   summary.txt               stage, exit code, seconds (also printed); kernel paths dropped
 #                             for good, and a stage rerun after a sticky CUDA error
@@ -23,9 +25,9 @@
 #
 # Each stage runs under `timeout` (SIGINT first, so pytest still writes its results), and
 # the whole script stays under TOTAL_S (default 470 s): a stage gets min(its limit, time
-# left). Tunables (environment): TOTAL_S, T_INSTALL, T_DOCTOR, T_TESTS, T_TRAIN, T_BENCH,
+# left). Tunables (environment): TOTAL_S, T_INSTALL, T_DOCTOR, T_TESTS, T_TRAIN, T_BENCH, T_DIST,
 # TRAIN_STEPS, TRAIN_ARGS, PYTHON, FASTBEGAN_BENCH_COMPILE_BUDGET_S, SKIP_DOCTOR=1,
-# SKIP_TESTS=1, SKIP_TRAIN=1, SKIP_BENCH=1.
+# SKIP_TESTS=1, SKIP_TRAIN=1, SKIP_DIST=1, SKIP_BENCH=1.
 #
 # Autotuning from a cold start: FASTBEGAN_AUTOTUNE_MAX (default 2 here) keeps, per tuning
 # key, the first 2 configs that fit the shape; every config list is written best-first for
@@ -44,6 +46,7 @@ T_INSTALL=${T_INSTALL:-45}
 T_DOCTOR=${T_DOCTOR:-140}
 T_TESTS=${T_TESTS:-80}
 T_TRAIN=${T_TRAIN:-90}
+T_DIST=${T_DIST:-75}
 T_BENCH=${T_BENCH:-170}
 TRAIN_STEPS=${TRAIN_STEPS:-400}
 T0=$(date +%s)
@@ -205,6 +208,7 @@ kill "$DATA_PID" 2>/dev/null
 # --- 5. benchmarks, budgeted to the time left
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     L=$(left); LIM=$T_BENCH
+    [[ "${SKIP_DIST:-0}" != 1 ]] && L=$(( L - T_DIST ))   # keep the distributed stage's time
     (( L - 25 < LIM )) && LIM=$(( L - 25 ))
     # no new case after BUDGET s; the last case and the report fit in the rest
     BUDGET=$(( LIM - 40 )); (( BUDGET < 10 )) && BUDGET=10
@@ -215,6 +219,18 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
     "$PY" -c "import pytest_benchmark" 2>/dev/null && BJSON=(--benchmark-json="$LOGS/pytest-benchmark.json")
     stage bench "$LIM" "$PY" -m pytest benchmarks -q -p no:cacheprovider "${BJSON[@]}"
     for f in "$FASTBEGAN_BENCH_RESULTS"/*.json "$FASTBEGAN_BENCH_RESULTS"/*.md; do
+        [[ -f "$f" ]] && cp "$f" "$OUT/" && say "results: $(basename "$f")"
+    done
+fi
+
+# --- 5b. the distributed path at world size 1 (T_DIST is kept for it; res 64: compiles fast): the fused
+#     step plain vs under torchrun in a one-process NCCL group (its all-reduce inside the
+#     step's CUDA graph), interleaved
+if [[ "${SKIP_DIST:-0}" != 1 ]]; then
+    stage dist "$T_DIST" "$PY" benchmarks/distributed_step.py --device cuda --res 64 --repeats 1 --timeout 60
+    grep -h "process group of one" "$FASTBEGAN_BENCH_RESULTS"/*-distributed-*.md 2>/dev/null \
+        | sed 's/^- /dist: /' | cut -c1-300 | tee -a "$SUMMARY"
+    for f in "$FASTBEGAN_BENCH_RESULTS"/*-distributed-*.json "$FASTBEGAN_BENCH_RESULTS"/*-distributed-*.md; do
         [[ -f "$f" ]] && cp "$f" "$OUT/" && say "results: $(basename "$f")"
     done
 fi

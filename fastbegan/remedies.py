@@ -27,9 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# every option a variant sets, with its value when off (the paper's BEGAN)
+PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
+         "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0}
 VARIANT_PRESETS = {
-    "began": {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0},
-    "escape": {"cs_alpha": 0.0, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
+    "began": dict(PAPER),
+    "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
 }
 # `fastbegan train`'s default: escape won on both data sets of the collapse study, image
 # quality included (benchmarks/results/collapse-*.md). TrainConfig itself stays the paper's.
@@ -37,15 +40,26 @@ DEFAULT_VARIANT = "escape"
 
 
 def variant_flags(variant: str) -> str:
-    """The preset as command-line options, e.g. ``--k-init 0.1 --k-min 0.05 --pt-weight 0.1``."""
-    return " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in VARIANT_PRESETS[variant].items() if v)
+    """The preset as command-line options, e.g. ``--pt-weight 0.1 --k-init 0.1 --k-min 0.05``
+    (an anneal window as ``--pt-anneal START END``)."""
+    preset, flags = VARIANT_PRESETS[variant], []
+    for k, v in preset.items():
+        if not v or k.endswith("_anneal_start"):
+            continue
+        if k.endswith("_anneal_end"):
+            name = k[: -len("_end")]
+            flags.append(f"--{name.replace('_', '-')} {preset[name + '_start']} {v}")
+        else:
+            flags.append(f"--{k.replace('_', '-')} {v:g}")
+    return " ".join(flags)
 
 
 def resumed_variant_options(ckpt_config: dict, **given: float | None) -> dict:
     """TrainConfig fields for resuming a run without ``--variant``: the remedies the run was
-    started with (its checkpoint's config; a checkpoint from before the remedies existed is
-    the paper's BEGAN), with the options given on the command line on top."""
-    base = {k: float(ckpt_config.get(k, 0.0)) for k in VARIANT_PRESETS[DEFAULT_VARIANT]}
+    started with (its checkpoint's config; options a checkpoint predates are off, so one
+    from before the remedies existed is the paper's BEGAN), with the options given on the
+    command line on top."""
+    base = {k: type(off)(ckpt_config.get(k, off)) for k, off in PAPER.items()}
     return _given_on_top(base, ckpt_config.get("variant", "began"), given)
 
 

@@ -159,7 +159,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
-    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init, k_min=k_min)
+    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init, k_min=k_min,
+                  **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     ckpt_path = latest_checkpoint(out) if resume and variant is None else None
     remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path
               else variant_options(variant or DEFAULT_VARIANT, **remedy))
@@ -167,7 +168,6 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
                       **remedy,
-                      **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final),
                       skip=skip,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,

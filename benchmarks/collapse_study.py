@@ -97,7 +97,7 @@ def train_cli(out: Path, flags: list[str], data: str | None, steps: int, every: 
     if (out / "checkpoints").is_dir():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(out.with_suffix(".log"), "a") as log:
+    with open(out.parent / f"{out.name}.log", "a") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=log)
 
 

@@ -206,9 +206,15 @@ def test_k_min_is_a_floor_after_the_papers_update(tmp_path):
 def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     """--variant began is the paper (every remedy off); escape switches on its preset; an
     option given on the command line wins over the preset and makes the variant "custom"."""
-    from fastbegan.remedies import VARIANT_PRESETS, variant_options
+    from fastbegan.remedies import PAPER, VARIANT_PRESETS, variant_flags, variant_options
     assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
-                                        "variant": "began"}
+                                        "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
+                                        "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
+                                        "variant": "began"} == {**PAPER, "variant": "began"}
+    assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
+    assert variant_options("escape", pt_anneal_end=5)["variant"] == "custom"
+    for name in VARIANT_PRESETS:  # every preset sets every option (a resume compares them all)
+        assert set(VARIANT_PRESETS[name]) == set(PAPER)
     assert variant_options("escape") == {**VARIANT_PRESETS["escape"], "variant": "escape"}
     assert variant_options("began", pt_weight=0.2)["variant"] == "custom"
     assert variant_options("escape", k_init=None)["variant"] == "escape"
@@ -264,8 +270,12 @@ def test_resume_keeps_the_runs_own_variant(tmp_path, monkeypatch):
         assert CliRunner().invoke(main, [*tiny, "--resume", *extra]).exit_code == 0
         c = seen[-1]
         assert (c.k_init, c.k_min, c.pt_weight, c.variant) == want
-    assert resumed_variant_options({"res": 8}) == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
-                                                   "variant": "began"}
+    from fastbegan.remedies import PAPER
+    assert resumed_variant_options({"res": 8}) == {**PAPER, "variant": "began"}
+    kept = resumed_variant_options({"variant": "custom", "pt_weight": 0.1, "pt_anneal_start": 5, "pt_anneal_end": 9,
+                                    "ema_decay": 0.99})  # the anneal and the EMA go on too
+    assert (kept["pt_anneal_start"], kept["pt_anneal_end"], kept["ema_decay"]) == (5, 9, 0.99)
+    assert isinstance(kept["pt_anneal_end"], int) and kept["variant"] == "custom"
     assert resumed_variant_options({"variant": "escape", "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05,
                                     "cs_alpha": 0.0})["variant"] == "escape"
 

@@ -344,12 +344,16 @@ class FusedStep(Step):
         self.step_t = torch.full((), trainer.step, device=dev, dtype=torch.int64)
         self.lr_t = torch.full((), trainer.lr, device=dev, dtype=torch.float32)
         self._host_step, self._host_lr = trainer.step, trainer.lr
-        eager = step_forward(trainer.G, trainer.D, torch.ones(1, device=dev), gamma=cfg.gamma,
-                             lambda_k=cfg.lambda_k, device_type=dev.type, bf16=cfg.precision == "bf16",
-                             cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.step_t,
-                             pt_anneal=remedies.pt_anneal_window(cfg))
-        self.forward = CompiledForward(eager, trainer.model, cfg, device=dev, backend=trainer.backend,
-                                       compile=compile, log=trainer.log, main=trainer.dist.is_main)
+        def forward(bf16: bool):
+            return step_forward(trainer.G, trainer.D, torch.ones(1, device=dev), gamma=cfg.gamma,
+                                lambda_k=cfg.lambda_k, device_type=dev.type, bf16=bf16,
+                                cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.step_t,
+                                pt_anneal=remedies.pt_anneal_window(cfg))
+        bf16 = cfg.precision == "bf16"
+        # the compile self-check's noise floor in bf16: the same eager step in fp32
+        self.forward = CompiledForward(forward(bf16), trainer.model, cfg, device=dev,
+                                       backend=trainer.backend, compile=compile, log=trainer.log,
+                                       main=trainer.dist.is_main, reference=forward(False) if bf16 else None)
         self._graph = None
         self._static: dict[str, Tensor] | None = None
         self._state_keys = self._keys()

@@ -145,6 +145,9 @@ def test_compile_records_are_per_variant_and_per_code_version(monkeypatch):
     dev = torch.device("cpu")
     began, escape = TrainConfig(res=8), TrainConfig(res=8, pt_weight=0.1, k_init=0.1, k_min=0.05)
     assert autocompile.config_key(began, dev) != autocompile.config_key(escape, dev)
+    annealed = TrainConfig(res=8, pt_weight=0.1, k_init=0.1, k_min=0.05, pt_anneal_start=20,
+                           pt_anneal_end=30)
+    assert autocompile.config_key(annealed, dev) != autocompile.config_key(escape, dev)
     key = autocompile.config_key(began, dev)
     assert key.endswith(f"code {autocompile.step_code_version()}")
     autocompile.step_code_version.cache_clear()

@@ -268,7 +268,25 @@ def order_of(jobs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return {job: i for i, job in enumerate(jobs)}
 
 
-def main() -> None:
+def load_data(datasets: list[str], work: Path, seed: int) -> dict:
+    """Per data set: the training images (digits: saved as a .npy for ``--data``; faces: the
+    embedded set), held-out reference images, a second real sample, and the digit classifier."""
+    data = {}
+    if "digits" in datasets:
+        tr, ho, ytr, yho = digits_arrays(seed)
+        np.save(work / "digits32-train.npy", tr)
+        clf = digit_classifier(tr, ytr)
+        data["digits"] = dict(path=str(work / "digits32-train.npy"), train=tr, ref=ho, other=tr[-len(ho):],
+                              clf=clf, accuracy=float((clf.predict(to_digit_features(ho)) == yho).mean()))
+    if "faces" in datasets:
+        from fastbegan.data import procedural_faces
+        train = procedural_faces(4096, RES, seed=seed)[0]
+        fresh = procedural_faces(1024, RES, seed=seed + 10_000)[0]
+        data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
+    return data
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--eval-steps", type=int, nargs="*", default=None,
@@ -284,24 +302,16 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the results files from their scored rows")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     evals = sorted(set(args.eval_steps or [s for s in (500, 1000, 2000, 3000) if s < args.steps] + [args.steps]))
     every = math.gcd(*evals)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-
-    data = {}
-    if "digits" in args.datasets:
-        tr, ho, ytr, yho = digits_arrays(args.seed)
-        np.save(work / "digits32-train.npy", tr)
-        clf = digit_classifier(tr, ytr)
-        data["digits"] = dict(path=str(work / "digits32-train.npy"), train=tr, ref=ho, other=tr[-len(ho):],
-                              clf=clf, accuracy=float((clf.predict(to_digit_features(ho)) == yho).mean()))
-    if "faces" in args.datasets:
-        from fastbegan.data import procedural_faces
-        train = procedural_faces(4096, RES, seed=args.seed)[0]
-        fresh = procedural_faces(1024, RES, seed=args.seed + 10_000)[0]
-        data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
+    data = load_data(args.datasets, work, args.seed)
 
     # variant-major: the faithful BEGAN and each remedy on both data sets before the next
     jobs = [(ds, v) for v in args.variants for ds in args.datasets if f"{ds}-{v}" not in args.skip]
@@ -344,13 +354,7 @@ def main() -> None:
         run_dir, d = work / f"{ds}-{v}", data[ds]
         train_run(run_dir, v, d["path"], args.steps, every, args.threads, args.seed)
         seconds[f"{ds}-{v}"] = round(train_seconds(run_dir), 1)
-        new = []
-        for s in evals:
-            ckpt = run_dir / "checkpoints" / f"ckpt_{s:08d}.safetensors"
-            r = {"dataset": ds, "variant": v, "step": s, "k_t": logged_k(run_dir, s),
-                 "logged_diversity": logged_diversity(run_dir, s)}
-            r.update(score(ckpt, ds, d["ref"], d["train"], args.n, d["clf"]))
-            new.append(r)
+        new = [score_checkpoint(run_dir, ds, v, s, d, args.n) for s in evals]
         grids.mkdir(parents=True, exist_ok=True)
         src = run_dir / "samples" / f"fake_{args.steps:08d}.png"
         if src.exists():
@@ -365,6 +369,13 @@ def main() -> None:
         list(pool.map(run, jobs))
     print(f"wrote {stem}.json / .md and {grids}/")
 
+
+def score_checkpoint(run_dir: Path, ds: str, variant: str, step: int, d: dict, n: int) -> dict:
+    """One scored row: the checkpoint at ``step`` of a run, with k_t and diversity from its log."""
+    r = {"dataset": ds, "variant": variant, "step": step, "k_t": logged_k(run_dir, step),
+         "logged_diversity": logged_diversity(run_dir, step)}
+    r.update(score(run_dir / "checkpoints" / f"ckpt_{step:08d}.safetensors", ds, d["ref"], d["train"], n, d["clf"]))
+    return r
 
 if __name__ == "__main__":
     main()

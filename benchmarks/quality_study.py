@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collapse_study import (RES, RESULTS, _fmt, digit_classifier, digits_arrays, logged_k,  # noqa: E402
-                            real_baselines, score, to_digit_features, train_cli, train_seconds)
+from collapse_study import (RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score,  # noqa: E402
+                            train_cli, train_seconds)
 
 BASE = ["--variant", "escape", "--ema-decay", "0.999"]
 # name -> (flags on top of BASE, (parent run, step it forks from) or None)
@@ -119,22 +119,6 @@ def loss_ratio(run: Path, step: int, window: int = 500) -> float | None:
     vals = [r["loss_fake"] / r["loss_real"] for r in read_metrics(run / "metrics.jsonl")
             if step - window < r["step"] <= step and r.get("loss_real")]
     return float(np.median(vals)) if vals else None
-
-
-def load_data(datasets: list[str], work: Path, seed: int) -> dict:
-    data = {}
-    if "digits" in datasets:
-        tr, ho, ytr, yho = digits_arrays(seed)
-        np.save(work / "digits32-train.npy", tr)
-        clf = digit_classifier(tr, ytr)
-        data["digits"] = dict(path=str(work / "digits32-train.npy"), train=tr, ref=ho, other=tr[-len(ho):],
-                              clf=clf, accuracy=float((clf.predict(to_digit_features(ho)) == yho).mean()))
-    if "faces" in datasets:
-        from fastbegan.data import procedural_faces
-        train = procedural_faces(4096, RES, seed=seed)[0]
-        fresh = procedural_faces(1024, RES, seed=seed + 10_000)[0]
-        data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
-    return data
 
 
 # ------------------------------------------------------------------------- summary

@@ -149,7 +149,7 @@ def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: 
         d_real, _ = nearest_neighbours(ref, train, k=1)
         out["nn_ratio"] = float(d_fake[:, 0].median() / d_real[:, 0].median())
     if dataset == "faces" and full:
-        est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
+        est = Q.FactorEstimator.load_or_train(real_ref.shape[1], log=lambda *_: None)
         f = Q.factor_score(est, real_ref[:n], fake)
         out["factor_coverage"] = f["factor_score"]
         out["render_fidelity"] = f["render_fidelity"]
@@ -177,7 +177,7 @@ def fidelity_scores(dataset: str, real_ref: np.ndarray, fake) -> dict:
     from fastbegan.evaluate import fidelity_spaces
     out = {}
     for i, space in enumerate(fidelity_spaces(dataset == "faces")):
-        f = Q.fidelity(real_ref, fake, Q.feature_extractor(space, RES))
+        f = Q.fidelity(real_ref, fake, Q.feature_extractor(space, real_ref.shape[1]))
         suffix = "" if i == 0 else "_rcnn"
         out[f"precision{suffix}"], out[f"recall{suffix}"] = f["precision"], f["recall"]
     return out
@@ -204,7 +204,7 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
                             / nearest_neighbours(a[:half], train, k=1)[0][:, 0].median())
     out.update(fidelity_scores(dataset, real_ref[:n], real_other[:n]))
     if dataset == "faces":
-        est = Q.FactorEstimator.load_or_train(RES, log=lambda *_: None)
+        est = Q.FactorEstimator.load_or_train(real_ref.shape[1], log=lambda *_: None)
         f = Q.factor_score(est, real_ref[:n], real_other[:n])
         out.update(factor_coverage=f["factor_score"], render_fidelity=f["render_fidelity"],
                    factor_recall=f["recall"])
@@ -268,11 +268,14 @@ def order_of(jobs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
     return {job: i for i, job in enumerate(jobs)}
 
 
-def load_data(datasets: list[str], work: Path, seed: int) -> dict:
+def load_data(datasets: list[str], work: Path, seed: int, res: int = RES) -> dict:
     """Per data set: the training images (digits: saved as a .npy for ``--data``; faces: the
-    embedded set), held-out reference images, a second real sample, and the digit classifier."""
+    embedded set), held-out reference images, a second real sample, and the digit classifier.
+    NHWC uint8 at ``res`` (the digits only at RES: they are 8x8 images scaled up)."""
     data = {}
     if "digits" in datasets:
+        if res != RES:
+            raise ValueError(f"the digits are studied at res {RES} only (8x8 images scaled up), not {res}")
         tr, ho, ytr, yho = digits_arrays(seed)
         np.save(work / "digits32-train.npy", tr)
         clf = digit_classifier(tr, ytr)
@@ -280,8 +283,8 @@ def load_data(datasets: list[str], work: Path, seed: int) -> dict:
                               clf=clf, accuracy=float((clf.predict(to_digit_features(ho)) == yho).mean()))
     if "faces" in datasets:
         from fastbegan.data import procedural_faces
-        train = procedural_faces(4096, RES, seed=seed)[0]
-        fresh = procedural_faces(1024, RES, seed=seed + 10_000)[0]
+        train = procedural_faces(4096, res, seed=seed)[0]
+        fresh = procedural_faces(1024, res, seed=seed + 10_000)[0]
         data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
     return data
 

@@ -77,15 +77,24 @@ def fork(parent: Path, child: Path, step: int) -> None:
     (child / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
 
 
-def train_lever(work: Path, ds: str, lever: str, data: dict, steps: int, threads: int, seed: int) -> Path:
+def run_dir(work: Path, ds: str, lever: str, res: int) -> Path:
+    """A lever's run folder: DATASET-LEVER at res 32, DATASET<res>-LEVER at another res."""
+    return work / f"{ds}{'' if res == RES else res}-{lever}"
+
+
+def train_lever(work: Path, ds: str, lever: str, data: dict, steps: int, threads: int, seed: int,
+                res: int = RES) -> Path:
+    """Train (or resume) a lever's run to ``steps``: forked from its parent's run at the fork
+    step, unless the run already exists (e.g. trained straight through with the same flags,
+    which up to the fork are the parent's)."""
     flags, parent = LEVERS[lever]
-    run = work / f"{ds}-{lever}"
-    if parent is not None:
-        train_lever(work, ds, parent[0], data, max(parent[1], 500), threads, seed)
-        fork(work / f"{ds}-{parent[0]}", run, parent[1])
+    run = run_dir(work, ds, lever, res)
+    if parent is not None and not (run / "checkpoints").is_dir():
+        train_lever(work, ds, parent[0], data, max(parent[1], 500), threads, seed, res)
+        fork(run_dir(work, ds, parent[0], res), run, parent[1])
     done = (run / "checkpoints" / f"ckpt_{steps:08d}.safetensors").exists()
     if not done:
-        train_cli(run, [*BASE, *flags], data["path"], steps, 500, threads, seed)
+        train_cli(run, [*BASE, *flags], data["path"], steps, 500, threads, seed, res=res)
     return run
 
 
@@ -177,12 +186,13 @@ def _ttq(t: dict) -> str:
 def markdown(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"# Time to quality: levers on top of the escape ({m['device']})", "",
-             f"- date {m['created']}, git {m['commit']}, torch {m['torch']}; res {RES}, batch 16, n 64, "
+             f"- date {m['created']}, git {m['commit']}, torch {m['torch']}; res {m.get('res', RES)}, batch 16, n 64, "
              f"seed {m['seed']}, {m['threads']} thread(s) per run, one run at a time, on a machine shared with "
              "other work (train s: seconds in training steps from each run's metrics.jsonl, evaluation excluded; "
              "compare them loosely)",
              "- every run: `fastbegan train " + " ".join(BASE) + "` plus its lever's flags; the EMA (decay "
-             "0.999) does not change training, so **escape** raw is today's default exactly",
+             "0.999) does not change training, so **escape** raw is `--variant escape` (the default before this "
+             "study) exactly, and **pt-0.05** ema is `--variant settle` (the default chosen from it)",
              "- levers: " + "; ".join(f"**{k}** `{' '.join(v[0]) or '(none)'}`"
                                       + (f" (forked from {v[1][0]} at step {v[1][1]})" if v[1] else "")
                                       for k, v in m["levers"].items()),
@@ -232,6 +242,7 @@ def parse_args():
     ap.add_argument("--threads", type=int, default=1, help="threads per run (one run at a time)")
     ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--res", type=int, default=RES, help="resolution (the digits: 32 only)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--stem", default=None, help="results file stem (default quality-cpu-<cpu>-<date>)")
     ap.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite the .md")
@@ -255,22 +266,23 @@ def main() -> None:
     def write() -> None:
         meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
                 "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
-                "threads": args.threads, "n_scored": args.n, "levers": LEVERS, "views": VIEWS, "target": TARGET}
+                "threads": args.threads, "n_scored": args.n, "levers": LEVERS, "views": VIEWS, "target": TARGET,
+                "res": args.res}
         doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(doc))
 
     if not args.report_only:
-        data = load_data(args.datasets, work, args.seed)
+        data = load_data(args.datasets, work, args.seed, args.res)
         for ds, d in data.items():
             if ds not in baselines:
                 baselines[ds] = real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
         for ds in args.datasets:
             for lever in args.levers:
-                run = train_lever(work, ds, lever, data[ds], args.steps, args.threads, args.seed)
+                run = train_lever(work, ds, lever, data[ds], args.steps, args.threads, args.seed, args.res)
                 done = {(r["dataset"], r["lever"], r["step"], r["view"]) for r in rows}
                 rows.extend(score_run(run, ds, lever, data[ds], args.steps, args.n, done))
-                copy_grid(run, results / f"quality-{stamp}", f"{ds}-{lever}", args.steps)
+                copy_grid(run, results / f"quality-{stamp}", run.name, args.steps)
                 write()
     write()
     print(f"wrote {stem}.json / .md")

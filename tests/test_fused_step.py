@@ -39,6 +39,13 @@ def _trainer(backend="torch", device="cpu", **kw):
     return t
 
 
+# the default variant's levers (remedies.VARIANT_PRESETS["settle"]) with its pulling-away
+# anneal moved to steps 3-8, so that 20 steps cross it (GPU tests): the anneal factor and
+# the EMA of G run on the device, inside the graph
+SETTLE_SHORT = dict(pt_weight=0.1, k_init=0.1, k_min=0.05, pt_anneal_start=3, pt_anneal_end=8, pt_final=0.05,
+                    ema_decay=0.999)
+
+
 def _use_fused_adam(tr):
     for opt in (tr.opt_g, tr.opt_d):
         for group in opt.param_groups:
@@ -54,6 +61,9 @@ def _compare(a, b, va, vb, atol=1e-6, what=""):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=atol,
                                    msg=lambda m: f"{what} grad of {name}: {m}")
         torch.testing.assert_close(p, q, rtol=0, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+    if a.g_ema is not None:  # the EMA of G (remedies.GeneratorEMA), when the run keeps one
+        for name, x, y in zip(a.g_ema.names, a.g_ema.shadow, b.g_ema.shadow):
+            torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=lambda m: f"{what} EMA of {name}: {m}")
 
 
 def _run_pair(fused_backend, steps, ref_backend="torch", step_kw=None, atol=1e-6, **kw):
@@ -221,9 +231,10 @@ def _gpu_trainer(**kw):
 
 
 @requires_gpu
-def test_gpu_no_sync():
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT], ids=["began", "settle"])
+def test_gpu_no_sync(levers):
     """CUDA: no synchronising call inside the step (sync debug mode 'error')."""
-    t = _gpu_trainer()
+    t = _gpu_trainer(**levers)
     step = FusedStep(t, cuda_graph=False)
     step()  # Triton autotuning synchronises: first step outside the check
     torch.cuda.synchronize()
@@ -237,15 +248,17 @@ def test_gpu_no_sync():
 
 
 @requires_gpu
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT], ids=["began", "settle"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_gpu_cuda_graph_equals_eager(precision):
-    """20 steps replayed from a CUDA graph equal 20 eager steps (same seed, same batches).
+def test_gpu_cuda_graph_equals_eager(precision, levers):
+    """20 steps replayed from a CUDA graph equal 20 eager steps (same seed, same batches);
+    with the default variant's levers, the EMA of G too.
 
     Tolerance: the same kernels run in both, so differences come only from kernels that
     are not bitwise deterministic (atomics in split-K reductions), amplified by 20 Adam
     steps; 1e-4 fp32, 2e-2 bf16."""
     atol = 1e-4 if precision == "fp32" else 2e-2
-    eager_t, graph_t = _gpu_trainer(precision=precision), _gpu_trainer(precision=precision)
+    eager_t, graph_t = _gpu_trainer(precision=precision, **levers), _gpu_trainer(precision=precision, **levers)
     eager = FusedStep(eager_t, cuda_graph=False)
     graph = FusedStep(graph_t, cuda_graph=True, warmup=2)
     for i in range(20):
@@ -255,6 +268,9 @@ def test_gpu_cuda_graph_equals_eager(precision):
     assert graph._graph is not None
     for p, q in zip(graph_t.model.parameters(), eager_t.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
+    if levers:
+        for a, b in zip(graph_t.g_ema.shadow, eager_t.g_ema.shadow):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert graph_t.gen.get_state().equal(eager_t.gen.get_state())
 
 
@@ -306,6 +322,18 @@ def test_compiled_step_triton_backend(device):
                            step_kw={"compile": True}, atol=1e-6 if device == "cpu" else 1e-3)
     assert fus.stepper.forward.mode == "default"
     assert fus.stepper.cuda_graph == (device == "cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
+def test_compiled_step_with_the_default_variants_levers(backend):
+    """The default variant's levers (settle: k_t floor, pulling-away term annealed to a
+    final weight, EMA of G) in the compiled step, window moved to steps 1-2 so that 3 steps
+    cross it: equal to the reference step, the EMA included (CPU; triton in the interpreter)."""
+    levers = dict(SETTLE_SHORT, pt_anneal_start=1, pt_anneal_end=2)
+    with _no_compile_fallback():
+        fus, _ = _run_pair(backend, steps=3, step_kw={"compile": True}, **levers)
+    assert not fus.stepper.forward.pending
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])

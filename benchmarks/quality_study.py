@@ -98,18 +98,22 @@ def train_lever(work: Path, ds: str, lever: str, data: dict, steps: int, threads
     return run
 
 
-def first_own_step(lever: str) -> int:
-    """The first evaluated step at which ``lever``'s run can differ from its parent's."""
+def first_own_step(lever: str, run: Path) -> int:
+    """The first evaluated step at which ``lever``'s run can differ from its parent's (0 for a
+    run trained straight through: it has checkpoints before the fork step)."""
     parent = LEVERS[lever][1]
-    return 0 if parent is None else parent[1] + 1
+    if parent is None or any(int(c.stem.split("_")[1]) < parent[1] for c in (run / "checkpoints").glob("ckpt_*")):
+        return 0
+    return parent[1] + 1
 
 
-def score_run(run: Path, ds: str, lever: str, d: dict, steps: int, n: int, done: set) -> list[dict]:
+def score_run(run: Path, ds: str, lever: str, d: dict, steps: int, n: int, done: set,
+              views: list[str] = list(VIEWS)) -> list[dict]:
     """Rows for every evaluated checkpoint and view of ``run`` not scored yet (``done``)."""
     rows = []
-    for s in [s for s in eval_steps(steps) if s >= first_own_step(lever)]:
+    for s in [s for s in eval_steps(steps) if s >= first_own_step(lever, run)]:
         ckpt = run / "checkpoints" / f"ckpt_{s:08d}.safetensors"
-        for view, kw in VIEWS.items():
+        for view, kw in [(v, VIEWS[v]) for v in views]:
             if (ds, lever, s, view) in done or not ckpt.exists():
                 continue
             r = {"dataset": ds, "lever": lever, "view": view, "step": s, "k_t": logged_k(run, s),
@@ -243,6 +247,7 @@ def parse_args():
     ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--res", type=int, default=RES, help="resolution (the digits: 32 only)")
+    ap.add_argument("--views", nargs="*", default=list(VIEWS), choices=list(VIEWS), help="views scored")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--stem", default=None, help="results file stem (default quality-cpu-<cpu>-<date>)")
     ap.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite the .md")
@@ -281,7 +286,7 @@ def main() -> None:
             for lever in args.levers:
                 run = train_lever(work, ds, lever, data[ds], args.steps, args.threads, args.seed, args.res)
                 done = {(r["dataset"], r["lever"], r["step"], r["view"]) for r in rows}
-                rows.extend(score_run(run, ds, lever, data[ds], args.steps, args.n, done))
+                rows.extend(score_run(run, ds, lever, data[ds], args.steps, args.n, done, args.views))
                 copy_grid(run, results / f"quality-{stamp}", run.name, args.steps)
                 write()
     write()

@@ -32,7 +32,21 @@ def test_lineage_takes_the_parents_rows_up_to_the_fork():
     got = S.lineage(rows, "digits", "anneal", "raw")
     assert [(r["lever"], r["step"]) for r in got] == [(parent, 1000), (parent, fork_step), ("anneal", 2500),
                                                       ("anneal", 3000)]
-    assert S.first_own_step("anneal") == fork_step + 1 and S.first_own_step("escape") == 0
+
+
+
+def test_first_own_step_of_a_forked_and_of_a_straight_run(tmp_path):
+    parent, fork_step = S.LEVERS["anneal"][1]
+    forked, straight = tmp_path / "forked", tmp_path / "straight"
+    for run, steps in ((forked, (fork_step, fork_step + 1000)), (straight, (fork_step - 1000, fork_step))):
+        (run / "checkpoints").mkdir(parents=True)
+        for s in steps:
+            (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").write_bytes(b"")
+    assert S.first_own_step("anneal", forked) == fork_step + 1  # the parent's rows stand for the rest
+    assert S.first_own_step("anneal", straight) == 0  # trained straight through: scored from the start
+    assert S.first_own_step("escape", forked) == 0
+    assert S.run_dir(tmp_path, "faces", "anneal", 32).name == "faces-anneal"
+    assert S.run_dir(tmp_path, "faces", "anneal", 64).name == "faces64-anneal"
 
 
 def test_fork_copies_the_checkpoint_and_the_log_up_to_it(tmp_path):

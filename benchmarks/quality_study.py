@@ -47,11 +47,11 @@ LEVERS = {
     "anneal": (["--pt-anneal", "2000", "3000", "--k-min-anneal", "2000", "3000"], ("escape", 2000)),
     "pt-anneal": (["--pt-anneal", "2000", "3000"], ("escape", 2000)),  # the floor stays
     "lr-decay": (["--lr-half-every", "2000"], ("escape", 1500)),       # lr halved at 2k, 4k, ... (min 2e-5)
-    "pt-anneal+lr-decay": (["--pt-anneal", "2000", "3000", "--lr-half-every", "2000"], ("escape", 1500)),
     "pt-0.05": (["--pt-anneal", "2000", "2500", "--pt-final", "0.05"], ("escape", 2000)),  # a weaker escape
     "pt-0.025": (["--pt-anneal", "2000", "2500", "--pt-final", "0.025"], ("escape", 2000)),
     "pt-0.3": (["--pt-anneal", "2000", "2500", "--pt-final", "0.3"], ("escape", 2000)),  # a stronger one
     "kmin-0.15": (["--k-min", "0.15"], ("escape", 2000)),  # D pushes back harder from step 2,000 on
+    "gamma-0.3": (["--gamma", "0.3"], ("escape", 2000)),  # the paper: lower gamma, sharper, less varied
 }
 VIEWS = {"raw": dict(raw=True, truncate=1.0), "ema": dict(raw=False, truncate=1.0),
          "raw-t0.5": dict(raw=True, truncate=0.5), "ema-t0.5": dict(raw=False, truncate=0.5)}

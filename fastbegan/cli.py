@@ -72,7 +72,9 @@ def main():
               help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
                    "plus the remedies measured best against its early one-image collapse ("
                    + variant_flags("escape")
-                   + "). The four options below override the variant's values. --resume without "
+                   + "). settle: escape, then once variety is there the pulling-away weight falls to half "
+                   "and samples come from an EMA of G (" + variant_flags("settle") + "). The options "
+                   "below override the variant's values. --resume without "
                    "--variant keeps the remedies the run was started with.")
 @click.option("--cs-alpha", type=float, default=None,
               help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "

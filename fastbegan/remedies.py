@@ -34,9 +34,13 @@ VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
 }
-# `fastbegan train`'s default: escape won on both data sets of the collapse study, image
-# quality included (benchmarks/results/collapse-*.md). TrainConfig itself stays the paper's.
-DEFAULT_VARIANT = "escape"
+# escape, then settle: once variety is there (step 2,000) the pulling-away weight falls to
+# half (0.1 -> 0.05 by step 2,500) and G's samples come from an EMA of its weights. The
+# time-to-quality study's winner (benchmarks/results/quality-*.md, docs/training.md).
+VARIANT_PRESETS["settle"] = {**VARIANT_PRESETS["escape"], "pt_anneal_start": 2000, "pt_anneal_end": 2500,
+                             "pt_final": 0.05, "ema_decay": 0.999}
+# `fastbegan train`'s default. TrainConfig itself stays the paper's.
+DEFAULT_VARIANT = "settle"
 
 
 def variant_flags(variant: str) -> str:

@@ -212,6 +212,9 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
                                         "variant": "began"} == {**PAPER, "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
+    # settle: escape, then the pulling-away weight falls to 0.05 over steps 2,000-2,500; EMA samples
+    assert variant_flags("settle") == ("--pt-weight 0.1 --k-init 0.1 --k-min 0.05 --pt-anneal 2000 2500 "
+                                       "--pt-final 0.05 --ema-decay 0.999")
     assert variant_options("escape", pt_anneal_end=5)["variant"] == "custom"
     for name in VARIANT_PRESETS:  # every preset sets every option (a resume compares them all)
         assert set(VARIANT_PRESETS[name]) == set(PAPER)
@@ -450,4 +453,6 @@ def test_cli_lever_options(tmp_path, monkeypatch):
     assert (c.pt_anneal_start, c.pt_anneal_end, c.k_min_anneal_start, c.k_min_anneal_end, c.ema_decay, c.pt_final) == \
         (10, 20, 5, 30, 0.99, 0.02)
     assert CliRunner().invoke(main, ["train", "--device", "cpu", "--out", str(tmp_path / "s")]).exit_code == 0
-    assert (seen[-1].pt_anneal_end, seen[-1].ema_decay) == (0, 0.0)
+    from fastbegan.remedies import DEFAULT_VARIANT, VARIANT_PRESETS
+    preset = VARIANT_PRESETS[DEFAULT_VARIANT]  # none given: the default variant's own levers
+    assert (seen[-1].pt_anneal_end, seen[-1].ema_decay) == (preset["pt_anneal_end"], preset["ema_decay"])

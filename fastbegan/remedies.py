@@ -178,6 +178,12 @@ class GeneratorEMA:
         return {self.PREFIX + n: s for n, s in zip(self.names, self.shadow)}
 
     @torch.no_grad()
+    def generate(self, g: torch.nn.Module, z: Tensor) -> Tensor:
+        """G(z) with the averaged weights in place of the trained ones (G's buffers as they
+        are; nothing of G is changed): what ``fastbegan sample`` draws from a checkpoint."""
+        return torch.func.functional_call(g, dict(zip(self.names, self.shadow)), (z,))
+
+    @torch.no_grad()
     def load(self, tensors: dict[str, Tensor]) -> bool:
         """Copy ``G_ema.*`` from checkpoint tensors in place; a checkpoint without them (a run
         started without the EMA) starts the averages from G's current parameters. Returns

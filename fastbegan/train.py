@@ -303,7 +303,8 @@ class Trainer:
         from .images import save_grid
         out = Path(self.cfg.out) / "samples"
         with self.autocast():
-            fake = self.G(self.fixed_z).float()
+            # the EMA's samples when the run keeps one: what `fastbegan sample` will draw
+            fake = (self.G(self.fixed_z) if self.g_ema is None else self.g_ema.generate(self.G, self.fixed_z)).float()
             real = to_unit_range(self.data[self.fixed_x.to(self.device)]).contiguous(
                 memory_format=torch.channels_last)
             rec = self.D(real).float()

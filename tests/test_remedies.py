@@ -1,6 +1,7 @@
 """The collapse remedies (fastbegan.remedies): each term against a hand computation, its
 gradient only where its paper puts it, every backend and the fused step, and the faithful
 BEGAN unchanged bit for bit when they are off."""
+import copy
 import itertools
 
 import numpy as np
@@ -388,6 +389,30 @@ def test_ema_of_g_by_hand(tmp_path, reference):
     for a, w in zip(t.g_ema.shadow, want):
         torch.testing.assert_close(a, w, rtol=1e-6, atol=1e-7)
     assert t.g_ema.shadow[0].stride() == next(t.G.parameters()).stride()
+
+
+def test_training_sample_grid_shows_the_ema(tmp_path):
+    """With an EMA, samples/fake_*.png is G run with the averaged weights (a generator loaded
+    with them by hand), and G's own weights are left as they were."""
+    from PIL import Image
+
+    from fastbegan.images import save_grid
+    t = Trainer(_tiny_cfg(tmp_path, ema_decay=0.5), _tiny_data(), log=lambda *_: None)
+    for _ in range(3):
+        t.train_step()
+    before = [p.detach().clone() for p in t.G.parameters()]
+    t.write_samples()
+    g = copy.deepcopy(t.G)
+    with torch.no_grad():
+        for p, a in zip(g.parameters(), t.g_ema.shadow):
+            p.copy_(a)
+        save_grid(g(t.fixed_z).float(), tmp_path / "want.png")
+        save_grid(t.G(t.fixed_z).float(), tmp_path / "raw.png")
+    got = np.asarray(Image.open(tmp_path / "samples" / f"fake_{t.step:08d}.png"))
+    assert np.array_equal(got, np.asarray(Image.open(tmp_path / "want.png")))
+    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / "raw.png")))
+    for p, q in zip(t.G.parameters(), before):
+        assert torch.equal(p, q)
 
 
 def test_ema_is_in_checkpoints_and_resumes_exactly(tmp_path):

@@ -46,7 +46,12 @@ DEFAULT_VARIANT = "settle"
 def variant_flags(variant: str) -> str:
     """The preset as command-line options, e.g. ``--pt-weight 0.1 --k-init 0.1 --k-min 0.05``
     (an anneal window as ``--pt-anneal START END``)."""
-    preset, flags = VARIANT_PRESETS[variant], []
+    return lever_flags(VARIANT_PRESETS[variant])
+
+
+def lever_flags(preset: dict) -> str:
+    """The options of :data:`PAPER` in ``preset`` that are on, as command-line options."""
+    flags = []
     for k, v in preset.items():
         if not v or k.endswith("_anneal_start"):
             continue

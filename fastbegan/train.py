@@ -461,10 +461,8 @@ def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
         + f", precision {cfg.precision} ({trainer.precision_why}), res {cfg.res}, filters {cfg.filters}, "
         f"batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
-    terms = [f"{name} {value:g}" for name, value in (("k_init", cfg.k_init), ("k_min", cfg.k_min),
-                                                     ("pt_weight", cfg.pt_weight), ("cs_alpha", cfg.cs_alpha))
-             if value]
-    log(f"variant {cfg.variant}: " + (", ".join(terms) if terms else "the paper's BEGAN (no collapse remedy)")
+    levers = remedies.lever_flags({k: getattr(cfg, k) for k in remedies.PAPER})
+    log(f"variant {cfg.variant}: " + (levers or "the paper's BEGAN (no collapse remedy)")
         + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
 
 

@@ -230,3 +230,7 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path):
     assert "fused training step" in out and "torch.compile auto" in out
     assert f"precision {hardware.resolve_precision('auto', CPU)[0]} (auto: " in out
     assert f"{torch.get_num_threads()} thread" in out and "allocator:" in out
+    # the default variant, with every lever it switches on, as the options that would set them
+    from fastbegan.remedies import DEFAULT_VARIANT, variant_flags
+    assert f"variant {DEFAULT_VARIANT}: {variant_flags(DEFAULT_VARIANT)}, gamma 0.5" in out
+    assert "--ema-decay 0.999" in variant_flags("settle") and "--pt-anneal 2000 2500" in variant_flags("settle")

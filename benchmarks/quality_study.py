@@ -194,6 +194,7 @@ def markdown(doc: dict) -> str:
              f"seed {m['seed']}, {m['threads']} thread(s) per run, one run at a time, on a machine shared with "
              "other work (train s: seconds in training steps from each run's metrics.jsonl, evaluation excluded; "
              "compare them loosely)",
+             *([f"- {m['note']}"] if m.get("note") else []),
              "- every run: `fastbegan train " + " ".join(BASE) + "` plus its lever's flags; the EMA (decay "
              "0.999) does not change training, so **escape** raw is `--variant escape` (the default before this "
              "study) exactly, and **pt-0.05** ema is `--variant settle` (the default chosen from it)",
@@ -248,6 +249,7 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--res", type=int, default=RES, help="resolution (the digits: 32 only)")
     ap.add_argument("--views", nargs="*", default=list(VIEWS), choices=list(VIEWS), help="views scored")
+    ap.add_argument("--note", default=None, help="a line for the report's header (e.g. how the runs were trained)")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--stem", default=None, help="results file stem (default quality-cpu-<cpu>-<date>)")
     ap.add_argument("--report-only", action="store_true", help="train and score nothing: rewrite the .md")
@@ -272,7 +274,7 @@ def main() -> None:
         meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
                 "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
                 "threads": args.threads, "n_scored": args.n, "levers": LEVERS, "views": VIEWS, "target": TARGET,
-                "res": args.res}
+                "res": args.res, "note": args.note or old.get("meta", {}).get("note")}
         doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(doc))

@@ -94,8 +94,7 @@ def config_key(cfg, device: torch.device) -> str:
 
 def _pt_anneal(cfg) -> str:
     """The pulling-away weight's anneal window, part of the compiled graph (empty if off)."""
-    end = getattr(cfg, "pt_anneal_end", 0)
-    return f"|pt-anneal {cfg.pt_anneal_start}-{end}-{cfg.pt_final:g}" if end else ""
+    return f"|pt-anneal {cfg.pt_anneal_start}-{cfg.pt_anneal_end}-{cfg.pt_final:g}" if cfg.pt_anneal_end else ""
 
 
 @functools.lru_cache(maxsize=1)

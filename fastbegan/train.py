@@ -304,7 +304,8 @@ class Trainer:
         out = Path(self.cfg.out) / "samples"
         with self.autocast():
             # the EMA's samples when the run keeps one: what `fastbegan sample` will draw
-            fake = (self.G(self.fixed_z) if self.g_ema is None else self.g_ema.generate(self.G, self.fixed_z)).float()
+            g_of = self.G if self.g_ema is None else (lambda z: self.g_ema.generate(self.G, z))
+            fake = g_of(self.fixed_z).float()
             real = to_unit_range(self.data[self.fixed_x.to(self.device)]).contiguous(
                 memory_format=torch.channels_last)
             rec = self.D(real).float()

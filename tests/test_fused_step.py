@@ -23,6 +23,7 @@ import torch
 
 from fastbegan import ops
 from fastbegan.autocompile import CPU_COMPILE_MODE
+from fastbegan.remedies import VARIANT_PRESETS
 from fastbegan.step import FusedStep, ReferenceStep, fused_step_status
 from fastbegan.train import TrainConfig, Trainer
 
@@ -42,8 +43,7 @@ def _trainer(backend="torch", device="cpu", **kw):
 # the default variant's levers (remedies.VARIANT_PRESETS["settle"]) with its pulling-away
 # anneal moved to steps 3-8, so that 20 steps cross it (GPU tests): the anneal factor and
 # the EMA of G run on the device, inside the graph
-SETTLE_SHORT = dict(pt_weight=0.1, k_init=0.1, k_min=0.05, pt_anneal_start=3, pt_anneal_end=8, pt_final=0.05,
-                    ema_decay=0.999)
+SETTLE_SHORT = {**VARIANT_PRESETS["settle"], "pt_anneal_start": 3, "pt_anneal_end": 8}
 
 
 def _use_fused_adam(tr):

@@ -265,6 +265,93 @@ def test_a_sticky_error_is_recorded_and_the_next_process_takes_the_next_path(mon
         ops.conv3x3_elu(x, w, b)
 
 
+def test_a_wrong_result_record_does_not_skip_a_kernel_test(monkeypatch, persisted):
+    """Strict mode (the tests) with a path recorded for a wrong result: no KernelPathDropped
+    (which the conftest turns into a skip); the path runs and is verified against the
+    reference even with verification off: a fixed kernel passes, a still-wrong one fails."""
+    x, w, b = _inputs(16, 16, 8)
+    with monkeypatch.context() as m:
+        _break(m, conv3x3, "conv3x3_fwd", ("tma",), _wrong_result)
+        ops.set_verify_kernels(True)
+        with pytest.warns(ops.KernelFallbackWarning, match="tma path .max relative error"):
+            ops.conv3x3_elu(x, w, b)
+    assert "max relative error" in persisted.read_text()
+    fallback.reset()                              # a new process: the tests' strict mode
+    fallback.set_strict(True)
+    ops.set_verify_kernels(False)
+    calls = _break(monkeypatch, conv3x3, "conv3x3_fwd", None, lambda real, *a, **k: real(*a, **k))
+    y = ops.conv3x3_elu(x, w, b)                  # the kernel is right now: it runs and passes
+    assert calls == ["tma"]
+    assert_close_rel("y", y, reference.conv3x3_elu_ref(x, w, b), torch.float32)
+    fallback.reset()
+    fallback.set_strict(True)
+    _break(monkeypatch, conv3x3, "conv3x3_fwd", ("tma",), _wrong_result)
+    with pytest.raises(AssertionError, match="recorded by an earlier process too: max relative error"):
+        ops.conv3x3_elu(x, w, b)                  # still wrong: a failure, not a skip
+
+
+def _conftest():
+    """The tests' conftest module as pytest loaded it (importing it again would make a
+    second session cache; ``import conftest`` may find benchmarks/conftest.py)."""
+    import sys
+    from pathlib import Path
+    want = Path(__file__).with_name("conftest.py")
+    return next(m for m in list(sys.modules.values())
+                if getattr(m, "__file__", None) and Path(m.__file__) == want)
+
+
+def _report_of(exc):
+    """Drive the conftest's makereport hook wrapper for a test that raised ``exc``."""
+    from types import SimpleNamespace
+    try:
+        raise exc
+    except BaseException:
+        excinfo = pytest.ExceptionInfo.from_current()
+    report = SimpleNamespace(outcome="failed", longrepr="traceback")
+    item = SimpleNamespace(path="tests/test_x.py", location=("tests/test_x.py", 3, "test_x"))
+    hook = _conftest().pytest_runtest_makereport(item, SimpleNamespace(excinfo=excinfo))
+    next(hook)
+    with pytest.raises(StopIteration):
+        hook.send(SimpleNamespace(get_result=lambda: report))
+    return report
+
+
+def test_the_conftest_skips_only_sticky_records():
+    """KernelPathDropped (raised for a sticky-error record only) becomes a skip with its
+    reason; the AssertionError of a still-wrong recorded path stays a failure."""
+    r = _report_of(fallback.KernelPathDropped("conv3x3_elu: the tma path was dropped (sticky CUDA error: x)"))
+    assert r.outcome == "skipped" and "sticky CUDA error" in r.longrepr[2]
+    r = _report_of(AssertionError("tma path: max relative error 0.5 > 0.001 (recorded by an earlier process too)"))
+    assert r.outcome == "failed"
+
+
+def test_the_session_cache_is_its_own_and_keeps_only_sticky_records(monkeypatch, tmp_path):
+    """The test session's FASTBEGAN_CACHE is a fresh folder, not the user's; of the user's
+    kernel-path records only the sticky-error ones are carried into it."""
+    import json
+    import os
+    from fastbegan.data import default_cache_dir
+    conftest = _conftest()
+    assert os.environ["FASTBEGAN_CACHE"] == conftest.SESSION_CACHE
+    assert default_cache_dir() != __import__("pathlib").Path.home() / ".cache" / "fastbegan"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "dropped_paths.json").write_text(json.dumps({"GPU|triton 3.6|kernels abc": {
+        "conv3x3_elu x:bfloat16": {"tma": "sticky CUDA error: RuntimeError: illegal address",
+                                   "ptr": "max relative error 0.02 > 0.01 against the reference"},
+        "conv3x3_dgrad x:bfloat16": {"triton": "max relative error 1 > 0.01 against the reference"}}}))
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(user))
+    session = conftest._session_cache()           # sets the variable: monkeypatch restores it
+    try:
+        assert os.environ["FASTBEGAN_CACHE"] == session != str(user)
+        assert json.loads((default_cache_dir() / "dropped_paths.json").read_text()) == {
+            "GPU|triton 3.6|kernels abc": {
+                "conv3x3_elu x:bfloat16": {"tma": "sticky CUDA error: RuntimeError: illegal address"}}}
+    finally:
+        import shutil
+        shutil.rmtree(session, ignore_errors=True)
+
+
 def test_no_path_is_tried_inside_a_capture(monkeypatch):
     """A key first met inside a CUDA graph capture raises (nothing may be tried, verified or
     autotuned there); a key decided before runs its path."""

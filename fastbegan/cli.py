@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -42,10 +43,49 @@ def remove_if_empty(folder: str) -> None:
         pass
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _ours(message: str, filename: str) -> bool:
+    """A warning fastbegan raised (its messages start with "fastbegan:"; or from its code)."""
+    if message.startswith("fastbegan:"):
+        return True
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        return False
+
+
+def show_warnings_as_lines(ctx: click.Context) -> None:
+    """For the command's duration, print fastbegan's own warnings as one line on stderr,
+    ``fastbegan: <message>``, once per message, like the start-up lines: no source path, no
+    line number, no category (``.../step.py:381: UserWarning: ...`` reads like a crash to a
+    user). Other libraries' warnings are shown as Python shows them."""
+    previous, seen = warnings.showwarning, set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        if not _ours(text, str(filename)):
+            return previous(message, category, filename, lineno, file, line)
+        if not text.startswith("fastbegan:"):
+            text = f"fastbegan: {text}"
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
+
+    def restore():
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+    warnings.showwarning = show
+    ctx.call_on_close(restore)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastbegan")
-def main():
+@click.pass_context
+def main(ctx):
     """fastbegan: train BEGAN fast, sample from it, and benchmark its fused kernels."""
+    show_warnings_as_lines(ctx)
 
 
 @main.command()

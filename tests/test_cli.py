@@ -69,3 +69,41 @@ def test_prepare_then_train_on_cache(runner, tmp_path):
 def test_sample_missing_checkpoint(runner, tmp_path):
     r = runner.invoke(main, ["sample", str(tmp_path / "nope.safetensors")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_fastbegan_warnings_are_one_clean_line(runner, monkeypatch, tmp_path):
+    """A fastbegan warning raised during a command reads as one line, ``fastbegan: ...``,
+    once, without the Python source path, line number or category; a warning from fastbegan's
+    code without the prefix gets it; another library's warning keeps Python's format."""
+    import warnings
+    from pathlib import Path
+
+    import fastbegan.step
+    import fastbegan.train
+
+    class _Done:
+        step = 0
+
+    msg = "fastbegan: torch.compile of the training step failed (boom); eager steps, about 2x slower"
+
+    def fake_train(cfg, **kw):
+        warnings.simplefilter("always")           # the display itself must say it once
+        for _ in range(2):
+            warnings.warn(msg, stacklevel=1)
+        warnings.warn_explicit("the fused step is off here", UserWarning, fastbegan.step.__file__, 381)
+        warnings.warn_explicit("someone else's warning", UserWarning, str(tmp_path / "otherlib.py"), 7)
+        return _Done()
+    monkeypatch.setattr(fastbegan.train, "train", fake_train)
+    with pytest.warns(UserWarning) as other:      # what Python's display (here pytest's) receives
+        before = warnings.showwarning
+        r = runner.invoke(main, ["train", *TINY, "--steps", "1", "--out", str(tmp_path / "r")])
+        assert warnings.showwarning is before              # restored after the command
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines.count(msg) == 1, r.output
+    assert "fastbegan: the fused step is off here" in lines
+    assert Path(fastbegan.step.__file__).name == "step.py"
+    assert not any("step.py" in ln or "test_cli.py" in ln or "Warning" in ln for ln in lines), r.output
+    assert "someone else's" not in r.output     # another library's warning: passed on unchanged
+    assert [(str(w.message), w.filename, w.lineno) for w in other] == [
+        ("someone else's warning", str(tmp_path / "otherlib.py"), 7)]

@@ -119,6 +119,61 @@ def test_collapse_messages_name_the_remedy_unless_it_is_on():
     assert treated and REMEDY_FLAGS not in treated[0].message
 
 
+def test_k_on_its_floor_is_reported_with_the_loss_ratio():
+    """k_t pinned on --k-min 0.05 while L_fake / L_real = 1.2 > gamma 0.5: the equilibrium
+    is not acting; reported once, after the patience, with the ratio and what to try."""
+    t = HealthTracker(gamma=0.5, patience=100, k_min=0.05)
+    found = feed(t, rows(range(10, 301, 10), k=0.05, loss_real=0.1, loss_fake=0.12))
+    assert [(f.kind, f.since, f.step) for f in found] == [("k_floor", 10, 110)]
+    msg = found[0].message
+    assert msg.startswith("k_t has sat on its floor (k_min 0.05) for 100 steps (since step 10)")
+    assert "L_fake / L_real = 1.20 stays above gamma 0.5" in msg
+    assert "higher --gamma (the loss ratio says about 1.20, now 0.5)" in msg and "--lambda-k" in msg
+    assert t.active() == ["k_floor"]
+    # k_t leaves the floor: the episode ends
+    assert feed(t, rows([310], k=0.08)) == [] and t.active() == []
+
+
+def test_k_floor_needs_a_floor_and_a_pinned_k():
+    """Not reported: k_t moving above the floor, a stretch shorter than the patience, the
+    same k_t in a run without a floor (k_min 0: the k_zero rule's case), or a floor that
+    has been annealed away (the floor then is 0)."""
+    moving = rows(range(10, 401, 10), k=lambda s: 0.05 + 0.02 * (1 + math.sin(s / 30)), loss_fake=0.12,
+                  loss_real=0.1)
+    assert feed(HealthTracker(gamma=0.5, patience=100, k_min=0.05), moving) == []
+    brief = rows(range(10, 100, 10), k=0.05) + rows(range(100, 401, 10), k=0.07)
+    assert feed(HealthTracker(gamma=0.5, patience=100, k_min=0.05), brief) == []
+    assert feed(HealthTracker(gamma=0.5, patience=100), rows(range(10, 401, 10), k=0.05)) == []
+    annealed = HealthTracker(gamma=0.5, patience=100, k_min=0.05, k_min_anneal=(0, 200))
+    assert [f.kind for f in feed(annealed, rows(range(200, 501, 10), k=0.0))] == ["k_zero"]
+
+
+def test_k_following_an_annealed_floor_down_is_on_the_floor():
+    """With --k-min-anneal 0 1000 the floor falls from 0.05 to 0; a k_t that follows it down
+    sits on it."""
+    t = HealthTracker(gamma=0.5, patience=100, k_min=0.05, k_min_anneal=(0, 1000))
+    found = feed(t, rows(range(10, 401, 10), k=lambda s: 0.05 * (1000 - s) / 1000, loss_fake=0.12,
+                         loss_real=0.1))
+    assert [(f.kind, f.since) for f in found] == [("k_floor", 10)]
+    assert "(k_min 0.0445)" in found[0].message   # the floor at the step it is reported (110)
+
+
+def test_k_floor_live_and_after_the_fact(tmp_path, faces16):
+    """gamma 0 with --k-min 0.05: k_t += lambda_k (0 - L_fake) falls at every step and the
+    floor holds it; the live monitor says so once, and diagnose_run finds it again from
+    metrics.jsonl with the run's k_min (read from its checkpoint)."""
+    t = make(tmp_path, faces16, gamma=0.0, k_min=0.05, steps=12, ckpt_every=12)
+    logged = []
+    t.log = logged.append
+    out = t.fit(progress=False)
+    assert all(abs(r["k"] - 0.05) < 1e-6 for r in out)
+    said = [m for m in logged if "sat on its floor" in m]
+    assert len(said) == 1 and said[0].startswith("step 6: k_t has sat on its floor (k_min 0.05) for 4 steps")
+    assert not [m for m in logged if "k_t has been 0" in m]
+    assert [(f.kind, f.since) for f in diagnose_run(tmp_path)] == [("k_floor", 2)]
+    assert diagnose_run(tmp_path, patience=100) == []
+
+
 def test_k_one_message_says_lower_gamma():
     t = HealthTracker(gamma=0.9, patience=50)
     found = feed(t, rows(range(10, 201, 10), k=1.0, loss_real=0.2, loss_fake=0.05))

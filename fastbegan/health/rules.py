@@ -1,14 +1,12 @@
-"""Training health: cheap checks for BEGAN's common failures, live and after the fact.
+"""Training health, the rules: BEGAN's common failures found in metrics rows, live or after the fact.
 
 BEGAN runs go wrong in a few known ways: the generator collapses to one mode, k_t sticks
-at 0 (or 1), the losses blow up (or turn NaN/Inf), or M_global stops improving or rises.
-Live, :class:`HealthMonitor` is one of ``Trainer.log_hooks``: at log intervals only, one
-small device computation on the newest real and fake batches (diversity, contrast, the
-largest |fake|) and one host read; nothing runs inside the training step. The signals go
-into the metrics row; a message is printed once a condition has held for ``patience``
-steps, and ``on_collapse`` (warn | stop | restore) acts on a suspected collapse. After the
-fact, :func:`diagnose_run` reads a run's metrics.jsonl with the same detectors
-(:class:`HealthTracker`). The messages and what to do: docs/health.md.
+at 0 (or 1, or on its --k-min floor), the losses blow up (or turn NaN/Inf), or M_global
+stops improving or rises. :class:`HealthTracker` is fed one metrics row at a time and
+reports a condition once it has held for ``patience`` steps; the live monitor
+(:mod:`fastbegan.health.monitor`) feeds it the trainer's rows at log intervals, and
+:func:`diagnose_run` a finished run's metrics.jsonl. Nothing here touches a trainer or a
+device. The messages and what to do: docs/health.md.
 """
 from __future__ import annotations
 
@@ -18,14 +16,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from . import checkpoint as ckpt
-from .remedies import variant_flags
-from .runlog import read_metrics
-
-ON_COLLAPSE = ("warn", "stop", "restore")
+from .. import checkpoint as ckpt
+from ..remedies import variant_flags
+from ..runlog import read_metrics
 
 # Defaults, measured on the embedded faces on CPU (fake/real diversity "div", fake/real
 # contrast "con", both on 4x-pooled batches):
@@ -47,16 +40,17 @@ WARMUP = 100                # steps before the collapse detector starts (a fresh
 STALL_FACTOR = 5            # M "stalled" after STALL_FACTOR * patience steps without a 1% gain
 RISE_TOL = 0.3              # M "rising" when its smoothed value is 30% above its best
 K_EDGE = 1e-4               # k_t "at 0" below this (it bounces off 0 by ~1e-6), "at 1" above 1 - this
+FLOOR_TOL = 1e-3            # k_t "on its floor" (--k-min > 0) within this of it (one step moves k_t by
+                            # lambda_k |gamma L_real - L_fake| ~ 1e-4, so a k_t that leaves it shows)
 EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
 REMEDY_FLAGS = f"--variant escape ({variant_flags('escape')})"  # measured best (docs/training.md)
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
-MAX_RESTORES = 3            # --on-collapse restore gives up (stops) after this many
 
 
 @dataclass
 class Finding:
     """One health problem: what, since when, the numbers behind it, and a message."""
-    kind: str            # mode_collapse | k_zero | k_one | blowup | m_rising | m_stalled | non_finite
+    kind: str            # mode_collapse | k_zero | k_floor | k_one | blowup | m_rising | m_stalled | non_finite
     step: int            # step at which it was reported
     since: int           # first logged step at which the condition held
     message: str
@@ -79,6 +73,28 @@ def _fmt_lr(lr) -> str:
     return f"{lr:.3g}" if _finite(lr) else "?"
 
 
+def floor_at(k_min: float, anneal: tuple[int, int], step: int) -> float:
+    """The floor under k_t at logged ``step``: ``k_min``, or falling linearly to 0 over
+    ``anneal`` = (start, end) (end 0: off; fastbegan.remedies.k_min_at, on the host)."""
+    start, end = anneal
+    if not (k_min and end):
+        return k_min
+    frac = float(step < end) if end <= start else min(max((end - step) / (end - start), 0.0), 1.0)
+    return k_min * frac
+
+
+def _floor_message(floor, step, since, lreal, lfake, g, lr) -> str:
+    ratio = lfake / lreal if _finite(lfake) and _finite(lreal) and lreal > 0 else float("nan")
+    said = (f"L_fake / L_real = {ratio:.2f} stays above gamma {g:g}" if math.isfinite(ratio)
+            else f"L_fake stays above gamma {g:g} x L_real")
+    wanted = f"the loss ratio says about {ratio:.2f}, " if math.isfinite(ratio) else ""
+    return (f"k_t has sat on its floor (k_min {floor:g}) for {step - since} steps (since step {since}): "
+            f"D's equilibrium is not acting ({said}), so each update pushes k_t down and only the floor "
+            f"holds it; the balance BEGAN trains towards is not reached and variety suffers. Try a "
+            f"higher --gamma ({wanted}now {g:g}) or a lower --lr (now {_fmt_lr(lr)}); a faster "
+            f"--lambda-k lifts k_t off the floor sooner once the ratio falls below gamma")
+
+
 class HealthTracker:
     """Host-side detectors fed one metrics row at a time (live or from metrics.jsonl).
 
@@ -86,13 +102,16 @@ class HealthTracker:
     detector, ``diversity_ratio``; ``lr`` is used in messages. ``update(row)`` returns the
     findings newly reported at that row (a condition is reported once per episode, when it
     has held at every logged row for at least ``patience`` steps; non-finite values at once).
+    ``k_min`` and ``k_min_anneal`` (start, end; end 0: off) are the run's floor under k_t.
     """
 
     def __init__(self, gamma: float = 0.5, patience: int = DEFAULT_PATIENCE,
                  collapse_ratio: float = COLLAPSE_RATIO, warmup: int | None = None,
                  min_contrast: float = MIN_CONTRAST,
-                 stall: int | None = None, rise_tol: float = RISE_TOL, report_stall: bool = True):
+                 stall: int | None = None, rise_tol: float = RISE_TOL, report_stall: bool = True,
+                 k_min: float = 0.0, k_min_anneal: tuple[int, int] = (0, 0)):
         self.gamma = gamma
+        self.k_min, self.k_min_anneal = float(k_min or 0.0), tuple(k_min_anneal)
         self.patience = max(int(patience), 1)
         self.collapse_ratio = collapse_ratio
         self.min_contrast = min_contrast
@@ -109,11 +128,9 @@ class HealthTracker:
         for f in getattr(self, "reported", {}).values():
             if f is not None:
                 f.ongoing = False
-        self.since: dict[str, int | None] = {k: None for k in ("mode_collapse", "k_zero", "k_one", "blowup",
-                                                               "m_rising")}
-        self.reported: dict[str, Finding | None] = {k: None for k in
-                                                    ("mode_collapse", "k_zero", "k_one", "blowup", "m_rising",
-                                                     "m_stalled", "non_finite")}
+        streaks = ("mode_collapse", "k_zero", "k_floor", "k_one", "blowup", "m_rising")
+        self.since: dict[str, int | None] = {k: None for k in streaks}
+        self.reported: dict[str, Finding | None] = {k: None for k in streaks + ("m_stalled", "non_finite")}
         self.m_smooth: float | None = None
         self.best_m, self.best_step = math.inf, None
 
@@ -134,7 +151,8 @@ class HealthTracker:
         self._clear("non_finite")
         held: set[str] = set()
         new: list[Finding] = []
-        for detect in (self._blowup, self._k_zero, self._k_one, self._mode_collapse, self._m_trend):
+        for detect in (self._blowup, self._k_zero, self._k_floor, self._k_one, self._mode_collapse,
+                       self._m_trend):
             new += detect(row, step, held)
         return self._finish(new, step, held)
 
@@ -184,6 +202,20 @@ class HealthTracker:
                              f"reconstruction loss stays above gamma x the real images' (L_fake {lfake:.4f} > "
                              f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
                              f"fakes and G cannot reach the balance; {advice}" + self._remedy_hint(row))]
+
+    def _k_floor(self, row: dict, step: int, held: set[str]) -> list[Finding]:
+        """k_t pinned on its --k-min floor (> 0): L_fake > gamma * L_real at every step, the
+        update pushes k_t down and only the floor holds it (k_zero's case, with a floor)."""
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        floor = floor_at(self.k_min, self.k_min_anneal, step)
+        if not (floor > K_EDGE and _finite(k) and abs(k - floor) <= FLOOR_TOL):
+            return []
+        since = self._due("k_floor", step, held)
+        if since is None:
+            return []
+        return [self._report("k_floor", step, since,
+                             {"k": k, "k_min": floor, "loss_real": lreal, "loss_fake": lfake, "gamma": g},
+                             _floor_message(floor, step, since, lreal, lfake, g, lr))]
 
     def _k_one(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully."""
@@ -301,147 +333,6 @@ class HealthTracker:
         return [k for k, f in self.reported.items() if f is not None]
 
 
-# ---------------------------------------------------------------------- live monitor
-def _pooled(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C*h*w) float, ``factor``x average-pooled (less at tiny sizes)."""
-    x = x.detach().float()
-    f = max(1, min(factor, x.shape[-1] // 4))
-    return (F.avg_pool2d(x, f) if f > 1 else x).flatten(1)
-
-
-def batch_contrast(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """Mean over the batch of each pooled image's pixel standard deviation (0-d device tensor)."""
-    return _pooled(x, factor).std(1).mean()
-
-
-def batch_diversity(x: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """Mean pairwise RMS distance between the images of a batch, on ``factor``x average-pooled
-    images (0-d device tensor; no host synchronisation)."""
-    d = _pooled(x, factor)
-    n = d.shape[0]
-    if n < 2:
-        return torch.full((), float("nan"), device=x.device)
-    dist = torch.cdist(d, d)
-    return dist.sum() / (n * (n - 1) * math.sqrt(d.shape[1]))
-
-
-class HealthMonitor:
-    """``Trainer.log_hooks`` entry: ``monitor(trainer, row) -> message | None``."""
-
-    def __init__(self, gamma: float = 0.5, patience: int = DEFAULT_PATIENCE, on_collapse: str = "warn",
-                 collapse_ratio: float = COLLAPSE_RATIO, report_stall: bool = True,
-                 max_restores: int = MAX_RESTORES):
-        if on_collapse not in ON_COLLAPSE:
-            raise ValueError(f"on_collapse must be one of {', '.join(ON_COLLAPSE)}, got {on_collapse!r}")
-        self.tracker = HealthTracker(gamma, patience, collapse_ratio, report_stall=report_stall)
-        self.on_collapse = on_collapse
-        self.max_restores = max_restores
-        self.restores: list[dict] = []
-
-    @classmethod
-    def from_config(cls, cfg) -> HealthMonitor:
-        # with --lr-stall the trainer already reports (and acts on) a stalled M
-        return cls(cfg.gamma, cfg.health_patience, cfg.on_collapse, report_stall=not cfg.lr_stall)
-
-    @torch.no_grad()
-    def measure(self, trainer) -> dict:
-        """Diversity of the newest fake and real batches: one small computation, one host read."""
-        batch = trainer.last_batch
-        if not batch or "fake" not in batch or "x" not in batch:
-            return {}
-        fake, x = batch["fake"], batch["x"]
-        nonfinite = (~torch.isfinite(fake)).any().float()
-        div_f, div_r = batch_diversity(fake), batch_diversity(x)
-        amax = fake.detach().float().abs().amax()
-        vec = torch.stack([div_f, div_r, nonfinite, amax, batch_contrast(fake), batch_contrast(x)])
-        dist = getattr(trainer, "dist", None)
-        if dist is not None and dist.enabled:  # every rank sees the same numbers, takes the same action
-            from .distributed import average
-            vec = average(vec)
-        df, dr, nf, am, cf, cr = vec.tolist()  # the one host read
-        ratio = df / dr if dr > 0 else float("nan")
-        contrast = cf / cr if cr > 0 else float("nan")
-        out = {"diversity_fake": round(df, 6), "diversity_real": round(dr, 6), "fake_absmax": round(am, 4),
-               "diversity_ratio": round(ratio, 4) if math.isfinite(ratio) else ratio,
-               "contrast_ratio": round(contrast, 4) if math.isfinite(contrast) else contrast}
-        if nf:
-            out["fake_nonfinite"] = True
-        return out
-
-    def __call__(self, trainer, row: dict) -> str | None:
-        if trainer.step != row["step"]:
-            # an earlier hook (the divergence guard) has just gone back to a checkpoint:
-            # this row's batch is gone, and the streaks start again from the restored state
-            self.tracker.reset()
-            return None
-        row.update(self.measure(trainer))
-        found = self.tracker.update(row)
-        row["health"] = self.tracker.active()
-        notes = [f.message for f in found]
-        if any(f.kind == "mode_collapse" for f in found) and self.on_collapse != "warn":
-            collapse = next(f for f in found if f.kind == "mode_collapse")
-            notes.append(self.act(trainer, row, collapse))
-        # one message per line; the trainer prefixes the first with "step N: "
-        return f"\nstep {row['step']}: ".join(notes) if notes else None
-
-    # ------------------------------------------------------------------ actions
-    def act(self, trainer, row: dict, finding: Finding) -> str:
-        if self.on_collapse == "restore":
-            if len(self.restores) >= getattr(trainer.cfg, "max_restores", self.max_restores):
-                trainer.request_stop()
-                return (f"--on-collapse restore: collapsed again after {len(self.restores)} restores; "
-                        "stopping (a checkpoint is saved)")
-            msg = self.restore(trainer, row, finding.since)
-            if msg is not None:
-                return msg
-            trainer.request_stop()
-            return (f"--on-collapse restore: no checkpoint from before step {finding.since} to go back to "
-                    f"(one is written every --ckpt-every {trainer.cfg.ckpt_every} steps); stopping instead "
-                    "(a checkpoint is saved)")
-        trainer.request_stop()
-        return (f"--on-collapse stop: stopping at step {trainer.step} (a checkpoint is saved); "
-                f"the collapse began at step {finding.since}")
-
-    def restore(self, trainer, row: dict, since: int) -> str | None:
-        """Load the newest checkpoint written before step ``since``, halve the lr; the
-        checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
-        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if ckpt.checkpoint_step(p) < since]
-        old_step, old_lr = trainer.step, trainer.lr
-        guard = getattr(trainer, "guard", None)
-        good = guard.start if guard is not None else None  # the divergence guard's in-memory start state
-        if before:
-            path = before[-1]
-            trainer.load_checkpoint(path)
-            source = f"{path.name} (step {trainer.step}, written before the collapse began at step {since})"
-        elif good is not None and int(good[0]["state.step"]) < since and hasattr(trainer, "load_state"):
-            tensors, state = good
-            trainer.load_state({k: v.clone() for k, v in tensors.items()}, dict(state))
-            source = (f"the state this run started from (step {trainer.step}; no checkpoint was written "
-                      f"before the collapse began at step {since})")
-        else:
-            return None
-        new_lr = min(old_lr, trainer.lr) * 0.5
-        trainer._set_lr(new_lr)
-        dist = getattr(trainer, "dist", None)
-        moved = _discard_after(trainer.cfg.out, trainer.step) if dist is None or dist.is_main else 0
-        self.tracker.reset()
-        self.restores.append({"from": old_step, "to": trainer.step, "lr": new_lr})
-        row["restored_to"] = trainer.step
-        row["lr_after_restore"] = new_lr
-        note = f"; {moved} later checkpoint(s) moved to checkpoints/discarded/" if moved else ""
-        return f"--on-collapse restore: back to {source} with the lr halved to {new_lr:.3g}{note}"
-
-
-def _discard_after(out: str | os.PathLike, step: int) -> int:
-    later = [p for p in ckpt.list_checkpoints(out) if ckpt.checkpoint_step(p) > step]
-    if later:
-        dest = Path(out) / "checkpoints" / "discarded"
-        dest.mkdir(exist_ok=True)
-        for p in later:
-            os.replace(p, dest / p.name)
-    return len(later)
-
-
 # ---------------------------------------------------------------------- finished runs
 def _run_config(run_dir: Path) -> dict:
     """The run's config from its newest checkpoint's metadata (cheap: tensors are not read)."""
@@ -460,8 +351,9 @@ def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
                  gamma: float | None = None, warmup: int | None = None) -> list[Finding]:
     """Health findings of a run folder, from its metrics.jsonl (empty list: nothing found).
 
-    The same detectors as the live monitor. ``gamma`` and ``patience`` default to the run's
-    own (from its newest checkpoint), else 0.5 and 200 steps; ``warmup`` (steps before the
+    The same detectors as the live monitor. ``gamma``, ``patience`` and the floor under k_t
+    (``k_min``, its anneal) are the run's own (from its newest checkpoint), else 0.5, 200
+    steps and no floor; ``warmup`` (steps before the
     collapse detector starts) defaults to 100. The collapse detector needs
     the ``diversity_ratio`` the live monitor logs; a step that goes back (a restore) starts
     a new episode. Each finding has ``kind``, ``step``, ``since``, ``message``, ``values``
@@ -472,7 +364,9 @@ def diagnose_run(run_dir: str | os.PathLike, patience: int | None = None,
     cfg = _run_config(run_dir)
     g = gamma if gamma is not None else cfg.get("gamma", 0.5)
     p = patience if patience is not None else (cfg.get("health_patience") or DEFAULT_PATIENCE)
-    tracker = HealthTracker(g, p, warmup=warmup, report_stall=not cfg.get("lr_stall"))
+    tracker = HealthTracker(g, p, warmup=warmup, report_stall=not cfg.get("lr_stall"),
+                            k_min=cfg.get("k_min") or 0.0,
+                            k_min_anneal=(cfg.get("k_min_anneal_start") or 0, cfg.get("k_min_anneal_end") or 0))
     last = None
     for row in rows:
         if last is not None and row["step"] <= last:

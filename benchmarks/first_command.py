@@ -10,7 +10,7 @@ CPU work (``--precision fp32 --reference-step --compile off``).
 For each: the training time (first step to the last, from the run's own log; start-up,
 data and the final samples/plot are reported apart), steps/s, and the variety of the
 samples it wrote: the health monitor's diversity ratio (256 generated vs 256 real images)
-and the factor coverage of fastbegan.quality (faces' known factors).
+and the factor coverage of fastbegan.metrics (faces' known factors).
 Writes benchmarks/results/cpu-<model>-first-command-<date>.json / .md.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run(extra: list[str], out: Path) -> dict:
 
 
 def score(out: Path) -> dict:
-    from fastbegan import quality as Q
+    from fastbegan import metrics as Q
     from fastbegan.checkpoint import latest_checkpoint
     from fastbegan.data import procedural_faces
     from fastbegan.health import batch_diversity

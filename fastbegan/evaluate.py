@@ -5,7 +5,7 @@ the embedded faces the factor score and render fidelity, k-NN precision (fidelit
 recall (variety) in feature spaces independent of G and D, a memorisation check (nearest
 training images in pixel L2 against held-out real images), the run's training-health
 findings, and FID/IS only with local Inception weights. Every distance comes with a
-real-vs-real baseline of the same size. The metrics: :mod:`fastbegan.quality`,
+real-vs-real baseline of the same size. The metrics: :mod:`fastbegan.metrics`,
 docs/design.md §7; the report's fields: docs/evaluation.md.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import health
-from . import quality as Q
+from . import metrics as Q
 from .checkpoint import CheckpointError, load_checkpoint
 from .images import save_grid, save_png, to_unit_range
 from .model import Discriminator
@@ -219,7 +219,7 @@ def fidelity_spaces(faces: bool) -> list[str]:
 
 def fidelity_section(res: int, ref, fake, base, faces: bool, log, k: int = 3) -> dict:
     """k-NN precision/recall of the fakes against ``ref`` per feature space
-    (:func:`fastbegan.quality.fidelity`), each with the real-vs-real baseline (``base`` in
+    (:func:`fastbegan.metrics.fidelity`), each with the real-vs-real baseline (``base`` in
     the generator's place) when there is one; ``primary`` names the headline space."""
     tf = time.perf_counter()
     out = {"primary": fidelity_spaces(faces)[0], "spaces": {}}

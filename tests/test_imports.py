@@ -172,7 +172,7 @@ def test_the_documented_public_api_is_there():
         assert callable(obj)
     from fastbegan.functional import conv3x3_elu
     from fastbegan.health import diagnose_run
-    from fastbegan.quality import swd
+    from fastbegan.metrics import swd
     assert all(callable(f) for f in (conv3x3_elu, diagnose_run, swd))
     assert set(main.commands) == {"train", "sample", "prepare", "eval", "interpolate", "plot", "bench", "doctor"}
 

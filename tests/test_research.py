@@ -15,7 +15,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from fastbegan import quality as Q
+from fastbegan import metrics as Q
+from fastbegan.metrics.factors import _decode
+from fastbegan.metrics.pyramid import _gauss
 from fastbegan.data import FACTORS, procedural_faces, sample_factors
 
 
@@ -144,7 +146,7 @@ def test_swd_monotone_in_noise_and_blur(faces32):
     assert by_noise == sorted(by_noise) and by_noise[0] < 1e-6, by_noise
     blurred, by_blur = x, []
     for _ in range(3):
-        blurred = Q._gauss(blurred)
+        blurred = _gauss(blurred)
         by_blur.append(Q.swd(a, blurred, **SWD_KW).mean)
     assert by_blur == sorted(by_blur), by_blur
 
@@ -252,7 +254,7 @@ def test_random_features_are_fixed_and_see_fidelity():
     assert torch.allclose(feats(x), feats(b))                                 # uint8 and float alike
     good = Q.fidelity(a, b, feats)
     assert good["precision"] > 0.8 and good["recall"] > 0.8 and good["n"] == 96
-    blurred = Q._gauss(Q._gauss(Q._gauss(x)))
+    blurred = _gauss(_gauss(_gauss(x)))
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert Q.fidelity(a, blurred, feats)["precision"] < good["precision"] - 0.3
     assert Q.fidelity(a, noise, feats)["precision"] == 0.0
@@ -268,7 +270,7 @@ def test_factor_regressor_features(cache_dir):
     assert f.shape == (64, 128) and (f >= 0).all()                            # the last hidden ReLU
     with torch.no_grad():                                                     # its head gives predict()
         out = est.net.body[-1](f)
-    assert np.allclose(Q._decode(out), est.predict(a), atol=1e-6)
+    assert np.allclose(_decode(out), est.predict(a), atol=1e-6)
     good = Q.fidelity(a, b, Q.feature_extractor("factor-regressor", 16))
     bad = Q.fidelity(a, np.repeat(b[:1], 64, 0), est.features)
     assert good["recall"] > bad["recall"] + 0.5

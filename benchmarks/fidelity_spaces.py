@@ -5,7 +5,7 @@ A fidelity measure must give real images ~0.9 and fall for images that are not o
 data: blurred, noisy, in-between (the mean of two real images: what a blurry generator
 draws), shifted. Recall must fall for few modes (one kind of digit, 16 faces repeated). Spaces: pixels (average-pooled to
 8x8, grey for the digits), the factor regressor's penultimate layer and its factor
-estimates (faces only), and the fixed random CNN (fastbegan.quality.RandomFeatures).
+estimates (faces only), and the fixed random CNN (fastbegan.metrics.RandomFeatures).
 
     python benchmarks/fidelity_spaces.py     # -> benchmarks/results/fidelity-spaces-<date>.json / .md
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collapse_study import RES, RESULTS, digits_arrays  # noqa: E402
+from studylib import RES, RESULTS, digits_arrays  # noqa: E402
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -44,7 +44,8 @@ def degraded_sets(train: torch.Tensor, n: int, one_kind: torch.Tensor) -> dict[s
 
 
 def spaces(faces: bool) -> dict:
-    from fastbegan import quality as Q
+    from fastbegan import metrics as Q
+    from fastbegan.metrics.factors import _embed
 
     def pixels(x):
         x = Q.as_float_images(x)
@@ -53,7 +54,7 @@ def spaces(faces: bool) -> dict:
     if faces:
         est = Q.FactorEstimator.load_or_train(RES)
         out["factor-regressor"] = est.features
-        out["factor estimates"] = lambda x: torch.tensor(Q._embed(est.predict(x)))
+        out["factor estimates"] = lambda x: torch.tensor(_embed(est.predict(x)))
     return out
 
 
@@ -71,7 +72,7 @@ def data(name: str):
 
 
 def main() -> None:
-    from fastbegan import quality as Q
+    from fastbegan import metrics as Q
     torch.set_num_threads(1)
     doc = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "k": 3, "rows": []}
     for name in ("digits", "faces"):

@@ -1,7 +1,7 @@
 """Time to quality: which lever makes BEGAN's samples sharp and on the data, fast (issue 25).
 
-The collapse study (collapse_study.py, whose data, training and scoring this reuses) found
-the escape that gives variety; this one asks what then gives fidelity, and how soon. Every
+The collapse study (collapse_study.py; the data, training and scoring both use: studylib.py)
+found the escape that gives variety; this one asks what then gives fidelity, and how soon. Every
 run is ``fastbegan train --variant escape --ema-decay 0.999`` (today's default plus an EMA of
 G's weights, which does not change training) with the same seed, res 32, on the embedded
 faces and on scikit-learn's digits. A lever that acts from step S on is a *fork*: its run
@@ -10,7 +10,7 @@ scratch with the same flags is that trajectory) and continues with its flags.
 
 Each checkpoint is scored in several *views* of the same run: the trained weights (raw) and
 their EMA, each with z ~ U(-1, 1) and truncated to U(-t, t) at sample time. Per view:
-k-NN precision and recall (fastbegan.quality.fidelity; faces: the factor regressor's
+k-NN precision and recall (fastbegan.metrics.fidelity; faces: the factor regressor's
 features, digits: a fixed random CNN's), SWD, diversity ratio, kinds of digit covered
 (faces: factor coverage, render fidelity). Time to quality: the training seconds (from the
 run's metrics.jsonl, evaluation excluded) until the first checkpoint with precision >= 0.5
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collapse_study import (RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score,  # noqa: E402
-                            train_cli, train_seconds)
+from studylib import (RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score,  # noqa: E402
+                      train_cli, train_seconds)
 
 BASE = ["--variant", "escape", "--ema-decay", "0.999"]
 # name -> (flags on top of BASE, (parent run, step it forks from) or None)

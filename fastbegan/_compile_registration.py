@@ -5,7 +5,7 @@ If ``torch._dynamo`` is already imported, the backend is registered at once. Oth
 one-shot import hook waits for ``torch._dynamo.backends.registry`` (which
 ``torch.compile`` imports before it looks a backend name up) and registers the backend
 right after that module has run. The registered function imports
-:mod:`fastbegan.dropin` only when a graph is compiled.
+:mod:`fastbegan.dropin.graph` only when a graph is compiled.
 
 This module imports nothing heavy; it must stay that way.
 """
@@ -21,7 +21,7 @@ _REGISTRY = "torch._dynamo.backends.registry"
 def fastbegan(gm, example_inputs, **kwargs):
     """torch.compile backend: fastbegan's FX pass, then inductor
     (see :func:`fastbegan.dropin.compile_backend`)."""
-    from .dropin import compile_backend
+    from .dropin.graph import compile_backend
     return compile_backend(gm, example_inputs, **kwargs)
 
 

@@ -19,8 +19,11 @@ ignores the fakes and G settles on the one image D reconstructs best (docs/desig
   the paper's update), so D never stops pushing back on the fakes entirely.
 
 BEGAN-CS and the pulling-away term act on the encoder's codes ``(B, h)`` of the fake batch.
-``--variant`` presets: ``began`` (none of them: the paper) and ``escape`` (the setting the
-collapse study measured best, docs/training.md "Early collapse"; `fastbegan train`'s default).
+``--variant`` presets: ``began`` (none of them: the paper), ``escape`` (the setting the
+collapse study measured best, docs/training.md "Early collapse") and ``settle`` (the escape,
+then the pulling-away weight lowered and samples from an EMA of G; `fastbegan train`'s
+default, :data:`DEFAULT_VARIANT`, chosen by the quality study: docs/training.md "Fidelity
+after the escape").
 """
 from __future__ import annotations
 

@@ -196,6 +196,7 @@ def test_optimize_inplace_shares_parameters_and_trains():
     params = {n: p for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
     out, report = fastbegan.optimize(model, inplace=True, backend="torch")
     assert out is model and report.num_replaced == len(SEQ_FUSED)
     assert all(p is params[n] for n, p in out.named_parameters())
@@ -207,7 +208,13 @@ def test_optimize_inplace_shares_parameters_and_trains():
         o.zero_grad()
         m(x).square().mean().backward()
         o.step()
-    assert_same_state(ref, out)
+    # the fused conv's written-out backward sums in another order than cuDNN/oneDNN's: the
+    # same step up to float rounding (bit-equal on some CPUs, not on an AVX2-only one)
+    sa, sb = ref.state_dict(), out.state_dict()
+    assert list(sb) == list(sa)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(sa[k], params_before) for k, params_before in before.items())
 
 
 def test_optimize_idempotent():

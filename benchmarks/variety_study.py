@@ -1,0 +1,246 @@
+"""Variety and BEGAN's equilibrium: why k_t sits on its floor, and which lever makes it act (issue 31).
+
+The time-to-quality study (quality_study.py) left every run with k_t on its floor (0.05) and one
+background colour on the faces. This study first diagnoses, then compares levers. Every run is
+``fastbegan train`` from scratch with the lever's flags (same seed, res 32 unless --res), a
+checkpoint every ``--every`` steps. Each checkpoint is scored on:
+
+- D's reconstruction error (the BEGAN loss L, mean |v - D(v)|) on three sets: training images,
+  held-out real images and G's samples. ``heldout/train`` above 1 means D has learnt its training
+  images rather than the data (then even perfect fakes have L_fake / L_real above 1);
+  ``fake/heldout`` is what the equilibrium sees of G beyond that.
+- the equilibrium: k_t at the checkpoint, the share of logged steps with k_t on its floor
+  (within 1e-3 of --k-min, or 0), and the median L_fake / L_real of the last 500 steps (while it
+  is above gamma the paper's update drives k_t down);
+- variety and fidelity: k-NN precision / recall (the quality study's feature spaces), SWD,
+  factor coverage (faces) or kinds of digit, and on the faces the background hue: how many of 12
+  hue bins hold at least 2% of 512 samples, and the entropy of the bins (1 = as even as the data).
+
+    python benchmarks/variety_study.py --levers settle eq --steps 1500 --datasets faces
+    python benchmarks/variety_study.py --report-only
+
+Runs are resumed and scored rows are kept in the results JSON, so the study runs in stages.
+Writes benchmarks/results/variety-<cpu>-<date>.json / .md and grids in
+benchmarks/results/variety-<date>/. Needs scikit-learn (digits).
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from studylib import RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score, train_cli, train_seconds  # noqa: E402
+from quality_study import copy_grid, loss_ratio  # noqa: E402
+
+# name -> `fastbegan train` flags. A lever is one change against its baseline (named in the
+# comment), so a difference in the table is that change's.
+LEVERS = {
+    "settle": ["--variant", "settle"],  # the default when this study began
+    # the equilibrium allowed to act: gamma where the measured loss ratio lies, k_t 10x faster,
+    # no pulling-away term (it lifts L_fake / L_real above 1: shared/DESIGN.md §7)
+    "eq": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01"],
+}
+BG_BINS = 12  # background-hue bins
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    return list(range(every, steps + 1, every))
+
+
+# ------------------------------------------------------------------------- measures
+def to_tensor(u8: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+@torch.no_grad()
+def recon_error(d, images: torch.Tensor, batch: int = 128) -> float:
+    """BEGAN's L: mean |v - D(v)| over a set of images (N, 3, H, W) in [-1, 1]."""
+    errs = [(images[i:i + batch] - d(images[i:i + batch])).abs().flatten(1).mean(1)
+            for i in range(0, len(images), batch)]
+    return float(torch.cat(errs).mean())
+
+
+def equilibrium_diagnosis(ckpt: Path, train: np.ndarray, held_out: np.ndarray, n: int = 512) -> dict:
+    """D's L on training images, held-out images and G's samples (raw weights) of a checkpoint."""
+    from fastbegan.checkpoint import load_checkpoint
+    from fastbegan.model import Discriminator, Generator, load_trained
+    tensors, cfg, _ = load_checkpoint(ckpt)
+    g = load_trained(Generator(cfg["res"], cfg["filters"], cfg["z_dim"], skip=cfg.get("skip", False)),
+                     tensors, "G.", cfg)
+    d = Discriminator.from_checkpoint_tensors(tensors, cfg)
+    z = torch.rand(n, cfg["z_dim"], generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        fake = g(z).float()
+    m = min(n, len(held_out))
+    l_train, l_held, l_fake = (recon_error(d, to_tensor(train[:m])), recon_error(d, to_tensor(held_out[:m])),
+                               recon_error(d, fake))
+    return {"L_train": l_train, "L_heldout": l_held, "L_fake": l_fake, "heldout_over_train": l_held / l_train,
+            "fake_over_train": l_fake / l_train, "fake_over_heldout": l_fake / l_held}
+
+
+def background_hues(images: np.ndarray | torch.Tensor, bins: int = BG_BINS) -> dict:
+    """The faces' background colour: the hue of the mean of the two bottom corners' 2x2 pixels
+    (background in every embedded face), binned. Returns the bins with >= 2% of the images and
+    the bins' entropy over ln(bins) (1: even)."""
+    if torch.is_tensor(images):
+        images = ((images.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).cpu().numpy()
+    x = np.asarray(images, dtype=np.float64) / 255.0
+    corners = np.concatenate([x[:, -2:, :2], x[:, -2:, -2:]], axis=1).reshape(len(x), -1, 3).mean(1)
+    hues = np.array([colorsys.rgb_to_hsv(*c)[0] for c in corners])
+    p = np.bincount(np.minimum((hues * bins).astype(int), bins - 1), minlength=bins) / len(hues)
+    return {"bg_bins": int((p >= 0.02).sum()),
+            "bg_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(bins))}
+
+
+def k_summary(run: Path, upto: int, k_min: float) -> dict:
+    """The equilibrium over the logged rows up to ``upto``: the share of them with k_t on its floor
+    (within 1e-3 of k_min) and k_t's median and largest value after the first 500 steps."""
+    from fastbegan.health import read_metrics
+    ks = [r["k"] for r in read_metrics(run / "metrics.jsonl") if r["step"] <= upto]
+    late = [r["k"] for r in read_metrics(run / "metrics.jsonl") if 500 < r["step"] <= upto] or ks
+    return {"k_on_floor": float(np.mean([k <= k_min + 1e-3 for k in ks])) if ks else None,
+            "k_median": float(np.median(late)) if late else None, "k_max": float(max(late)) if late else None}
+
+
+def run_config(run: Path) -> dict:
+    from fastbegan.checkpoint import list_checkpoints, read_config
+    return read_config(list_checkpoints(run)[-1])
+
+
+# ------------------------------------------------------------------------- scoring
+def score_checkpoint(run: Path, ds: str, step: int, d: dict, n: int) -> dict:
+    ckpt = run / "checkpoints" / f"ckpt_{step:08d}.safetensors"
+    cfg = run_config(run)
+    ema = bool(cfg.get("ema_decay"))
+    row = {"dataset": ds, "lever": run.name.split("-", 1)[1], "step": step, "k_t": logged_k(run, step),
+           "loss_ratio": loss_ratio(run, step), "gamma": cfg["gamma"], "train_s": round(train_seconds(run, step), 1),
+           "view": "ema" if ema else "raw"}
+    row.update(k_summary(run, step, cfg.get("k_min", 0.0)))
+    row.update(equilibrium_diagnosis(ckpt, d["train"], d["ref"]))
+    row.update(score(ckpt, ds, d["ref"], d["train"], n, d["clf"], raw=not ema))
+    if ds == "faces":
+        from fastbegan.sampling import generate, load_generator, sample_z
+        g = load_generator(ckpt, raw=not ema)
+        row.update(background_hues(generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))))
+    return row
+
+
+# ------------------------------------------------------------------------- report
+COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "heldout_over_train", "fake_over_heldout", "precision",
+        "recall", "swd_x1e3"]
+FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy"]
+DIGIT_COLS = ["classes_2pct", "class_entropy"]
+
+
+def markdown(doc: dict) -> str:
+    m = doc["meta"]
+    lines = [f"# Variety and the equilibrium ({m['device']})", "",
+             f"- date {m['created']}, git {m['commit']} (runs trained from the study worktree's commit: "
+             f"{m.get('train_commit', 'see note')}), torch {m['torch']}; res {m['res']}, batch 16, n 64, seed "
+             f"{m['seed']}; 1 thread per run, two runs at a time, on a machine shared with other work",
+             *([f"- {m['note']}"] if m.get("note") else []),
+             "- levers (each `fastbegan train` from scratch with): " + "; ".join(
+                 f"**{k}** `{' '.join(v)}`" for k, v in m["levers"].items()),
+             "- k on floor: share of logged steps (every 50) with k_t within 1e-3 of its floor; k med / max: "
+             "after step 500; L_f/L_r: median L_fake / L_real over the 500 steps up to the checkpoint",
+             "- D's L on held-out real images over its L on training images (heldout/train), and on 512 of G's "
+             "samples over held-out (fake/heldout)",
+             "- precision / recall: k-NN (k 3; faces: factor regressor's features vs 512 fresh faces; digits: "
+             "random CNN's vs the 297 held-out digits); samples from the EMA of G where the run keeps one",
+             f"- faces: bg bins = background-hue bins (of {BG_BINS}) with >= 2% of 512 samples, bg entropy = "
+             "their entropy / ln 12", ""]
+    for ds in doc["datasets"]:
+        extra = FACE_COLS if ds == "faces" else DIGIT_COLS
+        cols = COLS + extra
+        base = doc["real_baselines"].get(ds, {})
+        lines += [f"## {ds}", "", "| lever | step | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
+                  "| real images | - | " + " | ".join(_fmt(base.get(c)) for c in cols) + " |"]
+        for r in sorted((r for r in doc["rows"] if r["dataset"] == ds), key=lambda r: (r["lever"], r["step"])):
+            lines.append(f"| {r['lever']} | {r['step']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------- main
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=1500, help="train every lever's run to this step")
+    ap.add_argument("--every", type=int, default=250, help="checkpoint (and score) every this many steps")
+    ap.add_argument("--levers", nargs="*", default=list(LEVERS))
+    ap.add_argument("--datasets", nargs="*", default=["faces", "digits"])
+    ap.add_argument("--work", default="runs/variety", help="run folders (resumed if present)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--res", type=int, default=RES)
+    ap.add_argument("--score-every", type=int, default=None, help="score only every this many steps")
+    ap.add_argument("--no-train", action="store_true", help="score the checkpoints that exist, train nothing")
+    ap.add_argument("--note", default=None)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--stem", default=None)
+    ap.add_argument("--report-only", action="store_true")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from fastbegan.bench.device import device_info, git_commit, slugify
+    dev = device_info(torch.device("cpu"))["name"]
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    results = Path(args.results)
+    stem = results / (args.stem or f"variety-cpu-{slugify(dev.replace('CPU: ', ''))}-{stamp}")
+    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    rows, baselines = old.get("rows", []), old.get("real_baselines", {})
+    datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
+    levers = {**old.get("meta", {}).get("levers", {}), **{k: LEVERS[k] for k in args.levers if k in LEVERS}}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, args.threads))
+
+    def write() -> None:
+        meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
+                "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
+                "res": args.res, "levers": levers, "note": args.note or old.get("meta", {}).get("note"),
+                "train_commit": old.get("meta", {}).get("train_commit")}
+        doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(doc))
+
+    if not args.report_only:
+        data = load_data(args.datasets, work, args.seed, args.res)
+        for ds, d in data.items():
+            if ds not in baselines:
+                baselines[ds] = real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
+                if ds == "faces":
+                    baselines[ds].update(background_hues(d["other"][:args.n]))
+        for ds in args.datasets:
+            for lever in args.levers:
+                run = work / f"{ds}-{lever}"
+                if not args.no_train:
+                    train_cli(run, LEVERS[lever], data[ds]["path"], args.steps, args.every, args.threads, args.seed,
+                              res=args.res)
+                done = {(r["dataset"], r["lever"], r["step"]) for r in rows}
+                for s in eval_steps(args.steps, args.score_every or args.every):
+                    if (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():
+                        continue
+                    rows.append(score_checkpoint(run, ds, s, data[ds], args.n))
+                    r = rows[-1]
+                    print(f"{ds}-{lever} {s}: k {r['k_t']:.3f} floor {r['k_on_floor']:.2f} Lf/Lr {r['loss_ratio']:.2f} "
+                          f"held/train {r['heldout_over_train']:.2f} P {r['precision']:.2f} R {r['recall']:.2f}",
+                          flush=True)
+                    write()
+                copy_grid(run, results / f"variety-{stamp}", run.name, args.steps)
+    write()
+    print(f"wrote {stem}.json / .md")
+
+
+if __name__ == "__main__":
+    main()

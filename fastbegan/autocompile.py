@@ -104,12 +104,15 @@ class CompiledForward:
         t0 = time.perf_counter()
         failed = None
         try:
-            with _quiet_compiler():
+            # (not on every step: changing the warning filters resets Python's once-registry)
+            with _quiet_compiler() if first else contextlib.nullcontext():
                 out = self.fn(*args)
                 out.objective.backward()
         except ops.KernelFatalError:
             raise  # the GPU is unusable: not a compile problem, no eager retry
         except Exception as e:  # noqa: BLE001 - any compile problem: eager from here on
+            if _capturing(self.device):
+                raise  # a CUDA graph capture problem: the step retries the capture (step.py)
             failed = f"failed ({_first_line(e)})"
         if failed is None and (not (first or _graphs_compiled() != graphs) or _capturing(self.device)):
             return out  # no new graph (or one inside a CUDA graph capture, where no check can sync)

@@ -75,7 +75,8 @@ class CompiledForward:
                 self.probe = []
                 self.why = "auto: decided after the first eager steps"
             else:
-                self._auto(policy.decide(0, 0.0, cfg.precision, self.key(), device.type), DEFAULT_COMPILE_MODE)
+                d = policy.decide(0, 0.0, cfg.precision, self.key(), device.type)
+                self._auto(d, DEFAULT_COMPILE_MODE)
         elif compile:
             self._start(compile if isinstance(compile, str) else self.default_mode(), "--compile")
 

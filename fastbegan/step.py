@@ -574,7 +574,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value
-        return StepOutputs(x, fake, losses, k_next, m, objective, {n: v.detach() for n, (v, _) in terms.items()})
+        values = {n: v.detach() for n, (v, _) in terms.items()}
+        return StepOutputs(x, fake, losses, k_next, m, objective, values)
     return forward
 
 

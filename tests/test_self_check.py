@@ -203,7 +203,8 @@ def test_inductor_compilation_kept_on_trained_weights_in_bf16(monkeypatch, cache
     inputs in bf16 passes: its differences from eager bf16 are rounding, well inside the
     allowances (docs/design.md §4.2 quotes the measured numbers)."""
     state, args, _, _ = trained
-    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: torch.compile(fn, fullgraph=True, dynamic=False))
+    monkeypatch.setattr(autocompile, "_compiled",
+                        lambda fn, mode: torch.compile(fn, fullgraph=True, dynamic=False))
     t = _trainer("bf16", state)
     step = FusedStep(t, compile=True)
     with warnings.catch_warnings():

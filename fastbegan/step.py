@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ from .images import to_unit_range
 from .model import Conv3x3
 
 __all__ = ["Step", "ReferenceStep", "FusedStep", "make_step", "fused_step_status", "step_forward",
-           "d_losses"]
+           "StepOutputs", "d_losses"]
 
 
 def _check_scalable(d: nn.Module) -> None:
@@ -421,9 +422,9 @@ class FusedStep(Step):
 
     # ------------------------------------------------------------------ device side
     def forward_backward(self, idx, flip, z):
-        x, fake, losses, k_next, m, _, terms = self.forward((self.tr.data, idx, flip, z, self.k))
-        self._batch = {"x": x, "fake": fake.detach()}
-        return {"real": losses[0], "fake": losses[1], **terms}, k_next, m
+        out = self.forward((self.tr.data, idx, flip, z, self.k))
+        self._batch = {"x": out.x, "fake": out.fake.detach()}
+        return {"real": out.losses[0], "fake": out.losses[1], **out.terms}, out.k_next, out.M
 
     def _carry(self) -> Tensor:
         return (1.0 - self.step_t.double() / self.tr.cfg.vanishing_residual).clamp(0.0, 1.0)
@@ -522,6 +523,21 @@ def d_losses(d: nn.Module, x_real: Tensor, x_fake: Tensor, scale: Tensor, k: Ten
     return losses, k_next, m
 
 
+class StepOutputs(NamedTuple):
+    """What :func:`step_forward` returns (a NamedTuple: dynamo returns it from a
+    ``fullgraph=True`` graph as it is). ``x``: the real batch (B, 3, H, W), [-1, 1];
+    ``fake``: G(z), same shape (bf16 under autocast); ``losses``: (2,) fp32, L_real and
+    L_fake; ``k_next``, ``M``: 0-d fp32; ``objective``: the 0-d scalar the one
+    backward starts from; ``terms``: the remedies' unweighted 0-d values by name (detached)."""
+    x: Tensor
+    fake: Tensor
+    losses: Tensor
+    k_next: Tensor
+    M: Tensor
+    objective: Tensor
+    terms: dict[str, Tensor]
+
+
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0)):
@@ -529,7 +545,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
 
-    ``forward(data, idx, flip, z, k) -> (x, fake, losses, k_next, M, objective, terms)``:
+    ``forward(data, idx, flip, z, k) -> StepOutputs(x, fake, losses, k_next, M, objective, terms)``:
     the uint8 gather ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``,
     D's per-block weight-gradient scale ``[1; -k]`` (``ones`` is a (1,) ones buffer),
     :func:`d_losses` and the enabled collapse remedies (:func:`remedies.fused_step_terms`);
@@ -558,7 +574,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value
-        return x, fake, losses, k_next, m, objective, {n: v.detach() for n, (v, _) in terms.items()}
+        values = {n: v.detach() for n, (v, _) in terms.items()}
+        return StepOutputs(x, fake, losses, k_next, m, objective, values)
     return forward
 
 

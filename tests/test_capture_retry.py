@@ -14,7 +14,7 @@ import torch
 
 from fastbegan import ops
 from fastbegan.autocompile import CompiledForward
-from fastbegan.step import FusedStep
+from fastbegan.step import FusedStep, StepOutputs
 
 
 class _Stub(FusedStep):
@@ -53,8 +53,8 @@ def test_first_step_error_handling(fatal):
 
     def eager_fwd(*args):
         eager.append(args)
-        t = torch.ones(2, requires_grad=True)  # step_forward's tuple: the objective at [5]
-        return (None, None, t * 2, None, None, (t * 2).sum(), {})
+        t = torch.ones(2, requires_grad=True)
+        return StepOutputs(None, None, t * 2, None, None, (t * 2).sum(), {})
 
     def compiled(*args):
         raise err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastbegan import autocompile, hardware
+from fastbegan import autocompile, compile_policy, hardware
 from fastbegan.train import TrainConfig, Trainer
 
 CPU = torch.device("cpu")
@@ -163,11 +163,66 @@ def test_compile_records_are_per_variant_and_per_code_version(monkeypatch):
     assert autocompile.config_key(began, dev) == key
 
 
+def test_compile_key_holds_what_the_graph_is_made_of(monkeypatch):
+    """The key changes with the GPU (name, capability), the triton version, the kernels'
+    and images.py's source (code inside the graph), the backend, the per-process batch and
+    the loss constants (constants of the graph); not with what stays outside it (lr, k_min)."""
+    import dataclasses
+    dev = torch.device("cpu")
+    cfg = TrainConfig(res=8, backend="torch")
+    key = autocompile.config_key(cfg, dev)
+    assert f"triton {compile_policy._triton_version()}" in key and compile_policy.device_id(dev) in key
+    for change in ({"gamma": 0.7}, {"lambda_k": 0.01}, {"backend": "triton"}, {"flip": False},
+                   {"batch_size": 8}, {"precision": "bf16"}):
+        assert autocompile.config_key(dataclasses.replace(cfg, **change), dev) != key, change
+    for same in ({"lr": 1e-3}, {"k_min": 0.05}, {"ema_decay": 0.99}, {"steps": 7}):
+        assert autocompile.config_key(dataclasses.replace(cfg, **same), dev) == key, same
+    assert autocompile.config_key(cfg, dev, backend="triton") != key
+    assert autocompile.config_key(cfg, dev, world=2) != key
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    cuda = autocompile.config_key(cfg, torch.device("cuda"))
+    assert "NVIDIA H200 sm_90" in cuda
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert autocompile.config_key(cfg, torch.device("cuda")) != cuda
+    monkeypatch.setattr(compile_policy, "_triton_version", lambda: "0.0")
+    assert autocompile.config_key(cfg, dev) != key
+    # the source of code that runs inside the graph: kernels/ and images.py
+    from fastbegan import images, kernels
+    for src in (Path(kernels.__file__).resolve().parent / "common.py", Path(images.__file__).resolve()):
+        compile_policy.step_code_version.cache_clear()
+        real = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda p, src=src: real(p) + (b"#" if p == src else b""))
+        try:
+            assert compile_policy.step_code_version() != key.rsplit("code ", 1)[1], src
+        finally:
+            monkeypatch.setattr(Path, "read_bytes", real)
+            compile_policy.step_code_version.cache_clear()
+
+
+def test_cuda_auto_reads_the_failure_record(tmp_path, monkeypatch):
+    """On CUDA --compile auto compiles, unless this configuration's compiled step failed its
+    self-check here: then it stays eager and says why (the GPU is faked: nothing runs)."""
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
+    monkeypatch.setattr(compile_policy, "device_id", lambda d: "NVIDIA H200 sm_90")
+    monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: fn)
+    cfg, cuda = TrainConfig(res=8, backend="torch"), torch.device("cuda")
+
+    def forward():
+        return autocompile.CompiledForward(lambda *a: None, torch.nn.Linear(1, 1), cfg, device=cuda,
+                                           backend="torch", compile="auto")
+    assert forward().mode == autocompile.DEFAULT_COMPILE_MODE
+    autocompile.record(forward().key(), gain=-1.0, self_check_error=3.0)
+    f = forward()
+    assert f.mode is None and not f.pending and "failed its self-check" in f.why
+    assert not autocompile.decide(10 ** 9, 1.0, "fp32", f.key(), "cuda").compile
+
+
 def test_only_a_process_first_compile_time_is_recorded(tmp_path, monkeypatch):
     """A second compilation in one process finds dynamo and inductor warm: its time is not
     what a new process pays, so it is not recorded (a gain still is)."""
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path))
-    monkeypatch.setattr(autocompile, "_compiled_here", False)
+    monkeypatch.setattr(compile_policy, "_compiled_here", False)
     autocompile.record_compile_time("cpu|a", 40.0)
     autocompile.record_compile_time("cpu|b", 0.1)
     autocompile.record("cpu|b", gain=0.2)
@@ -181,7 +236,7 @@ def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch, one_t
     run stays eager; a long one compiles on the next call, records the compile time, and
     after GAIN_STEPS compiled steps the gain it measured."""
     monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(autocompile, "_compiled_here", False)  # as in a new process
+    monkeypatch.setattr(compile_policy, "_compiled_here", False)  # as in a new process
     compiled = []
     monkeypatch.setattr(autocompile, "_compiled", lambda fn, mode: compiled.append(mode) or fn)
     probe = autocompile.EAGER_PROBE_STEPS + 1
@@ -200,7 +255,7 @@ def test_fused_step_decides_after_timed_eager_steps(tmp_path, monkeypatch, one_t
     assert long.stepper.compiles_next and compiled == [autocompile.CPU_COMPILE_MODE]  # torch backend on a CPU
     long.train_step()
     assert not long.stepper.compiles_next and long.stepper.forward.compile_s >= 0
-    key = autocompile.config_key(long.cfg, long.device)
+    key = long.stepper.forward.key()
     assert autocompile.recorded(key) == {"compile_s": pytest.approx(long.stepper.forward.compile_s, abs=1e-3)}
     for _ in range(autocompile.GAIN_STEPS):
         long.train_step()

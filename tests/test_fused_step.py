@@ -163,21 +163,25 @@ def test_no_host_sync_cpu(monkeypatch):
     assert t.step == 3 and set(vals) == {"loss_real", "loss_fake", "loss_d", "k", "M"}
 
 
-def test_host_state_mirrored_into_device_state():
-    """A new k (checkpoint load), a new step counter and an lr halving reach the step."""
+def test_host_state_changes_reach_the_device_state():
+    """A new k (checkpoint load), a new step counter and an lr halving reach the step: the
+    state's device tensors are written in place, never replaced."""
     fus = _trainer(lr_half_every=2)
     ref = _trainer(lr_half_every=2)
     _use_fused_adam(ref)
-    step = FusedStep(fus)
+    fus.stepper = step = FusedStep(fus)
+    k_buffer = fus.state.k
     for i in range(3):
-        vb, va = ref.train_step(), step()
+        vb, va = ref.train_step(), fus.train_step()
         _compare(fus, ref, va, vb, what=f"step {i}")
-    assert fus.lr == ref.lr == 5e-5
+    assert fus.lr == ref.lr == 5e-5 and fus.state.lr_t.item() == pytest.approx(5e-5)
     for t in (fus, ref):
         t.k = torch.tensor(0.6)
-    vb, va = ref.train_step(), step()
+        t.step = 7
+    vb, va = ref.train_step(), fus.train_step()
     _compare(fus, ref, va, vb, what="after k reset")
-    assert fus.k is step.k  # the trainer's k is the step's static buffer again
+    assert fus.step == 8 and int(fus.state.step_t) == 8
+    assert fus.k is step.state.k is k_buffer  # one k, the step's and the trainer's
 
 
 def test_fit_checkpoint_resume_with_fused_step(tmp_path):
@@ -204,7 +208,7 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
         assert resumed.opt_g.state[p]["exp_avg"].stride() == p.stride()
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
-    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.stepper.k
+    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.stepper.state.k
 
 
 def test_status_and_trainer_path():
@@ -265,7 +269,7 @@ def test_gpu_cuda_graph_equals_eager(precision, levers):
         ve, vg = eager(), graph()
         for key in ("loss_real", "loss_fake", "k", "M"):
             torch.testing.assert_close(vg[key], ve[key], rtol=0, atol=atol)
-    assert graph._graph is not None
+    assert graph.graphed.graph is not None
     for p, q in zip(graph_t.model.parameters(), eager_t.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
     if levers:

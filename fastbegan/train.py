@@ -6,11 +6,12 @@ counters) and :class:`~fastbegan.state.LrSchedule`, and the checkpoint of all of
 (``state_tensors`` / ``load_state``). One step is ``train_step``: the
 :class:`fastbegan.step.Step` that :func:`fastbegan.step.make_step` picked (the fused
 single-pass step, or the reference step), given the run's parts explicitly
-(``step_inputs``), then the lr schedule. ``fit`` is the loop: scalars read every ``log_every`` steps (the only host
-synchronisation), samples, atomic checkpoints with exact resume, and the log hooks (the
-divergence guard, :mod:`fastbegan.guard`; the health monitor). :func:`train` loads the
-data and runs a config, also under torchrun (:mod:`fastbegan.distributed`). User guide:
-docs/training.md.
+(``step_inputs``), then the lr schedule. ``fit`` is the loop: scalars read every
+``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
+exact resume, and the log hooks (the divergence guard, :mod:`fastbegan.guard`; the health
+monitor). :func:`train` loads the data and runs a config, also under torchrun
+(:mod:`fastbegan.distributed`). The config itself is :mod:`fastbegan.config`'s
+(``TrainConfig``, also importable from here). User guide: docs/training.md.
 """
 from __future__ import annotations
 

@@ -146,6 +146,35 @@ def test_fused_triton_equals_reference(device):
     _run_pair("triton", steps=1 if device == "cpu" else 3, device=device, filters=4)
 
 
+def test_steps_need_no_trainer():
+    """A step works on what it is given (StepInputs: model, optimisers, data, state, config),
+    no trainer object at all: built by hand, the fused and the reference step take the same
+    two steps, and they advance the state they were given."""
+    from fastbegan.model import BEGAN
+    from fastbegan.state import TrainState
+    from fastbegan.step import StepInputs
+    cfg = TrainConfig(res=8, filters=4, z_dim=8, h=8, batch_size=2, backend="torch", device="cpu",
+                      precision="fp32", seed=3)
+    data = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+
+    def inputs():
+        torch.manual_seed(0)
+        model = BEGAN(8, 4, 8, 8)
+        opt_d, opt_g = (torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                        for m in (model.D, model.G))
+        return StepInputs(cfg=cfg, model=model, G=model.G, D=model.D, opt_d=opt_d, opt_g=opt_g, data=data,
+                          state=TrainState("cpu", k_init=0.37, lr=cfg.lr, seed=cfg.seed))
+    fused_in, ref_in = inputs(), inputs()
+    _use_fused_adam(types.SimpleNamespace(opt_g=ref_in.opt_g, opt_d=ref_in.opt_d))
+    fused, ref = FusedStep(fused_in, compile=False), ReferenceStep(ref_in)
+    with ops.use_backend("torch"):
+        for i in range(2):
+            _compare(fused_in, ref_in, fused(), ref(), what=f"step {i}")
+    for st in (fused_in.state, ref_in.state):
+        assert st.step == int(st.step_t) == 2 and st.k.item() != pytest.approx(0.37)
+    assert fused.last_batch["fake"].shape == (2, 3, 8, 8)
+
+
 def test_no_host_sync_cpu(monkeypatch):
     """The step never reads a tensor on the host: every host read raises during it."""
     t = _trainer()

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from . import ops
 from . import remedies
-from .config import COMPILE_CHOICES, TrainConfig  # noqa: F401 - re-exported: fastbegan.train.TrainConfig
+from .config import TrainConfig  # also imported from here: fastbegan.train.TrainConfig
 from .guard import DivergenceGuard
 from .hardware import configure_threads, resolve_precision, tune_cpu_allocator
 from .images import to_unit_range

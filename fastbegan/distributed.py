@@ -207,29 +207,43 @@ class GradSync:
     ``.grad`` of ``params`` (G's and D's) and the 1-d fp32 ``losses`` over all ranks in ONE
     all-reduce of one flat fp32 buffer, and returns the averaged losses (a new tensor).
 
+    The buffer's layout is fixed by ``params`` alone: every parameter has its slot, in
+    order, then the losses. A parameter whose ``.grad`` is None on this rank (it took no
+    part in this rank's loss) contributes zeros and gets the averaged slot back as a new
+    gradient (in its parameter's memory format). So ranks that disagree on which gradients
+    exist still all-reduce buffers of the same size with the same slots; a buffer built
+    from the gradients that exist would pair one rank's parameter with another's.
+
     Device work only (no host read), so it can sit inside a CUDA graph: NCCL collectives
     are captured when every rank captures the same graph. ``seconds`` / ``calls``: the
     host time spent in the all-reduce (the time itself on a CPU; on CUDA only the launch).
+    ``world`` and ``all_reduce`` default to the process group's (tests pass their own).
     """
 
-    def __init__(self, params):
+    def __init__(self, params, world: int | None = None, all_reduce=None):
         self.params = list(params)
-        self.world = dist.get_world_size()
+        self.world = dist.get_world_size() if world is None else world
+        self.all_reduce = all_reduce or dist.all_reduce
         self.seconds, self.calls = 0.0, 0
 
     def __call__(self, losses: torch.Tensor) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch.cat([g.reshape(-1).float() for g in grads] + [losses.detach().float().reshape(-1)])
+        parts = [(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel())).float()
+                 for p in self.params]
+        flat = torch.cat(parts + [losses.detach().float().reshape(-1)])
         t0 = time.perf_counter()
         with peer_errors():
-            dist.all_reduce(flat)
+            self.all_reduce(flat)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         flat.div_(self.world)
         o = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[o:o + n].view(g.shape))
+        for p in self.params:
+            n = p.numel()
+            avg = flat[o:o + n].view(p.shape)
+            if p.grad is None:
+                p.grad = torch.empty_like(p).copy_(avg)
+            else:
+                p.grad.copy_(avg)
             o += n
         return flat[o:]
 

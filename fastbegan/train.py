@@ -1,25 +1,25 @@
-"""The BEGAN trainer: a run's state and the training loop (docs/design.md §4).
+"""The BEGAN trainer: one run's parts and the training loop (docs/design.md §4).
 
 :class:`Trainer` owns the model, both Adam optimisers, the data set (uint8, on the device),
-BEGAN's state (k_t, step, lr) and the run's checkpoint state (``state_tensors`` /
-``load_state``). One step is ``train_step``: the :class:`fastbegan.step.Step` that
-:func:`fastbegan.step.make_step` picked (the fused single-pass step, or the reference
-step). ``fit`` is the loop: scalars read every ``log_every`` steps (the only host
-synchronisation), samples, atomic checkpoints with exact resume, and the log hooks (the
-divergence guard, :mod:`fastbegan.guard`; the health monitor). :func:`train` loads the
-data and runs a config, also under torchrun (:mod:`fastbegan.distributed`). User guide:
-docs/training.md.
+the run's :class:`~fastbegan.state.TrainState` (k_t, step, lr, generator, divergence flag,
+counters) and :class:`~fastbegan.state.LrSchedule`, and the checkpoint of all of them
+(``state_tensors`` / ``load_state``). One step is ``train_step``: the
+:class:`fastbegan.step.Step` that :func:`fastbegan.step.make_step` picked (the fused
+single-pass step, or the reference step), given the run's parts explicitly
+(``step_inputs``), then the lr schedule. ``fit`` is the loop: scalars read every
+``log_every`` steps (the only host synchronisation), samples, atomic checkpoints with
+exact resume, and the log hooks (the divergence guard, :mod:`fastbegan.guard`; the health
+monitor). :func:`train` loads the data and runs a config, also under torchrun
+(:mod:`fastbegan.distributed`). The config itself is :mod:`fastbegan.config`'s
+(``TrainConfig``, also importable from here). User guide: docs/training.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,114 +29,13 @@ from . import checkpoint as ckpt
 from . import distributed
 from . import ops
 from . import remedies
+from .config import TrainConfig  # also imported from here: fastbegan.train.TrainConfig
 from .guard import DivergenceGuard
-from .hardware import PRECISIONS, configure_threads, resolve_precision, tune_cpu_allocator
+from .hardware import configure_threads, resolve_precision, tune_cpu_allocator
 from .images import to_unit_range
-from .model import BEGAN, check_resolution, default_filters
-from .step import make_step
-
-COMPILE_CHOICES = ("auto", "on", "off")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (saved in every checkpoint)."""
-    res: int = 64
-    filters: int | None = None          # n; default 128 at res >= 128, else 64
-    z_dim: int = 64
-    h: int = 64
-    batch_size: int = 16
-    steps: int = 10_000
-    lr: float = 1e-4
-    lr_min: float = 2e-5
-    lr_half_every: int = 100_000
-    lr_stall: int = 0                   # halve lr after this many steps without M improving (0 = off)
-    beta1: float = 0.5
-    beta2: float = 0.999
-    gamma: float = 0.5
-    lambda_k: float = 0.001
-    separate_z: bool = False
-    cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
-    pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
-    k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
-    k_min: float = 0.0                  # floor under k_t (the paper: 0)
-    variant: str = "began"              # the preset the four options above came from (or "custom")
-    pt_anneal_start: int = 0            # pt_weight falls linearly to 0 from this step ...
-    pt_anneal_end: int = 0              # ... to this one (0 = not annealed); remedies.anneal_scale
-    pt_final: float = 0.0               # the pulling-away weight the anneal ends at
-    k_min_anneal_start: int = 0         # the same for the floor k_min
-    k_min_anneal_end: int = 0
-    ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
-    skip: bool = False
-    vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
-    precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
-    backend: str = "auto"               # auto | torch | triton
-    device: str = "auto"
-    seed: int = 0
-    data: str | None = None             # None = embedded procedural faces
-    n_procedural: int = 4096
-    flip: bool = True
-    out: str = "runs/began"
-    sample_every: int = 500
-    ckpt_every: int = 1000
-    log_every: int = 50
-    keep_ckpts: int = 3
-    max_restores: int = 3               # divergence guard: restores before giving up
-    on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
-    health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
-    compile_step: str = "auto"          # fused step: torch.compile its forward: auto | on | off
-    dist_timeout: float = 300.0         # torchrun: a rank whose step does not finish in this many s ends the run
-    reference_step: bool = False        # the reference two-backward step instead of the fused one
-
-    def __post_init__(self):
-        check_resolution(self.res)
-        if self.filters is None:
-            self.filters = default_filters(self.res)
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if isinstance(self.compile_step, bool):  # configs written before auto existed
-            self.compile_step = "auto" if self.compile_step else "off"
-        if self.compile_step not in COMPILE_CHOICES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile_step!r}")
-        if self.backend not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(ops.BACKENDS)}")
-        for name in ("sample_every", "ckpt_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.max_restores < 0:
-            raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
-        if self.on_collapse not in ("warn", "stop", "restore"):
-            raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
-        if self.cs_alpha < 0 or self.pt_weight < 0:
-            raise ValueError("--cs-alpha and --pt-weight must be >= 0")
-        if not 0.0 <= self.k_init <= 1.0:
-            raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
-        if not 0.0 <= self.k_min <= 1.0:
-            raise ValueError(f"--k-min must be in [0, 1] (k_t is clipped there), got {self.k_min}")
-        if self.cs_alpha and self.h != self.z_dim:
-            raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
-                             f"(got h={self.h}, z_dim={self.z_dim})")
-        remedies.check_anneal(self)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.pt_weight and self.batch_size < 2:
-            raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.health_patience < 0:
-            raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["vanishing_residual_on"] = self.vanishing_residual > 0
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from .model import BEGAN
+from .state import LrSchedule, TrainState
+from .step import StepInputs, make_step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,7 +48,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Owns the model, optimisers, device-resident data and BEGAN state of one run."""
+    """Owns the model, optimisers, device-resident data and training state of one run.
+
+    ``state`` (:class:`~fastbegan.state.TrainState`) is the run's state; ``step``, ``lr``,
+    ``k`` and ``gen`` read it (``step`` and ``k`` also set it, in place). ``schedule`` is
+    the lr rules; ``stepper`` the step; ``log_hooks`` what runs at each log interval.
+    """
 
     def __init__(self, cfg: TrainConfig, data: np.ndarray, log=print):
         self.cfg = cfg
@@ -178,18 +82,13 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), **adam)
         # The whole data set on the device, uint8 NHWC; batches are gathered there.
         self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
-        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
-        self.k = torch.full((), float(cfg.k_init), device=self.device)  # k_0
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # divergence flag
+        self.state = TrainState(self.device, k_init=cfg.k_init, lr=cfg.lr, seed=cfg.seed)
+        self.schedule = LrSchedule(cfg, self.state, (self.opt_g, self.opt_d))
         self.guard = DivergenceGuard(cfg.max_restores)
-        self._stop_requested = False
-        self.step = 0
-        self.lr = cfg.lr
-        self.best_m, self.best_m_step, self.lr_halvings = math.inf, 0, 0
+        self._stop = self._stop_requested = False
         fixed = torch.Generator().manual_seed(cfg.seed + 1)
         self.fixed_z = (torch.rand(64, cfg.z_dim, generator=fixed) * 2 - 1).to(self.device)
         self.fixed_x = torch.randint(len(data), (min(32, len(data)),), generator=fixed)
-        self._stop = False
         # Called at every log interval as hook(trainer, row) -> str | None (a message for the
         # user, also stored in the metrics row). The health monitor and the divergence guard
         # plug in here: they run on the host only when the logged scalars are read anyway.
@@ -197,64 +96,43 @@ class Trainer:
         if cfg.health_patience:  # mode collapse, k_t pinned, M trend (fastbegan.health)
             from .health import HealthMonitor
             self.log_hooks.append(HealthMonitor.from_config(cfg))
-        self.last_batch: dict[str, torch.Tensor] = {}  # the newest real and fake batch (device)
         self.g_ema = remedies.GeneratorEMA(self.G, cfg.ema_decay) if cfg.ema_decay else None
         # The fused single-pass step (one backward; CUDA graph on a GPU) wherever it
         # applies, the reference step otherwise (fastbegan.step); step_path says which.
-        self.stepper = make_step(self)
+        self.stepper = make_step(self.step_inputs())
         self.step_path = self.stepper.describe()
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+    def step_inputs(self) -> StepInputs:
+        """What a step works on, explicitly (for :func:`fastbegan.step.make_step`)."""
+        return StepInputs(cfg=self.cfg, model=self.model, G=self.G, D=self.D, opt_d=self.opt_d,
+                          opt_g=self.opt_g, data=self.data, state=self.state, dist=self.dist,
+                          backend=self.backend, g_ema=self.g_ema, log=self.log)
+
+    # the run's state as the loop, the hooks and callers read it (fastbegan.state)
+    step = property(lambda self: self.state.step, lambda self, n: self.state.set_step(n))
+    k = property(lambda self: self.state.k, lambda self, v: self.state.k.copy_(torch.as_tensor(v)))
+    lr = property(lambda self: self.state.lr)
+    gen = property(lambda self: self.state.gen)
+    # the newest real and fake batch of this process (device; the health monitor reads it)
+    last_batch = property(lambda self: self.stepper.last_batch)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One BEGAN step (:class:`fastbegan.step.Step`); returns device scalars (no host
-        synchronisation)."""
-        return self.stepper()
-
-    def _set_lr(self, lr: float) -> None:
-        self.lr = lr
-        for opt in (self.opt_g, self.opt_d):
-            for group in opt.param_groups:
-                group["lr"] = lr  # Adam's moments are kept
-
-    def _schedule_lr(self) -> None:
-        cfg = self.cfg
-        if cfg.lr_half_every and self.step % cfg.lr_half_every == 0:
-            self._set_lr(max(self.lr * 0.5, cfg.lr_min))
-
-    def observe_m(self, m: float) -> str | None:
-        """M-stall rule (host side, at log intervals): halve lr if M stopped improving."""
-        cfg = self.cfg
-        if m < self.best_m * 0.99:
-            self.best_m, self.best_m_step = m, self.step
-        elif cfg.lr_stall and self.step - self.best_m_step >= cfg.lr_stall and self.lr > cfg.lr_min:
-            self._set_lr(max(self.lr * 0.5, cfg.lr_min))
-            self.lr_halvings += 1
-            self.best_m, self.best_m_step = m, self.step
-            return f"M stalled for {cfg.lr_stall} steps: lr halved to {self.lr:.3g}"
-        return None
+        """One BEGAN step (:class:`fastbegan.step.Step`), then the lr schedule; returns
+        device scalars (no host synchronisation)."""
+        vals = self.stepper()
+        self.schedule.after_step()
+        return vals
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        t = ckpt.prefixed("G.", self.G.state_dict()) | ckpt.prefixed("D.", self.D.state_dict())
-        for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
-            for i, st in opt.state_dict()["state"].items():
-                for key, val in st.items():
-                    t[f"{name}.{i}.{key}"] = torch.as_tensor(val)
-        if self.g_ema is not None:
-            t.update(self.g_ema.state_tensors())
-        t["state.k"] = self.k
-        t["state.step"] = torch.tensor(self.step)
-        t["rng.gen"] = self.gen.get_state()
-        t["rng.torch"] = torch.get_rng_state()
-        return t
+        """Every checkpoint tensor: G, D, the optimisers' state, the EMA of G and the state's."""
+        return (_module_tensors(self.G, self.D, self.opt_g, self.opt_d, self.g_ema)
+                | self.state.state_dict()["tensors"])
 
     def host_state(self) -> dict:
-        return {"lr": self.lr, "best_m": None if math.isinf(self.best_m) else self.best_m,
-                "best_m_step": self.best_m_step, "lr_halvings": self.lr_halvings,
-                "restores": self.guard.restores}
+        """The checkpoint's JSON host state (:meth:`TrainState.state_dict`)."""
+        return self.state.state_dict()["host"]
 
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<step>`` (rank 0; every rank must call it). Never from a diverged
@@ -271,29 +149,12 @@ class Trainer:
         self.load_state(tensors, state)
 
     def load_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        """Set everything from checkpoint tensors + host state (see :meth:`state_tensors`)."""
-        ckpt.load_into(self.G, ckpt.unprefixed("G.", tensors))
-        ckpt.load_into(self.D, ckpt.unprefixed("D.", tensors))
-        if self.g_ema is not None:
-            self.g_ema.load(tensors)
-        for name, opt in (("optG", self.opt_g), ("optD", self.opt_d)):
-            sd = opt.state_dict()
-            sd["state"] = {}
-            for key, val in ckpt.unprefixed(f"{name}.", tensors).items():
-                i, field = key.split(".", 1)
-                sd["state"].setdefault(int(i), {})[field] = val
-            opt.load_state_dict(sd)  # moves the moments to the parameters' device
-            ckpt.match_state_layout(opt)  # ... but not to their memory format (channels_last)
-        self.k = tensors["state.k"].to(self.device)
-        self.step = int(tensors["state.step"])
-        self.gen.set_state(tensors["rng.gen"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self._set_lr(state.get("lr", self.cfg.lr))
-        best = state.get("best_m")
-        self.best_m = math.inf if best is None else best
-        self.best_m_step = state.get("best_m_step", 0)
-        self.lr_halvings = state.get("lr_halvings", 0)
-        self.nonfinite.zero_()  # ``restores`` is not loaded: the retry budget is per launch
+        """Set everything from checkpoint tensors + host state (see :meth:`state_tensors`),
+        the restore counters included (the budgets hold across resumes)."""
+        _load_modules(tensors, self.G, self.D, self.opt_g, self.opt_d, self.g_ema)
+        self.state.load_state_dict({"tensors": tensors, "host": state})
+        self.schedule.set(self.state.lr)
+        self.stepper.state_loaded()
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
@@ -302,7 +163,7 @@ class Trainer:
             return None
         from .images import save_grid
         out = Path(self.cfg.out) / "samples"
-        with self.autocast():
+        with self.step_inputs().autocast():
             # the EMA's samples when the run keeps one: what `fastbegan sample` will draw
             g_of = self.G if self.g_ema is None else (lambda z: self.g_ema.generate(self.G, z))
             fake = g_of(self.fixed_z).float()
@@ -406,7 +267,7 @@ class Trainer:
         """Every ``log_every`` steps: read the scalars (the host sync), run the M-stall rule
         and the log hooks (divergence guard, health monitor), write the row everywhere."""
         row = self._log_row(vals, steps_per_s)
-        notes = [self.observe_m(row["M"])] + [hook(self, row) for hook in self.log_hooks]
+        notes = [self.schedule.observe_m(row["M"])] + [hook(self, row) for hook in self.log_hooks]
         notes = [n for n in notes if n]
         if notes:
             row["events"] = notes
@@ -430,6 +291,36 @@ class Trainer:
         row = {"step": self.step, **dict(zip(keys, nums)), "lr": self.lr,
                "steps_per_s": round(steps_per_s, 3), "time": time.time()}
         return row
+
+
+def _module_tensors(G, D, opt_g, opt_d, g_ema) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the networks (``G.*``, ``D.*``), of both optimisers' state
+    (``optG.<param index>.<field>``, ``optD...``) and of the EMA of G (``G_ema.*``)."""
+    t = ckpt.prefixed("G.", G.state_dict()) | ckpt.prefixed("D.", D.state_dict())
+    for name, opt in (("optG", opt_g), ("optD", opt_d)):
+        for i, st in opt.state_dict()["state"].items():
+            for key, val in st.items():
+                t[f"{name}.{i}.{key}"] = torch.as_tensor(val)
+    if g_ema is not None:
+        t.update(g_ema.state_tensors())
+    return t
+
+
+def _load_modules(tensors: dict[str, torch.Tensor], G, D, opt_g, opt_d, g_ema) -> None:
+    """Load :func:`_module_tensors`' form back (in place; the moments get their parameters'
+    memory format back)."""
+    ckpt.load_into(G, ckpt.unprefixed("G.", tensors))
+    ckpt.load_into(D, ckpt.unprefixed("D.", tensors))
+    if g_ema is not None:
+        g_ema.load(tensors)
+    for name, opt in (("optG", opt_g), ("optD", opt_d)):
+        sd = opt.state_dict()
+        sd["state"] = {}
+        for key, val in ckpt.unprefixed(f"{name}.", tensors).items():
+            i, field = key.split(".", 1)
+            sd["state"].setdefault(int(i), {})[field] = val
+        opt.load_state_dict(sd)  # moves the moments to the parameters' device
+        ckpt.match_state_layout(opt)  # ... but not to their memory format (channels_last)
 
 
 def _in_main_thread() -> bool:

@@ -1,47 +1,115 @@
-"""The fused step's CUDA graph capture: a failed capture is retried once after re-warming,
-then training goes on with eager steps, with the eager rate in the warning.
+"""The CUDA graph wrapper of the training step (fastbegan.cudagraph.GraphedStep): warm-up
+on a side stream, capture, replay; a failed capture is retried once after re-warming, then
+training goes on with eager steps, with the eager rate in the warning.
 
-The GPU-free part: :meth:`FusedStep._capture_failed` on a step object whose device work is
-stubbed (the real capture needs a GPU; its success path is covered by the GPU tests of
-tests/test_fused_step.py), and the first compiled call's error handling
+GPU-free: the CUDA pieces the wrapper calls (streams, the graph, the capture context) are
+faked on CPU, so the whole sequence of eager, captured and replayed calls runs here (the
+real capture needs a GPU; its success path is covered by the GPU tests of
+tests/test_fused_step.py). Also the first compiled call's error handling
 (:class:`fastbegan.autocompile.CompiledForward`)."""
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastbegan import ops
+from fastbegan import cudagraph, ops
 from fastbegan.autocompile import CompiledForward
-from fastbegan.step import FusedStep, StepOutputs
+from fastbegan.step import StepOutputs
 
 
-class _Stub(FusedStep):
-    def __init__(self):                      # no trainer: only the capture bookkeeping
-        self.cuda_graph, self.warmup, self.device = True, 2, torch.device("cpu")
-        self._graph, self._static, self._warm = "graph", None, 2
-        self.calls = []
+class _FakeGraph:
+    """A CUDA graph that counts its replays."""
+    fail = []          # errors the next captures raise, in order
+    captures = 0
 
-    def _graph_step(self):
-        self.calls.append(("warm-up", self._warm))
-        return {"step": "warm-up"}
+    def __init__(self):
+        self.replays = 0
 
-    def _device_step(self, zero_grad):
-        self.calls.append("eager")
-        return {"step": "eager"}
+    def replay(self):
+        self.replays += 1
 
 
-def test_capture_failure_retried_once_then_eager(monkeypatch):
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    log = []
+    _FakeGraph.fail, _FakeGraph.captures = [], 0
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode=None):
+        assert capture_error_mode == "thread_local"
+        log.append("capture")
+        _FakeGraph.captures += 1
+        if _FakeGraph.fail:
+            raise _FakeGraph.fail.pop(0)
+        yield
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    st = _Stub()
+    return log
+
+
+def _step(log):
+    """A step callable recording how it is called; returns a fresh output per call."""
+    calls = []
+
+    def fn(capturing):
+        calls.append("capture" if capturing else "eager")
+        return {"n": len(calls)}
+    entered = []
+
+    @contextlib.contextmanager
+    def capture_context():
+        entered.append("in")
+        try:
+            yield
+        finally:
+            entered.append("out")
+    g = cudagraph.GraphedStep(fn, torch.device("cpu"), warmup=2, capture_context=capture_context)
+    return g, calls, entered
+
+
+def test_warm_up_capture_replay(fake_cuda):
+    g, calls, entered = _step(fake_cuda)
+    outs = [g() for _ in range(2)]                  # warm-up: eager on the side stream
+    assert calls == ["eager", "eager"] and g.graph is None and outs == [{"n": 1}, {"n": 2}]
+    static = g()                                    # captured (the call inside the capture) + replayed
+    assert calls[2:] == ["capture"] and g.graph.replays == 1 and entered == ["in", "out"]
+    assert g() is static and g.graph.replays == 2 and len(calls) == 3  # replays: no Python step
+    g.reset()                                       # new optimiser state: warm up and capture again
+    g(), g(), g()
+    assert _FakeGraph.captures == 2 and g.graph is not None
+
+
+def test_capture_failure_retried_once_then_eager(fake_cuda):
+    g, calls, entered = _step(fake_cuda)
+    _FakeGraph.fail = [RuntimeError("operation not permitted when stream is capturing"),
+                       RuntimeError("capture failed again")]
+    g(), g()
     with pytest.warns(UserWarning, match="re-warming .2 eager steps. and capturing once more"):
-        out = st._capture_failed(RuntimeError("operation not permitted when stream is capturing"))
-    assert out == {"step": "warm-up"} and st.cuda_graph
-    assert st.calls == [("warm-up", 0)] and st._graph is None     # warm-up restarts from 0
+        out = g()                                   # capture fails: this call is a warm-up step
+    assert out == {"n": 3} and g.enabled and g.graph is None and g.warm == 1
+    assert entered == ["in", "out"]                 # the capture set-up is undone on failure
+    g()                                             # second warm-up step
     with pytest.warns(UserWarning, match=r"failed twice .*eager steps at [0-9.]+ steps/s"):
-        out = st._capture_failed(RuntimeError("capture failed again"))
-    assert out == {"step": "eager"} and not st.cuda_graph
+        out = g()
+    assert out == {"n": 5} and not g.enabled and _FakeGraph.captures == 2
+    g()
+    assert calls == ["eager"] * 6 and _FakeGraph.captures == 2   # eager for good, no third capture
+
+
+def test_fatal_kernel_error_is_not_retried(fake_cuda):
+    g, calls, _ = _step(fake_cuda)
+    _FakeGraph.fail = [ops.KernelFatalError("GPU unusable")]
+    g(), g()
+    with pytest.raises(ops.KernelFatalError):
+        g()
 
 
 @pytest.mark.parametrize("fatal", [True, False])

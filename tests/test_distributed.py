@@ -75,6 +75,53 @@ def test_shard_rows_and_batch_check():
         check_batch(4, DistInfo(0, 4), pairs=True)
 
 
+def test_gradsync_layout_is_fixed_when_ranks_disagree_on_none_grads():
+    """GradSync's buffer has a slot for every parameter: a rank whose parameter got no
+    gradient (None) all-reduces zeros there and gets the average back as its gradient, so
+    both ranks reduce buffers of the same size, slot for slot. Two ranks are two threads
+    here, the all-reduce a sum over their buffers (it refuses buffers of different sizes,
+    as NCCL and gloo do not: they would mix one parameter with another)."""
+    import threading
+    from fastbegan.distributed import GradSync
+    barrier, bufs = threading.Barrier(2), {}
+
+    def all_reduce(rank):
+        def reduce(t):
+            bufs[rank] = t
+            barrier.wait()
+            if bufs[0].shape != bufs[1].shape:
+                raise RuntimeError(f"all-reduce of different sizes: {bufs[0].shape} vs {bufs[1].shape}")
+            total = bufs[0] + bufs[1]
+            barrier.wait()
+            t.copy_(total)
+        return reduce
+
+    shapes = [(4, 3, 3, 3), (4,), (2, 5)]
+    grads = {r: [torch.full(s, float(10 * r + i + 1)) for i, s in enumerate(shapes)] for r in (0, 1)}
+    grads[1][1] = None  # rank 1: the middle parameter took no part in its loss
+    params, losses, out = {}, {0: torch.tensor([1.0, 2.0]), 1: torch.tensor([3.0, 4.0])}, {}
+    for r in (0, 1):
+        params[r] = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        params[r][0].data = params[r][0].data.contiguous(memory_format=torch.channels_last)
+        for p, g in zip(params[r], grads[r]):
+            p.grad = None if g is None else torch.empty_like(p).copy_(g)  # in its parameter's layout
+
+    def run(r):
+        out[r] = GradSync(params[r], world=2, all_reduce=all_reduce(r))(losses[r])
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    for r in (0, 1):
+        assert torch.equal(out[r], torch.tensor([2.0, 3.0]))  # the losses' average
+        want = [(grads[0][i] + (0 if grads[1][i] is None else grads[1][i])) / 2 for i in range(3)]
+        for i, (p, w) in enumerate(zip(params[r], want)):
+            assert p.grad is not None and torch.equal(p.grad, w), (r, i)
+            assert p.grad.stride() == p.stride()  # a materialised gradient has its parameter's layout
+    assert torch.equal(params[1][1].grad, torch.full((4,), 1.0))  # rank 0's 2, averaged with rank 1's zeros
+
+
 # ---------------------------------------------------------------------------- the steps
 JOBS = [
     {"name": "fused", "steps": 4, "compile_step": "off"},

@@ -57,7 +57,7 @@ def test_nan_restores_last_checkpoint_with_half_lr(tmp_path, faces8):
     events = [e for r in rows for e in r.get("events", [])]
     assert len(events) == 1 and "restored" in events[0] and "ckpt_00000004" in events[0]
     assert "lr halved to 5e-05" in events[0]
-    assert t.step == 10 and t.guard.restores == 1 and t.lr == pytest.approx(5e-5)
+    assert t.step == 10 and t.state.restores == 1 and t.lr == pytest.approx(5e-5)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
     all_finite_checkpoints(tmp_path)
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])[2]["lr"] == pytest.approx(5e-5)
@@ -79,7 +79,7 @@ def test_no_checkpoint_is_written_from_a_diverged_state(tmp_path, faces8):
     t = make(tmp_path, faces8, log_every=100, ckpt_every=3, steps=9, keep_ckpts=10)
     hits = inject_nan(t, lambda n: {5} if n == 0 else set())
     t.fit(progress=False)
-    assert hits == [5] and t.guard.restores == 1 and t.step == 9
+    assert hits == [5] and t.state.restores == 1 and t.step == 9
     all_finite_checkpoints(tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == "ckpt_00000009.safetensors"
 
@@ -107,3 +107,20 @@ def test_cli_divergence_is_one_clear_line(tmp_path, monkeypatch):
     # only the (finite) start state can have been saved, never a diverged one
     assert [p.name for p in list_checkpoints(tmp_path / "o")] in ([], ["ckpt_00000000.safetensors"])
     all_finite_checkpoints(tmp_path / "o")
+
+
+def test_restore_budget_survives_resume(tmp_path, faces8):
+    """The guard's restores are counted in the checkpoint (TrainState.restores): a run that
+    used its budget and is resumed does not get a fresh one."""
+    t = make(tmp_path, faces8, max_restores=1)
+    inject_nan(t, lambda n: {5} if n == 0 else set())
+    t.fit(progress=False)
+    assert t.state.restores == 1
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])[2]["restores"] == 1
+    resumed = make(tmp_path, faces8, max_restores=1, steps=14)
+    resumed.load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert resumed.step == 10 and resumed.state.restores == 1
+    hits = inject_nan(resumed, lambda n: {11} if n == 0 else set())
+    with pytest.raises(DivergenceError, match="again after 1 restores"):
+        resumed.fit(progress=False)
+    assert hits == [11]

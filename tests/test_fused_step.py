@@ -146,6 +146,35 @@ def test_fused_triton_equals_reference(device):
     _run_pair("triton", steps=1 if device == "cpu" else 3, device=device, filters=4)
 
 
+def test_steps_need_no_trainer():
+    """A step works on what it is given (StepInputs: model, optimisers, data, state, config),
+    no trainer object at all: built by hand, the fused and the reference step take the same
+    two steps, and they advance the state they were given."""
+    from fastbegan.model import BEGAN
+    from fastbegan.state import TrainState
+    from fastbegan.step import StepInputs
+    cfg = TrainConfig(res=8, filters=4, z_dim=8, h=8, batch_size=2, backend="torch", device="cpu",
+                      precision="fp32", seed=3)
+    data = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+
+    def inputs():
+        torch.manual_seed(0)
+        model = BEGAN(8, 4, 8, 8)
+        opt_d, opt_g = (torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+                        for m in (model.D, model.G))
+        return StepInputs(cfg=cfg, model=model, G=model.G, D=model.D, opt_d=opt_d, opt_g=opt_g, data=data,
+                          state=TrainState("cpu", k_init=0.37, lr=cfg.lr, seed=cfg.seed))
+    fused_in, ref_in = inputs(), inputs()
+    _use_fused_adam(types.SimpleNamespace(opt_g=ref_in.opt_g, opt_d=ref_in.opt_d))
+    fused, ref = FusedStep(fused_in, compile=False), ReferenceStep(ref_in)
+    with ops.use_backend("torch"):
+        for i in range(2):
+            _compare(fused_in, ref_in, fused(), ref(), what=f"step {i}")
+    for st in (fused_in.state, ref_in.state):
+        assert st.step == int(st.step_t) == 2 and st.k.item() != pytest.approx(0.37)
+    assert fused.last_batch["fake"].shape == (2, 3, 8, 8)
+
+
 def test_no_host_sync_cpu(monkeypatch):
     """The step never reads a tensor on the host: every host read raises during it."""
     t = _trainer()
@@ -163,21 +192,25 @@ def test_no_host_sync_cpu(monkeypatch):
     assert t.step == 3 and set(vals) == {"loss_real", "loss_fake", "loss_d", "k", "M"}
 
 
-def test_host_state_mirrored_into_device_state():
-    """A new k (checkpoint load), a new step counter and an lr halving reach the step."""
+def test_host_state_changes_reach_the_device_state():
+    """A new k (checkpoint load), a new step counter and an lr halving reach the step: the
+    state's device tensors are written in place, never replaced."""
     fus = _trainer(lr_half_every=2)
     ref = _trainer(lr_half_every=2)
     _use_fused_adam(ref)
-    step = FusedStep(fus)
+    fus.stepper = step = FusedStep(fus)
+    k_buffer = fus.state.k
     for i in range(3):
-        vb, va = ref.train_step(), step()
+        vb, va = ref.train_step(), fus.train_step()
         _compare(fus, ref, va, vb, what=f"step {i}")
-    assert fus.lr == ref.lr == 5e-5
+    assert fus.lr == ref.lr == 5e-5 and fus.state.lr_t.item() == pytest.approx(5e-5)
     for t in (fus, ref):
         t.k = torch.tensor(0.6)
-    vb, va = ref.train_step(), step()
+        t.step = 7
+    vb, va = ref.train_step(), fus.train_step()
     _compare(fus, ref, va, vb, what="after k reset")
-    assert fus.k is step.k  # the trainer's k is the step's static buffer again
+    assert fus.step == 8 and int(fus.state.step_t) == 8
+    assert fus.k is step.state.k is k_buffer  # one k, the step's and the trainer's
 
 
 def test_fit_checkpoint_resume_with_fused_step(tmp_path):
@@ -204,7 +237,7 @@ def test_fit_checkpoint_resume_with_fused_step(tmp_path):
         assert resumed.opt_g.state[p]["exp_avg"].stride() == p.stride()
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
-    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.stepper.k
+    assert torch.equal(full.k, resumed.k) and resumed.k is resumed.stepper.state.k
 
 
 def test_status_and_trainer_path():
@@ -265,7 +298,7 @@ def test_gpu_cuda_graph_equals_eager(precision, levers):
         ve, vg = eager(), graph()
         for key in ("loss_real", "loss_fake", "k", "M"):
             torch.testing.assert_close(vg[key], ve[key], rtol=0, atol=atol)
-    assert graph._graph is not None
+    assert graph.graphed.graph is not None
     for p, q in zip(graph_t.model.parameters(), eager_t.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
     if levers:

@@ -294,6 +294,51 @@ def test_on_collapse_restore_without_checkpoint_uses_start_state(tmp_path, faces
     assert any("the state this run started from" in m for m in logged)
 
 
+def test_on_collapse_restore_is_the_guards_restore(tmp_path, faces16, monkeypatch):
+    """--on-collapse restore goes through the one restore routine (fastbegan.guard.restore):
+    under torchrun every rank must be at the same step after it (the check is called, here
+    with the process group mocked), and the restore is counted in the run's state, which
+    checkpoints keep: a resumed run that used its budget stops at the next collapse."""
+    from fastbegan import distributed
+    checked = []
+    monkeypatch.setattr(distributed, "check_same_step", lambda step, device, what: checked.append((step, what)))
+    t = make(tmp_path, faces16, on_collapse="restore", ckpt_every=4, steps=20, max_restores=1)
+    mon = monitor_of(t)
+    mon.tracker.warmup = 0
+    force_collapse(mon, start=10)
+    t.fit(progress=False)
+    assert mon.restores == [{"from": 14, "to": 8, "lr": 5e-5}] and checked == [(8, "a restore")]
+    assert t.state.collapse_restores == 1 and t.state.restores == 0
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])[2]["collapse_restores"] == 1
+    resumed = make(tmp_path, faces16, on_collapse="restore", ckpt_every=4, steps=40, max_restores=1)
+    resumed.load_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert resumed.step == 20 and resumed.state.collapse_restores == 1
+    mon = monitor_of(resumed)
+    mon.tracker.warmup = 0
+    force_collapse(mon, start=0, once=False)
+    logged = []
+    resumed.log = logged.append
+    resumed.fit(progress=False)
+    assert mon.restores == [] and resumed.step < 40
+    assert any("collapsed again after 1 restores; stopping" in m for m in logged)
+
+
+def test_on_collapse_restore_refused_when_ranks_disagree(tmp_path, faces16, monkeypatch):
+    """The same-step check's error (ranks at different steps after reading the checkpoint:
+    --out not shared) ends the run instead of training on from different states."""
+    from fastbegan import distributed
+
+    def disagree(step, device, what):
+        raise RuntimeError(f"after {what} the processes are at different steps")
+    monkeypatch.setattr(distributed, "check_same_step", disagree)
+    t = make(tmp_path, faces16, on_collapse="restore", ckpt_every=4, steps=20)
+    mon = monitor_of(t)
+    mon.tracker.warmup = 0
+    force_collapse(mon, start=10)
+    with pytest.raises(RuntimeError, match="after a restore the processes are at different steps"):
+        t.fit(progress=False)
+
+
 def test_on_collapse_stop(tmp_path, faces16):
     t = make(tmp_path, faces16, on_collapse="stop", steps=40)
     mon = monitor_of(t)

@@ -97,11 +97,11 @@ def test_lr_floor_and_stall_rule(tmp_path, faces16):
     t.train_step(); t.train_step()
     assert t.lr == pytest.approx(2e-5)
     t2 = make(tmp_path, faces16, lr_stall=3)
-    assert t2.observe_m(1.0) is None
+    assert t2.schedule.observe_m(1.0) is None
     t2.step = 2
-    assert t2.observe_m(0.999) is None  # < 1% better is not an improvement
+    assert t2.schedule.observe_m(0.999) is None  # < 1% better is not an improvement
     t2.step = 3
-    msg = t2.observe_m(1.0)
+    msg = t2.schedule.observe_m(1.0)
     assert msg and "lr halved" in msg and t2.lr == pytest.approx(5e-5)
 
 

@@ -38,7 +38,7 @@ def _random_images(n: int, res: int, seed: int = 0):
 
 def _prepare_train_step(variant: str, p: dict, device: torch.device, session: BenchSession) -> Prepared:
     """The whole training step of each variant on the same model, data and batch."""
-    from ..step import FusedStep
+    from ..step import FusedStep, make_step
     from ..train import TrainConfig, Trainer
     res, batch, n = p["res"], p["batch"], p["filters"]
     fl = _flops.train_step_flops(res, n, batch)
@@ -63,6 +63,7 @@ def _prepare_train_step(variant: str, p: dict, device: torch.device, session: Be
     if variant == "c":
         trainer.G = variants.compile_module(trainer.G, device)
         trainer.D = variants.compile_module(trainer.D, device)
+        trainer.stepper = make_step(trainer.step_inputs())  # a step holds the G and D it was given
 
         def fn():
             variants.mark_step(device)

@@ -112,9 +112,10 @@ class HealthMonitor:
     # ------------------------------------------------------------------ actions
     def act(self, trainer, row: dict, finding: Finding) -> str:
         if self.on_collapse == "restore":
-            if len(self.restores) >= getattr(trainer.cfg, "max_restores", self.max_restores):
+            done = trainer.state.collapse_restores  # the run's count: kept in checkpoints
+            if done >= getattr(trainer.cfg, "max_restores", self.max_restores):
                 trainer.request_stop()
-                return (f"--on-collapse restore: collapsed again after {len(self.restores)} restores; "
+                return (f"--on-collapse restore: collapsed again after {done} restores; "
                         "stopping (a checkpoint is saved)")
             msg = self.restore(trainer, row, finding.since)
             if msg is not None:
@@ -128,25 +129,23 @@ class HealthMonitor:
                 f"the collapse began at step {finding.since}")
 
     def restore(self, trainer, row: dict, since: int) -> str | None:
-        """Load the newest checkpoint written before step ``since``, halve the lr; the
-        checkpoints written after it (during the collapse) go to checkpoints/discarded/."""
-        before = [p for p in ckpt.list_checkpoints(trainer.cfg.out) if ckpt.checkpoint_step(p) < since]
-        old_step, old_lr = trainer.step, trainer.lr
-        guard = getattr(trainer, "guard", None)
-        good = guard.start if guard is not None else None  # the divergence guard's in-memory start state
-        if before:
-            path = before[-1]
-            trainer.load_checkpoint(path)
-            source = f"{path.name} (step {trainer.step}, written before the collapse began at step {since})"
-        elif good is not None and int(good[0]["state.step"]) < since and hasattr(trainer, "load_state"):
-            tensors, state = good
-            trainer.load_state({k: v.clone() for k, v in tensors.items()}, dict(state))
-            source = (f"the state this run started from (step {trainer.step}; no checkpoint was written "
-                      f"before the collapse began at step {since})")
-        else:
+        """Go back to the newest good state from before step ``since`` with the lr halved
+        (:func:`fastbegan.guard.restore`, the divergence guard's routine: same-step check
+        under torchrun, counted in the run's state); the checkpoints written after it
+        (during the collapse) go to checkpoints/discarded/."""
+        from ..guard import restore
+        old_step = trainer.step
+        guard = getattr(trainer, "guard", None)  # its in-memory start state is a restore point too
+        done = restore(trainer, guard.start if guard is not None else None, before=since,
+                       count="collapse_restores")
+        if done is None:
             return None
-        new_lr = min(old_lr, trainer.lr) * 0.5
-        trainer._set_lr(new_lr)
+        if done.source is not None:
+            source = f"{done.source.name} (step {done.step}, written before the collapse began at step {since})"
+        else:
+            source = (f"the state this run started from (step {done.step}; no checkpoint was written "
+                      f"before the collapse began at step {since})")
+        new_lr = done.lr
         dist = getattr(trainer, "dist", None)
         moved = _discard_after(trainer.cfg.out, trainer.step) if dist is None or dist.is_main else 0
         self.tracker.reset()

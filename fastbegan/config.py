@@ -1,0 +1,113 @@
+"""A run's configuration: :class:`TrainConfig`, every option that defines a run, checked
+when it is made (saved in every checkpoint; docs/training.md lists the options)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import ops, remedies
+from .hardware import PRECISIONS
+from .model import check_resolution, default_filters
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (saved in every checkpoint)."""
+    res: int = 64
+    filters: int | None = None          # n; default 128 at res >= 128, else 64
+    z_dim: int = 64
+    h: int = 64
+    batch_size: int = 16
+    steps: int = 10_000
+    lr: float = 1e-4
+    lr_min: float = 2e-5
+    lr_half_every: int = 100_000
+    lr_stall: int = 0                   # halve lr after this many steps without M improving (0 = off)
+    beta1: float = 0.5
+    beta2: float = 0.999
+    gamma: float = 0.5
+    lambda_k: float = 0.001
+    separate_z: bool = False
+    cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
+    pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
+    k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
+    k_min: float = 0.0                  # floor under k_t (the paper: 0)
+    variant: str = "began"              # the preset the four options above came from (or "custom")
+    pt_anneal_start: int = 0            # pt_weight falls linearly to 0 from this step ...
+    pt_anneal_end: int = 0              # ... to this one (0 = not annealed); remedies.anneal_scale
+    pt_final: float = 0.0               # the pulling-away weight the anneal ends at
+    k_min_anneal_start: int = 0         # the same for the floor k_min
+    k_min_anneal_end: int = 0
+    ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
+    skip: bool = False
+    vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
+    precision: str = "auto"             # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware has it
+    backend: str = "auto"               # auto | torch | triton
+    device: str = "auto"
+    seed: int = 0
+    data: str | None = None             # None = embedded procedural faces
+    n_procedural: int = 4096
+    flip: bool = True
+    out: str = "runs/began"
+    sample_every: int = 500
+    ckpt_every: int = 1000
+    log_every: int = 50
+    keep_ckpts: int = 3
+    max_restores: int = 3               # divergence guard: restores before giving up
+    on_collapse: str = "warn"           # health monitor on a suspected mode collapse: warn | stop | restore
+    health_patience: int = 200          # steps a health condition must hold before a message (0 = monitor off)
+    compile_step: str = "auto"          # fused step: torch.compile its forward: auto | on | off
+    dist_timeout: float = 300.0         # torchrun: a rank whose step does not finish in this many s ends the run
+    reference_step: bool = False        # the reference two-backward step instead of the fused one
+
+    def __post_init__(self):
+        check_resolution(self.res)
+        if self.filters is None:
+            self.filters = default_filters(self.res)
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.compile_step, bool):  # configs written before auto existed
+            self.compile_step = "auto" if self.compile_step else "off"
+        if self.compile_step not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile_step!r}")
+        if self.backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(ops.BACKENDS)}")
+        for name in ("sample_every", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_restores < 0:
+            raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
+        if self.on_collapse not in ("warn", "stop", "restore"):
+            raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
+        if self.cs_alpha < 0 or self.pt_weight < 0:
+            raise ValueError("--cs-alpha and --pt-weight must be >= 0")
+        if not 0.0 <= self.k_init <= 1.0:
+            raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
+        if not 0.0 <= self.k_min <= 1.0:
+            raise ValueError(f"--k-min must be in [0, 1] (k_t is clipped there), got {self.k_min}")
+        if self.cs_alpha and self.h != self.z_dim:
+            raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
+                             f"(got h={self.h}, z_dim={self.z_dim})")
+        remedies.check_anneal(self)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.pt_weight and self.batch_size < 2:
+            raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.health_patience < 0:
+            raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vanishing_residual_on"] = self.vanishing_residual > 0
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

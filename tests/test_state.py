@@ -1,0 +1,59 @@
+"""The run's state (fastbegan.state.TrainState, LrSchedule): device tensors written in place,
+the checkpoint form (old checkpoints included), and the lr rules."""
+import math
+
+import pytest
+import torch
+
+from fastbegan.state import LrSchedule, TrainState
+
+
+def test_state_dict_round_trip_in_place():
+    a = TrainState("cpu", k_init=0.25, lr=1e-3, seed=5)
+    torch.rand(3, generator=a.gen)
+    a.k.fill_(0.4)
+    a.set_step(12)
+    a.set_lr(5e-4)
+    a.best_m, a.best_m_step, a.lr_halvings, a.restores, a.collapse_restores = 0.3, 9, 1, 2, 1
+    a.nonfinite.fill_(True)
+    sd = a.state_dict()
+    assert set(sd["tensors"]) == {"state.k", "state.step", "rng.gen", "rng.torch"}
+    assert sd["host"] == {"lr": 5e-4, "best_m": 0.3, "best_m_step": 9, "lr_halvings": 1, "restores": 2,
+                          "collapse_restores": 1}
+    b = TrainState("cpu", lr=1e-3)
+    k, step_t, lr_t, gen = b.k, b.step_t, b.lr_t, b.gen
+    b.nonfinite.fill_(True)
+    b.load_state_dict({"tensors": {n: v.clone() for n, v in sd["tensors"].items()}, "host": dict(sd["host"])})
+    # same tensors (a captured CUDA graph reads them), new values
+    assert b.k is k and b.step_t is step_t and b.lr_t is lr_t and b.gen is gen
+    assert b.k.item() == pytest.approx(0.4) and b.step == int(b.step_t) == 12
+    assert b.lr == 5e-4 and b.lr_t.item() == pytest.approx(5e-4) and not b.nonfinite
+    assert (b.best_m, b.best_m_step, b.lr_halvings, b.restores, b.collapse_restores) == (0.3, 9, 1, 2, 1)
+    assert torch.equal(torch.rand(3, generator=b.gen), torch.rand(3, generator=a.gen))
+
+
+def test_old_checkpoint_host_state_loads():
+    """A checkpoint written before the state was one object: no best_m, no
+    collapse_restores (and ``restores`` saved but, then, never read back)."""
+    st = TrainState("cpu", lr=1e-4)
+    tensors = {"state.k": torch.tensor(0.1), "state.step": torch.tensor(30),
+               "rng.gen": st.gen.get_state(), "rng.torch": torch.get_rng_state()}
+    st.load_state_dict({"tensors": tensors, "host": {"lr": 5e-5, "best_m": None, "best_m_step": 20,
+                                                     "lr_halvings": 1, "restores": 1}})
+    assert st.step == 30 and st.lr == 5e-5 and math.isinf(st.best_m)
+    assert (st.restores, st.collapse_restores) == (1, 0)
+    st.load_state_dict({"tensors": tensors})  # no host state at all: the run's lr
+    assert st.lr == 1e-4 and st.lr_halvings == 0
+
+
+def test_schedule_sets_the_rate_everywhere():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(lr_half_every=2, lr_min=3e-4, lr_stall=0)
+    st = TrainState("cpu", lr=1e-3)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    sched = LrSchedule(cfg, st, [opt])
+    for step, want in ((1, 1e-3), (2, 5e-4), (3, 5e-4), (4, 3e-4)):
+        st.advance()
+        sched.after_step()
+        assert st.step == step and st.lr == want and opt.param_groups[0]["lr"] == want
+        assert st.lr_t.item() == pytest.approx(want)

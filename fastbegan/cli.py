@@ -122,6 +122,12 @@ def main(ctx):
 @click.option("--pt-weight", type=float, default=None,
               help="EBGAN's pulling-away term (Zhao et al. 2017) on D's codes of the fakes, added to G's "
                    "loss with this weight. 0 = off.")
+@click.option("--pt-centred/--pt-raw", "pt_centred", default=None,
+              help="The pulling-away term on the codes minus their batch mean (a component all codes "
+                   "share, large in D's codes, no longer hides their differences). Default: raw codes.")
+@click.option("--ms-weight", type=float, default=None,
+              help="MSGAN's mode-seeking term (Mao et al. 2019): G pays this weight / (mean|G(z1) - G(z2)| "
+                   "/ mean|z1 - z2|), so different z must give different images. 0 = off.")
 @click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
                    "first step instead of waiting for k_t to grow.")
@@ -178,8 +184,8 @@ def main(ctx):
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, k_init, k_min, pt_anneal, pt_final, k_min_anneal,
-          ema_decay, skip, vanishing_residual, precision,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, k_init, k_min, pt_anneal,
+          pt_final, k_min_anneal, ema_decay, skip, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -201,7 +207,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
-    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, k_init=k_init, k_min=k_min,
+    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
+                  k_init=k_init, k_min=k_min,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     ckpt_path = latest_checkpoint(out) if resume and variant is None else None
     remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path

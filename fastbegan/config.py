@@ -40,6 +40,8 @@ class TrainConfig:
     pt_final: float = 0.0               # the pulling-away weight the anneal ends at
     k_min_anneal_start: int = 0         # the same for the floor k_min
     k_min_anneal_end: int = 0
+    pt_centred: bool = False            # the pulling-away term on mean-centred codes
+    ms_weight: float = 0.0              # MSGAN's mode-seeking term in G's loss (0 = off); remedies.mode_seeking
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
@@ -83,8 +85,8 @@ class TrainConfig:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
         if self.on_collapse not in ("warn", "stop", "restore"):
             raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
-        if self.cs_alpha < 0 or self.pt_weight < 0:
-            raise ValueError("--cs-alpha and --pt-weight must be >= 0")
+        if self.cs_alpha < 0 or self.pt_weight < 0 or self.ms_weight < 0:
+            raise ValueError("--cs-alpha, --pt-weight and --ms-weight must be >= 0")
         if not 0.0 <= self.k_init <= 1.0:
             raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
         if not 0.0 <= self.k_min <= 1.0:
@@ -95,8 +97,9 @@ class TrainConfig:
         remedies.check_anneal(self)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.pt_weight and self.batch_size < 2:
-            raise ValueError("the pulling-away term (--pt-weight) compares samples: use --batch-size >= 2")
+        if (self.pt_weight or self.ms_weight) and self.batch_size < 2:
+            raise ValueError("the pulling-away (--pt-weight) and mode-seeking (--ms-weight) terms compare "
+                             "samples: use --batch-size >= 2")
         if self.dist_timeout <= 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.health_patience < 0:

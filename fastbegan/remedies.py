@@ -32,7 +32,8 @@ from torch import Tensor
 
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
-         "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0}
+         "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
+         "pt_centred": False, "ms_weight": 0.0}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -61,6 +62,8 @@ def lever_flags(preset: dict) -> str:
         if k.endswith("_anneal_end"):
             name = k[: -len("_end")]
             flags.append(f"--{name.replace('_', '-')} {preset[name + '_start']} {v}")
+        elif isinstance(v, bool):  # a switch: its flag alone
+            flags.append(f"--{k.replace('_', '-')}")
         else:
             flags.append(f"--{k.replace('_', '-')} {v:g}")
     return " ".join(flags)
@@ -210,18 +213,37 @@ def constrained_space_loss(codes: Tensor, z: Tensor) -> Tensor:
     return (codes.float() - z.float()).abs().mean()
 
 
-def pulling_away(codes: Tensor) -> Tensor:
+def pulling_away(codes: Tensor, centred: bool = False) -> Tensor:
     """EBGAN's f_PT: ``1 / (B (B-1)) * sum_{i != j} cos(s_i, s_j)^2`` over the rows of
-    ``codes`` (B, h), B >= 2; fp32."""
+    ``codes`` (B, h), B >= 2; fp32. ``centred``: of the codes minus their batch mean, so that a
+    component every code shares (large on D's codes: the cosines of raw codes sit near 1 and
+    hide the differences, e.g. of hue) does not count as similarity."""
     s = codes.float()
+    if centred:
+        s = s - s.mean(0, keepdim=True)
     s = s / s.norm(dim=1, keepdim=True).clamp_min(1e-12)
     cos2 = (s @ s.t()).square()
     b = s.shape[0]
     return (cos2.sum() - cos2.diagonal().sum()) / (b * (b - 1))
 
 
+def mode_seeking(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """MSGAN's mode-seeking term (Mao, Lee, Tseng, Ma and Yang, CVPR 2019), over the batch
+    split into halves a and b (B >= 2; an odd last row is left out)::
+
+        1 / (mean|G(z_a) - G(z_b)| / mean|z_a - z_b| + eps)
+
+    ``images`` (B, C, H, W) = G(z), ``z`` (B, z_dim); fp32. Added to G's loss, it grows when two
+    different z give similar images: G pays for mapping z to one image, whatever D says of it."""
+    h = images.shape[0] // 2
+    d_img = (images[:h].float() - images[h:2 * h].float()).abs().mean()
+    d_z = (z[:h].float() - z[h:2 * h].float()).abs().mean()
+    return 1.0 / (d_img / d_z + eps)
+
+
 def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float,
-                     pt_scale: Tensor | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     pt_scale: Tensor | None = None, pt_centred: bool = False,
+                     ms_weight: float = 0.0) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -231,7 +253,9 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     detached (its gradient reaches G through the encoder; D's parameters get none, and no
     weight-gradient work is done). Its zero per-sample scale only selects the torch
     backend's written-out conv backward (in-place ELU, ELU' from the output). ``pt_scale``
-    (a 0-d device tensor, :func:`pt_scale_at`) multiplies the pulling-away weight.
+    (a 0-d device tensor, :func:`pt_scale_at`) multiplies the pulling-away weight. The
+    mode-seeking term needs no pass of D: it reads G(z) and z only, so its gradient reaches G
+    alone through ``fake``.
     """
     terms = {}
     if cs_alpha:
@@ -240,5 +264,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
         frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
         weight = pt_weight if pt_scale is None else pt_weight * pt_scale
-        terms["pt"] = (pulling_away(torch.func.functional_call(d.encoder, frozen, (fake, zero))), weight)
+        codes = torch.func.functional_call(d.encoder, frozen, (fake, zero))
+        terms["pt"] = (pulling_away(codes, pt_centred), weight)
+    if ms_weight:
+        terms["ms"] = (mode_seeking(fake, z), ms_weight)
     return terms

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastbegan import ops
-from fastbegan.remedies import constrained_space_loss, pulling_away
+from fastbegan.remedies import constrained_space_loss, mode_seeking, pulling_away
 from fastbegan.step import FusedStep, ReferenceStep
 from fastbegan.train import TrainConfig, Trainer
 
@@ -44,6 +44,31 @@ def test_pulling_away_term_by_hand():
     assert pulling_away(torch.eye(3)).item() == pytest.approx(0.0)      # orthogonal codes: 0
 
 
+def test_mode_seeking_term_by_hand():
+    """MSGAN: 1 / (mean|G(z_a) - G(z_b)| / mean|z_a - z_b| + 1e-5), halves a = rows 0, 1 and
+    b = rows 2, 3 of a batch of 5 (the odd row left out)."""
+    g = torch.Generator().manual_seed(0)
+    img, z = torch.randn(5, 3, 4, 4, generator=g), torch.rand(5, 8, generator=g) * 2 - 1
+    d_img = sum(float((img[i] - img[i + 2]).abs().sum()) for i in range(2)) / (2 * 3 * 4 * 4)
+    d_z = sum(float((z[i] - z[i + 2]).abs().sum()) for i in range(2)) / (2 * 8)
+    assert mode_seeking(img, z).item() == pytest.approx(1 / (d_img / d_z + 1e-5), rel=1e-5)
+    # two z that give one image cost the most: 1 / eps
+    assert mode_seeking(torch.ones(2, 3, 4, 4), z[:2]).item() == pytest.approx(1e5)
+
+
+def test_centred_pulling_away_term_by_hand():
+    """On codes minus their batch mean: a large component that every code shares (D's codes
+    have one) makes the raw term near its maximum 1 and is left out of the centred one."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randn(4, 6, generator=g) + 10.0
+    c = codes - codes.mean(0)
+    rows = [r / r.norm() for r in c]
+    pairs = [(i, j) for i, j in itertools.product(range(4), repeat=2) if i != j]
+    want = sum(float(rows[i] @ rows[j]) ** 2 for i, j in pairs) / len(pairs)
+    assert pulling_away(codes, centred=True).item() == pytest.approx(want, rel=1e-5)
+    assert pulling_away(codes).item() > 0.95 > 0.5 > want
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="--h must equal --z-dim"):
         TrainConfig(cs_alpha=0.1, z_dim=64, h=32)
@@ -51,6 +76,10 @@ def test_bad_options_are_clear_errors():
         TrainConfig(pt_weight=-1.0)
     with pytest.raises(ValueError, match="batch-size >= 2"):
         TrainConfig(pt_weight=0.1, batch_size=1)
+    with pytest.raises(ValueError, match="batch-size >= 2"):
+        TrainConfig(ms_weight=0.1, batch_size=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(ms_weight=-0.1)
 
 
 # ------------------------------------------------------------------------- gradients
@@ -63,7 +92,7 @@ def _grads(t, seed_state):
     return ([p.grad.clone() for p in t.D.parameters()], [p.grad.clone() for p in t.G.parameters()], x, z)
 
 
-@pytest.mark.parametrize("option", ["cs_alpha", "pt_weight"])
+@pytest.mark.parametrize("option", ["cs_alpha", "pt_weight", "ms_weight"])
 def test_each_term_reaches_only_its_network(option):
     """BEGAN-CS changes D's gradients only (by alpha * its gradient), the pulling-away
     term G's only (by beta * its gradient); the k_t update and the other network's
@@ -75,7 +104,8 @@ def test_each_term_reaches_only_its_network(option):
     # the term's own gradient, computed separately by autograd
     fake = withit.G(z)
     codes = withit.D.encoder(fake)
-    term = constrained_space_loss(codes, z) if option == "cs_alpha" else pulling_away(codes)
+    term = {"cs_alpha": lambda: constrained_space_loss(codes, z), "pt_weight": lambda: pulling_away(codes),
+            "ms_weight": lambda: mode_seeking(fake, z)}[option]()
     net = withit.D if option == "cs_alpha" else withit.G
     extra = torch.autograd.grad(0.5 * term, list(net.parameters()), allow_unused=True)
     changed, same = (d1, g1) if option == "cs_alpha" else (g1, d1)
@@ -83,7 +113,7 @@ def test_each_term_reaches_only_its_network(option):
     for a, b in zip(same, base_same):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b, e in zip(changed, base_changed, extra):
-        torch.testing.assert_close(a, b + (0 if e is None else e), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b + (0 if e is None else e), rtol=1e-4, atol=1e-5)  # fp32 sums
     assert any(e is not None and e.abs().max() > 1e-6 for e in extra)  # the term does something
     # the k_t update still uses BEGAN's L_real and L_fake
     va, vb = _trainer().train_step(), _trainer(**{option: 0.5}).train_step()
@@ -104,7 +134,7 @@ def _pair(backend, steps=2, **kw):
             vb = ref.train_step()
         with ops.use_backend(backend):
             va = step()
-        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt"):
+        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt", "loss_ms"):
             if key in vb:
                 torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
         for (name, p), q in zip(fus.model.named_parameters(), ref.model.parameters()):
@@ -117,10 +147,17 @@ def test_fused_step_with_both_remedies_equals_the_reference_step():
     assert "loss_cs" in va and "loss_pt" in va
 
 
+def test_fused_step_with_the_variety_terms_equals_the_reference_step():
+    """The mode-seeking term and the centred pulling-away term (issue 31's levers)."""
+    va = _pair("torch", pt_weight=0.2, pt_centred=True, ms_weight=0.3)
+    assert "loss_ms" in va and "loss_pt" in va
+
+
 @pytest.mark.usefixtures("triton_backend")
 def test_fused_step_with_remedies_on_the_triton_backend():
     """The Triton kernels (interpreter on CPU, fp32) in the fused step with both terms."""
     _pair("triton", steps=1, cs_alpha=0.3, pt_weight=0.2)
+    _pair("triton", steps=1, pt_weight=0.2, pt_centred=True, ms_weight=0.3)
 
 
 def test_pulling_away_pass_computes_no_weight_gradients():
@@ -211,8 +248,12 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
+                                        "pt_centred": False, "ms_weight": 0.0,
                                         "variant": "began"} == {**PAPER, "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
+    from fastbegan.remedies import lever_flags
+    assert lever_flags({**PAPER, "pt_weight": 0.1, "pt_centred": True, "ms_weight": 0.2}) == (
+        "--pt-weight 0.1 --pt-centred --ms-weight 0.2")
     # settle: escape, then the pulling-away weight falls to 0.05 over steps 2,000-2,500; EMA samples
     assert variant_flags("settle") == ("--pt-weight 0.1 --k-init 0.1 --k-min 0.05 --pt-anneal 2000 2500 "
                                        "--pt-final 0.05 --ema-decay 0.999")

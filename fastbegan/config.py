@@ -35,7 +35,7 @@ class TrainConfig:
     k_init: float = 0.0                 # k_0 (the paper: 0); > 0 makes D push back on fakes from step 1
     k_min: float = 0.0                  # floor under k_t (the paper: 0)
     variant: str = "began"              # the preset the four options above came from (or "custom")
-    pt_anneal_start: int = 0            # pt_weight falls linearly to 0 from this step ...
+    pt_anneal_start: int = 0            # pt_weight falls linearly to pt_final from this step ...
     pt_anneal_end: int = 0              # ... to this one (0 = not annealed); remedies.anneal_scale
     pt_final: float = 0.0               # the pulling-away weight the anneal ends at
     k_min_anneal_start: int = 0         # the same for the floor k_min

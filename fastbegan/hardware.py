@@ -29,10 +29,17 @@ def bf16_support(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu":
         probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
         found = [name for name, fn in probes if getattr(torch.cpu, fn, lambda: False)()]
-        if found and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True, f"CPU has {' and '.join(found)}"
-        return False, "CPU has neither AMX-BF16 nor AVX512-BF16"
+        if not found:
+            return False, "CPU has neither AMX-BF16 nor AVX512-BF16"
+        if not onednn_bf16():
+            return False, f"CPU has {' and '.join(found)}, but this torch's oneDNN has no bf16 kernels for it"
+        return True, f"CPU has {' and '.join(found)}"
     return False, f"{device.type} is neither a CUDA GPU nor a CPU"
+
+
+def onednn_bf16() -> bool:
+    """Whether this torch's oneDNN runs bf16 on this CPU (it also checks the CPU's units)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:

@@ -290,17 +290,18 @@ def test_a_wrong_result_record_does_not_skip_a_kernel_test(monkeypatch, persiste
         ops.conv3x3_elu(x, w, b)                  # still wrong: a failure, not a skip
 
 
-def _conftest():
-    """The tests' conftest module as pytest loaded it (importing it again would make a
-    second session cache; ``import conftest`` may find benchmarks/conftest.py)."""
-    import sys
+@pytest.fixture
+def conftest(request):
+    """The tests' conftest module as pytest loaded it, from pytest's plugin manager (importing
+    it again would make a second session cache; with ``tests benchmarks`` on the command line
+    sys.modules["conftest"] may be benchmarks/conftest.py)."""
     from pathlib import Path
-    want = Path(__file__).with_name("conftest.py")
-    return next(m for m in list(sys.modules.values())
-                if getattr(m, "__file__", None) and Path(m.__file__) == want)
+    want = Path(__file__).resolve().with_name("conftest.py")
+    return next(p for p in request.config.pluginmanager.get_plugins()
+                if getattr(p, "__file__", None) and Path(p.__file__).resolve() == want)
 
 
-def _report_of(exc):
+def _report_of(conftest, exc):
     """Drive the conftest's makereport hook wrapper for a test that raised ``exc``."""
     from types import SimpleNamespace
     try:
@@ -309,29 +310,28 @@ def _report_of(exc):
         excinfo = pytest.ExceptionInfo.from_current()
     report = SimpleNamespace(outcome="failed", longrepr="traceback")
     item = SimpleNamespace(path="tests/test_x.py", location=("tests/test_x.py", 3, "test_x"))
-    hook = _conftest().pytest_runtest_makereport(item, SimpleNamespace(excinfo=excinfo))
+    hook = conftest.pytest_runtest_makereport(item, SimpleNamespace(excinfo=excinfo))
     next(hook)
     with pytest.raises(StopIteration):
         hook.send(SimpleNamespace(get_result=lambda: report))
     return report
 
 
-def test_the_conftest_skips_only_sticky_records():
+def test_the_conftest_skips_only_sticky_records(conftest):
     """KernelPathDropped (raised for a sticky-error record only) becomes a skip with its
     reason; the AssertionError of a still-wrong recorded path stays a failure."""
-    r = _report_of(fallback.KernelPathDropped("conv3x3_elu: the tma path was dropped (sticky CUDA error: x)"))
+    r = _report_of(conftest, fallback.KernelPathDropped("conv3x3_elu: the tma path was dropped (sticky CUDA error: x)"))
     assert r.outcome == "skipped" and "sticky CUDA error" in r.longrepr[2]
-    r = _report_of(AssertionError("tma path: max relative error 0.5 > 0.001 (recorded by an earlier process too)"))
+    r = _report_of(conftest, AssertionError("tma path: max relative error 0.5 > 0.001 (recorded by an earlier process too)"))
     assert r.outcome == "failed"
 
 
-def test_the_session_cache_is_its_own_and_keeps_only_sticky_records(monkeypatch, tmp_path):
+def test_the_session_cache_is_its_own_and_keeps_only_sticky_records(monkeypatch, tmp_path, conftest):
     """The test session's FASTBEGAN_CACHE is a fresh folder, not the user's; of the user's
     kernel-path records only the sticky-error ones are carried into it."""
     import json
     import os
     from fastbegan.data import default_cache_dir
-    conftest = _conftest()
     assert os.environ["FASTBEGAN_CACHE"] == conftest.SESSION_CACHE
     assert default_cache_dir() != __import__("pathlib").Path.home() / ".cache" / "fastbegan"
     user = tmp_path / "user"

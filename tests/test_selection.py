@@ -34,11 +34,21 @@ def _trainer(tmp_path, **kw):
 def test_auto_precision_on_cpu_follows_the_bf16_units(monkeypatch, amx, avx512bf16, want):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512bf16)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: True)  # whatever CPU runs the test
     got, why = hardware.resolve_precision("auto", CPU)
     assert got == want and why.startswith("auto: ")
     found = [name for name, on in (("AMX-BF16", amx), ("AVX512-BF16", avx512bf16)) if on]
     assert why == ("auto: CPU has " + " and ".join(found) if found else
                    "auto: CPU has neither AMX-BF16 nor AVX512-BF16")
+
+
+def test_auto_precision_on_cpu_needs_onednn_bf16(monkeypatch):
+    """bf16 units that this torch's oneDNN does not use for bf16: fp32, and the line says why."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", CPU) == (
+        "fp32", "auto: CPU has AVX512-BF16, but this torch's oneDNN has no bf16 kernels for it")
 
 
 @pytest.mark.parametrize("capability,want", [((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])

@@ -46,6 +46,11 @@ LEVERS = {
     # the equilibrium allowed to act: gamma where the measured loss ratio lies, k_t 10x faster,
     # no pulling-away term (it lifts L_fake / L_real above 1: shared/DESIGN.md §7)
     "eq": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01"],
+    # eq plus a direct force for variety on G: MSGAN's mode-seeking term (pixels) ...
+    "eqms": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--ms-weight", "0.2"],
+    "eqms02": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--ms-weight", "0.02"],
+    # ... or the pulling-away term on mean-centred codes (D's code space)
+    "eqptc": ["--variant", "escape", "--pt-weight", "0.1", "--pt-centred", "--gamma", "1.0", "--lambda-k", "0.01"],
 }
 BG_BINS = 12  # background-hue bins
 

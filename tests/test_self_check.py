@@ -75,7 +75,7 @@ def _dropped(step, rec, match: str) -> str:
     key = step.forward.key()
     assert compile_policy.recorded(key)["self_check_error"] > 1
     for device_type in ("cpu", "cuda"):
-        d = compile_policy.decide(10 ** 9, 1.0, step.tr.cfg.precision, key, device_type)
+        d = compile_policy.decide(10 ** 9, 1.0, step.cfg.precision, key, device_type)
         assert not d.compile and "self-check" in d.why, device_type
     return msgs[0]
 

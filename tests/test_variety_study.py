@@ -1,0 +1,44 @@
+"""benchmarks/variety_study.py's measures: background hues, D's reconstruction error and the
+equilibrium's summary, against values written out by hand (the training and the other scores
+it drives are tested where they live)."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import variety_study as V  # noqa: E402
+
+
+def test_background_hues_read_the_faces_background():
+    """Faces drawn with their background hue in one bin, then spread over all twelve."""
+    from fastbegan.data import FACTORS, draw_face
+    base = {f: 0.5 for f in FACTORS}
+    one = np.stack([draw_face({**base, "bg_hue": 0.26 + 0.008 * i, "skin_hue": i / 8}, 32) for i in range(8)])
+    got = V.background_hues(one)
+    assert got["bg_bins"] == 1 and got["bg_entropy"] == pytest.approx(0.0)  # skin does not count
+    spread = np.stack([draw_face({**base, "bg_hue": (b + 0.5) / 12}, 32) for b in range(12)])
+    got = V.background_hues(spread)
+    assert got["bg_bins"] == 12 and got["bg_entropy"] == pytest.approx(1.0)
+    # the same from G's float NCHW output in [-1, 1]
+    as_float = torch.from_numpy(spread).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert V.background_hues(as_float)["bg_bins"] == 12
+
+
+def test_recon_error_is_begans_l():
+    """mean |v - D(v)| over the set, batches of any size."""
+    d = lambda v: 0.5 * v  # noqa: E731
+    x = torch.linspace(-1, 1, 5 * 3 * 4 * 4).view(5, 3, 4, 4)
+    assert V.recon_error(d, x, batch=2) == pytest.approx(float((0.5 * x).abs().mean()), rel=1e-6)
+
+
+def test_k_summary_counts_the_floor(tmp_path):
+    rows = [{"step": s, "k": k} for s, k in [(250, 0.2), (500, 0.05), (750, 0.0505), (1000, 0.12)]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = V.k_summary(tmp_path, 1000, k_min=0.05)
+    assert s["k_on_floor"] == pytest.approx(0.5)  # 0.05 and 0.0505 are within 1e-3
+    assert s["k_median"] == pytest.approx((0.0505 + 0.12) / 2) and s["k_max"] == pytest.approx(0.12)
+    assert V.k_summary(tmp_path, 500, k_min=0.05)["k_on_floor"] == pytest.approx(0.5)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from studylib import (RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score,  # noqa: E402
-                      train_cli, train_seconds)
+from studylib import (RES, RESULTS, _fmt, load_data, logged_k, open_results, real_baselines, score,  # noqa: E402
+                      train_cli, train_seconds, write_results)
 
 BASE = ["--variant", "escape", "--ema-decay", "0.999"]
 # name -> (flags on top of BASE, (parent run, step it forks from) or None)
@@ -258,12 +258,9 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    from fastbegan.bench.device import device_info, git_commit, slugify
-    dev = device_info(torch.device("cpu"))["name"]
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     results = Path(args.results)
-    stem = results / (args.stem or f"quality-cpu-{slugify(dev.replace('CPU: ', ''))}-{stamp}")
-    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    stem, old, dev = open_results(results, args.stem, "quality")
     rows, baselines = old.get("rows", []), old.get("real_baselines", {})
     datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
     work = Path(args.work)
@@ -271,13 +268,8 @@ def main() -> None:
     torch.set_num_threads(max(1, args.threads))
 
     def write() -> None:
-        meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
-                "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
-                "threads": args.threads, "n_scored": args.n, "levers": LEVERS, "views": VIEWS, "target": TARGET,
-                "res": args.res, "note": args.note or old.get("meta", {}).get("note")}
-        doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
-        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(doc))
+        write_results(stem, markdown, dev, args, old, datasets, rows, baselines, threads=args.threads,
+                      n_scored=args.n, levers=LEVERS, views=VIEWS, target=TARGET)
 
     if not args.report_only:
         data = load_data(args.datasets, work, args.seed, args.res)

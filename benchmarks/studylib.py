@@ -201,3 +201,33 @@ def load_data(datasets: list[str], work: Path, seed: int, res: int = RES) -> dic
         fresh = procedural_faces(1024, res, seed=seed + 10_000)[0]
         data["faces"] = dict(path=None, train=train, ref=fresh[:512], other=fresh[512:], clf=None)
     return data
+
+
+# ------------------------------------------------------------------------- results files
+def open_results(results: str | Path, stem: str | None, prefix: str) -> tuple[Path, dict, str]:
+    """A study's results file, to be resumed: (stem path without suffix, the JSON written so
+    far or {}, this CPU's name). Default stem ``<prefix>-cpu-<cpu>-<date>`` in ``results``."""
+    import datetime as dt
+
+    from fastbegan.bench.device import device_info, slugify
+    dev = device_info(torch.device("cpu"))["name"]
+    stamp = dt.datetime.now().strftime("%Y-%m-%d")
+    path = Path(results) / (stem or f"{prefix}-cpu-{slugify(dev.replace('CPU: ', ''))}-{stamp}")
+    old = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+    return path, old, dev
+
+
+def write_results(stem: Path, markdown, dev: str, args, old: dict, datasets: list, rows: list, baselines: dict,
+                  **meta) -> None:
+    """Write a study's ``stem``.json (meta, data sets, scored rows, real baselines) and its
+    ``markdown(doc)`` report; the meta has the date, device, commit, torch, seed, res and note
+    (the one given, else the file's), and ``meta`` on top."""
+    import datetime as dt
+
+    from fastbegan.bench.device import git_commit
+    meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
+            "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed, "res": args.res,
+            "note": args.note or old.get("meta", {}).get("note"), **meta}
+    doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(doc))

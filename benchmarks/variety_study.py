@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import datetime as dt
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from studylib import RES, RESULTS, _fmt, load_data, logged_k, real_baselines, score, train_cli, train_seconds  # noqa: E402
+from studylib import (RES, RESULTS, _fmt, load_data, logged_k, open_results, real_baselines, score,  # noqa: E402
+                      train_cli, train_seconds, write_results)
 from quality_study import copy_grid, loss_ratio  # noqa: E402
 
 # name -> `fastbegan train` flags. A lever is one change against its baseline (named in the
@@ -51,6 +51,9 @@ LEVERS = {
     "eqms02": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--ms-weight", "0.02"],
     # ... or the pulling-away term on mean-centred codes (D's code space)
     "eqptc": ["--variant", "escape", "--pt-weight", "0.1", "--pt-centred", "--gamma", "1.0", "--lambda-k", "0.01"],
+    # eq plus BEGAN-CS (D's encoder maps G(z) back to z; the authors' alpha), or a lower learning rate
+    "eqcs": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--cs-alpha", "0.1"],
+    "eqlr": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--lr", "5e-5"],
 }
 BG_BINS = 12  # background-hue bins
 
@@ -197,12 +200,9 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    from fastbegan.bench.device import device_info, git_commit, slugify
-    dev = device_info(torch.device("cpu"))["name"]
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     results = Path(args.results)
-    stem = results / (args.stem or f"variety-cpu-{slugify(dev.replace('CPU: ', ''))}-{stamp}")
-    old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else {}
+    stem, old, dev = open_results(results, args.stem, "variety")
     rows, baselines = old.get("rows", []), old.get("real_baselines", {})
     datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
     levers = {**old.get("meta", {}).get("levers", {}), **{k: LEVERS[k] for k in args.levers if k in LEVERS}}
@@ -211,13 +211,8 @@ def main() -> None:
     torch.set_num_threads(max(1, args.threads))
 
     def write() -> None:
-        meta = {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
-                "commit": git_commit()["commit"], "torch": torch.__version__, "seed": args.seed,
-                "res": args.res, "levers": levers, "note": args.note or old.get("meta", {}).get("note"),
-                "train_commit": old.get("meta", {}).get("train_commit")}
-        doc = {"meta": meta, "datasets": datasets, "rows": rows, "real_baselines": baselines}
-        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(doc))
+        write_results(stem, markdown, dev, args, old, datasets, rows, baselines, levers=levers,
+                      train_commit=old.get("meta", {}).get("train_commit"))
 
     if not args.report_only:
         data = load_data(args.datasets, work, args.seed, args.res)

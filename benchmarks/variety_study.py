@@ -54,6 +54,10 @@ LEVERS = {
     # eq plus BEGAN-CS (D's encoder maps G(z) back to z; the authors' alpha), or a lower learning rate
     "eqcs": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--cs-alpha", "0.1"],
     "eqlr": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--lr", "5e-5"],
+    # eq plus a batch statistic in D (ProGAN's minibatch stddev, real and fake groups apart):
+    # groups of 4 (ProGAN's) or the whole half of 16
+    "eqmb": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "4"],
+    "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
 }
 BG_BINS = 12  # background-hue bins
 

@@ -28,7 +28,8 @@ _TMP = re.compile(r"^\.ckpt_\d{8,}\.safetensors\.tmp(\d+)$")
 
 # Config fields that define the networks' shapes: a checkpoint whose values differ
 # cannot be resumed or loaded into this config.
-MODEL_FIELDS = ("res", "filters", "z_dim", "h", "skip", "vanishing_residual_on")
+MODEL_FIELDS = ("res", "filters", "z_dim", "h", "skip", "vanishing_residual_on", "mbstd_group")
+MODEL_DEFAULTS = {"mbstd_group": 0}  # a field's value in checkpoints written before it existed
 
 
 class CheckpointError(ValueError):
@@ -190,8 +191,10 @@ def _read(path: str | os.PathLike, map_location: str | None) -> tuple[dict[str, 
 
 def check_compatible(ckpt_config: dict, config: dict, path: str | os.PathLike) -> None:
     """Refuse a checkpoint whose networks differ from ``config``'s, naming the fields."""
-    diff = [f"{k}={ckpt_config.get(k)!r} (this run: {config.get(k)!r})"
-            for k in MODEL_FIELDS if ckpt_config.get(k) != config.get(k)]
+    def field(cfg, k):
+        return cfg.get(k, MODEL_DEFAULTS.get(k))
+    diff = [f"{k}={field(ckpt_config, k)!r} (this run: {field(config, k)!r})"
+            for k in MODEL_FIELDS if field(ckpt_config, k) != field(config, k)]
     if diff:
         raise CheckpointError(f"checkpoint {str(path)!r} is from another configuration: "
                               + ", ".join(diff) + ". Pass the same options as the run that wrote "

@@ -143,6 +143,9 @@ def main(ctx):
 @click.option("--ema-decay", type=float, default=None,
               help="Keep an EMA of G's weights with this decay (e.g. 0.999) in the checkpoints; 0 = off.")
 @click.option("--skip", is_flag=True, help="Decoder skip connections (h0 concatenated at every level).")
+@click.option("--mbstd-group", type=int, default=0, show_default=True, metavar="G",
+              help="D's encoder also sees the minibatch standard deviation of its last feature map "
+                   "(ProGAN), over groups of G real or G fake samples; G divides the batch. 0 = off.")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -185,7 +188,7 @@ def main(ctx):
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
           lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, k_init, k_min, pt_anneal,
-          pt_final, k_min_anneal, ema_decay, skip, vanishing_residual, precision,
+          pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -217,7 +220,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
                       **remedy,
-                      skip=skip,
+                      skip=skip, mbstd_group=mbstd_group,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,

@@ -84,7 +84,8 @@ def config_key(cfg, device: torch.device, backend: str | None = None, world: int
             f"|h {cfg.h}|b {cfg.batch_size}{f'/{world}' if world > 1 else ''}|g {cfg.gamma:g}"
             f"|lk {cfg.lambda_k:g}|skip {cfg.skip}|vr {bool(cfg.vanishing_residual)}|flip {cfg.flip}"
             f"|cs {cfg.cs_alpha:g}|pt {cfg.pt_weight:g}{_pt_anneal(cfg)}{'|ptc' if cfg.pt_centred else ''}"
-            f"{f'|ms {cfg.ms_weight:g}' if cfg.ms_weight else ''}|code {step_code_version()}")
+            f"{f'|ms {cfg.ms_weight:g}' if cfg.ms_weight else ''}"
+            f"{f'|mbstd {cfg.mbstd_group}' if getattr(cfg, 'mbstd_group', 0) else ''}|code {step_code_version()}")
 
 
 def device_id(device: torch.device) -> str:

@@ -42,6 +42,7 @@ class TrainConfig:
     k_min_anneal_end: int = 0
     pt_centred: bool = False            # the pulling-away term on mean-centred codes
     ms_weight: float = 0.0              # MSGAN's mode-seeking term in G's loss (0 = off); remedies.mode_seeking
+    mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
@@ -100,6 +101,9 @@ class TrainConfig:
         if (self.pt_weight or self.ms_weight) and self.batch_size < 2:
             raise ValueError("the pulling-away (--pt-weight) and mode-seeking (--ms-weight) terms compare "
                              "samples: use --batch-size >= 2")
+        if self.mbstd_group < 0 or (self.mbstd_group and self.batch_size % self.mbstd_group):
+            raise ValueError(f"--mbstd-group must be 0 (off) or divide --batch-size {self.batch_size} (the "
+                             f"statistic is taken over groups of the real and of the fake batch), got {self.mbstd_group}")
         if self.dist_timeout <= 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.health_patience < 0:

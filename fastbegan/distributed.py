@@ -119,9 +119,10 @@ def local_device(device: torch.device, di: DistInfo) -> torch.device:
     return device
 
 
-def check_batch(batch_size: int, di: DistInfo, pairs: bool = False) -> None:
+def check_batch(batch_size: int, di: DistInfo, pairs: bool = False, group: int = 0) -> None:
     """The global batch splits evenly; with ``pairs`` (the pulling-away term, computed over
-    each process's own batch like an unsynchronised batch norm) each share holds >= 2."""
+    each process's own batch like an unsynchronised batch norm) each share holds >= 2; with
+    ``group`` (D's minibatch-stddev group, also per process) each share is a multiple of it."""
     if di.enabled and batch_size % di.world:
         raise ValueError(f"--batch-size {batch_size} (the global batch) is not divisible by the "
                          f"{di.world} processes: use a multiple of {di.world}")
@@ -129,6 +130,10 @@ def check_batch(batch_size: int, di: DistInfo, pairs: bool = False) -> None:
         raise ValueError(f"the pulling-away and mode-seeking terms (--pt-weight, --ms-weight) compare the samples "
                          f"of each process's batch: use --batch-size >= {2 * di.world} for {di.world} processes, "
                          "or switch them off")
+    if di.enabled and group and (batch_size // di.world) % group:
+        raise ValueError(f"--mbstd-group {group} must divide each process's batch ({batch_size // di.world} = "
+                         f"--batch-size {batch_size} / {di.world} processes): use a batch of a multiple of "
+                         f"{group * di.world} or a smaller group")
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ carpedm20/BEGAN-tensorflow's architecture; with ``res = 2**(L+2)`` there are L l
     Discriminator = Decoder(Encoder(x)), an auto-encoder.
 
 Every conv is :func:`fastbegan.ops.conv3x3_elu`, the upsample fused into the next conv.
+Option ``mbstd_group``: the encoder's code also sees a minibatch standard deviation
+(ProGAN's batch statistic), computed over groups of that many consecutive samples (§7).
 Activations are NCHW tensors in channels_last memory; conv weights are kept channels_last
 (the (C_out, 9*C_in) matrix the kernels read). Options ``skip``, ``vanishing_residual``: §2.
 """
@@ -98,13 +100,34 @@ class Decoder(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """(N, 3, res, res) -> (N, h)."""
+def minibatch_stddev(x: Tensor, group: int) -> Tensor:
+    """ProGAN's batch statistic: x (N, C, H, W) -> (N, 1) fp32, for each sample the mean
+    over C*H*W of the standard deviation across its group (``group`` consecutive samples;
+    a last, shorter group when ``group`` does not divide N; a group of one gives 0).
 
-    def __init__(self, res: int = 64, n: int = 64, h: int = 64):
+    Groups are consecutive so that a batch ``[real; fake]`` whose halves are multiples of
+    ``group`` never mixes the two: the fused step's per-half weight-gradient scale stays
+    exact (docs/design.md §1, §7)."""
+    n = x.shape[0]
+    full = n - n % group
+    parts = []
+    for start, size in ((0, full), (full, n - full)):
+        if size:
+            g = min(group, size)
+            xs = x[start:start + size].float().reshape(size // g, g, -1)
+            std = (xs.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (size/g,)
+            parts.append(std.repeat_interleave(g))
+    return torch.cat(parts).unsqueeze(1) if len(parts) > 1 else parts[0].unsqueeze(1)
+
+
+class Encoder(nn.Module):
+    """(N, 3, res, res) -> (N, h). ``mbstd_group`` > 0: the code adds ``fc_std`` times
+    :func:`minibatch_stddev` of the last (8x8) feature map, over groups of that size."""
+
+    def __init__(self, res: int = 64, n: int = 64, h: int = 64, *, mbstd_group: int = 0):
         super().__init__()
         self.levels = check_resolution(res)
-        self.n = n
+        self.n, self.mbstd_group = n, mbstd_group
         layers = [Conv3x3(3, n)]
         c = n
         for i in range(1, self.levels + 1):
@@ -114,6 +137,9 @@ class Encoder(nn.Module):
             c = n * i
         self.convs = nn.ModuleList(layers)
         self.fc = nn.Linear(c * 8 * 8, h)
+        # the batch statistic enters the code through its own (h, 1) weights: a Linear, so
+        # the fused step's per-sample weight-gradient scale covers it (step._check_scalable)
+        self.fc_std = nn.Linear(1, h, bias=False) if mbstd_group else None
 
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None, x2: Tensor | None = None) -> Tensor:
         """``x2``: an optional second batch; the encoder then runs on ``[x; x2]``, its first
@@ -126,7 +152,11 @@ class Encoder(nn.Module):
         for conv in self.convs[1:]:
             x = conv(x, wgrad_scale=wgrad_scale)
         # channels_last -> NHWC flatten is a view; fc weights use that (h, 8*8*C) order.
-        return ops.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc.weight, self.fc.bias, wgrad_scale)
+        code = ops.linear(x.permute(0, 2, 3, 1).flatten(1), self.fc.weight, self.fc.bias, wgrad_scale)
+        if self.fc_std is None:
+            return code
+        std = minibatch_stddev(x, self.mbstd_group).to(code.dtype)
+        return code + ops.linear(std, self.fc_std.weight, None, wgrad_scale)
 
 
 class Generator(Decoder):
@@ -151,16 +181,17 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, res: int = 64, n: int = 64, h: int = 64, *, skip: bool = False,
-                 vanishing_residual: bool = False):
+                 vanishing_residual: bool = False, mbstd_group: int = 0):
         super().__init__()
-        self.encoder = Encoder(res, n, h)
+        self.encoder = Encoder(res, n, h, mbstd_group=mbstd_group)
         self.decoder = Decoder(res, n, h, skip=skip, vanishing_residual=vanishing_residual)
 
     @classmethod
     def from_checkpoint_tensors(cls, tensors: dict[str, Tensor], cfg: dict) -> "Discriminator":
         """D of a loaded checkpoint (:func:`fastbegan.checkpoint.load_checkpoint`), eval mode."""
         d = cls(cfg["res"], cfg["filters"], cfg["h"], skip=cfg.get("skip", False),
-                vanishing_residual=cfg.get("vanishing_residual_on", False))
+                vanishing_residual=cfg.get("vanishing_residual_on", False),
+                mbstd_group=cfg.get("mbstd_group", 0))
         return load_trained(d, tensors, "D.", cfg)
 
     def forward(self, x: Tensor, wgrad_scale: Tensor | None = None) -> Tensor:
@@ -178,12 +209,13 @@ class BEGAN(nn.Module):
     """Generator G and discriminator D of one BEGAN run (``fastbegan.BEGAN(res=64)``)."""
 
     def __init__(self, res: int = 64, filters: int | None = None, z_dim: int = 64, h: int = 64, *,
-                 skip: bool = False, vanishing_residual: bool = False):
+                 skip: bool = False, vanishing_residual: bool = False, mbstd_group: int = 0):
         super().__init__()
         filters = filters or default_filters(res)
         self.res, self.filters, self.z_dim, self.h = res, filters, z_dim, h
         self.G = Generator(res, filters, z_dim, skip=skip, vanishing_residual=vanishing_residual)
-        self.D = Discriminator(res, filters, h, skip=skip, vanishing_residual=vanishing_residual)
+        self.D = Discriminator(res, filters, h, skip=skip, vanishing_residual=vanishing_residual,
+                               mbstd_group=mbstd_group)
 
     def set_carry(self, carry: float | Tensor) -> None:
         """Vanishing-residual carry in [0, 1] for every decoder (in place, no realloc)."""

@@ -68,10 +68,12 @@ class Trainer:
         if len(data) < cfg.batch_size:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
                              "images): use a smaller --batch-size or more images")
-        distributed.check_batch(cfg.batch_size, self.dist, pairs=cfg.pt_weight > 0 or cfg.ms_weight > 0)
+        distributed.check_batch(cfg.batch_size, self.dist, pairs=cfg.pt_weight > 0 or cfg.ms_weight > 0,
+                                group=cfg.mbstd_group)
         torch.manual_seed(cfg.seed)
         self.model = BEGAN(cfg.res, cfg.filters, cfg.z_dim, cfg.h, skip=cfg.skip,
-                           vanishing_residual=cfg.vanishing_residual > 0).to(self.device)
+                           vanishing_residual=cfg.vanishing_residual > 0,
+                           mbstd_group=cfg.mbstd_group).to(self.device)
         self.G, self.D = self.model.G, self.model.D
         adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         if self.device.type == "cuda":

@@ -103,7 +103,8 @@ class Decoder(nn.Module):
 def minibatch_stddev(x: Tensor, group: int) -> Tensor:
     """ProGAN's batch statistic: x (N, C, H, W) -> (N, 1) fp32, for each sample the mean
     over C*H*W of the standard deviation across its group (``group`` consecutive samples;
-    a last, shorter group when ``group`` does not divide N; a group of one gives 0).
+    a last, shorter group when ``group`` does not divide N; a group of one gives ~0: the
+    square root of the 1e-8 that keeps the gradient finite).
 
     Groups are consecutive so that a batch ``[real; fake]`` whose halves are multiples of
     ``group`` never mixes the two: the fused step's per-half weight-gradient scale stays

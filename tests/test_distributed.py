@@ -73,6 +73,9 @@ def test_shard_rows_and_batch_check():
     check_batch(4, DistInfo(0, 4))
     with pytest.raises(ValueError, match="--batch-size >= 8 for 4 processes"):
         check_batch(4, DistInfo(0, 4), pairs=True)
+    check_batch(8, DistInfo(0, 2), group=4)  # each process's 4 rows are one minibatch-stddev group
+    with pytest.raises(ValueError, match="--mbstd-group 4 must divide each process's batch"):
+        check_batch(8, DistInfo(0, 4), group=4)
 
 
 def test_gradsync_layout_is_fixed_when_ranks_disagree_on_none_grads():

@@ -384,6 +384,37 @@ def test_compiled_step_with_the_variety_terms(backend):
     assert not fus.stepper.forward.pending
 
 
+def test_fused_equals_reference_with_the_batch_statistic():
+    """D's minibatch stddev (--mbstd-group) couples the samples of a group, and the fused
+    step is still exact: each group lies inside one half, so its gradient carries that half's
+    weight-gradient scale (1 or -k_t). Groups of 2 and the whole half of 4, the latter with
+    the pulling-away and BEGAN-CS terms (their extra encoder pass takes the fakes alone)."""
+    _run_pair("torch", steps=3, batch_size=4, mbstd_group=2)
+    _run_pair("torch", steps=2, batch_size=4, mbstd_group=4, pt_weight=0.1, cs_alpha=0.1)
+
+
+def test_a_statistic_across_the_halves_would_break_the_fused_step(monkeypatch):
+    """The counter-example that shows why groups stay inside a half: a statistic over the
+    whole [real; fake] batch sends the fakes' loss into the reals' D gradients, which the
+    per-half scale weights wrongly; the equivalence check catches it."""
+    from fastbegan import model
+    real = model.minibatch_stddev
+    monkeypatch.setattr(model, "minibatch_stddev", lambda x, group: real(x, len(x)))
+    with pytest.raises(AssertionError):
+        _run_pair("torch", steps=1, batch_size=4, mbstd_group=4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
+def test_compiled_step_with_the_batch_statistic(backend):
+    """The minibatch-stddev statistic in the compiled fused step, with the eq lever's gamma
+    and lambda_k: equal to the reference step (CPU; triton in the interpreter)."""
+    with _no_compile_fallback():
+        fus, _ = _run_pair(backend, steps=2, step_kw={"compile": True}, batch_size=4, mbstd_group=2,
+                           gamma=1.0, lambda_k=0.01, k_init=0.1, atol=1e-5)
+    assert not fus.stepper.forward.pending
+
+
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_compile_failure_falls_back_to_eager(monkeypatch, where):
     """A compilation that raises at the first call (in the forward, or in the compiled

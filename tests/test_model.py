@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastbegan import ops
-from fastbegan.model import BEGAN, Decoder, Encoder, check_resolution
+from fastbegan.model import BEGAN, Decoder, Encoder, check_resolution, minibatch_stddev
 from fastbegan.ops.reference import conv3x3_elu_ref
 
 
@@ -85,3 +85,57 @@ def test_l1_and_began_update_formulas():
         k, m = ops.began_update(torch.tensor(k0), torch.tensor(lr_), torch.tensor(lf), gamma, lam)
         assert k.item() == pytest.approx(min(1.0, max(0.0, k0 + lam * (gamma * lr_ - lf))), abs=1e-7)
         assert m.item() == pytest.approx(lr_ + abs(gamma * lr_ - lf), abs=1e-7)
+
+
+# ---------------------------------------------------------------- minibatch stddev (issue 31)
+def _stddev_by_hand(x, group):
+    """For each sample: the mean over features of the population std over its group of
+    ``group`` consecutive samples (a last shorter group), written out with loops."""
+    flat = x.double().flatten(1)
+    out = []
+    for start in range(0, len(flat), group):
+        members = flat[start:start + group]
+        mean = sum(members) / len(members)
+        var = sum((m - mean) ** 2 for m in members) / len(members)
+        out += [float((var + 1e-8).sqrt().mean())] * len(members)
+    return torch.tensor(out, dtype=torch.float64).unsqueeze(1)
+
+
+@pytest.mark.parametrize("n,group", [(8, 4), (8, 8), (6, 4), (5, 1), (4, 2)])
+def test_minibatch_stddev_by_hand(n, group):
+    x = torch.randn(n, 3, 2, 2, generator=torch.Generator().manual_seed(n + group))
+    got = minibatch_stddev(x.contiguous(memory_format=torch.channels_last), group)
+    assert got.shape == (n, 1) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _stddev_by_hand(x, group), rtol=1e-5, atol=1e-6)
+
+
+def test_mbstd_code_sees_its_group_only():
+    """With --mbstd-group the code of a sample changes when another member of its group
+    changes and not when a sample of another group does: a batch [real; fake] with halves
+    that are multiples of the group never mixes real and fake statistics."""
+    torch.manual_seed(0)
+    enc = Encoder(8, 4, 8, mbstd_group=2)
+    assert enc.fc_std.weight.shape == (8, 1)
+    x = torch.randn(4, 3, 8, 8)
+    base = enc(x)
+    y = x.clone()
+    y[1] += 1.0  # the first group: samples 0 and 1
+    moved = enc(y)
+    assert (moved[0] - base[0]).abs().max() > 1e-4  # sample 0 sees its partner change
+    torch.testing.assert_close(moved[2:], base[2:], rtol=0, atol=0)  # the other group does not
+    # off: no statistic, no extra weights, each code a function of its own image only
+    plain = Encoder(8, 4, 8)
+    assert plain.fc_std is None
+    torch.testing.assert_close(plain(y)[0], plain(x)[0], rtol=0, atol=0)
+
+
+def test_mbstd_code_is_the_plain_code_plus_the_weighted_statistic():
+    torch.manual_seed(1)
+    enc = Encoder(8, 4, 8, mbstd_group=4)
+    x = torch.randn(4, 3, 8, 8)
+    feats = x
+    for conv in enc.convs:
+        feats = conv(feats)
+    plain = torch.nn.functional.linear(feats.permute(0, 2, 3, 1).flatten(1), enc.fc.weight, enc.fc.bias)
+    want = plain + _stddev_by_hand(feats, 4).float() * enc.fc_std.weight.view(1, -1)
+    torch.testing.assert_close(enc(x), want, rtol=1e-5, atol=1e-5)

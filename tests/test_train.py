@@ -140,6 +140,30 @@ def test_resume_refuses_other_config(tmp_path, faces16):
         other.load_checkpoint(latest_checkpoint(tmp_path))
 
 
+def test_mbstd_checkpoints_resume_and_are_told_apart(tmp_path, faces16):
+    """A run with D's batch statistic saves its extra weights and resumes exactly; a run
+    without it refuses its checkpoint, and a checkpoint written before the option existed
+    (no mbstd_group in its config) counts as off."""
+    from fastbegan.checkpoint import check_compatible
+    full = make(tmp_path / "a", faces16, steps=4, mbstd_group=2)
+    full.fit(progress=False)
+    half = make(tmp_path / "b", faces16, steps=2, mbstd_group=2)
+    half.fit(progress=False)
+    resumed = make(tmp_path / "b", faces16, steps=4, mbstd_group=2)
+    resumed.load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    resumed.fit(progress=False)
+    tensors, _, _ = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert "D.encoder.fc_std.weight" in tensors
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(CheckpointError, match="mbstd_group=2 .this run: 0"):
+        make(tmp_path / "c", faces16).load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    old = {k: v for k, v in full.cfg.to_dict().items() if k != "mbstd_group"}
+    check_compatible(old, {**old, "mbstd_group": 0}, "old.safetensors")
+    with pytest.raises(CheckpointError, match="mbstd_group=0"):
+        check_compatible(old, full.cfg.to_dict(), "old.safetensors")
+
+
 def test_batch_larger_than_data(tmp_path, faces16):
     with pytest.raises(ValueError, match="larger than the data set"):
         make(tmp_path, faces16[:3])

@@ -57,6 +57,8 @@ LEVERS = {
     # eq plus a batch statistic in D (ProGAN's minibatch stddev, real and fake groups apart):
     # groups of 4 (ProGAN's) or the whole half of 16
     "eqmb": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "4"],
+    # eq plus two learning rates (TTUR: D 4x faster than G, SAGAN's ratio)
+    "eqttur": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--lr-d", "4e-4"],
     "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
 }
 BG_BINS = 12  # background-hue bins

@@ -102,6 +102,9 @@ def main(ctx):
 @click.option("--gamma", type=float, default=0.5, show_default=True, help="Diversity ratio.")
 @click.option("--lambda-k", type=float, default=0.001, show_default=True)
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-d", type=float, default=None,
+              help="D's learning rate, when it differs from G's (TTUR, Heusel et al. 2017: D faster). "
+                   "The lr rules (halving, --lr-stall, the divergence guard) keep the ratio. Default: --lr.")
 @click.option("--lr-min", type=float, default=2e-5, show_default=True)
 @click.option("--lr-half-every", type=int, default=100_000, show_default=True)
 @click.option("--lr-stall", type=int, default=0, show_default=True,
@@ -186,7 +189,7 @@ def main(ctx):
               help="Triton backend: check the first call of every kernel and shape against the "
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
-def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_min, lr_half_every,
+def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
           lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, k_init, k_min, pt_anneal,
           pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
           backend, device, seed, out, resume,
@@ -217,7 +220,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path
               else variant_options(variant or DEFAULT_VARIANT, **remedy))
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
-                      lr=lr, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
+                      lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
                       lambda_k=lambda_k, separate_z=separate_z,
                       **remedy,
                       skip=skip, mbstd_group=mbstd_group,

@@ -22,6 +22,7 @@ class TrainConfig:
     batch_size: int = 16
     steps: int = 10_000
     lr: float = 1e-4
+    lr_d: float | None = None           # D's learning rate (TTUR); None = lr. The lr rules keep the ratio
     lr_min: float = 2e-5
     lr_half_every: int = 100_000
     lr_stall: int = 0                   # halve lr after this many steps without M improving (0 = off)
@@ -101,6 +102,8 @@ class TrainConfig:
         if (self.pt_weight or self.ms_weight) and self.batch_size < 2:
             raise ValueError("the pulling-away (--pt-weight) and mode-seeking (--ms-weight) terms compare "
                              "samples: use --batch-size >= 2")
+        if self.lr <= 0 or (self.lr_d is not None and self.lr_d <= 0):
+            raise ValueError(f"learning rates must be > 0, got --lr {self.lr} --lr-d {self.lr_d}")
         if self.mbstd_group < 0 or (self.mbstd_group and self.batch_size % self.mbstd_group):
             raise ValueError(f"--mbstd-group must be 0 (off) or divide --batch-size {self.batch_size} (the "
                              f"statistic is taken over groups of the real and of the fake batch), got {self.mbstd_group}")
@@ -108,6 +111,11 @@ class TrainConfig:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.health_patience < 0:
             raise ValueError(f"health_patience must be >= 0, got {self.health_patience}")
+
+    @property
+    def lr_d_ratio(self) -> float:
+        """D's learning rate over G's (1 without --lr-d); the lr rules keep it."""
+        return 1.0 if self.lr_d is None else self.lr_d / self.lr
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

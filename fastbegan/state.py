@@ -14,7 +14,8 @@ The loop needs the step number on the host every step without reading the device
 counter exists twice: ``step_t`` (device, advanced by the step's device work, inside a CUDA
 graph too) and ``step`` (host, advanced by :meth:`TrainState.advance` after each step).
 Only this class writes them (:meth:`set_step`, :meth:`advance`), so they cannot drift
-apart; the same holds for ``lr`` / ``lr_t`` (:meth:`set_lr`).
+apart; the same holds for ``lr`` / ``lr_t`` and D's ``lr_d`` / ``lr_d_t`` (:meth:`set_lr`;
+D's rate is G's times the run's fixed ``lr_d_ratio``, ``--lr-d``).
 
 :class:`LrSchedule` holds the lr rules over a state and the two optimisers: halving every
 ``lr_half_every`` steps and the M-stall rule (``--lr-stall``), writing the rate into the
@@ -34,7 +35,8 @@ COUNTERS = {"best_m_step": 0, "lr_halvings": 0, "restores": 0, "collapse_restore
 class TrainState:
     """k_t, step, lr, generator and divergence flag on ``device``; host counters.
 
-    Device tensors (0-d): ``k`` fp32, ``step_t`` int64, ``lr_t`` fp32, ``nonfinite`` bool
+    Device tensors (0-d): ``k`` fp32, ``step_t`` int64, ``lr_t`` and ``lr_d_t`` fp32 (G's and
+    D's rates), ``nonfinite`` bool
     (ORed with "this step's losses were NaN/Inf", no host read); ``gen`` the device
     generator every index, flip and z is drawn from. Host: ``step`` (== ``step_t``
     between steps), ``lr`` (== ``lr_t``), ``best_m`` / ``best_m_step`` (the M-stall rule),
@@ -43,12 +45,14 @@ class TrainState:
     """
 
     def __init__(self, device: torch.device | str, *, k_init: float = 0.0, lr: float = 1e-4,
-                 seed: int = 0):
+                 lr_d_ratio: float = 1.0, seed: int = 0):
         self.device = torch.device(device)
         self.lr0 = float(lr)  # what a checkpoint without an lr loads
+        self.lr_d_ratio = float(lr_d_ratio)
         self.k = torch.full((), float(k_init), dtype=torch.float32, device=self.device)
         self.step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.lr_t = torch.full((), float(lr), dtype=torch.float32, device=self.device)
+        self.lr_d_t = torch.full((), float(lr) * self.lr_d_ratio, dtype=torch.float32, device=self.device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.gen = torch.Generator(self.device).manual_seed(seed)
         self.step, self.lr, self.best_m = 0, float(lr), math.inf
@@ -65,8 +69,14 @@ class TrainState:
         self.step += 1
 
     def set_lr(self, lr: float) -> None:
+        """G's rate ``lr`` and D's (``lr * lr_d_ratio``), host and device."""
         self.lr = float(lr)
         self.lr_t.fill_(self.lr)
+        self.lr_d_t.fill_(self.lr_d)
+
+    @property
+    def lr_d(self) -> float:
+        return self.lr * self.lr_d_ratio
 
     def counters(self) -> dict[str, int]:
         """The restore counters (what a restore carries over the state it loads)."""
@@ -100,18 +110,21 @@ class TrainState:
 
 
 class LrSchedule:
-    """The lr rules of a run (docs/design.md §1) over ``state`` and ``opts`` (G's and D's
-    Adam): :meth:`set` writes a rate everywhere it lives, :meth:`after_step` halves it every
-    ``lr_half_every`` steps (down to ``lr_min``), :meth:`observe_m` is the M-stall rule."""
+    """The lr rules of a run (docs/design.md §1) over ``state``, ``opts`` (G's Adam, or any
+    optimiser at G's rate) and ``d_opts`` (D's Adam, at ``state.lr_d``): :meth:`set` writes
+    a rate everywhere it lives, :meth:`after_step` halves it every ``lr_half_every`` steps
+    (down to ``lr_min``), :meth:`observe_m` is the M-stall rule. D's rate follows G's at
+    the fixed ratio ``state.lr_d_ratio`` (``--lr-d``)."""
 
-    def __init__(self, cfg, state: TrainState, opts):
-        self.cfg, self.state, self.opts = cfg, state, tuple(opts)
+    def __init__(self, cfg, state: TrainState, opts, d_opts=()):
+        self.cfg, self.state, self.opts, self.d_opts = cfg, state, tuple(opts), tuple(d_opts)
 
     def set(self, lr: float) -> None:
         self.state.set_lr(lr)
-        for opt in self.opts:
-            for group in opt.param_groups:
-                group["lr"] = self.state.lr  # Adam's moments are kept
+        for opts, rate in ((self.opts, self.state.lr), (self.d_opts, self.state.lr_d)):
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"] = rate  # Adam's moments are kept
 
     def after_step(self) -> None:
         cfg, st = self.cfg, self.state

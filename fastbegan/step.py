@@ -446,21 +446,24 @@ class FusedStep(Step):
     @contextlib.contextmanager
     def _capture_context(self):
         """Around the capture: no gradients (the graph allocates the .grad tensors itself),
-        Adam capturable and reading the device lr ``state.lr_t``; after it, eager code (and
+        Adam capturable and reading the device rates ``state.lr_d_t`` (D) and ``state.lr_t``
+        (G); after it, eager code (and
         checkpoints) see float rates and the capturable flag as it was (the fused kernels
         ignore it outside a capture)."""
         saved = []
-        for opt in self.opts:
+        st = self.state
+        # self.opts is (D's Adam, G's Adam): each reads its own device rate
+        for opt, rate_t, rate in zip(self.opts, (st.lr_d_t, st.lr_t), ("lr_d", "lr")):
             opt.zero_grad(set_to_none=True)
             for group in opt.param_groups:
-                saved.append((group, group.get("capturable", False)))
+                saved.append((group, rate, group.get("capturable", False)))
                 group["capturable"] = True
-                group["lr"] = self.state.lr_t
+                group["lr"] = rate_t
         try:
             yield
         finally:
-            for group, capturable in saved:
-                group["lr"], group["capturable"] = self.state.lr, capturable
+            for group, rate, capturable in saved:
+                group["lr"], group["capturable"] = getattr(st, rate), capturable
 
     # ------------------------------------------------------------------ device side
     def forward_backward(self, idx, flip, z):

@@ -81,11 +81,12 @@ class Trainer:
         if self.dist.enabled:
             distributed.broadcast_module(self.model)
         self.opt_g = torch.optim.Adam(self.G.parameters(), **adam)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), **adam)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), **{**adam, "lr": cfg.lr * cfg.lr_d_ratio})
         # The whole data set on the device, uint8 NHWC; batches are gathered there.
         self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
-        self.state = TrainState(self.device, k_init=cfg.k_init, lr=cfg.lr, seed=cfg.seed)
-        self.schedule = LrSchedule(cfg, self.state, (self.opt_g, self.opt_d))
+        self.state = TrainState(self.device, k_init=cfg.k_init, lr=cfg.lr, lr_d_ratio=cfg.lr_d_ratio,
+                                seed=cfg.seed)
+        self.schedule = LrSchedule(cfg, self.state, (self.opt_g,), (self.opt_d,))
         self.guard = DivergenceGuard(cfg.max_restores)
         self._stop = self._stop_requested = False
         fixed = torch.Generator().manual_seed(cfg.seed + 1)

@@ -91,6 +91,7 @@ CASES = {
     "res_512": (lambda t, m: ["--res", "512"], 1, ["power of two"]),
     "batch_absurd": (lambda t, m: ["--batch-size", "100000"], 1, ["larger than the data set"]),
     "batch_0": (lambda t, m: ["--batch-size", "0"], 1, ["batch size must be >= 1"]),
+    "lr_d_0": (lambda t, m: ["--lr-d", "0"], 1, ["learning rates must be > 0"]),
     "mbstd_group_3": (lambda t, m: ["--mbstd-group", "3"], 1, ["--mbstd-group must be 0 (off) or divide"]),
     "unwritable_out": (lambda t, m: unwritable_out(t), 1, ["cannot write to output folder"]),
     "disk_full": (disk_full, 1, ["disk is full", "previous checkpoints are intact"]),

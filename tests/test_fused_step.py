@@ -393,6 +393,29 @@ def test_fused_equals_reference_with_the_batch_statistic():
     _run_pair("torch", steps=2, batch_size=4, mbstd_group=4, pt_weight=0.1, cs_alpha=0.1)
 
 
+def test_two_learning_rates():
+    """--lr-d (TTUR): D's Adam steps at its own rate in both steps (parameters equal after
+    3 steps), and a CUDA graph capture hands each optimiser its own device rate tensor and
+    gives the float rates back afterwards."""
+    fus, ref = _run_pair("torch", steps=3, lr=1e-4, lr_d=4e-4)
+    assert fus.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4) == ref.opt_d.param_groups[0]["lr"]
+    assert fus.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4)
+    step = fus.stepper
+    with step._capture_context():
+        assert fus.opt_d.param_groups[0]["lr"] is fus.state.lr_d_t
+        assert fus.opt_g.param_groups[0]["lr"] is fus.state.lr_t
+        assert fus.state.lr_d_t.item() == pytest.approx(4e-4)
+    assert fus.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert fus.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4)
+    # against plain Adam at the two rates by hand: D moved by its rate, not G's
+    slow = _trainer(lr=1e-4)
+    with ops.use_backend("torch"):
+        for _ in range(3):
+            slow.train_step()
+    moved = lambda t: sum(float((p - q).abs().sum()) for p, q in zip(t.D.parameters(), _trainer().D.parameters()))
+    assert moved(ref) > 2 * moved(slow)
+
+
 def test_a_statistic_across_the_halves_would_break_the_fused_step(monkeypatch):
     """The counter-example that shows why groups stay inside a half: a statistic over the
     whole [real; fake] batch sends the fakes' loss into the reals' D gradients, which the

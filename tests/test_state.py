@@ -57,3 +57,25 @@ def test_schedule_sets_the_rate_everywhere():
         sched.after_step()
         assert st.step == step and st.lr == want and opt.param_groups[0]["lr"] == want
         assert st.lr_t.item() == pytest.approx(want)
+
+
+def test_d_rate_follows_g_rate_at_the_fixed_ratio():
+    """--lr-d (TTUR): D's Adam gets lr * ratio wherever G's gets lr (halvings, a restore's
+    halving, a loaded checkpoint's rate), on the host and in the device tensor a CUDA graph
+    reads."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(lr_half_every=2, lr_min=1e-5, lr_stall=0)
+    st = TrainState("cpu", lr=1e-4, lr_d_ratio=3.0)
+    opt_g = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1e-4)
+    opt_d = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=3e-4)
+    sched = LrSchedule(cfg, st, [opt_g], [opt_d])
+    assert st.lr_d == pytest.approx(3e-4) and st.lr_d_t.item() == pytest.approx(3e-4)
+    for _ in range(2):
+        st.advance()
+        sched.after_step()
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(5e-5)
+    assert opt_d.param_groups[0]["lr"] == pytest.approx(1.5e-4) and st.lr_d_t.item() == pytest.approx(1.5e-4)
+    saved = st.state_dict()
+    other = TrainState("cpu", lr=1e-4, lr_d_ratio=3.0)
+    other.load_state_dict(saved)
+    assert other.lr == pytest.approx(5e-5) and other.lr_d_t.item() == pytest.approx(1.5e-4)

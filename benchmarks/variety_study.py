@@ -59,6 +59,9 @@ LEVERS = {
     "eqmb": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "4"],
     # eq plus two learning rates (TTUR: D 4x faster than G, SAGAN's ratio)
     "eqttur": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--lr-d", "4e-4"],
+    # eq plus feature matching on D's codes (mean and spread of the fake batch's against the real's)
+    "eqfm": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.1"],
+    "eqfm03": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.03"],
     "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
 }
 BG_BINS = 12  # background-hue bins

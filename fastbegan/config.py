@@ -43,6 +43,7 @@ class TrainConfig:
     k_min_anneal_end: int = 0
     pt_centred: bool = False            # the pulling-away term on mean-centred codes
     ms_weight: float = 0.0              # MSGAN's mode-seeking term in G's loss (0 = off); remedies.mode_seeking
+    fm_weight: float = 0.0              # feature matching on D's codes in G's loss (0 = off); remedies.feature_matching
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
@@ -87,8 +88,8 @@ class TrainConfig:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
         if self.on_collapse not in ("warn", "stop", "restore"):
             raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
-        if self.cs_alpha < 0 or self.pt_weight < 0 or self.ms_weight < 0:
-            raise ValueError("--cs-alpha, --pt-weight and --ms-weight must be >= 0")
+        if min(self.cs_alpha, self.pt_weight, self.ms_weight, self.fm_weight) < 0:
+            raise ValueError("--cs-alpha, --pt-weight, --ms-weight and --fm-weight must be >= 0")
         if not 0.0 <= self.k_init <= 1.0:
             raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
         if not 0.0 <= self.k_min <= 1.0:
@@ -99,9 +100,9 @@ class TrainConfig:
         remedies.check_anneal(self)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if (self.pt_weight or self.ms_weight) and self.batch_size < 2:
-            raise ValueError("the pulling-away (--pt-weight) and mode-seeking (--ms-weight) terms compare "
-                             "samples: use --batch-size >= 2")
+        if (self.pt_weight or self.ms_weight or self.fm_weight) and self.batch_size < 2:
+            raise ValueError("the pulling-away (--pt-weight), mode-seeking (--ms-weight) and feature-matching "
+                             "(--fm-weight) terms compare samples: use --batch-size >= 2")
         if self.lr <= 0 or (self.lr_d is not None and self.lr_d <= 0):
             raise ValueError(f"learning rates must be > 0, got --lr {self.lr} --lr-d {self.lr_d}")
         if self.mbstd_group < 0 or (self.mbstd_group and self.batch_size % self.mbstd_group):

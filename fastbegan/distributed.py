@@ -127,7 +127,8 @@ def check_batch(batch_size: int, di: DistInfo, pairs: bool = False, group: int =
         raise ValueError(f"--batch-size {batch_size} (the global batch) is not divisible by the "
                          f"{di.world} processes: use a multiple of {di.world}")
     if di.enabled and pairs and batch_size // di.world < 2:
-        raise ValueError(f"the pulling-away and mode-seeking terms (--pt-weight, --ms-weight) compare the samples "
+        raise ValueError(f"the pulling-away, mode-seeking and feature-matching terms (--pt-weight, --ms-weight, "
+                         f"--fm-weight) compare the samples "
                          f"of each process's batch: use --batch-size >= {2 * di.world} for {di.world} processes, "
                          "or switch them off")
     if di.enabled and group and (batch_size // di.world) % group:

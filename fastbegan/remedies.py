@@ -33,7 +33,7 @@ from torch import Tensor
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-         "pt_centred": False, "ms_weight": 0.0}
+         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -241,9 +241,28 @@ def mode_seeking(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
     return 1.0 / (d_img / d_z + eps)
 
 
+def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) -> Tensor:
+    """Feature matching on D's codes (Salimans et al., NeurIPS 2016: the mean; with the
+    standard deviation too, as McGAN matches second moments)::
+
+        (mean_j |mu_j(fake) - mu_j(real)| + mean_j |sd_j(fake) - sd_j(real)|) / mean_j sd_j(real)
+
+    over the h code dimensions, the moments taken across each batch (B, h), B >= 2; fp32.
+    ``codes_real`` is a target (pass it detached). Divided by the reals' spread, so one
+    weight means the same whatever scale D's codes grow to (tens, measured). Added to G's
+    loss, it grows when G's samples cluster where the reals spread: faces of one background
+    colour have about half the spread of codes of real faces."""
+    f, r = codes_fake.float(), codes_real.float()
+    sd_f = (f.var(0, unbiased=False) + eps).sqrt()
+    sd_r = (r.var(0, unbiased=False) + eps).sqrt()
+    gap = (f.mean(0) - r.mean(0)).abs().mean() + (sd_f - sd_r).abs().mean()
+    return gap / (sd_r.mean() + eps)
+
+
 def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float,
                      pt_scale: Tensor | None = None, pt_centred: bool = False,
-                     ms_weight: float = 0.0) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     ms_weight: float = 0.0, fm_weight: float = 0.0,
+                     x: Tensor | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -255,17 +274,23 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     backend's written-out conv backward (in-place ELU, ELU' from the output). ``pt_scale``
     (a 0-d device tensor, :func:`pt_scale_at`) multiplies the pulling-away weight. The
     mode-seeking term needs no pass of D: it reads G(z) and z only, so its gradient reaches G
-    alone through ``fake``.
+    alone through ``fake``. Feature matching reads the same frozen codes of the fakes and the
+    codes of the real batch ``x`` (one more encoder pass, without gradients: a target).
     """
     terms = {}
     if cs_alpha:
         terms["cs"] = (constrained_space_loss(d.encoder(fake.detach()), z), cs_alpha)
-    if pt_weight:
+    if pt_weight or fm_weight:
         frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
-        weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         codes = torch.func.functional_call(d.encoder, frozen, (fake, zero))
+    if pt_weight:
+        weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         terms["pt"] = (pulling_away(codes, pt_centred), weight)
+    if fm_weight:
+        with torch.no_grad():
+            codes_real = d.encoder(x)
+        terms["fm"] = (feature_matching(codes, codes_real), fm_weight)
     if ms_weight:
         terms["ms"] = (mode_seeking(fake, z), ms_weight)
     return terms

@@ -318,7 +318,8 @@ class ReferenceStep(Step):
                 loss_real = ops.l1_recon_loss(x, rec[:b])
                 loss_fake = ops.l1_recon_loss(fake, rec[b:])
                 loss_d = loss_real - k * loss_fake + self._cs_term(codes[b:], z_d)
-                loss_g = loss_fake + self._pt_term(codes[b:]) + self._ms_term(fake, z_d)
+                loss_g = (loss_fake + self._pt_term(codes[b:]) + self._ms_term(fake, z_d)
+                          + self._fm_term(codes[b:], codes[:b]))
                 grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
                 grads_g = torch.autograd.grad(loss_g, g_params)
             else:
@@ -333,7 +334,8 @@ class ReferenceStep(Step):
                 fake = G(z_g)
                 codes_g = D.encoder(fake)
                 loss_fake = ops.l1_recon_loss(fake, D.decoder(codes_g))
-                loss_g = loss_fake + self._pt_term(codes_g) + self._ms_term(fake, z_g)
+                loss_g = (loss_fake + self._pt_term(codes_g) + self._ms_term(fake, z_g)
+                          + self._fm_term(codes_g, codes[:b]))
                 grads_g = torch.autograd.grad(loss_g, g_params)
         self._fake = fake.detach()
         for p, g in zip(d_params, grads_d):
@@ -357,6 +359,14 @@ class ReferenceStep(Step):
         self.terms["pt"] = value = remedies.pulling_away(codes, cfg.pt_centred)
         scale = remedies.pt_scale_at(cfg, self.state.step_t)
         return cfg.pt_weight * value if scale is None else cfg.pt_weight * scale * value
+
+    def _fm_term(self, codes_fake: Tensor, codes_real: Tensor):
+        """Feature matching in L_G (0 when off): the fakes' codes against the reals' (a
+        detached target); autograd.grad takes it to G's parameters only."""
+        if not self.cfg.fm_weight:
+            return 0.0
+        self.terms["fm"] = value = remedies.feature_matching(codes_fake, codes_real.detach())
+        return self.cfg.fm_weight * value
 
     def _ms_term(self, fake: Tensor, z: Tensor):
         """MSGAN's mode-seeking term of L_G (0 when off): a function of G(z) and z only."""
@@ -410,7 +420,7 @@ class FusedStep(Step):
                                 lambda_k=cfg.lambda_k, device_type=dev.type, bf16=bf16,
                                 cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.state.step_t,
                                 pt_anneal=remedies.pt_anneal_window(cfg), pt_centred=cfg.pt_centred,
-                                ms_weight=cfg.ms_weight)
+                                ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight)
         bf16 = cfg.precision == "bf16"
         # the compile self-check's noise floor in bf16: the same eager step in fp32
         self.forward = CompiledForward(forward(bf16), inputs.model, cfg, device=dev,
@@ -512,7 +522,7 @@ class StepOutputs(NamedTuple):
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0), pt_centred: bool = False,
-                 ms_weight: float = 0.0):
+                 ms_weight: float = 0.0, fm_weight: float = 0.0):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
@@ -526,7 +536,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
     with its generator) and no state changes. ``step_t`` (0-d int64 device step counter)
     drives an annealed pulling-away weight (``pt_anneal``: start, end[, final fraction]; end 0 = off);
-    ``pt_centred`` and ``ms_weight`` as in :func:`remedies.fused_step_terms`.
+    ``pt_centred``, ``ms_weight`` and ``fm_weight`` as in :func:`remedies.fused_step_terms`.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
@@ -543,7 +553,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
             # annealed pulling-away weight: a function of the device step counter step_t
             pt_scale = remedies.anneal_scale(step_t, *pt_anneal) if pt_anneal[1] else None
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
-                                              pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight)
+                                              pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight,
+                                              fm_weight=fm_weight, x=x)
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

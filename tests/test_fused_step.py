@@ -374,13 +374,13 @@ def test_compiled_step_with_the_default_variants_levers(backend):
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
 def test_compiled_step_with_the_variety_terms(backend):
-    """The mode-seeking term and the centred pulling-away term (issue 31's levers) in the
-    compiled step, with a floor under k_t: equal to the reference step (CPU; triton in the
-    interpreter)."""
+    """The mode-seeking term, the centred pulling-away term and feature matching (issue 31's
+    levers) in the compiled step, with a floor under k_t: equal to the reference step (CPU;
+    triton in the interpreter)."""
     with _no_compile_fallback():
         # atol 1e-5: the mode-seeking term's gradients are ~1 (1 / its ratio); fp32 rounding
         fus, _ = _run_pair(backend, steps=2, step_kw={"compile": True}, pt_weight=0.1, pt_centred=True,
-                           ms_weight=0.2, k_init=0.1, k_min=0.05, atol=1e-5)
+                           ms_weight=0.2, fm_weight=0.2, k_init=0.1, k_min=0.05, atol=1e-5)
     assert not fus.stepper.forward.pending
 
 

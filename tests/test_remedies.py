@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastbegan import ops
-from fastbegan.remedies import constrained_space_loss, mode_seeking, pulling_away
+from fastbegan.remedies import constrained_space_loss, feature_matching, mode_seeking, pulling_away
 from fastbegan.step import FusedStep, ReferenceStep
 from fastbegan.train import TrainConfig, Trainer
 
@@ -56,6 +56,26 @@ def test_mode_seeking_term_by_hand():
     assert mode_seeking(torch.ones(2, 3, 4, 4), z[:2]).item() == pytest.approx(1e5)
 
 
+def test_feature_matching_term_by_hand():
+    """(mean_j |mu_j(f) - mu_j(r)| + mean_j |sd_j(f) - sd_j(r)|) / mean_j sd_j(r), the
+    moments across the batch (population sd), written out per column."""
+    f = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 6.0]])
+    r = torch.tensor([[0.0, 1.0], [4.0, -1.0], [2.0, 3.0]])
+    def col(m, j):
+        v = [float(m[i, j]) for i in range(3)]
+        mu = sum(v) / 3
+        return mu, (sum((a - mu) ** 2 for a in v) / 3) ** 0.5
+    gap_mu = sum(abs(col(f, j)[0] - col(r, j)[0]) for j in range(2)) / 2
+    gap_sd = sum(abs(col(f, j)[1] - col(r, j)[1]) for j in range(2)) / 2
+    spread = sum(col(r, j)[1] for j in range(2)) / 2
+    assert feature_matching(f, r).item() == pytest.approx((gap_mu + gap_sd) / spread, rel=1e-5)
+    assert feature_matching(r, r).item() == pytest.approx(0.0, abs=1e-6)  # the reals' own moments
+    # scale-free: the same batches with codes 50x larger
+    assert feature_matching(50 * f, 50 * r).item() == pytest.approx(feature_matching(f, r).item(), rel=1e-5)
+    # one sample repeated (a collapsed batch) costs its missing spread: here exactly 1
+    assert feature_matching(r.mean(0, keepdim=True).expand(3, 2), r).item() == pytest.approx(1.0, rel=1e-4)
+
+
 def test_centred_pulling_away_term_by_hand():
     """On codes minus their batch mean: a large component that every code shares (D's codes
     have one) makes the raw term near its maximum 1 and is left out of the centred one."""
@@ -80,6 +100,10 @@ def test_bad_options_are_clear_errors():
         TrainConfig(ms_weight=0.1, batch_size=1)
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(ms_weight=-0.1)
+    with pytest.raises(ValueError, match="batch-size >= 2"):
+        TrainConfig(fm_weight=0.1, batch_size=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(fm_weight=-0.1)
 
 
 # ------------------------------------------------------------------------- gradients
@@ -92,7 +116,7 @@ def _grads(t, seed_state):
     return ([p.grad.clone() for p in t.D.parameters()], [p.grad.clone() for p in t.G.parameters()], x, z)
 
 
-@pytest.mark.parametrize("option", ["cs_alpha", "pt_weight", "ms_weight"])
+@pytest.mark.parametrize("option", ["cs_alpha", "pt_weight", "ms_weight", "fm_weight"])
 def test_each_term_reaches_only_its_network(option):
     """BEGAN-CS changes D's gradients only (by alpha * its gradient), the pulling-away
     term G's only (by beta * its gradient); the k_t update and the other network's
@@ -105,7 +129,8 @@ def test_each_term_reaches_only_its_network(option):
     fake = withit.G(z)
     codes = withit.D.encoder(fake)
     term = {"cs_alpha": lambda: constrained_space_loss(codes, z), "pt_weight": lambda: pulling_away(codes),
-            "ms_weight": lambda: mode_seeking(fake, z)}[option]()
+            "ms_weight": lambda: mode_seeking(fake, z),
+            "fm_weight": lambda: feature_matching(codes, withit.D.encoder(x).detach())}[option]()
     net = withit.D if option == "cs_alpha" else withit.G
     extra = torch.autograd.grad(0.5 * term, list(net.parameters()), allow_unused=True)
     changed, same = (d1, g1) if option == "cs_alpha" else (g1, d1)
@@ -134,7 +159,7 @@ def _pair(backend, steps=2, **kw):
             vb = ref.train_step()
         with ops.use_backend(backend):
             va = step()
-        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt", "loss_ms"):
+        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt", "loss_ms", "loss_fm"):
             if key in vb:
                 torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
         for (name, p), q in zip(fus.model.named_parameters(), ref.model.parameters()):
@@ -148,16 +173,19 @@ def test_fused_step_with_both_remedies_equals_the_reference_step():
 
 
 def test_fused_step_with_the_variety_terms_equals_the_reference_step():
-    """The mode-seeking term and the centred pulling-away term (issue 31's levers)."""
-    va = _pair("torch", pt_weight=0.2, pt_centred=True, ms_weight=0.3)
-    assert "loss_ms" in va and "loss_pt" in va
+    """The mode-seeking term, the centred pulling-away term and feature matching (issue 31's
+    levers); feature matching alone too (its frozen pass of D's encoder without the
+    pulling-away term's)."""
+    va = _pair("torch", pt_weight=0.2, pt_centred=True, ms_weight=0.3, fm_weight=0.2)
+    assert "loss_ms" in va and "loss_pt" in va and "loss_fm" in va
+    assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2)
 
 
 @pytest.mark.usefixtures("triton_backend")
 def test_fused_step_with_remedies_on_the_triton_backend():
     """The Triton kernels (interpreter on CPU, fp32) in the fused step with both terms."""
     _pair("triton", steps=1, cs_alpha=0.3, pt_weight=0.2)
-    _pair("triton", steps=1, pt_weight=0.2, pt_centred=True, ms_weight=0.3)
+    _pair("triton", steps=1, pt_weight=0.2, pt_centred=True, ms_weight=0.3, fm_weight=0.2)
 
 
 def test_pulling_away_pass_computes_no_weight_gradients():
@@ -248,7 +276,7 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-                                        "pt_centred": False, "ms_weight": 0.0,
+                                        "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0,
                                         "variant": "began"} == {**PAPER, "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
     from fastbegan.remedies import lever_flags

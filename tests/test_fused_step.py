@@ -378,9 +378,10 @@ def test_compiled_step_with_the_variety_terms(backend):
     levers) in the compiled step, with a floor under k_t: equal to the reference step (CPU;
     triton in the interpreter)."""
     with _no_compile_fallback():
-        # atol 1e-5: the mode-seeking term's gradients are ~1 (1 / its ratio); fp32 rounding
+        # atol 3e-5: G's gradients reach ~1.5 here (the mode-seeking term's 1 / its ratio and feature
+        # matching's 1 / the reals' spread are large on these tiny nets); fp32 rounding, 1e-5 relative
         fus, _ = _run_pair(backend, steps=2, step_kw={"compile": True}, pt_weight=0.1, pt_centred=True,
-                           ms_weight=0.2, fm_weight=0.2, k_init=0.1, k_min=0.05, atol=1e-5)
+                           ms_weight=0.2, fm_weight=0.2, k_init=0.1, k_min=0.05, atol=3e-5)
     assert not fus.stepper.forward.pending
 
 

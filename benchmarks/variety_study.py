@@ -62,6 +62,8 @@ LEVERS = {
     # eq plus feature matching on D's codes (mean and spread of the fake batch's against the real's)
     "eqfm": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.1"],
     "eqfm03": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.03"],
+    # the default (settle) plus feature matching: the lever on top of what `fastbegan train` does now
+    "settlefm": ["--variant", "settle", "--fm-weight", "0.1"],
     "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
 }
 BG_BINS = 12  # background-hue bins

@@ -62,8 +62,12 @@ LEVERS = {
     # eq plus feature matching on D's codes (mean and spread of the fake batch's against the real's)
     "eqfm": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.1"],
     "eqfm03": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.03"],
+    # ... or on the pixels: each pixel's batch mean and spread (a background of one colour has none)
+    "eqfmpx": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.1",
+               "--fm-pixels"],
     # the default (settle) plus feature matching: the lever on top of what `fastbegan train` does now
     "settlefm": ["--variant", "settle", "--fm-weight", "0.1"],
+    "settlefmpx": ["--variant", "settle", "--fm-weight", "0.1", "--fm-pixels"],
     "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
 }
 BG_BINS = 12  # background-hue bins

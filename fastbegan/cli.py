@@ -135,6 +135,9 @@ def main(ctx):
               help="Feature matching (Salimans et al. 2016) on D's codes: G pays this weight times the gap "
                    "between the batch mean and standard deviation of its samples' codes and the real "
                    "batch's, so G's samples must spread where the reals do. 0 = off.")
+@click.option("--fm-pixels/--fm-codes", "fm_pixels", default=None,
+              help="Feature matching on the images' pixels (each pixel's batch mean and spread) instead "
+                   "of D's codes. Default: codes.")
 @click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
                    "first step instead of waiting for k_t to grow.")
@@ -194,7 +197,7 @@ def main(ctx):
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, k_init, k_min, pt_anneal,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, k_init, k_min, pt_anneal,
           pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
@@ -218,7 +221,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
     remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
-                  fm_weight=fm_weight,
+                  fm_weight=fm_weight, fm_pixels=fm_pixels,
                   k_init=k_init, k_min=k_min,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     ckpt_path = latest_checkpoint(out) if resume and variant is None else None

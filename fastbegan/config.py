@@ -44,6 +44,7 @@ class TrainConfig:
     pt_centred: bool = False            # the pulling-away term on mean-centred codes
     ms_weight: float = 0.0              # MSGAN's mode-seeking term in G's loss (0 = off); remedies.mode_seeking
     fm_weight: float = 0.0              # feature matching on D's codes in G's loss (0 = off); remedies.feature_matching
+    fm_pixels: bool = False             # feature matching on the images' pixels instead of D's codes
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False

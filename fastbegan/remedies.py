@@ -33,7 +33,7 @@ from torch import Tensor
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0}
+         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -251,7 +251,8 @@ def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) 
     ``codes_real`` is a target (pass it detached). Divided by the reals' spread, so one
     weight means the same whatever scale D's codes grow to (tens, measured). Added to G's
     loss, it grows when G's samples cluster where the reals spread: faces of one background
-    colour have about half the spread of codes of real faces."""
+    colour have about half the spread of codes of real faces. The same on images flattened
+    to (B, C*H*W) matches each pixel's mean and spread (``--fm-pixels``)."""
     f, r = codes_fake.float(), codes_real.float()
     sd_f = (f.var(0, unbiased=False) + eps).sqrt()
     sd_r = (r.var(0, unbiased=False) + eps).sqrt()
@@ -261,7 +262,7 @@ def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) 
 
 def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float,
                      pt_scale: Tensor | None = None, pt_centred: bool = False,
-                     ms_weight: float = 0.0, fm_weight: float = 0.0,
+                     ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
                      x: Tensor | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
@@ -275,19 +276,22 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     (a 0-d device tensor, :func:`pt_scale_at`) multiplies the pulling-away weight. The
     mode-seeking term needs no pass of D: it reads G(z) and z only, so its gradient reaches G
     alone through ``fake``. Feature matching reads the same frozen codes of the fakes and the
-    codes of the real batch ``x`` (one more encoder pass, without gradients: a target).
+    codes of the real batch ``x`` (one more encoder pass, without gradients: a target), or
+    with ``fm_pixels`` the images themselves (no pass of D).
     """
     terms = {}
     if cs_alpha:
         terms["cs"] = (constrained_space_loss(d.encoder(fake.detach()), z), cs_alpha)
-    if pt_weight or fm_weight:
+    if pt_weight or (fm_weight and not fm_pixels):
         frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
         codes = torch.func.functional_call(d.encoder, frozen, (fake, zero))
     if pt_weight:
         weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         terms["pt"] = (pulling_away(codes, pt_centred), weight)
-    if fm_weight:
+    if fm_weight and fm_pixels:
+        terms["fm"] = (feature_matching(fake.flatten(1), x.flatten(1)), fm_weight)
+    elif fm_weight:
         with torch.no_grad():
             codes_real = d.encoder(x)
         terms["fm"] = (feature_matching(codes, codes_real), fm_weight)

@@ -319,7 +319,7 @@ class ReferenceStep(Step):
                 loss_fake = ops.l1_recon_loss(fake, rec[b:])
                 loss_d = loss_real - k * loss_fake + self._cs_term(codes[b:], z_d)
                 loss_g = (loss_fake + self._pt_term(codes[b:]) + self._ms_term(fake, z_d)
-                          + self._fm_term(codes[b:], codes[:b]))
+                          + self._fm_term(codes[b:], codes[:b], fake, x))
                 grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
                 grads_g = torch.autograd.grad(loss_g, g_params)
             else:
@@ -335,7 +335,7 @@ class ReferenceStep(Step):
                 codes_g = D.encoder(fake)
                 loss_fake = ops.l1_recon_loss(fake, D.decoder(codes_g))
                 loss_g = (loss_fake + self._pt_term(codes_g) + self._ms_term(fake, z_g)
-                          + self._fm_term(codes_g, codes[:b]))
+                          + self._fm_term(codes_g, codes[:b], fake, x))
                 grads_g = torch.autograd.grad(loss_g, g_params)
         self._fake = fake.detach()
         for p, g in zip(d_params, grads_d):
@@ -360,12 +360,17 @@ class ReferenceStep(Step):
         scale = remedies.pt_scale_at(cfg, self.state.step_t)
         return cfg.pt_weight * value if scale is None else cfg.pt_weight * scale * value
 
-    def _fm_term(self, codes_fake: Tensor, codes_real: Tensor):
+    def _fm_term(self, codes_fake: Tensor, codes_real: Tensor, fake: Tensor, x: Tensor):
         """Feature matching in L_G (0 when off): the fakes' codes against the reals' (a
-        detached target); autograd.grad takes it to G's parameters only."""
+        detached target), or with ``fm_pixels`` the images; autograd.grad takes it to G's
+        parameters only."""
         if not self.cfg.fm_weight:
             return 0.0
-        self.terms["fm"] = value = remedies.feature_matching(codes_fake, codes_real.detach())
+        if self.cfg.fm_pixels:
+            value = remedies.feature_matching(fake.flatten(1), x.flatten(1))
+        else:
+            value = remedies.feature_matching(codes_fake, codes_real.detach())
+        self.terms["fm"] = value
         return self.cfg.fm_weight * value
 
     def _ms_term(self, fake: Tensor, z: Tensor):
@@ -420,7 +425,7 @@ class FusedStep(Step):
                                 lambda_k=cfg.lambda_k, device_type=dev.type, bf16=bf16,
                                 cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.state.step_t,
                                 pt_anneal=remedies.pt_anneal_window(cfg), pt_centred=cfg.pt_centred,
-                                ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight)
+                                ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight, fm_pixels=cfg.fm_pixels)
         bf16 = cfg.precision == "bf16"
         # the compile self-check's noise floor in bf16: the same eager step in fp32
         self.forward = CompiledForward(forward(bf16), inputs.model, cfg, device=dev,
@@ -522,7 +527,7 @@ class StepOutputs(NamedTuple):
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0), pt_centred: bool = False,
-                 ms_weight: float = 0.0, fm_weight: float = 0.0):
+                 ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
@@ -536,7 +541,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
     with its generator) and no state changes. ``step_t`` (0-d int64 device step counter)
     drives an annealed pulling-away weight (``pt_anneal``: start, end[, final fraction]; end 0 = off);
-    ``pt_centred``, ``ms_weight`` and ``fm_weight`` as in :func:`remedies.fused_step_terms`.
+    ``pt_centred``, ``ms_weight``, ``fm_weight`` and ``fm_pixels`` as in
+    :func:`remedies.fused_step_terms`.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
@@ -554,7 +560,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
             pt_scale = remedies.anneal_scale(step_t, *pt_anneal) if pt_anneal[1] else None
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
                                               pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight,
-                                              fm_weight=fm_weight, x=x)
+                                              fm_weight=fm_weight, fm_pixels=fm_pixels, x=x)
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

@@ -276,7 +276,7 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-                                        "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0,
+                                        "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False,
                                         "variant": "began"} == {**PAPER, "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
     from fastbegan.remedies import lever_flags

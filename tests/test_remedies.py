@@ -146,6 +146,22 @@ def test_each_term_reaches_only_its_network(option):
     assert f"loss_{option[:2]}" in vb
 
 
+def test_pixel_feature_matching_reaches_g_only():
+    """--fm-pixels: G's gradient is BEGAN's plus the weight times the gradient of feature
+    matching on the flattened images (the real batch a fixed target); D's is BEGAN's."""
+    plain, withit = _trainer(), _trainer(fm_weight=0.5, fm_pixels=True)
+    state = plain.gen.get_state()
+    d0, g0, x, z = _grads(plain, state)
+    d1, g1, _, _ = _grads(withit, state)
+    term = feature_matching(withit.G(z).flatten(1), x.flatten(1))
+    extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
+    for a, b in zip(d1, d0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, e in zip(g1, g0, extra):
+        torch.testing.assert_close(a, b + e, rtol=1e-4, atol=1e-5)
+    assert any(e.abs().max() > 1e-6 for e in extra)
+
+
 # ------------------------------------------------------------------------- fused step, backends
 def _pair(backend, steps=2, **kw):
     ref, fus = _trainer(**kw), _trainer(backend, **kw)
@@ -179,6 +195,7 @@ def test_fused_step_with_the_variety_terms_equals_the_reference_step():
     va = _pair("torch", pt_weight=0.2, pt_centred=True, ms_weight=0.3, fm_weight=0.2)
     assert "loss_ms" in va and "loss_pt" in va and "loss_fm" in va
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2)
+    assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True)
 
 
 @pytest.mark.usefixtures("triton_backend")

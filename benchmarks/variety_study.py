@@ -109,18 +109,44 @@ def equilibrium_diagnosis(ckpt: Path, train: np.ndarray, held_out: np.ndarray, n
             "fake_over_train": l_fake / l_train, "fake_over_heldout": l_fake / l_held}
 
 
-def background_hues(images: np.ndarray | torch.Tensor, bins: int = BG_BINS) -> dict:
-    """The faces' background colour: the hue of the mean of the two bottom corners' 2x2 pixels
-    (background in every embedded face), binned. Returns the bins with >= 2% of the images and
-    the bins' entropy over ln(bins) (1: even)."""
+def hue_bins(images: np.ndarray | torch.Tensor, bins: int = BG_BINS) -> np.ndarray:
+    """Each face's background-hue bin: the hue of the mean of the two bottom corners' 2x2
+    pixels (background in every embedded face), in ``bins`` equal bins (0: red)."""
     if torch.is_tensor(images):
         images = ((images.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).cpu().numpy()
     x = np.asarray(images, dtype=np.float64) / 255.0
     corners = np.concatenate([x[:, -2:, :2], x[:, -2:, -2:]], axis=1).reshape(len(x), -1, 3).mean(1)
     hues = np.array([colorsys.rgb_to_hsv(*c)[0] for c in corners])
-    p = np.bincount(np.minimum((hues * bins).astype(int), bins - 1), minlength=bins) / len(hues)
+    return np.minimum((hues * bins).astype(int), bins - 1)
+
+
+def background_hues(images: np.ndarray | torch.Tensor, bins: int = BG_BINS) -> dict:
+    """The faces' background colour (:func:`hue_bins`): how many bins hold at least 2% of the
+    images, the bins' entropy over ln(bins) (1: even), and the fullest bin."""
+    p = np.bincount(hue_bins(images, bins), minlength=bins) / len(images)
     return {"bg_bins": int((p >= 0.02).sum()),
-            "bg_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(bins))}
+            "bg_entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(bins)),
+            "bg_top_bin": int(p.argmax())}
+
+
+def recon_by_hue(d, images: np.ndarray, bins: int = BG_BINS) -> dict:
+    """D's L (mean |v - D(v)|) on real faces grouped by background-hue bin (bins with >= 10
+    images): which background D reconstructs best, i.e. where G's loss pulls every sample."""
+    t = to_tensor(images)
+    with torch.no_grad():
+        err = torch.cat([(t[i:i + 128] - d(t[i:i + 128])).abs().flatten(1).mean(1)
+                         for i in range(0, len(t), 128)]).numpy()
+    b = hue_bins(images, bins)
+    by = {int(k): float(err[b == k].mean()) for k in range(bins) if (b == k).sum() >= 10}
+    easiest = min(by, key=by.get)
+    return {"L_by_hue": by, "hue_easiest": easiest, "hue_L_spread": max(by.values()) / by[easiest]}
+
+
+def load_d(ckpt: Path):
+    from fastbegan.checkpoint import load_checkpoint
+    from fastbegan.model import Discriminator
+    tensors, cfg, _ = load_checkpoint(ckpt)
+    return Discriminator.from_checkpoint_tensors(tensors, cfg)
 
 
 def k_summary(run: Path, upto: int, k_min: float) -> dict:
@@ -153,13 +179,27 @@ def score_checkpoint(run: Path, ds: str, step: int, d: dict, n: int) -> dict:
         from fastbegan.sampling import generate, load_generator, sample_z
         g = load_generator(ckpt, raw=not ema)
         row.update(background_hues(generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))))
+        row.update(recon_by_hue(load_d(ckpt), d["ref"][:n]))
     return row
+
+
+def add_hue_diagnosis(rows: list[dict], work: Path, data: dict, n: int) -> None:
+    """Fill the hue measures into faces rows scored before they existed (their checkpoints
+    are still in ``work``)."""
+    from fastbegan.sampling import generate, load_generator, sample_z
+    for r in rows:
+        ckpt = work / f"faces-{r['lever']}" / "checkpoints" / f"ckpt_{r['step']:08d}.safetensors"
+        if r["dataset"] != "faces" or "hue_easiest" in r or not ckpt.exists():
+            continue
+        g = load_generator(ckpt, raw=r.get("view") != "ema")
+        r.update(background_hues(generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))))
+        r.update(recon_by_hue(load_d(ckpt), data["ref"][:n]))
 
 
 # ------------------------------------------------------------------------- report
 COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "heldout_over_train", "fake_over_heldout", "precision",
         "recall", "swd_x1e3"]
-FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy"]
+FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "hue_L_spread"]
 DIGIT_COLS = ["classes_2pct", "class_entropy"]
 
 
@@ -179,7 +219,9 @@ def markdown(doc: dict) -> str:
              "- precision / recall: k-NN (k 3; faces: factor regressor's features vs 512 fresh faces; digits: "
              "random CNN's vs the 297 held-out digits); samples from the EMA of G where the run keeps one",
              f"- faces: bg bins = background-hue bins (of {BG_BINS}) with >= 2% of 512 samples, bg entropy = "
-             "their entropy / ln 12", ""]
+             "their entropy / ln 12, bg top bin = the samples' fullest bin (0 = red, 11 = magenta); hue easiest = "
+             "the bin of real faces D reconstructs best (lowest L), hue L spread = its worst bin's L over its best",
+             ""]
     for ds in doc["datasets"]:
         extra = FACE_COLS if ds == "faces" else DIGIT_COLS
         cols = COLS + extra
@@ -210,6 +252,8 @@ def parse_args():
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--stem", default=None)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--add-hues", action="store_true",
+                    help="fill the background-hue measures into faces rows scored before they existed")
     return ap.parse_args()
 
 
@@ -236,8 +280,11 @@ def main() -> None:
                 baselines[ds] = real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
                 if ds == "faces":
                     baselines[ds].update(background_hues(d["other"][:args.n]))
+        if args.add_hues and "faces" in data:
+            add_hue_diagnosis(rows, work, data["faces"], args.n)
+            write()
         for ds in args.datasets:
-            for lever in args.levers:
+            for lever in ([] if args.add_hues else args.levers):
                 run = work / f"{ds}-{lever}"
                 if not args.no_train:
                     train_cli(run, LEVERS[lever], data[ds]["path"], args.steps, args.every, args.threads, args.seed,

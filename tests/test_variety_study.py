@@ -28,6 +28,30 @@ def test_background_hues_read_the_faces_background():
     assert V.background_hues(as_float)["bg_bins"] == 12
 
 
+def test_hue_bins_and_d_error_by_hue():
+    """Each face's bin is its drawn background hue's; the samples' fullest bin; D's L per bin
+    (bins of >= 10 faces), the easiest bin and the worst-over-best spread, for a D that keeps
+    90% of a red-background face and half of any other."""
+    from fastbegan.data import FACTORS, draw_face
+    base = {f: 0.5 for f in FACTORS}
+    hues = [0.5 / 12] * 12 + [6.5 / 12] * 10 + [9.5 / 12] * 3
+    faces = np.stack([draw_face({**base, "bg_hue": h}, 32) for h in hues])
+    assert list(V.hue_bins(faces)) == [0] * 12 + [6] * 10 + [9] * 3
+    assert V.background_hues(faces)["bg_top_bin"] == 0
+
+    def d(v):
+        keep = torch.from_numpy(np.where(V.hue_bins(v) == 0, 0.9, 0.5)).float().view(-1, 1, 1, 1)
+        return keep * v
+    t = V.to_tensor(faces)
+    red = float((0.1 * t[:12]).abs().flatten(1).mean(1).mean())
+    green = float((0.5 * t[12:22]).abs().flatten(1).mean(1).mean())
+    got = V.recon_by_hue(d, faces)
+    assert set(got["L_by_hue"]) == {0, 6}  # bin 9 has 3 faces: left out
+    assert got["L_by_hue"][0] == pytest.approx(red, rel=1e-5)
+    assert got["L_by_hue"][6] == pytest.approx(green, rel=1e-5)
+    assert got["hue_easiest"] == 0 and got["hue_L_spread"] == pytest.approx(green / red, rel=1e-5)
+
+
 def test_recon_error_is_begans_l():
     """mean |v - D(v)| over the set, batches of any size."""
     d = lambda v: 0.5 * v  # noqa: E731

@@ -270,7 +270,9 @@ def main() -> None:
     torch.set_num_threads(max(1, args.threads))
 
     def write() -> None:
-        write_results(stem, markdown, dev, args, old, datasets, rows, baselines, levers=levers,
+        ran = {r["lever"] for r in rows}  # the levers with scored rows (not every one defined)
+        write_results(stem, markdown, dev, args, old, datasets, rows, baselines,
+                      levers={k: v for k, v in levers.items() if k in ran},
                       train_commit=old.get("meta", {}).get("train_commit"))
 
     if not args.report_only:

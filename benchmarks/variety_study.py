@@ -65,6 +65,8 @@ LEVERS = {
     # ... or on the pixels: each pixel's batch mean and spread (a background of one colour has none)
     "eqfmpx": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.1",
                "--fm-pixels"],
+    "eqfmpx1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "1.0",
+                "--fm-pixels"],
     # the default (settle) plus feature matching: the lever on top of what `fastbegan train` does now
     "settlefm": ["--variant", "settle", "--fm-weight", "0.1"],
     "settlefmpx": ["--variant", "settle", "--fm-weight", "0.1", "--fm-pixels"],

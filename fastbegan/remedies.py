@@ -249,9 +249,9 @@ def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) 
 
     over the h code dimensions, the moments taken across each batch (B, h), B >= 2; fp32.
     ``codes_real`` is a target (pass it detached). Divided by the reals' spread, so one
-    weight means the same whatever scale D's codes grow to (tens, measured). Added to G's
-    loss, it grows when G's samples cluster where the reals spread: faces of one background
-    colour have about half the spread of codes of real faces. The same on images flattened
+    weight means the same whatever scale D's codes grow to as D trains. Added to G's loss, it
+    grows when G's samples cluster where the reals spread (faces of one background colour
+    spread less than real faces). The same on images flattened
     to (B, C*H*W) matches each pixel's mean and spread (``--fm-pixels``)."""
     f, r = codes_fake.float(), codes_real.float()
     sd_f = (f.var(0, unbiased=False) + eps).sqrt()

@@ -144,6 +144,14 @@ def recon_by_hue(d, images: np.ndarray, bins: int = BG_BINS) -> dict:
     return {"L_by_hue": by, "hue_easiest": easiest, "hue_L_spread": max(by.values()) / by[easiest]}
 
 
+def top_bin_rank(row: dict) -> int | None:
+    """Where the samples' fullest background bin stands among the bins of real faces ordered
+    by D's L (0: the one D reconstructs best); None without both measures."""
+    by = {int(k): v for k, v in (row.get("L_by_hue") or {}).items()}
+    top = row.get("bg_top_bin")
+    return sorted(by, key=by.get).index(top) if top in by else None
+
+
 def load_d(ckpt: Path):
     from fastbegan.checkpoint import load_checkpoint
     from fastbegan.model import Discriminator
@@ -201,7 +209,7 @@ def add_hue_diagnosis(rows: list[dict], work: Path, data: dict, n: int) -> None:
 # ------------------------------------------------------------------------- report
 COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "heldout_over_train", "fake_over_heldout", "precision",
         "recall", "swd_x1e3"]
-FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "hue_L_spread"]
+FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "bg_top_rank", "hue_L_spread"]
 DIGIT_COLS = ["classes_2pct", "class_entropy"]
 
 
@@ -222,7 +230,8 @@ def markdown(doc: dict) -> str:
              "random CNN's vs the 297 held-out digits); samples from the EMA of G where the run keeps one",
              f"- faces: bg bins = background-hue bins (of {BG_BINS}) with >= 2% of 512 samples, bg entropy = "
              "their entropy / ln 12, bg top bin = the samples' fullest bin (0 = red, 11 = magenta); hue easiest = "
-             "the bin of real faces D reconstructs best (lowest L), hue L spread = its worst bin's L over its best",
+             "the bin of real faces D reconstructs best (lowest L), bg top rank = the samples' fullest bin's place "
+             "among the bins ordered by D's L (0 = D's easiest), hue L spread = D's worst bin's L over its best",
              ""]
     for ds in doc["datasets"]:
         extra = FACE_COLS if ds == "faces" else DIGIT_COLS
@@ -272,6 +281,9 @@ def main() -> None:
     torch.set_num_threads(max(1, args.threads))
 
     def write() -> None:
+        for r in rows:
+            if r["dataset"] == "faces" and top_bin_rank(r) is not None:
+                r["bg_top_rank"] = top_bin_rank(r)
         ran = {r["lever"] for r in rows}  # the levers with scored rows (not every one defined)
         write_results(stem, markdown, dev, args, old, datasets, rows, baselines,
                       levers={k: v for k, v in levers.items() if k in ran},

@@ -52,6 +52,14 @@ def test_hue_bins_and_d_error_by_hue():
     assert got["hue_easiest"] == 0 and got["hue_L_spread"] == pytest.approx(green / red, rel=1e-5)
 
 
+def test_top_bin_rank_is_the_samples_bin_among_ds_bins():
+    row = {"L_by_hue": {"0": 0.16, "5": 0.18, "6": 0.17, "9": 0.22}, "bg_top_bin": 5}
+    assert V.top_bin_rank(row) == 2  # 0 (0.16), 6 (0.17), then 5
+    assert V.top_bin_rank({**row, "bg_top_bin": 0}) == 0
+    assert V.top_bin_rank({**row, "bg_top_bin": 3}) is None  # a bin with too few real faces
+    assert V.top_bin_rank({"bg_top_bin": 0}) is None
+
+
 def test_recon_error_is_begans_l():
     """mean |v - D(v)| over the set, batches of any size."""
     d = lambda v: 0.5 * v  # noqa: E731

@@ -292,6 +292,7 @@ class Trainer:
         # the one host synchronisation, every log_every steps
         nums = torch.stack([vals[k].float() for k in keys]).tolist()
         row = {"step": self.step, **dict(zip(keys, nums)), "lr": self.lr,
+               **({"lr_d": self.state.lr_d} if self.cfg.lr_d is not None else {}),  # --lr-d: D's own rate
                "steps_per_s": round(steps_per_s, 3), "time": time.time()}
         return row
 

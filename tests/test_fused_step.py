@@ -415,6 +415,10 @@ def test_two_learning_rates():
             slow.train_step()
     moved = lambda t: sum(float((p - q).abs().sum()) for p, q in zip(t.D.parameters(), _trainer().D.parameters()))
     assert moved(ref) > 2 * moved(slow)
+    # the log row carries D's rate beside G's
+    row = ref._log_row({"k": ref.state.k}, 1.0)
+    assert row["lr"] == pytest.approx(1e-4) and row["lr_d"] == pytest.approx(4e-4)
+    assert "lr_d" not in slow._log_row({"k": slow.state.k}, 1.0)
 
 
 def test_a_statistic_across_the_halves_would_break_the_fused_step(monkeypatch):

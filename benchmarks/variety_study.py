@@ -67,6 +67,8 @@ LEVERS = {
                "--fm-pixels"],
     "eqfmpx1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "1.0",
                 "--fm-pixels"],
+    "eqfmpx03": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--fm-weight", "0.3",
+                 "--fm-pixels"],
     # the default (settle) plus feature matching: the lever on top of what `fastbegan train` does now
     "settlefm": ["--variant", "settle", "--fm-weight", "0.1"],
     "settlefmpx": ["--variant", "settle", "--fm-weight", "0.1", "--fm-pixels"],

@@ -118,7 +118,7 @@ def minibatch_stddev(x: Tensor, group: int) -> Tensor:
             xs = x[start:start + size].float().reshape(size // g, g, -1)
             std = (xs.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=1)  # (size/g,)
             parts.append(std.repeat_interleave(g))
-    return torch.cat(parts).unsqueeze(1) if len(parts) > 1 else parts[0].unsqueeze(1)
+    return torch.cat(parts).unsqueeze(1)
 
 
 class Encoder(nn.Module):

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import colorsys
 import datetime as dt
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -73,8 +75,21 @@ LEVERS = {
     "settlefm": ["--variant", "settle", "--fm-weight", "0.1"],
     "settlefmpx": ["--variant", "settle", "--fm-weight", "0.1", "--fm-pixels"],
     "eqmb16": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01", "--mbstd-group", "16"],
+    # two phases: eqfmpx03 (pixel feature matching at 0.3 spreads the backgrounds by step 250),
+    # then on from its step-250 checkpoint at 0.1 (which keeps faces): does the spread hold?
+    "eqfmpx03to01": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01",
+                     "--fm-weight", "0.1", "--fm-pixels"],
 }
+# lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
+# logged rows up to there included), so the table's rows after it are the second phase's
+STARTS = {"eqfmpx03to01": ("eqfmpx03", 250)}
 BG_BINS = 12  # background-hue bins
+
+
+def lever_flags(lever: str) -> list[str]:
+    """The lever's flags as the results file lists them (a second phase names where it starts)."""
+    parent, start = STARTS.get(lever, (None, 0))
+    return LEVERS[lever] + ([f"(from {parent}'s step {start})"] if parent else [])
 
 
 def eval_steps(steps: int, every: int) -> list[int]:
@@ -171,6 +186,20 @@ def k_summary(run: Path, upto: int, k_min: float) -> dict:
             "k_median": float(np.median(late)) if late else None, "k_max": float(max(late)) if late else None}
 
 
+def seed_from_parent(run: Path, parent: Path, step: int) -> None:
+    """Start ``run`` from ``parent``'s checkpoint at ``step``: copy it and the parent's logged
+    rows up to ``step`` (``fastbegan train --resume`` then goes on from there with its own flags;
+    only the model's shape must match)."""
+    ckpt = parent / "checkpoints" / f"ckpt_{step:08d}.safetensors"
+    if not ckpt.exists():
+        raise SystemExit(f"{run.name} starts from {ckpt}, which does not exist: run the lever "
+                         f"{parent.name.split('-', 1)[1]} to step {step} first")
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy2(ckpt, run / "checkpoints" / ckpt.name)
+    rows = [ln for ln in (parent / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+    (run / "metrics.jsonl").write_text("".join(ln + "\n" for ln in rows))
+
+
 def run_config(run: Path) -> dict:
     from fastbegan.checkpoint import list_checkpoints, read_config
     return read_config(list_checkpoints(run)[-1])
@@ -222,7 +251,7 @@ def markdown(doc: dict) -> str:
              f"{m.get('train_commit', 'see note')}), torch {m['torch']}; res {m['res']}, batch 16, n 64, seed "
              f"{m['seed']}; 1 thread per run, two runs at a time, on a machine shared with other work",
              *([f"- {m['note']}"] if m.get("note") else []),
-             "- levers (each `fastbegan train` from scratch with): " + "; ".join(
+             "- levers (each `fastbegan train` from scratch, or from another lever's checkpoint where named, with): " + "; ".join(
                  f"**{k}** `{' '.join(v)}`" for k, v in m["levers"].items()),
              "- k on floor: share of logged steps (every 50) with k_t within 1e-3 of its floor; k med / max: "
              "after step 500; L_f/L_r: median L_fake / L_real over the 500 steps up to the checkpoint",
@@ -277,7 +306,7 @@ def main() -> None:
     stem, old, dev = open_results(results, args.stem, "variety")
     rows, baselines = old.get("rows", []), old.get("real_baselines", {})
     datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
-    levers = {**old.get("meta", {}).get("levers", {}), **{k: LEVERS[k] for k in args.levers if k in LEVERS}}
+    levers = {**old.get("meta", {}).get("levers", {}), **{k: lever_flags(k) for k in args.levers if k in LEVERS}}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))
@@ -304,12 +333,15 @@ def main() -> None:
         for ds in args.datasets:
             for lever in ([] if args.add_hues else args.levers):
                 run = work / f"{ds}-{lever}"
+                parent, start = STARTS.get(lever, (None, 0))
+                if parent and not args.no_train and not (run / "checkpoints").is_dir():
+                    seed_from_parent(run, work / f"{ds}-{parent}", start)
                 if not args.no_train:
                     train_cli(run, LEVERS[lever], data[ds]["path"], args.steps, args.every, args.threads, args.seed,
                               res=args.res)
                 done = {(r["dataset"], r["lever"], r["step"]) for r in rows}
                 for s in eval_steps(args.steps, args.score_every or args.every):
-                    if (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():
+                    if s <= start or (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():
                         continue
                     rows.append(score_checkpoint(run, ds, s, data[ds], args.n))
                     r = rows[-1]

@@ -107,8 +107,15 @@ def init_from_env(device: str = "auto", force: bool = False) -> DistInfo:
     return info()
 
 
-def cleanup() -> None:
+def cleanup(barrier: bool = False) -> None:
+    """Leave the process group. ``barrier`` (a run that ended normally on every rank): wait
+    until every rank is here first, so no rank tears its gloo/NCCL connections down while
+    another is still finishing its last collective (a torn-down peer can abort the other
+    process at exit). Never after a failure: a barrier with a dead or stuck peer would hang."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            with peer_errors():
+                dist.barrier()
         dist.destroy_process_group()
 
 

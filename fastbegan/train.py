@@ -395,13 +395,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                                    "that run, or choose another --out")
     distributed.check_same_step(trainer.step, trainer.device, "--resume" if resume else "the start")
     _startup_lines(trainer, threads, log)
-    lost = False
+    lost = finished = False
     try:
         trainer.fit(progress=progress)
+        finished = True
     except distributed.PeerLost as e:  # another process died: say where to resume from
         lost = True
         raise distributed.PeerLost(f"{e}. Stopping; {distributed.resume_hint(cfg.out)}") from None
     finally:
         if not lost:  # a process group with a dead member is left to the process's exit
-            distributed.cleanup()
+            distributed.cleanup(barrier=finished)
     return trainer

@@ -74,3 +74,22 @@ def test_k_summary_counts_the_floor(tmp_path):
     assert s["k_on_floor"] == pytest.approx(0.5)  # 0.05 and 0.0505 are within 1e-3
     assert s["k_median"] == pytest.approx((0.0505 + 0.12) / 2) and s["k_max"] == pytest.approx(0.12)
     assert V.k_summary(tmp_path, 500, k_min=0.05)["k_on_floor"] == pytest.approx(0.5)
+
+
+def test_second_phase_starts_from_the_parents_checkpoint(tmp_path):
+    """A two-phase lever's run holds the parent's checkpoint at the start step and its logged
+    rows up to there only; a missing parent checkpoint stops with what to run first."""
+    parent, run = tmp_path / "faces-a", tmp_path / "faces-b"
+    (parent / "checkpoints").mkdir(parents=True)
+    for s in (250, 500):
+        (parent / "checkpoints" / f"ckpt_{s:08d}.safetensors").write_bytes(bytes([s % 256]) * 8)
+    rows = [{"step": s, "k": 0.1} for s in (50, 250, 300, 500)]
+    (parent / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    V.seed_from_parent(run, parent, 250)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_00000250.safetensors"]
+    assert (run / "checkpoints" / "ckpt_00000250.safetensors").read_bytes() == bytes([250]) * 8
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [50, 250]
+    with pytest.raises(SystemExit, match="run the lever a to step 750 first"):
+        V.seed_from_parent(tmp_path / "faces-c", parent, 750)
+    assert V.lever_flags("eqfmpx03to01")[-1] == "(from eqfmpx03's step 250)"
+    assert V.STARTS["eqfmpx03to01"][0] in V.LEVERS

@@ -72,7 +72,7 @@ def main() -> None:
         row["what"] = (row.get("what") or "") + _where(di, row)
     if di.is_main:
         print(json.dumps(row, default=str), flush=True)
-    distributed.cleanup()
+    distributed.cleanup(barrier=True)
 
 
 def _where(di, row: dict) -> str:

@@ -79,6 +79,12 @@ LEVERS = {
     # then on from its step-250 checkpoint at 0.1 (which keeps faces): does the spread hold?
     "eqfmpx03to01": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01",
                      "--fm-weight", "0.1", "--fm-pixels"],
+    # eqfmpx03 against the training set's pixel moments instead of the real batch's (no sampling noise
+    # in the target: with 16 reals, each pixel's target mean and spread jump from step to step)
+    "eqfmpxd03": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01",
+                  "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
+    "eqfmpxd01": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01",
+                  "--fm-weight", "0.1", "--fm-pixels", "--fm-data"],
 }
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's

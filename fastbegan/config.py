@@ -45,6 +45,7 @@ class TrainConfig:
     ms_weight: float = 0.0              # MSGAN's mode-seeking term in G's loss (0 = off); remedies.mode_seeking
     fm_weight: float = 0.0              # feature matching on D's codes in G's loss (0 = off); remedies.feature_matching
     fm_pixels: bool = False             # feature matching on the images' pixels instead of D's codes
+    fm_data: bool = False               # ... against the training set's pixel moments, not the real batch's
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
@@ -104,6 +105,9 @@ class TrainConfig:
         if (self.pt_weight or self.ms_weight or self.fm_weight) and self.batch_size < 2:
             raise ValueError("the pulling-away (--pt-weight), mode-seeking (--ms-weight) and feature-matching "
                              "(--fm-weight) terms compare samples: use --batch-size >= 2")
+        if self.fm_data and not (self.fm_weight and self.fm_pixels):
+            raise ValueError("--fm-data sets the target of pixel feature matching: use it with --fm-weight > 0 "
+                             "and --fm-pixels (D's codes change as D trains, so they have no fixed target)")
         if self.lr <= 0 or (self.lr_d is not None and self.lr_d <= 0):
             raise ValueError(f"learning rates must be > 0, got --lr {self.lr} --lr-d {self.lr_d}")
         if self.mbstd_group < 0 or (self.mbstd_group and self.batch_size % self.mbstd_group):

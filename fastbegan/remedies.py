@@ -33,7 +33,7 @@ from torch import Tensor
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False}
+         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -241,6 +241,39 @@ def mode_seeking(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
     return 1.0 / (d_img / d_z + eps)
 
 
+def batch_moments(t: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """(mean, sd) of each column of ``t`` (B, F) across the batch, fp32 (sd: population, + eps
+    under the root so its gradient is finite at 0)."""
+    t = t.float()
+    return t.mean(0), (t.var(0, unbiased=False) + eps).sqrt()
+
+
+def moment_gap(fake: Tensor, mean_real: Tensor, sd_real: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(mean_j |mu_j(fake) - mean_real_j| + mean_j |sd_j(fake) - sd_real_j|) / mean_j sd_real_j``
+    for ``fake`` (B, F) against target moments (F,): :func:`feature_matching`'s gap."""
+    mu_f, sd_f = batch_moments(fake, eps)
+    gap = (mu_f - mean_real).abs().mean() + (sd_f - sd_real).abs().mean()
+    return gap / (sd_real.mean() + eps)
+
+
+@torch.no_grad()
+def pixel_moments(images_u8: Tensor, flip: bool, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Each pixel's mean and spread over a whole training set (``--fm-data``): ``images_u8``
+    (N, H, W, 3) uint8 -> (mean, sd), each (3*H*W,) fp32 in the layout of
+    ``images.flatten(1)`` for (N, 3, H, W) images in [-1, 1]. With ``flip`` the set is taken
+    with its mirror images too (what the training draws see). Sums in fp64, in chunks."""
+    from .images import to_unit_range
+    s1 = s2 = 0.0
+    n = 0
+    for mirror in ((False, True) if flip else (False,)):
+        for i in range(0, len(images_u8), chunk):
+            part = images_u8[i:i + chunk]
+            x = to_unit_range(part.flip(2) if mirror else part).flatten(1).double()
+            s1, s2, n = s1 + x.sum(0), s2 + x.square().sum(0), n + len(x)
+    mean = s1 / n
+    return mean.float(), (s2 / n - mean.square()).clamp_min(0).sqrt().float()
+
+
 def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) -> Tensor:
     """Feature matching on D's codes (Salimans et al., NeurIPS 2016: the mean; with the
     standard deviation too, as McGAN matches second moments)::
@@ -252,18 +285,16 @@ def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) 
     weight means the same whatever scale D's codes grow to as D trains. Added to G's loss, it
     grows when G's samples cluster where the reals spread (faces of one background colour
     spread less than real faces). The same on images flattened
-    to (B, C*H*W) matches each pixel's mean and spread (``--fm-pixels``)."""
-    f, r = codes_fake.float(), codes_real.float()
-    sd_f = (f.var(0, unbiased=False) + eps).sqrt()
-    sd_r = (r.var(0, unbiased=False) + eps).sqrt()
-    gap = (f.mean(0) - r.mean(0)).abs().mean() + (sd_f - sd_r).abs().mean()
-    return gap / (sd_r.mean() + eps)
+    to (B, C*H*W) matches each pixel's mean and spread (``--fm-pixels``); against the whole
+    training set's pixel moments (:func:`pixel_moments`, ``--fm-data``) see :func:`moment_gap`."""
+    return moment_gap(codes_fake, *batch_moments(codes_real, eps), eps)
 
 
 def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: float,
                      pt_scale: Tensor | None = None, pt_centred: bool = False,
                      ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
-                     x: Tensor | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     x: Tensor | None = None,
+                     fm_target: tuple[Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -277,7 +308,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     mode-seeking term needs no pass of D: it reads G(z) and z only, so its gradient reaches G
     alone through ``fake``. Feature matching reads the same frozen codes of the fakes and the
     codes of the real batch ``x`` (one more encoder pass, without gradients: a target), or
-    with ``fm_pixels`` the images themselves (no pass of D).
+    with ``fm_pixels`` the images themselves (no pass of D); ``fm_target`` (the training set's
+    pixel moments, :func:`pixel_moments`) replaces the real batch's as the pixels' target.
     """
     terms = {}
     if cs_alpha:
@@ -290,7 +322,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
         weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         terms["pt"] = (pulling_away(codes, pt_centred), weight)
     if fm_weight and fm_pixels:
-        terms["fm"] = (feature_matching(fake.flatten(1), x.flatten(1)), fm_weight)
+        target = batch_moments(x.flatten(1)) if fm_target is None else fm_target
+        terms["fm"] = (moment_gap(fake.flatten(1), *target), fm_weight)
     elif fm_weight:
         with torch.no_grad():
             codes_real = d.encoder(x)

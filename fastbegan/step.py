@@ -185,6 +185,8 @@ class Step:
         self.shard = inputs.dist.shard(self.cfg.batch_size)  # this rank's rows of each draw
         self.sync = distributed.GradSync(inputs.model.parameters()) if inputs.dist.enabled else None
         self.why = ""
+        # --fm-data: the training set's pixel moments, once (the same on every rank: each holds the whole set)
+        self.fm_target = remedies.pixel_moments(self.data, self.cfg.flip) if self.cfg.fm_data else None
         self.steps_planned: int | None = None
         self.last_batch: dict[str, Tensor] = {}
 
@@ -362,12 +364,14 @@ class ReferenceStep(Step):
 
     def _fm_term(self, codes_fake: Tensor, codes_real: Tensor, fake: Tensor, x: Tensor):
         """Feature matching in L_G (0 when off): the fakes' codes against the reals' (a
-        detached target), or with ``fm_pixels`` the images; autograd.grad takes it to G's
+        detached target), or with ``fm_pixels`` the images (against the real batch's pixel
+        moments, or with ``fm_data`` the training set's); autograd.grad takes it to G's
         parameters only."""
         if not self.cfg.fm_weight:
             return 0.0
         if self.cfg.fm_pixels:
-            value = remedies.feature_matching(fake.flatten(1), x.flatten(1))
+            target = remedies.batch_moments(x.flatten(1)) if self.fm_target is None else self.fm_target
+            value = remedies.moment_gap(fake.flatten(1), *target)
         else:
             value = remedies.feature_matching(codes_fake, codes_real.detach())
         self.terms["fm"] = value
@@ -425,7 +429,8 @@ class FusedStep(Step):
                                 lambda_k=cfg.lambda_k, device_type=dev.type, bf16=bf16,
                                 cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.state.step_t,
                                 pt_anneal=remedies.pt_anneal_window(cfg), pt_centred=cfg.pt_centred,
-                                ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight, fm_pixels=cfg.fm_pixels)
+                                ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight, fm_pixels=cfg.fm_pixels,
+                                fm_target=self.fm_target)
         bf16 = cfg.precision == "bf16"
         # the compile self-check's noise floor in bf16: the same eager step in fp32
         self.forward = CompiledForward(forward(bf16), inputs.model, cfg, device=dev,
@@ -527,7 +532,8 @@ class StepOutputs(NamedTuple):
 def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lambda_k: float,
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0), pt_centred: bool = False,
-                 ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False):
+                 ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
+                 fm_target: tuple[Tensor, Tensor] | None = None):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
@@ -541,8 +547,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
     with its generator) and no state changes. ``step_t`` (0-d int64 device step counter)
     drives an annealed pulling-away weight (``pt_anneal``: start, end[, final fraction]; end 0 = off);
-    ``pt_centred``, ``ms_weight``, ``fm_weight`` and ``fm_pixels`` as in
-    :func:`remedies.fused_step_terms`.
+    ``pt_centred``, ``ms_weight``, ``fm_weight``, ``fm_pixels`` and ``fm_target`` (device
+    tensors, constant for the run) as in :func:`remedies.fused_step_terms`.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
@@ -560,7 +566,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
             pt_scale = remedies.anneal_scale(step_t, *pt_anneal) if pt_anneal[1] else None
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
                                               pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight,
-                                              fm_weight=fm_weight, fm_pixels=fm_pixels, x=x)
+                                              fm_weight=fm_weight, fm_pixels=fm_pixels, x=x,
+                                              fm_target=fm_target)
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

@@ -441,11 +441,13 @@ def test_a_statistic_across_the_halves_would_break_the_fused_step(monkeypatch):
     _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
 def test_compiled_step_with_the_batch_statistic(backend):
     """The minibatch-stddev statistic in the compiled fused step, with the eq lever's gamma
-    and lambda_k and feature matching on the pixels: equal to the reference step (CPU;
+    and lambda_k and feature matching on the pixels against the data set's moments (constant
+    tensors the compiled region reads): equal to the reference step (CPU;
     triton in the interpreter)."""
     with _no_compile_fallback():
         fus, _ = _run_pair(backend, steps=2, step_kw={"compile": True}, batch_size=4, mbstd_group=2,
-                           gamma=1.0, lambda_k=0.01, k_init=0.1, fm_weight=0.2, fm_pixels=True, atol=3e-5)
+                           gamma=1.0, lambda_k=0.01, k_init=0.1, fm_weight=0.2, fm_pixels=True, fm_data=True,
+                           atol=3e-5)
     assert not fus.stepper.forward.pending
 
 

@@ -76,6 +76,37 @@ def test_feature_matching_term_by_hand():
     assert feature_matching(r.mean(0, keepdim=True).expand(3, 2), r).item() == pytest.approx(1.0, rel=1e-4)
 
 
+def test_pixel_moments_of_the_training_set_by_hand():
+    """--fm-data's target: each pixel's mean and population sd over the whole set in [-1, 1],
+    in the layout of (N, 3, H, W).flatten(1); with flips over the set and its mirror images."""
+    from fastbegan.remedies import moment_gap, pixel_moments
+    u8 = torch.tensor([[[[0, 255, 51], [102, 0, 0]]], [[[255, 255, 153], [0, 0, 255]]],
+                       [[[0, 0, 0], [204, 51, 0]]]], dtype=torch.uint8)  # (N 3, H 1, W 2, C 3)
+    v = u8.double() / 127.5 - 1                                            # [-1, 1], (N, H, W, C)
+    def by_hand(vals):  # vals: (M, H, W, C) -> per (c, h, w), in that order
+        out_m, out_s = [], []
+        for c in range(3):
+            for w in range(2):
+                col = [float(vals[i, 0, w, c]) for i in range(len(vals))]
+                mu = sum(col) / len(col)
+                out_m.append(mu)
+                out_s.append((sum((a - mu) ** 2 for a in col) / len(col)) ** 0.5)
+        return torch.tensor(out_m), torch.tensor(out_s)
+    mean, sd = pixel_moments(u8, flip=False, chunk=2)  # two chunks: the sums carry over
+    want_m, want_s = by_hand(v)
+    torch.testing.assert_close(mean, want_m.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sd, want_s.float(), rtol=0, atol=1e-6)
+    mean_f, sd_f = pixel_moments(u8, flip=True)
+    want_m, want_s = by_hand(torch.cat([v, v.flip(2)]))
+    torch.testing.assert_close(mean_f, want_m.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sd_f, want_s.float(), rtol=0, atol=1e-6)
+    # a fake batch with the set's own moments pays nothing; one collapsed image pays its missing spread
+    fake = torch.cat([v, v.flip(2)]).permute(0, 3, 1, 2).flatten(1).float()
+    assert moment_gap(fake, mean_f, sd_f).item() == pytest.approx(0.0, abs=1e-5)
+    one = mean_f.view(1, -1).expand(4, -1)
+    assert moment_gap(one, mean_f, sd_f).item() == pytest.approx(1.0, rel=1e-3)  # eps: sd 1e-4, not 0
+
+
 def test_centred_pulling_away_term_by_hand():
     """On codes minus their batch mean: a large component that every code shares (D's codes
     have one) makes the raw term near its maximum 1 and is left out of the centred one."""
@@ -104,6 +135,8 @@ def test_bad_options_are_clear_errors():
         TrainConfig(fm_weight=0.1, batch_size=1)
     with pytest.raises(ValueError, match=">= 0"):
         TrainConfig(fm_weight=-0.1)
+    with pytest.raises(ValueError, match="--fm-data .* with --fm-weight > 0 and --fm-pixels"):
+        TrainConfig(fm_weight=0.1, fm_data=True)
 
 
 # ------------------------------------------------------------------------- gradients
@@ -146,14 +179,25 @@ def test_each_term_reaches_only_its_network(option):
     assert f"loss_{option[:2]}" in vb
 
 
-def test_pixel_feature_matching_reaches_g_only():
+@pytest.mark.parametrize("fm_data", [False, True])
+def test_pixel_feature_matching_reaches_g_only(fm_data):
     """--fm-pixels: G's gradient is BEGAN's plus the weight times the gradient of feature
-    matching on the flattened images (the real batch a fixed target); D's is BEGAN's."""
-    plain, withit = _trainer(), _trainer(fm_weight=0.5, fm_pixels=True)
+    matching on the flattened images (the real batch a fixed target, or with --fm-data the
+    training set's moments, computed here from the data); D's is BEGAN's."""
+    from fastbegan.images import to_unit_range
+    from fastbegan.remedies import moment_gap
+    plain, withit = _trainer(), _trainer(fm_weight=0.5, fm_pixels=True, fm_data=fm_data)
     state = plain.gen.get_state()
     d0, g0, x, z = _grads(plain, state)
     d1, g1, _, _ = _grads(withit, state)
-    term = feature_matching(withit.G(z).flatten(1), x.flatten(1))
+    fake = withit.G(z).flatten(1)
+    if fm_data:
+        every = to_unit_range(withit.data).flatten(1)
+        every = torch.cat([every, to_unit_range(withit.data.flip(2)).flatten(1)]) if withit.cfg.flip else every
+        term = moment_gap(fake, every.mean(0), every.std(0, unbiased=False))
+        assert float(term) != pytest.approx(float(feature_matching(fake, x.flatten(1))), rel=1e-3)
+    else:
+        term = feature_matching(fake, x.flatten(1))
     extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
     for a, b in zip(d1, d0):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -196,6 +240,7 @@ def test_fused_step_with_the_variety_terms_equals_the_reference_step():
     assert "loss_ms" in va and "loss_pt" in va and "loss_fm" in va
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True)
+    assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True, fm_data=True)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -294,7 +339,7 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
                                         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False,
-                                        "variant": "began"} == {**PAPER, "variant": "began"}
+                                        "fm_data": False, "variant": "began"} == {**PAPER, "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
     from fastbegan.remedies import lever_flags
     assert lever_flags({**PAPER, "pt_weight": 0.1, "pt_centred": True, "ms_weight": 0.2}) == (

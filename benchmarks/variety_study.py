@@ -85,6 +85,9 @@ LEVERS = {
                   "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
     "eqfmpxd01": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.0", "--lambda-k", "0.01",
                   "--fm-weight", "0.1", "--fm-pixels", "--fm-data"],
+    # eqfmpxd03 with gamma where its L_fake / L_real settles (1.7-2.0), so k_t can act beside the term
+    "eqfmpxd03g2": ["--variant", "escape", "--pt-weight", "0", "--gamma", "2.0", "--lambda-k", "0.01",
+                    "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
 }
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's

@@ -95,7 +95,7 @@ STARTS = {"eqfmpx03to01": ("eqfmpx03", 250)}
 BG_BINS = 12  # background-hue bins
 
 
-def lever_flags(lever: str) -> list[str]:
+def listed_flags(lever: str) -> list[str]:
     """The lever's flags as the results file lists them (a second phase names where it starts)."""
     parent, start = STARTS.get(lever, (None, 0))
     return LEVERS[lever] + ([f"(from {parent}'s step {start})"] if parent else [])
@@ -315,7 +315,7 @@ def main() -> None:
     stem, old, dev = open_results(results, args.stem, "variety")
     rows, baselines = old.get("rows", []), old.get("real_baselines", {})
     datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
-    levers = {**old.get("meta", {}).get("levers", {}), **{k: lever_flags(k) for k in args.levers if k in LEVERS}}
+    levers = {**old.get("meta", {}).get("levers", {}), **{k: listed_flags(k) for k in args.levers if k in LEVERS}}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, args.threads))

@@ -274,6 +274,13 @@ def pixel_moments(images_u8: Tensor, flip: bool, chunk: int = 4096) -> tuple[Ten
     return mean.float(), (s2 / n - mean.square()).clamp_min(0).sqrt().float()
 
 
+def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``--fm-pixels``: :func:`moment_gap` of the fake images ``fake`` (B, 3, H, W) against the
+    real batch ``x``'s pixel moments, or against ``target`` (the training set's,
+    :func:`pixel_moments`, with ``--fm-data``). The one home of the choice for both steps."""
+    return moment_gap(fake.flatten(1), *(batch_moments(x.flatten(1)) if target is None else target))
+
+
 def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) -> Tensor:
     """Feature matching on D's codes (Salimans et al., NeurIPS 2016: the mean; with the
     standard deviation too, as McGAN matches second moments)::
@@ -322,8 +329,7 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
         weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         terms["pt"] = (pulling_away(codes, pt_centred), weight)
     if fm_weight and fm_pixels:
-        target = batch_moments(x.flatten(1)) if fm_target is None else fm_target
-        terms["fm"] = (moment_gap(fake.flatten(1), *target), fm_weight)
+        terms["fm"] = (pixel_feature_matching(fake, x, fm_target), fm_weight)
     elif fm_weight:
         with torch.no_grad():
             codes_real = d.encoder(x)

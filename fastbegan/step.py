@@ -370,8 +370,7 @@ class ReferenceStep(Step):
         if not self.cfg.fm_weight:
             return 0.0
         if self.cfg.fm_pixels:
-            target = remedies.batch_moments(x.flatten(1)) if self.fm_target is None else self.fm_target
-            value = remedies.moment_gap(fake.flatten(1), *target)
+            value = remedies.pixel_feature_matching(fake, x, self.fm_target)
         else:
             value = remedies.feature_matching(codes_fake, codes_real.detach())
         self.terms["fm"] = value

@@ -91,5 +91,5 @@ def test_second_phase_starts_from_the_parents_checkpoint(tmp_path):
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [50, 250]
     with pytest.raises(SystemExit, match="run the lever a to step 750 first"):
         V.seed_from_parent(tmp_path / "faces-c", parent, 750)
-    assert V.lever_flags("eqfmpx03to01")[-1] == "(from eqfmpx03's step 250)"
+    assert V.listed_flags("eqfmpx03to01")[-1] == "(from eqfmpx03's step 250)"
     assert V.STARTS["eqfmpx03to01"][0] in V.LEVERS

@@ -88,6 +88,10 @@ LEVERS = {
     # eqfmpxd03 with gamma where its L_fake / L_real settles (1.7-2.0), so k_t can act beside the term
     "eqfmpxd03g2": ["--variant", "escape", "--pt-weight", "0", "--gamma", "2.0", "--lambda-k", "0.01",
                     "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
+    # gamma 2.0 swung k_t (0.05-0.64) and lost the variety: gamma inside the ratio's range
+    # (faces 1.3-2.0, digits ~1.4) with k_t 3x slower than there
+    "eqfmpxd03g15": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                     "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
 }
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's
@@ -195,6 +199,25 @@ def k_summary(run: Path, upto: int, k_min: float) -> dict:
             "k_median": float(np.median(late)) if late else None, "k_max": float(max(late)) if late else None}
 
 
+def fake_easier(run: Path, step: int, window: int = 500) -> float | None:
+    """The share of logged rows in (step - window, step] with L_fake < L_real: the steps where
+    a margin at the real loss (MAGAN's, in place of k_t) would have D push the fakes' L up. At
+    0 such a margin never acts and D only autoencodes the reals, as with k_t = 0."""
+    from fastbegan.health import read_metrics
+    vals = [r["loss_fake"] < r["loss_real"] for r in read_metrics(run / "metrics.jsonl")
+            if step - window < r["step"] <= step and r.get("loss_real")]
+    return float(np.mean(vals)) if vals else None
+
+
+def add_log_measures(rows: list[dict], work: Path) -> None:
+    """Fill the measures read from a run's log alone (:func:`fake_easier`) into rows scored
+    before they existed, where the run folder is still in ``work``."""
+    for r in rows:
+        run = work / f"{r['dataset']}-{r['lever']}"
+        if "fake_easier" not in r and (run / "metrics.jsonl").exists():
+            r["fake_easier"] = fake_easier(run, r["step"])
+
+
 def seed_from_parent(run: Path, parent: Path, step: int) -> None:
     """Start ``run`` from ``parent``'s checkpoint at ``step``: copy it and the parent's logged
     rows up to ``step`` (``fastbegan train --resume`` then goes on from there with its own flags;
@@ -220,7 +243,7 @@ def score_checkpoint(run: Path, ds: str, step: int, d: dict, n: int) -> dict:
     cfg = run_config(run)
     ema = bool(cfg.get("ema_decay"))
     row = {"dataset": ds, "lever": run.name.split("-", 1)[1], "step": step, "k_t": logged_k(run, step),
-           "loss_ratio": loss_ratio(run, step), "gamma": cfg["gamma"], "train_s": round(train_seconds(run, step), 1),
+           "loss_ratio": loss_ratio(run, step), "fake_easier": fake_easier(run, step), "gamma": cfg["gamma"], "train_s": round(train_seconds(run, step), 1),
            "view": "ema" if ema else "raw"}
     row.update(k_summary(run, step, cfg.get("k_min", 0.0)))
     row.update(equilibrium_diagnosis(ckpt, d["train"], d["ref"]))
@@ -247,7 +270,7 @@ def add_hue_diagnosis(rows: list[dict], work: Path, data: dict, n: int) -> None:
 
 
 # ------------------------------------------------------------------------- report
-COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "heldout_over_train", "fake_over_heldout", "precision",
+COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "fake_easier", "heldout_over_train", "fake_over_heldout", "precision",
         "recall", "swd_x1e3"]
 FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "bg_top_rank", "hue_L_spread"]
 DIGIT_COLS = ["classes_2pct", "class_entropy"]
@@ -263,7 +286,9 @@ def markdown(doc: dict) -> str:
              "- levers (each `fastbegan train` from scratch, or from another lever's checkpoint where named, with): " + "; ".join(
                  f"**{k}** `{' '.join(v)}`" for k, v in m["levers"].items()),
              "- k on floor: share of logged steps (every 50) with k_t within 1e-3 of its floor; k med / max: "
-             "after step 500; L_f/L_r: median L_fake / L_real over the 500 steps up to the checkpoint",
+             "after step 500; L_f/L_r: median L_fake / L_real over the 500 steps up to the checkpoint; fake easier: the share of those logged "
+             "steps with L_fake < L_real (where MAGAN's margin at the real loss would make D push on the fakes; "
+             "at 0 it never would, and D only autoencodes the reals)",
              "- D's L on held-out real images over its L on training images (heldout/train), and on 512 of G's "
              "samples over held-out (fake/heldout)",
              "- precision / recall: k-NN (k 3; faces: factor regressor's features vs 512 fresh faces; digits: "
@@ -318,6 +343,7 @@ def main() -> None:
     levers = {**old.get("meta", {}).get("levers", {}), **{k: listed_flags(k) for k in args.levers if k in LEVERS}}
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    add_log_measures(rows, work)
     torch.set_num_threads(max(1, args.threads))
 
     def write() -> None:

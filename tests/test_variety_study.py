@@ -76,6 +76,24 @@ def test_k_summary_counts_the_floor(tmp_path):
     assert V.k_summary(tmp_path, 500, k_min=0.05)["k_on_floor"] == pytest.approx(0.5)
 
 
+def test_fake_easier_counts_the_window_and_fills_old_rows(tmp_path):
+    """The share of logged steps in (step - 500, step] with L_fake < L_real, and the backfill
+    into rows scored before the measure existed (only where the run's log is there)."""
+    run = tmp_path / "faces-eq"
+    run.mkdir()
+    losses = [(250, 0.1, 0.05), (500, 0.1, 0.2), (750, 0.1, 0.09), (1000, 0.1, 0.3)]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss_real": r, "loss_fake": f}) + "\n" for s, r, f in losses))
+    assert V.fake_easier(run, 1000) == pytest.approx(0.5)  # 750: easier, 1000 and 500 (edge) not
+    assert V.fake_easier(run, 500) == pytest.approx(0.5)   # 250: easier, 500: not
+    assert V.fake_easier(run, 100) is None
+    rows = [{"dataset": "faces", "lever": "eq", "step": 750}, {"dataset": "digits", "lever": "eq", "step": 750},
+            {"dataset": "faces", "lever": "eq", "step": 1000, "fake_easier": 0.9}]
+    V.add_log_measures(rows, tmp_path)
+    assert rows[0]["fake_easier"] == pytest.approx(0.5)  # 500 (not easier) and 750 (easier)
+    assert "fake_easier" not in rows[1] and rows[2]["fake_easier"] == 0.9
+
+
 def test_second_phase_starts_from_the_parents_checkpoint(tmp_path):
     """A two-phase lever's run holds the parent's checkpoint at the start step and its logged
     rows up to there only; a missing parent checkpoint stops with what to run first."""

@@ -88,6 +88,9 @@ LEVERS = {
     # eqfmpxd03 with gamma where its L_fake / L_real settles (1.7-2.0), so k_t can act beside the term
     "eqfmpxd03g2": ["--variant", "escape", "--pt-weight", "0", "--gamma", "2.0", "--lambda-k", "0.01",
                     "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
+    # the default plus the data-moment matching: settle's EMA of G and late pulling-away weight
+    # (the digits' precision) beside eqfmpxd03's term (the faces' variety)
+    "settlefmpxd03": ["--variant", "settle", "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
     # gamma 2.0 swung k_t (0.05-0.64) and lost the variety: gamma inside the ratio's range
     # (faces 1.3-2.0, digits ~1.4) with k_t 3x slower than there
     "eqfmpxd03g15": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",

@@ -18,6 +18,7 @@ checkpoint every ``--every`` steps. Each checkpoint is scored on:
 
     python benchmarks/variety_study.py --levers settle eq --steps 1500 --datasets faces
     python benchmarks/variety_study.py --report-only
+    python benchmarks/variety_study.py --plan --work runs/variety   # the whole results file, one run at a time
 
 Runs are resumed and scored rows are kept in the results JSON, so the study runs in stages.
 Writes benchmarks/results/variety-<cpu>-<date>.json / .md and grids in
@@ -110,6 +111,51 @@ def listed_flags(lever: str) -> list[str]:
 
 def eval_steps(steps: int, every: int) -> list[int]:
     return list(range(every, steps + 1, every))
+
+
+# what the results file holds, in one command (--plan): lever -> {dataset: steps}, in order
+# (a two-phase lever after its parent). Checkpoints every 250 steps, scored on plan_steps.
+PLAN = {
+    "settle": {"faces": 250, "digits": 250},
+    "eq": {"faces": 1000, "digits": 1000},
+    "eqms": {"faces": 500, "digits": 500},
+    "eqms02": {"faces": 750},
+    "eqptc": {"faces": 750},
+    "eqcs": {"faces": 750},
+    "eqlr": {"faces": 750},
+    "eqmb": {"faces": 1000, "digits": 1000},
+    "eqttur": {"faces": 1000, "digits": 1000},
+    "eqfm": {"faces": 1000, "digits": 1000},
+    "eqfmpx": {"faces": 1000, "digits": 1000},
+    "eqfmpx1": {"faces": 1000},
+    "eqfmpx03": {"faces": 500},
+    "settlefm": {"digits": 1000},
+    "settlefmpx": {"faces": 500},
+    "eqfmpx03to01": {"faces": 1000},
+    "eqmb16": {"faces": 1000},
+    "eqfmpxd03": {"faces": 10000, "digits": 3000},
+    "eqfmpxd01": {"faces": 1000},
+    "eqfmpxd03g2": {"faces": 1000},
+    "eqfmpxd03g15": {"faces": 1000, "digits": 1000},
+    "settlefmpxd03": {"faces": 2000, "digits": 2000},
+}
+
+
+def plan_steps(steps: int) -> list[int]:
+    """The checkpoints a planned run is scored at: every 250 steps to 1,000, every 500 to
+    4,000, then every 1,000 (a long run's curve without scoring every checkpoint)."""
+    marks = list(range(250, 1001, 250)) + list(range(1500, 4001, 500)) + list(range(5000, 10 ** 7, 1000))
+    return [s for s in marks if s <= steps]
+
+
+def jobs(args) -> list[tuple[str, str, int, list[int]]]:
+    """(dataset, lever, steps, steps scored) for each run this call makes: the plan's (--plan,
+    on --datasets), else every --levers x --datasets to --steps."""
+    if args.plan:
+        return [(ds, lever, steps, plan_steps(steps)) for lever, per_ds in PLAN.items()
+                for ds, steps in per_ds.items() if ds in args.datasets]
+    scored = eval_steps(args.steps, args.score_every or args.every)
+    return [(ds, lever, args.steps, scored) for ds in args.datasets for lever in args.levers]
 
 
 # ------------------------------------------------------------------------- measures
@@ -316,6 +362,8 @@ def markdown(doc: dict) -> str:
 # ------------------------------------------------------------------------- main
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", action="store_true",
+                    help="run and score what the results file holds (PLAN: each lever to its steps, in order)")
     ap.add_argument("--steps", type=int, default=1500, help="train every lever's run to this step")
     ap.add_argument("--every", type=int, default=250, help="checkpoint (and score) every this many steps")
     ap.add_argument("--levers", nargs="*", default=list(LEVERS))
@@ -368,26 +416,25 @@ def main() -> None:
         if args.add_hues and "faces" in data:
             add_hue_diagnosis(rows, work, data["faces"], args.n)
             write()
-        for ds in args.datasets:
-            for lever in ([] if args.add_hues else args.levers):
-                run = work / f"{ds}-{lever}"
-                parent, start = STARTS.get(lever, (None, 0))
-                if parent and not args.no_train and not (run / "checkpoints").is_dir():
-                    seed_from_parent(run, work / f"{ds}-{parent}", start)
-                if not args.no_train:
-                    train_cli(run, LEVERS[lever], data[ds]["path"], args.steps, args.every, args.threads, args.seed,
-                              res=args.res)
-                done = {(r["dataset"], r["lever"], r["step"]) for r in rows}
-                for s in eval_steps(args.steps, args.score_every or args.every):
-                    if s <= start or (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():
-                        continue
-                    rows.append(score_checkpoint(run, ds, s, data[ds], args.n))
-                    r = rows[-1]
-                    print(f"{ds}-{lever} {s}: k {r['k_t']:.3f} floor {r['k_on_floor']:.2f} Lf/Lr {r['loss_ratio']:.2f} "
-                          f"held/train {r['heldout_over_train']:.2f} P {r['precision']:.2f} R {r['recall']:.2f}",
-                          flush=True)
-                    write()
-                copy_grid(run, results / f"variety-{stamp}", run.name, args.steps)
+        for ds, lever, steps, scored in ([] if args.add_hues else jobs(args)):
+            run = work / f"{ds}-{lever}"
+            parent, start = STARTS.get(lever, (None, 0))
+            if parent and not args.no_train and not (run / "checkpoints").is_dir():
+                seed_from_parent(run, work / f"{ds}-{parent}", start)
+            if not args.no_train:
+                train_cli(run, LEVERS[lever], data[ds]["path"], steps, 250 if args.plan else args.every,
+                          args.threads, args.seed, res=args.res)
+            done = {(r["dataset"], r["lever"], r["step"]) for r in rows}
+            for s in scored:
+                if s <= start or (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():
+                    continue
+                rows.append(score_checkpoint(run, ds, s, data[ds], args.n))
+                r = rows[-1]
+                print(f"{ds}-{lever} {s}: k {r['k_t']:.3f} floor {r['k_on_floor']:.2f} Lf/Lr {r['loss_ratio']:.2f} "
+                      f"held/train {r['heldout_over_train']:.2f} P {r['precision']:.2f} R {r['recall']:.2f}",
+                      flush=True)
+                write()
+            copy_grid(run, results / f"variety-{stamp}", run.name, steps)
     write()
     print(f"wrote {stem}.json / .md")
 

@@ -1,6 +1,7 @@
 """benchmarks/variety_study.py's measures: background hues, D's reconstruction error and the
 equilibrium's summary, against values written out by hand (the training and the other scores
 it drives are tested where they live)."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -111,3 +112,21 @@ def test_second_phase_starts_from_the_parents_checkpoint(tmp_path):
         V.seed_from_parent(tmp_path / "faces-c", parent, 750)
     assert V.listed_flags("eqfmpx03to01")[-1] == "(from eqfmpx03's step 250)"
     assert V.STARTS["eqfmpx03to01"][0] in V.LEVERS
+
+
+def test_the_plan_reproduces_the_results_file():
+    """--plan runs what the committed results file holds: every scored row is a planned run's
+    scored step, every planned lever is defined, and a second phase comes after its parent."""
+    assert V.plan_steps(2000) == [250, 500, 750, 1000, 1500, 2000]
+    assert V.plan_steps(6000)[-3:] == [4000, 5000, 6000]
+    order = list(V.PLAN)
+    for lever in V.PLAN:
+        assert lever in V.LEVERS
+        parent = V.STARTS.get(lever, (None, 0))[0]
+        assert parent is None or order.index(parent) < order.index(lever)
+    doc = json.loads((V.RESULTS / "variety-cpu-amd-epyc-2026-12-03.json").read_text())
+    for r in doc["rows"]:
+        assert r["step"] in V.plan_steps(V.PLAN[r["lever"]][r["dataset"]]), (r["lever"], r["dataset"], r["step"])
+    args = argparse.Namespace(plan=True, datasets=["digits"])
+    assert ("digits", "eqfmpxd03", 3000, V.plan_steps(3000)) in V.jobs(args)
+    assert all(ds == "digits" for ds, *_ in V.jobs(args))

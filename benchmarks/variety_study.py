@@ -136,7 +136,7 @@ PLAN = {
     "eqfmpxd03": {"faces": 10000, "digits": 3000},
     "eqfmpxd01": {"faces": 1000},
     "eqfmpxd03g2": {"faces": 1000},
-    "eqfmpxd03g15": {"faces": 1000, "digits": 1000},
+    "eqfmpxd03g15": {"faces": 2000, "digits": 2500},
     "settlefmpxd03": {"faces": 2000, "digits": 2000},
 }
 

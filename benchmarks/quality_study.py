@@ -125,12 +125,17 @@ def score_run(run: Path, ds: str, lever: str, d: dict, steps: int, n: int, done:
     return rows
 
 
+def logged_losses(run: Path, step: int, window: int = 500) -> list[tuple[float, float]]:
+    """(L_real, L_fake) of the run's logged rows in (step - window, step]."""
+    from fastbegan.health import read_metrics
+    return [(r["loss_real"], r["loss_fake"]) for r in read_metrics(run / "metrics.jsonl")
+            if step - window < r["step"] <= step and r.get("loss_real")]
+
+
 def loss_ratio(run: Path, step: int, window: int = 500) -> float | None:
     """Median L_fake / L_real of the logged rows in (step - window, step]: where it is above
     gamma, the paper's k_t update is negative (k_t sits on the floor)."""
-    from fastbegan.health import read_metrics
-    vals = [r["loss_fake"] / r["loss_real"] for r in read_metrics(run / "metrics.jsonl")
-            if step - window < r["step"] <= step and r.get("loss_real")]
+    vals = [fake / real for real, fake in logged_losses(run, step, window)]
     return float(np.median(vals)) if vals else None
 
 

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from studylib import (RES, RESULTS, _fmt, load_data, logged_k, open_results, real_baselines, score,  # noqa: E402
                       train_cli, train_seconds, write_results)
-from quality_study import copy_grid, loss_ratio  # noqa: E402
+from quality_study import copy_grid, logged_losses, loss_ratio  # noqa: E402
 
 # name -> `fastbegan train` flags. A lever is one change against its baseline (named in the
 # comment), so a difference in the table is that change's.
@@ -242,8 +242,9 @@ def k_summary(run: Path, upto: int, k_min: float) -> dict:
     """The equilibrium over the logged rows up to ``upto``: the share of them with k_t on its floor
     (within 1e-3 of k_min) and k_t's median and largest value after the first 500 steps."""
     from fastbegan.health import read_metrics
-    ks = [r["k"] for r in read_metrics(run / "metrics.jsonl") if r["step"] <= upto]
-    late = [r["k"] for r in read_metrics(run / "metrics.jsonl") if 500 < r["step"] <= upto] or ks
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= upto]
+    ks = [r["k"] for r in logged]
+    late = [r["k"] for r in logged if r["step"] > 500] or ks
     return {"k_on_floor": float(np.mean([k <= k_min + 1e-3 for k in ks])) if ks else None,
             "k_median": float(np.median(late)) if late else None, "k_max": float(max(late)) if late else None}
 
@@ -252,9 +253,7 @@ def fake_easier(run: Path, step: int, window: int = 500) -> float | None:
     """The share of logged rows in (step - window, step] with L_fake < L_real: the steps where
     a margin at the real loss (MAGAN's, in place of k_t) would have D push the fakes' L up. At
     0 such a margin never acts and D only autoencodes the reals, as with k_t = 0."""
-    from fastbegan.health import read_metrics
-    vals = [r["loss_fake"] < r["loss_real"] for r in read_metrics(run / "metrics.jsonl")
-            if step - window < r["step"] <= step and r.get("loss_real")]
+    vals = [fake < real for real, fake in logged_losses(run, step, window)]
     return float(np.mean(vals)) if vals else None
 
 

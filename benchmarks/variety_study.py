@@ -372,6 +372,8 @@ def parse_args():
     ap.add_argument("--n", type=int, default=512, help="images scored per checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--res", type=int, default=RES)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="every run's --precision (fp32 where this CPU's bf16 is slower: docs/training.md)")
     ap.add_argument("--score-every", type=int, default=None, help="score only every this many steps")
     ap.add_argument("--no-train", action="store_true", help="score the checkpoints that exist, train nothing")
     ap.add_argument("--note", default=None)
@@ -403,7 +405,8 @@ def main() -> None:
         ran = {r["lever"] for r in rows}  # the levers with scored rows (not every one defined)
         write_results(stem, markdown, dev, args, old, datasets, rows, baselines,
                       levers={k: v for k, v in levers.items() if k in ran},
-                      train_commit=old.get("meta", {}).get("train_commit"))
+                      train_commit=old.get("meta", {}).get("train_commit"),
+                      precision=args.precision if not args.report_only else old.get("meta", {}).get("precision"))
 
     if not args.report_only:
         data = load_data(args.datasets, work, args.seed, args.res)
@@ -421,8 +424,8 @@ def main() -> None:
             if parent and not args.no_train and not (run / "checkpoints").is_dir():
                 seed_from_parent(run, work / f"{ds}-{parent}", start)
             if not args.no_train:
-                train_cli(run, LEVERS[lever], data[ds]["path"], steps, 250 if args.plan else args.every,
-                          args.threads, args.seed, res=args.res)
+                train_cli(run, LEVERS[lever] + ["--precision", args.precision], data[ds]["path"], steps,
+                          250 if args.plan else args.every, args.threads, args.seed, res=args.res)
             done = {(r["dataset"], r["lever"], r["step"]) for r in rows}
             for s in scored:
                 if s <= start or (ds, lever, s) in done or not (run / "checkpoints" / f"ckpt_{s:08d}.safetensors").exists():

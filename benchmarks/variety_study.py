@@ -96,6 +96,10 @@ LEVERS = {
     # (faces 1.3-2.0, digits ~1.4) with k_t 3x slower than there
     "eqfmpxd03g15": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
                      "--fm-weight", "0.3", "--fm-pixels", "--fm-data"],
+    # eqfmpxd03g15 with gamma adapted (from 1.5) to hold k_t near 0.1, where g15's ratio drift
+    # (faces 1.5 -> 2.0) took k_t onto its floor by step 2,500
+    "eqfmpxd03kt10": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                      "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1"],
 }
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's

@@ -148,6 +148,12 @@ def main(ctx):
 @click.option("--k-min", type=float, default=None,
               help="A floor under k_t (the paper: 0): k_t is clipped to [k_min, 1], so D never stops "
                    "pushing back on the fakes.")
+@click.option("--k-target", type=float, default=None,
+              help="An equilibrium that acts: gamma adapts (starting at --gamma) so that k_t holds near "
+                   "this value instead of drifting onto its floor as L_fake / L_real rises during training "
+                   "(docs/training.md). 0 = a fixed gamma, the paper's.")
+@click.option("--lambda-gamma", type=float, default=0.005, show_default=True,
+              help="With --k-target: how fast gamma adapts (the controller's integral gain).")
 @click.option("--pt-anneal", type=int, nargs=2, default=None, metavar="START END",
               help="Anneal the pulling-away weight linearly to 0 between these steps (ends the escape).")
 @click.option("--pt-final", type=float, default=None,
@@ -202,7 +208,7 @@ def main(ctx):
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
           lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, fm_data, k_init,
-          k_min, pt_anneal,
+          k_min, k_target, lambda_gamma, pt_anneal,
           pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
@@ -227,14 +233,14 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                    "use a CUDA GPU for real runs.", err=True)
     remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
                   fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data,
-                  k_init=k_init, k_min=k_min,
+                  k_init=k_init, k_min=k_min, k_target=k_target,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     ckpt_path = latest_checkpoint(out) if resume and variant is None else None
     remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path
               else variant_options(variant or DEFAULT_VARIANT, **remedy))
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
-                      lambda_k=lambda_k, separate_z=separate_z,
+                      lambda_k=lambda_k, lambda_gamma=lambda_gamma, separate_z=separate_z,
                       **remedy,
                       skip=skip, mbstd_group=mbstd_group,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,

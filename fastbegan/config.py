@@ -30,6 +30,8 @@ class TrainConfig:
     beta2: float = 0.999
     gamma: float = 0.5
     lambda_k: float = 0.001
+    k_target: float = 0.0               # > 0: gamma adapts to hold k_t near this (remedies.adapt_gamma); 0 = fixed gamma
+    lambda_gamma: float = 0.005         # the adapted gamma's integral gain
     separate_z: bool = False
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
@@ -96,6 +98,14 @@ class TrainConfig:
             raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
         if not 0.0 <= self.k_min <= 1.0:
             raise ValueError(f"--k-min must be in [0, 1] (k_t is clipped there), got {self.k_min}")
+        if not 0.0 <= self.k_target < 1.0 or (self.k_target and self.k_target <= self.k_min):
+            raise ValueError(f"--k-target is the k_t that the adapted gamma holds: in (--k-min, 1), or 0 for a "
+                             f"fixed gamma (got {self.k_target}, --k-min {self.k_min})")
+        if self.k_target and self.lambda_gamma <= 0:
+            raise ValueError(f"--lambda-gamma is how fast gamma adapts to --k-target: > 0, got {self.lambda_gamma}")
+        if self.k_target and not remedies.GAMMA_RANGE[0] <= self.gamma <= remedies.GAMMA_RANGE[1]:
+            raise ValueError(f"with --k-target, --gamma is where the adapted gamma starts: in "
+                             f"{list(remedies.GAMMA_RANGE)}, got {self.gamma}")
         if self.cs_alpha and self.h != self.z_dim:
             raise ValueError(f"BEGAN-CS (--cs-alpha) maps D's codes back to z, so --h must equal --z-dim "
                              f"(got h={self.h}, z_dim={self.z_dim})")

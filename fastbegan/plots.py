@@ -60,6 +60,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
                 ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center", transform=ax.transAxes)
             for s in events:
                 ax.axvline(s, color="tab:red", lw=0.8, ls="--")
+            gammas = [(s, r["gamma"]) for s, r in zip(steps, rows) if isinstance(r.get("gamma"), (int, float))]
+            if key == "k" and gammas:  # --k-target: the adapted gamma beside the k_t it holds
+                twin = ax.twinx()
+                twin.plot(*zip(*gammas), lw=1.0, color="tab:orange")
+                twin.set_ylabel("gamma (adapted)", color="tab:orange", fontsize=9)
+                title += ", gamma adapted (orange, right axis)"
             ax.set_title(title, fontsize=10, loc="left")
             ax.grid(alpha=0.3)
         axes[-1].set_xlabel("step")

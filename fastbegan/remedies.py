@@ -33,7 +33,8 @@ from torch import Tensor
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False}
+         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False,
+         "k_target": 0.0}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -98,6 +99,26 @@ def k_floor(k_next: Tensor, k_min: float | Tensor) -> Tensor:
     if isinstance(k_min, Tensor):
         return torch.maximum(k_next, k_min.to(k_next.dtype))
     return k_next.clamp(min=k_min) if k_min > 0 else k_next
+
+
+# ------------------------------------------------------------------ an equilibrium that acts
+# --k-target: gamma adapts so that k_t holds near a target instead of drifting to its floor
+# (the measured L_fake / L_real rises during training, past any fixed gamma: docs/design.md §7).
+# Bounds on the adapted gamma (anti-windup: a k_t held on its floor or at 1 cannot push gamma
+# without limit), and the proportional gain of the controller (its damping: docs/design.md §7).
+GAMMA_RANGE = (0.25, 4.0)
+GAMMA_KP = 5.0
+
+
+def adapt_gamma(gamma: Tensor, k: Tensor, k_next: Tensor, k_target: float, lambda_gamma: float) -> Tensor:
+    """The next gamma of ``--k-target``: a PI controller on k_t, in velocity form (one state,
+    gamma itself): ``gamma + lambda_gamma (k_target - k_next) + GAMMA_KP (k - k_next)``,
+    clipped to :data:`GAMMA_RANGE`. A k_t below its target raises gamma, so the paper's update
+    ``k += lambda_k (gamma L_real - L_fake)`` lifts k_t again; the integral term follows a
+    loss ratio that drifts, the proportional term damps the loop (two integrators, k_t and
+    gamma, would otherwise swing). 0-d fp32 device tensors in and out (no host sync)."""
+    step = lambda_gamma * (k_target - k_next) + GAMMA_KP * (k - k_next)
+    return (gamma + step).clamp(*GAMMA_RANGE)
 
 
 # ------------------------------------------------------------------ ending the escape

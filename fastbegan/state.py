@@ -6,8 +6,8 @@ divergence flag as DEVICE tensors (a step, CUDA graph or not, reads and writes t
 place, so they never change identity), and the host-side counters (the M-stall tracker,
 the lr halvings, the restores of the divergence guard and of ``--on-collapse restore``).
 ``state_dict()`` / ``load_state_dict()`` are how checkpoints save and restore it whole
-(the keys are the checkpoint format's: ``state.k``, ``state.step``, ``rng.gen``,
-``rng.torch`` as tensors, the rest as JSON host state; a missing key, in a checkpoint
+(the keys are the checkpoint format's: ``state.k``, ``state.gamma``, ``state.step``,
+``rng.gen``, ``rng.torch`` as tensors, the rest as JSON host state; a missing key, in a checkpoint
 written before it existed, loads its default).
 
 The loop needs the step number on the host every step without reading the device, so the
@@ -27,7 +27,7 @@ import math
 
 import torch
 
-TENSOR_KEYS = ("state.k", "state.step", "rng.gen", "rng.torch")
+TENSOR_KEYS = ("state.k", "state.gamma", "state.step", "rng.gen", "rng.torch")
 # the host counters and their values in a fresh run (and in checkpoints without them)
 COUNTERS = {"best_m_step": 0, "lr_halvings": 0, "restores": 0, "collapse_restores": 0}
 
@@ -35,8 +35,9 @@ COUNTERS = {"best_m_step": 0, "lr_halvings": 0, "restores": 0, "collapse_restore
 class TrainState:
     """k_t, step, lr, generator and divergence flag on ``device``; host counters.
 
-    Device tensors (0-d): ``k`` fp32, ``step_t`` int64, ``lr_t`` and ``lr_d_t`` fp32 (G's and
-    D's rates), ``nonfinite`` bool
+    Device tensors (0-d): ``k`` fp32, ``gamma`` fp32 (the run's fixed gamma, or with
+    ``adapt_gamma``, ``--k-target``, the adapted one: :func:`fastbegan.remedies.adapt_gamma`),
+    ``step_t`` int64, ``lr_t`` and ``lr_d_t`` fp32 (G's and D's rates), ``nonfinite`` bool
     (ORed with "this step's losses were NaN/Inf", no host read); ``gen`` the device
     generator every index, flip and z is drawn from. Host: ``step`` (== ``step_t``
     between steps), ``lr`` (== ``lr_t``), ``best_m`` / ``best_m_step`` (the M-stall rule),
@@ -44,12 +45,14 @@ class TrainState:
     (``--on-collapse restore``): the restore budgets, kept across resumes.
     """
 
-    def __init__(self, device: torch.device | str, *, k_init: float = 0.0, lr: float = 1e-4,
-                 lr_d_ratio: float = 1.0, seed: int = 0):
+    def __init__(self, device: torch.device | str, *, k_init: float = 0.0, gamma: float = 0.5,
+                 adapt_gamma: bool = False, lr: float = 1e-4, lr_d_ratio: float = 1.0, seed: int = 0):
         self.device = torch.device(device)
         self.lr0 = float(lr)  # what a checkpoint without an lr loads
         self.lr_d_ratio = float(lr_d_ratio)
         self.k = torch.full((), float(k_init), dtype=torch.float32, device=self.device)
+        self.gamma = torch.full((), float(gamma), dtype=torch.float32, device=self.device)
+        self.adapt_gamma = adapt_gamma  # a checkpoint's gamma is the run's state only when it adapts
         self.step_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.lr_t = torch.full((), float(lr), dtype=torch.float32, device=self.device)
         self.lr_d_t = torch.full((), float(lr) * self.lr_d_ratio, dtype=torch.float32, device=self.device)
@@ -86,7 +89,7 @@ class TrainState:
     def state_dict(self) -> dict[str, dict]:
         """``{"tensors": {...}, "host": {...}}``: the checkpoint's state tensors and its JSON
         host state. The tensors are the live ones where they exist (copy before keeping)."""
-        tensors = {"state.k": self.k, "state.step": torch.tensor(self.step),
+        tensors = {"state.k": self.k, "state.gamma": self.gamma, "state.step": torch.tensor(self.step),
                    "rng.gen": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
         host = {"lr": self.lr, "best_m": None if math.isinf(self.best_m) else self.best_m}
         host.update({name: getattr(self, name) for name in COUNTERS})
@@ -98,6 +101,9 @@ class TrainState:
         cleared: a checkpoint is never written from a diverged state."""
         tensors, host = sd["tensors"], sd.get("host", {})
         self.k.copy_(tensors["state.k"])
+        # an adapted gamma resumes where it was; a fixed one is the config's (--gamma as given)
+        if self.adapt_gamma and "state.gamma" in tensors:
+            self.gamma.copy_(tensors["state.gamma"])
         self.set_step(int(tensors["state.step"]))
         self.gen.set_state(tensors["rng.gen"])
         torch.set_rng_state(tensors["rng.torch"])

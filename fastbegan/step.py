@@ -252,8 +252,9 @@ class Step:
     def _update(self, fb: ForwardBackward) -> dict[str, Tensor]:
         """Shared by both steps: under torchrun one all-reduce of G's and D's gradients and
         the losses (averaged: the global batch's), then k_{t+1} and M from the averaged
-        losses; the divergence flag (no sync); Adam on D and G; k_t clipped to the floor and
-        the step counter, written in place into the state."""
+        losses; the divergence flag (no sync); Adam on D and G; k_t clipped to the floor, the
+        adapted gamma (``--k-target``: k_{t+1} then comes from it, not from the kernels'
+        constant gamma) and the step counter, written in place into the state."""
         cfg, st = self.cfg, self.state
         names = list(fb.losses)
         lv = torch.stack([v.detach().float() for v in fb.losses.values()])
@@ -262,7 +263,9 @@ class Step:
             lv = self.sync(lv)
             k_next = None
         k = st.k
-        if k_next is None:
+        if cfg.k_target:  # --k-target: the update with the adapted gamma, a device tensor (not the kernels' constant)
+            k_next, m = ops.reference.began_update_ref(k, lv[0], lv[1], st.gamma, cfg.lambda_k)
+        elif k_next is None:
             k_next, m = ops.began_update(k, lv[0], lv[1], cfg.gamma, cfg.lambda_k)
         st.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
         for opt in self.opts:
@@ -271,9 +274,13 @@ class Step:
             self.inputs.g_ema.update(st.step_t)  # EMA of G's weights (device ops)
         loss_d = lv[0] - k * lv[1]
         k_new = remedies.k_floor(k_next, remedies.k_min_at(cfg, st.step_t))
+        adapted = {}
+        if cfg.k_target:
+            adapted["gamma"] = remedies.adapt_gamma(st.gamma, k, k_new, cfg.k_target, cfg.lambda_gamma)
+            st.gamma.copy_(adapted["gamma"])
         k.copy_(k_new)
         st.step_t.add_(1)
-        return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k_new, "M": m,
+        return {"loss_real": lv[0], "loss_fake": lv[1], "loss_d": loss_d, "k": k_new, "M": m, **adapted,
                 **{f"loss_{n}": lv[i] for i, n in enumerate(names) if i >= 2}}
 
     def _carry(self) -> float | Tensor:

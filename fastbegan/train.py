@@ -84,8 +84,8 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), **{**adam, "lr": cfg.lr * cfg.lr_d_ratio})
         # The whole data set on the device, uint8 NHWC; batches are gathered there.
         self.data = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
-        self.state = TrainState(self.device, k_init=cfg.k_init, lr=cfg.lr, lr_d_ratio=cfg.lr_d_ratio,
-                                seed=cfg.seed)
+        self.state = TrainState(self.device, k_init=cfg.k_init, gamma=cfg.gamma, adapt_gamma=bool(cfg.k_target),
+                                lr=cfg.lr, lr_d_ratio=cfg.lr_d_ratio, seed=cfg.seed)
         self.schedule = LrSchedule(cfg, self.state, (self.opt_g,), (self.opt_d,))
         self.guard = DivergenceGuard(cfg.max_restores)
         self._stop = self._stop_requested = False
@@ -359,7 +359,8 @@ def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
     levers = remedies.lever_flags({k: getattr(cfg, k) for k in remedies.PAPER})
     log(f"variant {cfg.variant}: " + (levers or "the paper's BEGAN (no collapse remedy)")
-        + f", gamma {cfg.gamma:g}, lambda_k {cfg.lambda_k:g}")
+        + (f", gamma adapted from {cfg.gamma:g} (lambda_gamma {cfg.lambda_gamma:g})" if cfg.k_target
+           else f", gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}")
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:

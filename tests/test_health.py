@@ -132,6 +132,10 @@ def test_k_on_its_floor_is_reported_with_the_loss_ratio():
     assert t.active() == ["k_floor"]
     # k_t leaves the floor: the episode ends
     assert feed(t, rows([310], k=0.08)) == [] and t.active() == []
+    # --k-target: the rows carry the adapted gamma, and the message quotes it
+    adapted = feed(HealthTracker(gamma=0.5, patience=100, k_min=0.05),
+                   rows(range(10, 301, 10), k=0.05, loss_real=0.1, loss_fake=0.12, gamma=0.9))
+    assert "stays above gamma 0.9" in adapted[0].message and "--k-target" in adapted[0].message
 
 
 def test_k_floor_needs_a_floor_and_a_pinned_k():

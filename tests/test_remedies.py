@@ -219,7 +219,7 @@ def _pair(backend, steps=2, **kw):
             vb = ref.train_step()
         with ops.use_backend(backend):
             va = step()
-        for key in ("loss_real", "loss_fake", "k", "M", "loss_cs", "loss_pt", "loss_ms", "loss_fm"):
+        for key in ("loss_real", "loss_fake", "k", "M", "gamma", "loss_cs", "loss_pt", "loss_ms", "loss_fm"):
             if key in vb:
                 torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
         for (name, p), q in zip(fus.model.named_parameters(), ref.model.parameters()):
@@ -241,6 +241,7 @@ def test_fused_step_with_the_variety_terms_equals_the_reference_step():
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True, fm_data=True)
+    assert "gamma" in _pair("torch", steps=3, k_target=0.3, lambda_gamma=0.1, lambda_k=0.05)  # --k-target
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -248,6 +249,7 @@ def test_fused_step_with_remedies_on_the_triton_backend():
     """The Triton kernels (interpreter on CPU, fp32) in the fused step with both terms."""
     _pair("triton", steps=1, cs_alpha=0.3, pt_weight=0.2)
     _pair("triton", steps=1, pt_weight=0.2, pt_centred=True, ms_weight=0.3, fm_weight=0.2)
+    _pair("triton", steps=2, k_target=0.3, lambda_gamma=0.1, lambda_k=0.05)
 
 
 def test_pulling_away_pass_computes_no_weight_gradients():
@@ -331,6 +333,36 @@ def test_k_min_is_a_floor_after_the_papers_update(tmp_path):
         TrainConfig(k_min=-0.1)
 
 
+def test_k_target_adapts_gamma_as_written_out(tmp_path):
+    """--k-target: each step's k_t comes from the paper's update with the adapted gamma (not
+    --gamma), then gamma moves by lambda_gamma (k_target - k_{t+1}) + 5 (k_t - k_{t+1}) inside
+    [0.25, 4]; on the reference and the fused step. A k_t above its target (and rising) pulls
+    gamma down to its bound; one below it lifts gamma."""
+    data = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    for reference in (True, False):
+        for gamma0, k_target, lambda_k in ((2.0, 0.25, 0.5), (0.5, 0.9, 1e-3)):
+            cfg = TrainConfig(res=8, filters=4, z_dim=8, h=8, batch_size=3, device="cpu", backend="torch",
+                              precision="fp32", out=str(tmp_path), health_patience=0, k_init=0.3, k_min=0.05,
+                              gamma=gamma0, lambda_k=lambda_k, k_target=k_target, lambda_gamma=0.2,
+                              reference_step=reference)
+            t = Trainer(cfg, data, log=lambda *_: None)
+            k, gamma = 0.3, gamma0
+            for _ in range(4):
+                out = t.train_step()
+                lr_, lf = out["loss_real"].item(), out["loss_fake"].item()
+                k_next = max(0.05, min(1.0, max(0.0, k + lambda_k * (gamma * lr_ - lf))))
+                gamma_next = min(4.0, max(0.25, gamma + 0.2 * (k_target - k_next) + 5.0 * (k - k_next)))
+                assert out["k"].item() == pytest.approx(k_next, abs=1e-5)
+                assert out["M"].item() == pytest.approx(lr_ + abs(gamma * lr_ - lf), abs=1e-5)
+                assert out["gamma"].item() == pytest.approx(gamma_next, abs=1e-5) == t.state.gamma.item()
+                k, gamma = k_next, gamma_next
+            assert gamma == pytest.approx(0.25) if k_target < 0.3 else gamma > 0.5 + 0.3
+    with pytest.raises(ValueError, match="k-target"):
+        TrainConfig(k_target=0.05, k_min=0.05)
+    with pytest.raises(ValueError, match="lambda-gamma"):
+        TrainConfig(k_target=0.1, lambda_gamma=0.0)
+
+
 def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     """--variant began is the paper (every remedy off); escape switches on its preset; an
     option given on the command line wins over the preset and makes the variant "custom"."""
@@ -339,7 +371,8 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
                                         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False,
-                                        "fm_data": False, "variant": "began"} == {**PAPER, "variant": "began"}
+                                        "fm_data": False, "k_target": 0.0, "variant": "began"} == {**PAPER,
+                                                                                                   "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
     from fastbegan.remedies import lever_flags
     assert lever_flags({**PAPER, "pt_weight": 0.1, "pt_centred": True, "ms_weight": 0.2}) == (

@@ -366,6 +366,22 @@ def test_plot_run_png_and_trainer_hook(tiny_run, tmp_path):
     assert _png_size(path) == (800, 1100)
 
 
+def test_plot_draws_an_adapted_gamma_beside_k(tmp_path):
+    """Rows with gamma (--k-target) get it on k_t's panel (a right axis): same size, other pixels."""
+    from fastbegan.plots import plot_run
+    base = {"k": 0.1, "M": 0.2, "loss_real": 0.1, "loss_fake": 0.15, "lr": 1e-4}
+    for name, extra in (("fixed", {}), ("adapted", {"gamma": 1.5})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, **base, **{k: v + s / 1000 for k, v in extra.items()}}) + "\n"
+            for s in range(50, 501, 50)))
+        plot_run(run)
+        assert _png_size(run / "metrics.png") == (800, 1100)
+    with Image.open(tmp_path / "fixed" / "metrics.png") as a, Image.open(tmp_path / "adapted" / "metrics.png") as b:
+        assert np.asarray(a).shape == np.asarray(b).shape and (np.asarray(a) != np.asarray(b)).any()
+
+
 def test_plots_without_matplotlib(tiny_run, monkeypatch):
     from fastbegan.plots import PlotsUnavailable, plot_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -17,7 +17,7 @@ def test_state_dict_round_trip_in_place():
     a.best_m, a.best_m_step, a.lr_halvings, a.restores, a.collapse_restores = 0.3, 9, 1, 2, 1
     a.nonfinite.fill_(True)
     sd = a.state_dict()
-    assert set(sd["tensors"]) == {"state.k", "state.step", "rng.gen", "rng.torch"}
+    assert set(sd["tensors"]) == {"state.k", "state.gamma", "state.step", "rng.gen", "rng.torch"}
     assert sd["host"] == {"lr": 5e-4, "best_m": 0.3, "best_m_step": 9, "lr_halvings": 1, "restores": 2,
                           "collapse_restores": 1}
     b = TrainState("cpu", lr=1e-3)
@@ -30,6 +30,26 @@ def test_state_dict_round_trip_in_place():
     assert b.lr == 5e-4 and b.lr_t.item() == pytest.approx(5e-4) and not b.nonfinite
     assert (b.best_m, b.best_m_step, b.lr_halvings, b.restores, b.collapse_restores) == (0.3, 9, 1, 2, 1)
     assert torch.equal(torch.rand(3, generator=b.gen), torch.rand(3, generator=a.gen))
+
+
+def test_an_adapted_gamma_resumes_and_a_fixed_one_is_the_configs():
+    """--k-target: gamma is the run's state and resumes where it was (also after a restore);
+    a fixed gamma stays the one the (resumed) run is given; a checkpoint from before
+    state.gamma existed leaves the starting gamma."""
+    a = TrainState("cpu", gamma=1.5, adapt_gamma=True)
+    a.gamma.fill_(1.8)
+    sd = a.state_dict()
+    assert sd["tensors"]["state.gamma"].item() == pytest.approx(1.8)
+    adapted = TrainState("cpu", gamma=1.5, adapt_gamma=True)
+    gamma = adapted.gamma
+    adapted.load_state_dict(sd)
+    assert adapted.gamma is gamma and gamma.item() == pytest.approx(1.8)
+    fixed = TrainState("cpu", gamma=0.7)
+    fixed.load_state_dict(sd)
+    assert fixed.gamma.item() == pytest.approx(0.7)
+    old = TrainState("cpu", gamma=1.5, adapt_gamma=True)
+    old.load_state_dict({"tensors": {n: v for n, v in sd["tensors"].items() if n != "state.gamma"}})
+    assert old.gamma.item() == pytest.approx(1.5)
 
 
 def test_old_checkpoint_host_state_loads():

@@ -133,6 +133,25 @@ def test_resume_continues_exactly(tmp_path, faces16):
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
+def test_adapted_gamma_resumes_exactly(tmp_path, faces16):
+    """--k-target: gamma is part of the run's state, so a resumed run continues the same
+    trajectory (k_t, gamma, weights) as one that never stopped; the log has gamma."""
+    kw = dict(k_init=0.2, k_min=0.05, k_target=0.1, lambda_gamma=0.05, lambda_k=0.05, gamma=1.5, log_every=1)
+    full = make(tmp_path / "a", faces16, steps=6, **kw)
+    full.fit(progress=False)
+    half = make(tmp_path / "b", faces16, steps=3, **kw)
+    half.fit(progress=False)
+    resumed = make(tmp_path / "b", faces16, steps=6, **kw)
+    resumed.load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    resumed.fit(progress=False)
+    assert torch.equal(full.state.gamma, resumed.state.gamma) and torch.equal(full.k, resumed.k)
+    assert full.state.gamma.item() != pytest.approx(1.5, abs=1e-5)
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    logged = [json.loads(l)["gamma"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 6 and logged[-1] == pytest.approx(full.state.gamma.item())
+
+
 def test_resume_refuses_other_config(tmp_path, faces16):
     make(tmp_path, faces16, steps=2).fit(progress=False)
     other = make(tmp_path, faces16, filters=8)

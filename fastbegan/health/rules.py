@@ -91,8 +91,9 @@ def _floor_message(floor, step, since, lreal, lfake, g, lr) -> str:
     return (f"k_t has sat on its floor (k_min {floor:g}) for {step - since} steps (since step {since}): "
             f"D's equilibrium is not acting ({said}), so each update pushes k_t down and only the floor "
             f"holds it; the balance BEGAN trains towards is not reached and variety suffers. Try a "
-            f"higher --gamma ({wanted}now {g:g}) or a lower --lr (now {_fmt_lr(lr)}); a faster "
-            f"--lambda-k lifts k_t off the floor sooner once the ratio falls below gamma")
+            f"higher --gamma ({wanted}now {g:g}), a gamma that follows the ratio (--k-target 0.1, "
+            f"docs/training.md) or a lower --lr (now {_fmt_lr(lr)}); a faster --lambda-k lifts k_t off "
+            f"the floor sooner once the ratio falls below gamma")
 
 
 class HealthTracker:
@@ -187,7 +188,7 @@ class HealthTracker:
 
     def _k_zero(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """k_t pinned at 0: L_fake > gamma * L_real at every step."""
-        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self._gamma(row)
         if not (_finite(k) and k < K_EDGE):
             return []
         since = self._due("k_zero", step, held)
@@ -203,10 +204,14 @@ class HealthTracker:
                              f"gamma*L_real {g * lreal:.4f}, gamma {g:g}), so D wins even while ignoring the "
                              f"fakes and G cannot reach the balance; {advice}" + self._remedy_hint(row))]
 
+    def _gamma(self, row: dict) -> float:
+        """The gamma of a logged step: the adapted one where the row has it (--k-target), else the run's."""
+        return row.get("gamma", self.gamma)
+
     def _k_floor(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """k_t pinned on its --k-min floor (> 0): L_fake > gamma * L_real at every step, the
         update pushes k_t down and only the floor holds it (k_zero's case, with a floor)."""
-        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self._gamma(row)
         floor = floor_at(self.k_min, self.k_min_anneal, step)
         if not (floor > K_EDGE and _finite(k) and abs(k - floor) <= FLOOR_TOL):
             return []
@@ -219,7 +224,7 @@ class HealthTracker:
 
     def _k_one(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """k_t pinned at 1: L_fake < gamma * L_real even with D pushing fakes away fully."""
-        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self.gamma
+        k, lreal, lfake, lr, g = row.get("k"), row.get("loss_real"), row.get("loss_fake"), row.get("lr"), self._gamma(row)
         if not (_finite(k) and k > 1 - K_EDGE):
             return []
         since = self._due("k_one", step, held)
@@ -234,7 +239,7 @@ class HealthTracker:
 
     def _mode_collapse(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """The fake batch much less diverse than the real one."""
-        ratio, contrast, lr, g = row.get("diversity_ratio"), row.get("contrast_ratio"), row.get("lr"), self.gamma
+        ratio, contrast, lr, g = row.get("diversity_ratio"), row.get("contrast_ratio"), row.get("lr"), self._gamma(row)
         # a young G's outputs are flat blobs, alike because nothing is learnt yet (normal):
         # a collapse is image-like fakes (contrast like the real images') that are all alike
         image_like = not _finite(contrast) or contrast >= self.min_contrast

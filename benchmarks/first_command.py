@@ -5,7 +5,8 @@
 Runs ``fastbegan train --res 32 --steps 300`` (the README's first command, data cache
 warm, no record of earlier compiled runs: a new user's ``--compile auto``) in a fresh run
 folder and, for comparison, the same with the other ``--variant`` (BEGAN as published, or
-the collapse escape: docs/training.md) and with the step this project shipped before its
+the collapse escape: docs/training.md), with each ``--precision`` forced (what auto chose
+between) and with the step this project shipped before its
 CPU work (``--precision fp32 --reference-step --compile off``).
 For each: the training time (first step to the last, from the run's own log; start-up,
 data and the final samples/plot are reported apart), steps/s, and the variety of the
@@ -31,11 +32,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = ["--res", "32", "--steps", "300"]
 
 def runs() -> dict[str, list[str]]:
-    """The default, the other --variant, and the step shipped before the CPU work."""
+    """The default, the other --variant, each precision forced (what --precision auto chose
+    between on this CPU), and the step shipped before the CPU work."""
     from fastbegan.remedies import DEFAULT_VARIANT
     other = "escape" if DEFAULT_VARIANT == "began" else "began"
     return {"default (this version)": [],
             f"--variant {other}": ["--variant", other],
+            "bf16 forced": ["--precision", "bf16"],
+            "fp32 forced": ["--precision", "fp32"],
             "before: reference step, fp32, not compiled": ["--precision", "fp32", "--reference-step",
                                                             "--compile", "off"]}
 

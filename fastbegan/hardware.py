@@ -1,8 +1,9 @@
 """What the machine offers a training run: bf16 compute and CPU threads.
 
 ``resolve_precision("auto", device)`` picks bf16 autocast (fp32 master weights, fp32
-losses and k_t) where the hardware computes in bf16 natively, fp32 elsewhere, and says
-why; ``configure_threads()`` sizes torch's intra-op pool to the cores this process may
+losses and k_t) where the hardware computes in bf16 natively (on a CPU: and where a bf16
+convolution of the run's shape is measured faster than fp32; a Xeon with AVX512-BF16 but no
+AMX ran it slower, docs/design.md §6), fp32 elsewhere, and says why; ``configure_threads()`` sizes torch's intra-op pool to the cores this process may
 run on. Both answer with a phrase for the trainer's start-up line.
 """
 from __future__ import annotations
@@ -42,14 +43,50 @@ def onednn_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
+# a CPU's bf16 conv must beat fp32 by this much: the step also pays the casts around it
+# (a conv at 0.9x fp32 made the whole res-32 step 0.68x: docs/design.md §6)
+BF16_MIN_SPEEDUP = 1.2
+PROBE_SIDE = 32  # the probe conv's spatial size at most (the rate is the same beyond; startup stays short)
+
+
+def bf16_conv_speedup(shape: tuple[int, int, int, int], reps: int = 5) -> float:
+    """fp32 time / bf16 time of one 3x3 convolution (C -> C channels, channels_last, this
+    process's threads) on an (N, C, H, W) input: best of ``reps`` after a warm-up each."""
+    import time
+    n, c, h, w = shape
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(n, c, h, w).to(dtype=dtype, memory_format=torch.channels_last)
+        wt = torch.randn(c, c, 3, 3).to(dtype=dtype, memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, wt, padding=1)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                torch.nn.functional.conv2d(x, wt, padding=1)
+                times.append(time.perf_counter() - t0)
+        best[dtype] = min(times)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def resolve_precision(name: str, device: torch.device,
+                      conv_shape: tuple[int, int, int, int] | None = None) -> tuple[str, str]:
     """``auto|fp32|bf16`` -> (``fp32`` or ``bf16``, why). bf16 means autocast with fp32
-    master weights, optimiser state, losses and k_t."""
+    master weights, optimiser state, losses and k_t. ``conv_shape`` (N, C, H, W): on a CPU
+    with bf16 units, auto times a conv of this shape (H, W capped at :data:`PROBE_SIDE`) in
+    both precisions and keeps fp32 unless bf16 is :data:`BF16_MIN_SPEEDUP` x faster."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name != "auto":
         return name, "--precision " + name
     native, why = bf16_support(device)
+    if native and device.type == "cpu" and conv_shape is not None:
+        n, c, h, w = conv_shape
+        speedup = bf16_conv_speedup((n, c, min(h, PROBE_SIDE), min(w, PROBE_SIDE)))
+        if speedup < BF16_MIN_SPEEDUP:
+            return "fp32", (f"auto: {why}, but a bf16 conv ran {speedup:.2f}x fp32's speed here "
+                            f"(bf16 needs {BF16_MIN_SPEEDUP:g}x; --precision bf16 forces it)")
+        why += f", a bf16 conv ran {speedup:.1f}x fp32's speed here"
     return ("bf16" if native else "fp32"), f"auto: {why}"
 
 

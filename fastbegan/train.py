@@ -61,7 +61,13 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *_: None)
         self.device = distributed.local_device(resolve_device(cfg.device), self.dist)
         # bf16 autocast or fp32; cfg keeps the resolved value (checkpoints record what ran)
-        cfg.precision, self.precision_why = resolve_precision(cfg.precision, self.device)
+        asked = cfg.precision
+        cfg.precision, self.precision_why = resolve_precision(cfg.precision, self.device,
+                                                              (cfg.batch_size, cfg.filters, cfg.res, cfg.res))
+        if asked == "auto" and self.device.type == "cpu" and self.dist.enabled and distributed.any_true(cfg.precision == "fp32", self.device):
+            # auto times a conv on each rank: all ranks run one precision, fp32 if any rank measured it
+            if cfg.precision == "bf16":
+                cfg.precision, self.precision_why = "fp32", "auto: another process measured bf16 slower"
         # the backend, and why auto fell back to the reference (a start-up line, not a warning)
         self.backend, self.backend_why = ops.backend_choice(cfg.backend)
         ops.set_backend(self.backend)

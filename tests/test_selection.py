@@ -44,6 +44,30 @@ def test_auto_precision_on_cpu_follows_the_bf16_units(monkeypatch, amx, avx512bf
                    "auto: CPU has neither AMX-BF16 nor AVX512-BF16")
 
 
+@pytest.mark.parametrize("speedup,want", [(2.0, "bf16"), (0.7, "fp32")])
+def test_auto_precision_on_cpu_times_bf16_against_fp32(monkeypatch, speedup, want):
+    """With the run's conv shape, a CPU's bf16 units are used only where a bf16 conv was
+    measured at least 1.2x fp32's speed (a Xeon with AVX512-BF16 but no AMX ran it slower);
+    the probe's side is capped at 32 and the line says what was measured."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(hardware, "onednn_bf16", lambda: True)
+    probed = []
+    monkeypatch.setattr(hardware, "bf16_conv_speedup", lambda shape: probed.append(shape) or speedup)
+    got, why = hardware.resolve_precision("auto", CPU, (16, 64, 128, 128))
+    assert got == want and probed == [(16, 64, 32, 32)]
+    assert why == ("auto: CPU has AVX512-BF16, a bf16 conv ran 2.0x fp32's speed here" if want == "bf16" else
+                   "auto: CPU has AVX512-BF16, but a bf16 conv ran 0.70x fp32's speed here (bf16 needs "
+                   "1.2x; --precision bf16 forces it)")
+    assert hardware.resolve_precision("bf16", CPU, (16, 64, 32, 32))[0] == "bf16" and len(probed) == 1
+
+
+def test_bf16_conv_speedup_is_a_measured_ratio():
+    """The probe itself, on whatever CPU runs the tests: a positive finite ratio."""
+    r = hardware.bf16_conv_speedup((2, 4, 8, 8), reps=2)
+    assert 0 < r < float("inf")
+
+
 def test_auto_precision_on_cpu_needs_onednn_bf16(monkeypatch):
     """bf16 units that this torch's oneDNN does not use for bf16: fp32, and the line says why."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
@@ -71,8 +95,10 @@ def test_forced_precision_and_bad_names():
 
 def test_trainer_resolves_auto_and_checkpoints_record_what_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "bf16_support", lambda device: (True, "test: bf16 here"))
+    monkeypatch.setattr(hardware, "bf16_conv_speedup", lambda shape: 3.0)
     t = _trainer(tmp_path, precision="auto")
-    assert t.cfg.precision == "bf16" and t.precision_why == "auto: test: bf16 here"
+    assert t.cfg.precision == "bf16"
+    assert t.precision_why == "auto: test: bf16 here, a bf16 conv ran 3.0x fp32's speed here"
     t.train_step()
     path = t.save_checkpoint()
     from fastbegan.checkpoint import load_checkpoint
@@ -289,9 +315,10 @@ def test_progress_bar_shows_the_compiling_phase(tmp_path, monkeypatch, capsys):
     assert "compiling (torch.compile, once)" in capsys.readouterr().err
 
 
-def test_cli_start_up_lines_say_what_was_picked(tmp_path):
+def test_cli_start_up_lines_say_what_was_picked(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from fastbegan.cli import main
+    monkeypatch.setattr(hardware, "bf16_conv_speedup", lambda shape: 0.5)  # a timing-free line
     args = ["train", "--res", "8", "--filters", "4", "--z-dim", "8", "--h", "8", "--batch-size", "2",
             "--steps", "2", "--device", "cpu", "--backend", "torch", "--no-progress",
             "--out", str(tmp_path / "run")]
@@ -299,7 +326,7 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path):
     assert res.exit_code == 0, res.output
     out = res.output
     assert "fused training step" in out and "torch.compile auto" in out
-    assert f"precision {hardware.resolve_precision('auto', CPU)[0]} (auto: " in out
+    assert "precision fp32 (auto: " in out  # no bf16 units, or (the probe above) bf16 measured slower
     assert f"{torch.get_num_threads()} thread" in out and "allocator:" in out
     # the default variant, with every lever it switches on, as the options that would set them
     from fastbegan.remedies import DEFAULT_VARIANT, variant_flags

@@ -83,10 +83,11 @@ def logged_diversity(run: Path, step: int, window: int = 500) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def logged_k(run: Path, step: int) -> float | None:
+def logged_k(run: Path, step: int, key: str = "k") -> float | None:
+    """The run's newest logged ``key`` (k_t; or ``gamma``, adapted with --k-target) at or before ``step``."""
     from fastbegan.health import read_metrics
     rows = [r for r in read_metrics(run / "metrics.jsonl") if r["step"] <= step]
-    return rows[-1]["k"] if rows else None
+    return rows[-1].get(key) if rows else None
 
 
 def score(ckpt: Path, dataset: str, real_ref: np.ndarray, train: np.ndarray, n: int, clf=None, *,

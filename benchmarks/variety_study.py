@@ -262,12 +262,17 @@ def fake_easier(run: Path, step: int, window: int = 500) -> float | None:
 
 
 def add_log_measures(rows: list[dict], work: Path) -> None:
-    """Fill the measures read from a run's log alone (:func:`fake_easier`) into rows scored
-    before they existed, where the run folder is still in ``work``."""
+    """Fill the measures read from a run's log alone (:func:`fake_easier`, an adapted gamma)
+    into rows scored before they existed, where the run folder is still in ``work``."""
     for r in rows:
         run = work / f"{r['dataset']}-{r['lever']}"
-        if "fake_easier" not in r and (run / "metrics.jsonl").exists():
+        if not (run / "metrics.jsonl").exists():
+            continue
+        if "fake_easier" not in r:
             r["fake_easier"] = fake_easier(run, r["step"])
+        adapted = logged_k(run, r["step"], "gamma")  # --k-target: the gamma of that step, not the start's
+        if adapted is not None:
+            r["gamma"] = adapted
 
 
 def seed_from_parent(run: Path, parent: Path, step: int) -> None:
@@ -295,7 +300,8 @@ def score_checkpoint(run: Path, ds: str, step: int, d: dict, n: int) -> dict:
     cfg = run_config(run)
     ema = bool(cfg.get("ema_decay"))
     row = {"dataset": ds, "lever": run.name.split("-", 1)[1], "step": step, "k_t": logged_k(run, step),
-           "loss_ratio": loss_ratio(run, step), "fake_easier": fake_easier(run, step), "gamma": cfg["gamma"], "train_s": round(train_seconds(run, step), 1),
+           "loss_ratio": loss_ratio(run, step), "fake_easier": fake_easier(run, step),
+           "gamma": logged_k(run, step, "gamma") or cfg["gamma"], "train_s": round(train_seconds(run, step), 1),
            "view": "ema" if ema else "raw"}
     row.update(k_summary(run, step, cfg.get("k_min", 0.0)))
     row.update(equilibrium_diagnosis(ckpt, d["train"], d["ref"]))
@@ -322,7 +328,7 @@ def add_hue_diagnosis(rows: list[dict], work: Path, data: dict, n: int) -> None:
 
 
 # ------------------------------------------------------------------------- report
-COLS = ["k_t", "k_on_floor", "k_median", "loss_ratio", "fake_easier", "heldout_over_train", "fake_over_heldout", "precision",
+COLS = ["k_t", "k_on_floor", "k_median", "gamma", "loss_ratio", "fake_easier", "heldout_over_train", "fake_over_heldout", "precision",
         "recall", "swd_x1e3"]
 FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "bg_top_rank", "hue_L_spread"]
 DIGIT_COLS = ["classes_2pct", "class_entropy"]
@@ -341,6 +347,7 @@ def markdown(doc: dict) -> str:
              "after step 500; L_f/L_r: median L_fake / L_real over the 500 steps up to the checkpoint; fake easier: the share of those logged "
              "steps with L_fake < L_real (where MAGAN's margin at the real loss would make D push on the fakes; "
              "at 0 it never would, and D only autoencodes the reals)",
+             "- gamma: the run's, or with --k-target the adapted gamma logged at the checkpoint",
              "- D's L on held-out real images over its L on training images (heldout/train), and on 512 of G's "
              "samples over held-out (fake/heldout)",
              "- precision / recall: k-NN (k 3; faces: factor regressor's features vs 512 fresh faces; digits: "
@@ -384,6 +391,9 @@ def parse_args():
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--stem", default=None)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="add the rows (and real baselines) of these results files, e.g. of runs made in parallel "
+                         "with their own --results, to the results file (--results / --stem); trains nothing")
     ap.add_argument("--add-hues", action="store_true",
                     help="fill the background-hue measures into faces rows scored before they existed")
     return ap.parse_args()
@@ -395,8 +405,18 @@ def main() -> None:
     results = Path(args.results)
     stem, old, dev = open_results(results, args.stem, "variety")
     rows, baselines = old.get("rows", []), old.get("real_baselines", {})
-    datasets = list(dict.fromkeys(old.get("datasets", []) + args.datasets))
+    datasets = list(dict.fromkeys(old.get("datasets", []) + ([] if args.merge else args.datasets)))
     levers = {**old.get("meta", {}).get("levers", {}), **{k: listed_flags(k) for k in args.levers if k in LEVERS}}
+    precision = old.get("meta", {}).get("precision") if args.report_only or args.merge else args.precision
+    for path in args.merge or []:
+        other = json.loads(Path(path).read_text())
+        precision = precision or other.get("meta", {}).get("precision")
+        have = {(r["dataset"], r["lever"], r["step"]) for r in rows}
+        rows += [r for r in other["rows"] if (r["dataset"], r["lever"], r["step"]) not in have]
+        for ds, base in other.get("real_baselines", {}).items():
+            baselines.setdefault(ds, base)
+        datasets += [ds for ds in other.get("datasets", []) if ds not in datasets]
+        levers.update(other.get("meta", {}).get("levers", {}))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     add_log_measures(rows, work)
@@ -410,9 +430,9 @@ def main() -> None:
         write_results(stem, markdown, dev, args, old, datasets, rows, baselines,
                       levers={k: v for k, v in levers.items() if k in ran},
                       train_commit=old.get("meta", {}).get("train_commit"),
-                      precision=args.precision if not args.report_only else old.get("meta", {}).get("precision"))
+                      precision=precision)
 
-    if not args.report_only:
+    if not (args.report_only or args.merge):
         data = load_data(args.datasets, work, args.seed, args.res)
         for ds, d in data.items():
             if ds not in baselines:

@@ -95,6 +95,45 @@ def test_fake_easier_counts_the_window_and_fills_old_rows(tmp_path):
     assert "fake_easier" not in rows[1] and rows[2]["fake_easier"] == 0.9
 
 
+def test_an_adapted_gamma_is_read_from_the_log(tmp_path):
+    """--k-target runs: a row's gamma is the one logged at (or last before) its step."""
+    run = tmp_path / "faces-kt"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "k": 0.1, "gamma": g}) + "\n" for s, g in ((500, 1.6), (1000, 1.9))))
+    rows = [{"dataset": "faces", "lever": "kt", "step": 1000, "gamma": 1.5},
+            {"dataset": "faces", "lever": "kt", "step": 750, "gamma": 1.5}]
+    V.add_log_measures(rows, tmp_path)
+    assert [r["gamma"] for r in rows] == [1.9, 1.6]
+    assert V.logged_k(run, 1000) == 0.1 and V.logged_k(run, 400, "gamma") is None
+
+
+def test_merge_adds_the_rows_of_parallel_runs(tmp_path, monkeypatch):
+    """--merge: two lanes' results files become one (rows, baselines and levers of both, a row
+    already there kept), and nothing is trained."""
+    def lane(name, rows, precision="fp32"):
+        doc = {"meta": {"levers": {r["lever"]: ["--x"] for r in rows}, "precision": precision},
+               "datasets": sorted({r["dataset"] for r in rows}), "rows": rows,
+               "real_baselines": {r["dataset"]: {"recall": 0.9} for r in rows}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        return str(path)
+    a = lane("a", [{"dataset": "faces", "lever": "g15", "step": s, "recall": 0.1} for s in (1000, 2000)])
+    b = lane("b", [{"dataset": "digits", "lever": "kt", "step": 1000, "recall": 0.5},
+                   {"dataset": "faces", "lever": "g15", "step": 1000, "recall": 0.7}])
+    monkeypatch.setattr(V, "load_data", lambda *a, **k: pytest.fail("a merge trains and loads nothing"))
+    monkeypatch.setattr(sys, "argv", ["variety_study.py", "--merge", a, b, "--results", str(tmp_path / "out"),
+                                      "--stem", "merged", "--work", str(tmp_path / "work")])
+    (tmp_path / "out").mkdir()
+    V.main()
+    doc = json.loads((tmp_path / "out" / "merged.json").read_text())
+    assert sorted((r["dataset"], r["lever"], r["step"], r["recall"]) for r in doc["rows"]) == [
+        ("digits", "kt", 1000, 0.5), ("faces", "g15", 1000, 0.1), ("faces", "g15", 2000, 0.1)]
+    assert doc["datasets"] == ["faces", "digits"] and set(doc["real_baselines"]) == {"faces", "digits"}
+    assert set(doc["meta"]["levers"]) == {"g15", "kt"} and doc["meta"]["precision"] == "fp32"
+    assert "| g15 | 2000 |" in (tmp_path / "out" / "merged.md").read_text()
+
+
 def test_second_phase_starts_from_the_parents_checkpoint(tmp_path):
     """A two-phase lever's run holds the parent's checkpoint at the start step and its logged
     rows up to there only; a missing parent checkpoint stops with what to run first."""

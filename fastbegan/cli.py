@@ -149,11 +149,11 @@ def main(ctx):
               help="A floor under k_t (the paper: 0): k_t is clipped to [k_min, 1], so D never stops "
                    "pushing back on the fakes.")
 @click.option("--k-target", type=float, default=None,
-              help="An equilibrium that acts: gamma adapts (starting at --gamma) so that k_t holds near "
-                   "this value instead of drifting onto its floor as L_fake / L_real rises during training "
-                   "(docs/training.md). 0 = a fixed gamma, the paper's.")
-@click.option("--lambda-gamma", type=float, default=0.005, show_default=True,
-              help="With --k-target: how fast gamma adapts (the controller's integral gain).")
+              help="An equilibrium that keeps acting: gamma (starting at --gamma) follows the measured "
+                   "L_fake / L_real, offset so that k_t holds near this value instead of drifting onto its "
+                   "floor as the ratio rises during training (docs/training.md). 0 = a fixed gamma, the paper's.")
+@click.option("--lambda-gamma", type=float, default=0.01, show_default=True,
+              help="With --k-target: the rate of gamma's moving average (about 1 / the steps it averages).")
 @click.option("--pt-anneal", type=int, nargs=2, default=None, metavar="START END",
               help="Anneal the pulling-away weight linearly to 0 between these steps (ends the escape).")
 @click.option("--pt-final", type=float, default=None,

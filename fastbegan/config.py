@@ -31,7 +31,7 @@ class TrainConfig:
     gamma: float = 0.5
     lambda_k: float = 0.001
     k_target: float = 0.0               # > 0: gamma adapts to hold k_t near this (remedies.adapt_gamma); 0 = fixed gamma
-    lambda_gamma: float = 0.005         # the adapted gamma's integral gain
+    lambda_gamma: float = 0.01          # the adapted gamma's EMA rate (remedies.adapt_gamma)
     separate_z: bool = False
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)
     pt_weight: float = 0.0              # EBGAN pulling-away term in G's loss (0 = off)
@@ -101,8 +101,9 @@ class TrainConfig:
         if not 0.0 <= self.k_target < 1.0 or (self.k_target and self.k_target <= self.k_min):
             raise ValueError(f"--k-target is the k_t that the adapted gamma holds: in (--k-min, 1), or 0 for a "
                              f"fixed gamma (got {self.k_target}, --k-min {self.k_min})")
-        if self.k_target and self.lambda_gamma <= 0:
-            raise ValueError(f"--lambda-gamma is how fast gamma adapts to --k-target: > 0, got {self.lambda_gamma}")
+        if self.k_target and not 0 < self.lambda_gamma <= 1:
+            raise ValueError(f"--lambda-gamma is how fast gamma follows the loss ratio (an EMA's rate): in (0, 1], "
+                             f"got {self.lambda_gamma}")
         if self.k_target and not remedies.GAMMA_RANGE[0] <= self.gamma <= remedies.GAMMA_RANGE[1]:
             raise ValueError(f"with --k-target, --gamma is where the adapted gamma starts: in "
                              f"{list(remedies.GAMMA_RANGE)}, got {self.gamma}")

@@ -102,23 +102,25 @@ def k_floor(k_next: Tensor, k_min: float | Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ an equilibrium that acts
-# --k-target: gamma adapts so that k_t holds near a target instead of drifting to its floor
-# (the measured L_fake / L_real rises during training, past any fixed gamma: docs/design.md §7).
-# Bounds on the adapted gamma (anti-windup: a k_t held on its floor or at 1 cannot push gamma
-# without limit), and the proportional gain of the controller (its damping: docs/design.md §7).
+# --k-target: gamma follows the measured loss ratio so that k_t holds near a target instead of
+# drifting to its floor (L_fake / L_real rises during training, past any fixed gamma:
+# docs/design.md §7). GAMMA_GAIN: how far gamma sits above the ratio per unit of k_t below
+# its target (the pull that brings k_t back); GAMMA_RANGE: the bounds of the adapted gamma.
+GAMMA_GAIN = 10.0
 GAMMA_RANGE = (0.25, 4.0)
-GAMMA_KP = 5.0
 
 
-def adapt_gamma(gamma: Tensor, k: Tensor, k_next: Tensor, k_target: float, lambda_gamma: float) -> Tensor:
-    """The next gamma of ``--k-target``: a PI controller on k_t, in velocity form (one state,
-    gamma itself): ``gamma + lambda_gamma (k_target - k_next) + GAMMA_KP (k - k_next)``,
-    clipped to :data:`GAMMA_RANGE`. A k_t below its target raises gamma, so the paper's update
-    ``k += lambda_k (gamma L_real - L_fake)`` lifts k_t again; the integral term follows a
-    loss ratio that drifts, the proportional term damps the loop (two integrators, k_t and
-    gamma, would otherwise swing). 0-d fp32 device tensors in and out (no host sync)."""
-    step = lambda_gamma * (k_target - k_next) + GAMMA_KP * (k - k_next)
-    return (gamma + step).clamp(*GAMMA_RANGE)
+def adapt_gamma(gamma: Tensor, k_next: Tensor, loss_real: Tensor, loss_fake: Tensor, k_target: float,
+                rate: float) -> Tensor:
+    """The next gamma of ``--k-target``: an exponential moving average (weight ``rate`` on
+    the new value) of ``L_fake / L_real + GAMMA_GAIN (k_target - k_next)``, clipped to
+    :data:`GAMMA_RANGE`. gamma stays where the loss ratio is, so the paper's update
+    ``k += lambda_k (gamma L_real - L_fake)`` no longer drifts, plus an offset that lifts a
+    k_t below its target (and lowers one above): k_t settles near ``k_target`` with the time
+    constant ``1 / (lambda_k L_real GAMMA_GAIN)``. 0-d fp32 device tensors in and out (no
+    host sync)."""
+    wanted = loss_fake / loss_real.clamp(min=1e-8) + GAMMA_GAIN * (k_target - k_next)
+    return (gamma + rate * (wanted - gamma)).clamp(*GAMMA_RANGE)
 
 
 # ------------------------------------------------------------------ ending the escape

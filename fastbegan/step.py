@@ -276,7 +276,7 @@ class Step:
         k_new = remedies.k_floor(k_next, remedies.k_min_at(cfg, st.step_t))
         adapted = {}
         if cfg.k_target:
-            adapted["gamma"] = remedies.adapt_gamma(st.gamma, k, k_new, cfg.k_target, cfg.lambda_gamma)
+            adapted["gamma"] = remedies.adapt_gamma(st.gamma, k_new, lv[0], lv[1], cfg.k_target, cfg.lambda_gamma)
             st.gamma.copy_(adapted["gamma"])
         k.copy_(k_new)
         st.step_t.add_(1)

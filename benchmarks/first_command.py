@@ -1,6 +1,7 @@
 """The README's first command, timed and scored: what a new user sees.
 
     python benchmarks/first_command.py        # run it alone on the machine (~5 minutes)
+    python benchmarks/first_command.py --only "default (this version)" "bf16 forced" "fp32 forced"
 
 Runs ``fastbegan train --res 32 --steps 300`` (the README's first command, data cache
 warm, no record of earlier compiled runs: a new user's ``--compile auto``) in a fresh run
@@ -100,28 +101,38 @@ def no_compile_records():
 
 
 def main() -> None:
+    import argparse
     from fastbegan.bench.device import device_info, git_commit, slugify
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", metavar="RUN", choices=list(runs()),
+                    help="only these runs (names as in the table), e.g. --only 'bf16 forced' 'fp32 forced'")
+    ap.add_argument("--note", default=None, help="a line for the results file (e.g. what else the machine ran)")
+    args = ap.parse_args()
     dev = device_info(torch.device("cpu"))["name"]
     subprocess.run([sys.executable, "-m", "fastbegan", "train", "--res", "32", "--steps", "1", "--out",
                     tempfile.mkdtemp(), "--no-progress"], capture_output=True, timeout=600)  # data cache
     rows = {}
     with no_compile_records():
         for name, extra in runs().items():
+            if args.only and name not in args.only:
+                continue
             with tempfile.TemporaryDirectory(prefix="fastbegan-first-") as d:
                 rows[name] = run(extra, Path(d) / "run")
             print(name, json.dumps(rows[name]), flush=True)
     doc = {"meta": {"created": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "device": dev,
-                    "commit": git_commit()["commit"], "torch": torch.__version__}, "runs": rows}
+                    "commit": git_commit()["commit"], "torch": torch.__version__, "note": args.note}, "runs": rows}
     stem = RESULTS / f"cpu-{slugify(dev.removeprefix('CPU: '))}-first-command-{dt.date.today()}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     L = [f"# The README's first command on {dev}", "", f"- {doc['meta']['created']}, git {doc['meta']['commit']}, "
-         f"torch {doc['meta']['torch']}; samples scored: 512 generated vs fresh procedural faces", "",
+         f"torch {doc['meta']['torch']}; samples scored: 512 generated vs fresh procedural faces",
+         *([f"- {args.note}"] if args.note else []), "",
          "| run | training s (300 steps) | steps/s | whole command s | diversity ratio | factor coverage | "
          "render fidelity |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         L.append(f"| {name}: `{r['command']}` | {r['train_s']:.1f} | {r['steps_per_s']:.2f} | {r['wall_s']:.1f} | "
                  f"{r['diversity_ratio']:.3f} | {r['factor_coverage']:.3f} | {r['render_fidelity']:.3f} |")
-    L += ["", "Start-up lines of the default run:", ""] + [f"    {x}" for x in rows[next(iter(rows))]["startup_lines"]]
+    for name, r in rows.items():
+        L += ["", f"Start-up lines of the run '{name}':", ""] + [f"    {x}" for x in r["startup_lines"]]
     stem.with_suffix(".md").write_text("\n".join(L) + "\n")
     print(f"wrote {stem}.json / .md")
 

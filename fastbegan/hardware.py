@@ -28,14 +28,19 @@ def bf16_support(device: torch.device) -> tuple[bool, str]:
             return True, f"sm_{major}{minor} has bf16 tensor cores"
         return False, f"sm_{major}{minor} has no bf16 tensor cores"
     if device.type == "cpu":
-        probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-        found = [name for name, fn in probes if getattr(torch.cpu, fn, lambda: False)()]
+        found = cpu_bf16_units()
         if not found:
             return False, "CPU has neither AMX-BF16 nor AVX512-BF16"
         if not onednn_bf16():
             return False, f"CPU has {' and '.join(found)}, but this torch's oneDNN has no bf16 kernels for it"
         return True, f"CPU has {' and '.join(found)}"
     return False, f"{device.type} is neither a CUDA GPU nor a CPU"
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 units by torch's own probes: ``AMX-BF16``, ``AVX512-BF16``, or none."""
+    probes = (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    return [name for name, fn in probes if getattr(torch.cpu, fn, lambda: False)()]
 
 
 def onednn_bf16() -> bool:

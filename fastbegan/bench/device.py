@@ -61,13 +61,22 @@ def device_info(device: torch.device) -> dict:
 
 
 def _cpu_name() -> str:
+    """``CPU: <model name>``, with the bf16 units where it has any: virtual machines report
+    the same model name ("Intel(R) Xeon(R) Processor") with and without AMX, and bf16 speed
+    differs by 5x between them, so a results file's label says which it was."""
+    from ..hardware import cpu_bf16_units
+    return "CPU: " + _cpu_model() + (f" ({', '.join(units)})" if (units := cpu_bf16_units()) else "")
+
+
+def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return "CPU: " + line.split(":", 1)[1].strip()
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "CPU: " + (platform.processor() or platform.machine() or "unknown")
+    return platform.processor() or platform.machine() or "unknown"
+
 
 
 def repo_root() -> Path:

@@ -101,6 +101,11 @@ LEVERS = {
     "eqfmpxd03kt10": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
                       "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1"],
 }
+# levers whose rows a results file keeps but whose code is gone -> the commit that trained them
+# (the flags alone no longer reproduce them): the first, PI form of --k-target
+RETIRED = {"eqfmpxd03kt10pi": ("56d366a", ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k",
+                                           "0.003", "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target",
+                                           "0.1", "(PI form of --k-target, gamma += 0.005 (0.1 - k') + 5 (k - k'))"])}
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's
 STARTS = {"eqfmpx03to01": ("eqfmpx03", 250)}

@@ -163,9 +163,13 @@ def test_the_plan_reproduces_the_results_file():
         assert lever in V.LEVERS
         parent = V.STARTS.get(lever, (None, 0))[0]
         assert parent is None or order.index(parent) < order.index(lever)
-    doc = json.loads((V.RESULTS / "variety-cpu-amd-epyc-2026-12-03.json").read_text())
-    for r in doc["rows"]:
-        assert r["step"] in V.plan_steps(V.PLAN[r["lever"]][r["dataset"]]), (r["lever"], r["dataset"], r["step"])
+    for name in ("variety-cpu-amd-epyc-2026-12-03.json", "variety-cpu-intel-xeon-avx512-bf16-2026-12-07.json"):
+        doc = json.loads((V.RESULTS / name).read_text())
+        for r in doc["rows"]:
+            if r["lever"] in V.RETIRED:  # kept with the commit that trained it
+                assert r["lever"] not in V.LEVERS and r["lever"] in doc["meta"]["levers"]
+                continue
+            assert r["step"] in V.plan_steps(V.PLAN[r["lever"]][r["dataset"]]), (name, r["lever"], r["dataset"], r["step"])
     args = argparse.Namespace(plan=True, datasets=["digits"])
     assert ("digits", "eqfmpxd03", 3000, V.plan_steps(3000)) in V.jobs(args)
     assert all(ds == "digits" for ds, *_ in V.jobs(args))

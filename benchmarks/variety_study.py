@@ -122,7 +122,7 @@ def eval_steps(steps: int, every: int) -> list[int]:
     return list(range(every, steps + 1, every))
 
 
-# what the results file holds, in one command (--plan): lever -> {dataset: steps}, in order
+# what the results files hold, in one command (--plan): lever -> {dataset: steps}, in order
 # (a two-phase lever after its parent). Checkpoints every 250 steps, scored on plan_steps.
 PLAN = {
     "settle": {"faces": 250, "digits": 250},
@@ -145,8 +145,9 @@ PLAN = {
     "eqfmpxd03": {"faces": 10000, "digits": 3000},
     "eqfmpxd01": {"faces": 1000},
     "eqfmpxd03g2": {"faces": 1000},
-    "eqfmpxd03g15": {"faces": 2000, "digits": 2500},
+    "eqfmpxd03g15": {"faces": 10000, "digits": 2500},
     "settlefmpxd03": {"faces": 2000, "digits": 2000},
+    "eqfmpxd03kt10": {"faces": 10000, "digits": 4000},
 }
 
 
@@ -343,7 +344,7 @@ def markdown(doc: dict) -> str:
     m = doc["meta"]
     lines = [f"# Variety and the equilibrium ({m['device']})", "",
              f"- date {m['created']}, git {m['commit']} (runs trained from the study worktree's commit: "
-             f"{m.get('train_commit', 'see note')}), torch {m['torch']}; res {m['res']}, batch 16, n 64, seed "
+             f"{m.get('train_commit') or 'see note'}), torch {m['torch']}; res {m['res']}, batch 16, n 64, seed "
              f"{m['seed']}; 1 thread per run, two runs at a time, on a machine shared with other work",
              *([f"- {m['note']}"] if m.get("note") else []),
              "- levers (each `fastbegan train` from scratch, or from another lever's checkpoint where named, with): " + "; ".join(

@@ -30,7 +30,7 @@ class TrainConfig:
     beta2: float = 0.999
     gamma: float = 0.5
     lambda_k: float = 0.001
-    k_target: float = 0.0               # > 0: gamma adapts to hold k_t near this (remedies.adapt_gamma); 0 = fixed gamma
+    k_target: float = 0.0               # > 0: gamma follows the loss ratio to hold k_t near this (0 = fixed gamma)
     lambda_gamma: float = 0.01          # the adapted gamma's EMA rate (remedies.adapt_gamma)
     separate_z: bool = False
     cs_alpha: float = 0.0               # BEGAN-CS constrained-space term in D's loss (0 = off)

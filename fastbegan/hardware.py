@@ -3,8 +3,9 @@
 ``resolve_precision("auto", device)`` picks bf16 autocast (fp32 master weights, fp32
 losses and k_t) where the hardware computes in bf16 natively (on a CPU: and where a bf16
 convolution of the run's shape is measured faster than fp32; a Xeon with AVX512-BF16 but no
-AMX ran it slower, docs/design.md §6), fp32 elsewhere, and says why; ``configure_threads()`` sizes torch's intra-op pool to the cores this process may
-run on. Both answer with a phrase for the trainer's start-up line.
+AMX ran it slower, docs/design.md §4.4), fp32 elsewhere, and says why;
+``configure_threads()`` sizes torch's intra-op pool to the cores this process may run on.
+Both answer with a phrase for the trainer's start-up line.
 """
 from __future__ import annotations
 

@@ -64,8 +64,9 @@ class Trainer:
         asked = cfg.precision
         cfg.precision, self.precision_why = resolve_precision(cfg.precision, self.device,
                                                               (cfg.batch_size, cfg.filters, cfg.res, cfg.res))
-        if asked == "auto" and self.device.type == "cpu" and self.dist.enabled and distributed.any_true(cfg.precision == "fp32", self.device):
-            # auto times a conv on each rank: all ranks run one precision, fp32 if any rank measured it
+        # auto times a conv on each CPU rank: all ranks run one precision, fp32 if any rank measured it
+        if (asked == "auto" and self.device.type == "cpu" and self.dist.enabled
+                and distributed.any_true(cfg.precision == "fp32", self.device)):
             if cfg.precision == "bf16":
                 cfg.precision, self.precision_why = "fp32", "auto: another process measured bf16 slower"
         # the backend, and why auto fell back to the reference (a start-up line, not a warning)

@@ -49,8 +49,8 @@ def onednn_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-# a CPU's bf16 conv must beat fp32 by this much: the step also pays the casts around it
-# (a conv at 0.9x fp32 made the whole res-32 step 0.68x: docs/design.md §6)
+# a CPU's bf16 conv must beat fp32 by this much: the step also pays the casts around each
+# conv, so its bf16 slowdown is worse than the conv's (docs/design.md §4.4)
 BF16_MIN_SPEEDUP = 1.2
 PROBE_SIDE = 32  # the probe conv's spatial size at most (the rate is the same beyond; startup stays short)
 

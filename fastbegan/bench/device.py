@@ -78,7 +78,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-
 def repo_root() -> Path:
     """The checkout this package runs from (fastbegan/bench/device.py -> the repo root)."""
     return Path(__file__).resolve().parents[2]

@@ -100,6 +100,13 @@ LEVERS = {
     # (faces 1.5 -> 2.0) took k_t onto its floor by step 2,500
     "eqfmpxd03kt10": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
                       "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1"],
+    # eqfmpxd03kt10's samples put the faces' backgrounds on red and cyan: each channel's mean and
+    # spread match the data's ring of hues (what --fm-pixels sees), their joint law does not. The
+    # sliced Wasserstein distance on 8x8 thumbnails against the training set sees it
+    "eqfmpxd03kt10sw1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                         "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "1"],
+    "eqfmpxd03kt10sw3": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                         "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "3"],
 }
 # levers whose rows a results file keeps but whose code is gone -> the commit that trained them
 # (the flags alone no longer reproduce them): the first, PI form of --k-target

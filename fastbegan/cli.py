@@ -142,6 +142,11 @@ def main(ctx):
               help="With --fm-pixels: match each pixel's mean and spread over the whole training set "
                    "(computed once at the start, mirror images included with flips) instead of the real "
                    "batch's, a target without the batch's sampling noise. Default: the real batch.")
+@click.option("--sw-weight", type=float, default=None,
+              help="Sliced Wasserstein distance (Deshpande et al. 2018) between G's batch and the training "
+                   "set, on 8x8 thumbnails along 128 fixed directions: G pays this weight times it, so the "
+                   "colours' joint spread (a background's hue, not each channel's alone) must match the "
+                   "data's. 0 = off.")
 @click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
                    "first step instead of waiting for k_t to grow.")
@@ -207,7 +212,7 @@ def main(ctx):
                    "torch reference and drop a kernel that disagrees (one warning line each).")
 @user_errors
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
-          lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, fm_data, k_init,
+          lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, fm_data, sw_weight, k_init,
           k_min, k_target, lambda_gamma, pt_anneal,
           pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
           backend, device, seed, out, resume,
@@ -232,7 +237,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
     remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
-                  fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data,
+                  fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data, sw_weight=sw_weight,
                   k_init=k_init, k_min=k_min, k_target=k_target,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     ckpt_path = latest_checkpoint(out) if resume and variant is None else None

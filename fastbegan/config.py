@@ -48,6 +48,7 @@ class TrainConfig:
     fm_weight: float = 0.0              # feature matching on D's codes in G's loss (0 = off); remedies.feature_matching
     fm_pixels: bool = False             # feature matching on the images' pixels instead of D's codes
     fm_data: bool = False               # ... against the training set's pixel moments, not the real batch's
+    sw_weight: float = 0.0              # sliced Wasserstein on thumbnails vs the training set, in G's loss; remedies.sliced_wasserstein
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
@@ -92,8 +93,8 @@ class TrainConfig:
             raise ValueError(f"max_restores must be >= 0, got {self.max_restores}")
         if self.on_collapse not in ("warn", "stop", "restore"):
             raise ValueError(f"on_collapse must be warn, stop or restore, got {self.on_collapse!r}")
-        if min(self.cs_alpha, self.pt_weight, self.ms_weight, self.fm_weight) < 0:
-            raise ValueError("--cs-alpha, --pt-weight, --ms-weight and --fm-weight must be >= 0")
+        if min(self.cs_alpha, self.pt_weight, self.ms_weight, self.fm_weight, self.sw_weight) < 0:
+            raise ValueError("--cs-alpha, --pt-weight, --ms-weight, --fm-weight and --sw-weight must be >= 0")
         if not 0.0 <= self.k_init <= 1.0:
             raise ValueError(f"--k-init must be in [0, 1] (k_t is clipped there), got {self.k_init}")
         if not 0.0 <= self.k_min <= 1.0:
@@ -113,9 +114,10 @@ class TrainConfig:
         remedies.check_anneal(self)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if (self.pt_weight or self.ms_weight or self.fm_weight) and self.batch_size < 2:
-            raise ValueError("the pulling-away (--pt-weight), mode-seeking (--ms-weight) and feature-matching "
-                             "(--fm-weight) terms compare samples: use --batch-size >= 2")
+        if (self.pt_weight or self.ms_weight or self.fm_weight or self.sw_weight) and self.batch_size < 2:
+            raise ValueError("the pulling-away (--pt-weight), mode-seeking (--ms-weight), feature-matching "
+                             "(--fm-weight) and sliced Wasserstein (--sw-weight) terms compare samples: use "
+                             "--batch-size >= 2")
         if self.fm_data and not (self.fm_weight and self.fm_pixels):
             raise ValueError("--fm-data sets the target of pixel feature matching: use it with --fm-weight > 0 "
                              "and --fm-pixels (D's codes change as D trains, so they have no fixed target)")

@@ -28,13 +28,14 @@ after the escape").
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # every option a variant sets, with its value when off (the paper's BEGAN)
 PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
          "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False,
-         "k_target": 0.0}
+         "sw_weight": 0.0, "k_target": 0.0}
 VARIANT_PRESETS = {
     "began": dict(PAPER),
     "escape": {**PAPER, "pt_weight": 0.1, "k_init": 0.1, "k_min": 0.05},
@@ -304,6 +305,69 @@ def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor
     return moment_gap(fake.flatten(1), *(batch_moments(x.flatten(1)) if target is None else target))
 
 
+# --sw-weight: the sliced Wasserstein distance on thumbnails. Per-pixel moments (--fm-pixels) are
+# met by a red / cyan mix of backgrounds as well as by the data's ring of hues (each channel has
+# the same mean and spread; only the channels' joint law differs), and the faces' samples settle
+# there (docs/design.md §7). 1-D Wasserstein distances along many directions of the whole
+# thumbnail see the joint law of the colours, and of where a face sits.
+SW_SIDE = 8            # every image average-pooled to 8x8 (3 x 64 = 192 numbers)
+SW_DIRECTIONS = 128    # fixed random unit directions of that space (seed 0): the same every run
+SW_GRID = 1024         # the training set's projections kept at this many quantiles
+
+
+def thumbnails(images: Tensor, side: int = SW_SIDE) -> Tensor:
+    """(N, 3, H, W) -> (N, 3 * side * side) fp32: the images average-pooled to side x side
+    (H a power of two >= side: exact block means), flattened."""
+    return F.adaptive_avg_pool2d(images.float(), min(side, images.shape[-1])).flatten(1)
+
+
+@torch.no_grad()
+def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, side: int = SW_SIDE,
+                        directions: int = SW_DIRECTIONS, grid: int = SW_GRID,
+                        max_images: int = 16384, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
+    """``--sw-weight``'s target, once per run: ``(dirs, quantiles, scale)``.
+
+    ``images_u8`` (N, H, W, 3) uint8, the training set (every ceil(N / max_images)-th image;
+    with ``flip`` their mirror images too). ``dirs`` (3 * side**2, directions): unit vectors
+    drawn with seed 0 (the same on every rank and run); ``quantiles`` (grid, directions): the
+    set's projections :func:`thumbnails` @ ``dirs`` at the quantiles (i + 0.5) / grid (order
+    statistics, no interpolation); ``scale`` (0-d): the projections' mean standard deviation,
+    so that one weight means the same on every data set. fp32 on ``images_u8``'s device."""
+    from .images import to_unit_range
+    dim = 3 * min(side, images_u8.shape[1]) ** 2
+    gen = torch.Generator().manual_seed(0)
+    dirs = torch.randn(dim, directions, generator=gen, dtype=torch.float64)
+    dirs = (dirs / dirs.norm(dim=0)).to(images_u8.device)
+    subset = images_u8[::max(1, -(-len(images_u8) // max_images))]
+    proj = []
+    for mirror in ((False, True) if flip else (False,)):
+        for i in range(0, len(subset), chunk):
+            part = subset[i:i + chunk]
+            proj.append(thumbnails(to_unit_range(part.flip(2) if mirror else part)).double() @ dirs)
+    proj = torch.cat(proj).sort(0).values
+    rows = ((torch.arange(grid, dtype=torch.float64) + 0.5) * (len(proj) / grid)).long()
+    return dirs.float(), proj[rows.to(proj.device)].float(), proj.std(0).mean().float()
+
+
+def sliced_wasserstein(fake: Tensor, target: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The sliced 1-Wasserstein distance (Deshpande, Zhang and Schwing, CVPR 2018) between the
+    batch ``fake`` (B, 3, H, W) and the training set, on :func:`thumbnails`, over ``target``'s
+    directions (:func:`thumbnail_quantiles`)::
+
+        mean_{i, d} |sort_i(thumb(fake) @ dir_d)_i - Q_d((i + 0.5) / B)| / scale
+
+    The i-th smallest of the B projections is compared with the set's (i + 0.5) / B quantile:
+    the W1 distance between the batch and the set along each direction. fp32 (outside
+    autocast: sorted differences are small). Added to G's loss, it grows when G's samples
+    bunch where the data spread, in any direction of the thumbnails' space."""
+    dirs, quantiles, scale = target
+    with torch.autocast(fake.device.type, enabled=False):
+        proj = thumbnails(fake) @ dirs
+        b = proj.shape[0]
+        rows = ((torch.arange(b, device=fake.device) + 0.5) * (quantiles.shape[0] / b)).long()
+        return (proj.sort(0).values - quantiles[rows]).abs().mean() / scale
+
+
 def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) -> Tensor:
     """Feature matching on D's codes (Salimans et al., NeurIPS 2016: the mean; with the
     standard deviation too, as McGAN matches second moments)::
@@ -324,7 +388,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
                      pt_scale: Tensor | None = None, pt_centred: bool = False,
                      ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
                      x: Tensor | None = None,
-                     fm_target: tuple[Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     fm_target: tuple[Tensor, Tensor] | None = None, sw_weight: float = 0.0,
+                     sw_target: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -340,6 +405,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     codes of the real batch ``x`` (one more encoder pass, without gradients: a target), or
     with ``fm_pixels`` the images themselves (no pass of D); ``fm_target`` (the training set's
     pixel moments, :func:`pixel_moments`) replaces the real batch's as the pixels' target.
+    The sliced Wasserstein term reads ``fake`` and its fixed target ``sw_target``
+    (:func:`thumbnail_quantiles`) only: its gradient reaches G alone.
     """
     terms = {}
     if cs_alpha:
@@ -359,4 +426,6 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
         terms["fm"] = (feature_matching(codes, codes_real), fm_weight)
     if ms_weight:
         terms["ms"] = (mode_seeking(fake, z), ms_weight)
+    if sw_weight:
+        terms["sw"] = (sliced_wasserstein(fake, sw_target), sw_weight)
     return terms

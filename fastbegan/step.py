@@ -187,6 +187,8 @@ class Step:
         self.why = ""
         # --fm-data: the training set's pixel moments, once (the same on every rank: each holds the whole set)
         self.fm_target = remedies.pixel_moments(self.data, self.cfg.flip) if self.cfg.fm_data else None
+        # --sw-weight: the training set's thumbnail projections at fixed quantiles, once (the same on every rank)
+        self.sw_target = remedies.thumbnail_quantiles(self.data, self.cfg.flip) if self.cfg.sw_weight else None
         self.steps_planned: int | None = None
         self.last_batch: dict[str, Tensor] = {}
 
@@ -328,7 +330,7 @@ class ReferenceStep(Step):
                 loss_fake = ops.l1_recon_loss(fake, rec[b:])
                 loss_d = loss_real - k * loss_fake + self._cs_term(codes[b:], z_d)
                 loss_g = (loss_fake + self._pt_term(codes[b:]) + self._ms_term(fake, z_d)
-                          + self._fm_term(codes[b:], codes[:b], fake, x))
+                          + self._fm_term(codes[b:], codes[:b], fake, x) + self._sw_term(fake))
                 grads_d = torch.autograd.grad(loss_d, d_params, retain_graph=True)
                 grads_g = torch.autograd.grad(loss_g, g_params)
             else:
@@ -344,7 +346,7 @@ class ReferenceStep(Step):
                 codes_g = D.encoder(fake)
                 loss_fake = ops.l1_recon_loss(fake, D.decoder(codes_g))
                 loss_g = (loss_fake + self._pt_term(codes_g) + self._ms_term(fake, z_g)
-                          + self._fm_term(codes_g, codes[:b], fake, x))
+                          + self._fm_term(codes_g, codes[:b], fake, x) + self._sw_term(fake))
                 grads_g = torch.autograd.grad(loss_g, g_params)
         self._fake = fake.detach()
         for p, g in zip(d_params, grads_d):
@@ -389,6 +391,14 @@ class ReferenceStep(Step):
             return 0.0
         self.terms["ms"] = value = remedies.mode_seeking(fake, z)
         return self.cfg.ms_weight * value
+
+    def _sw_term(self, fake: Tensor):
+        """The sliced Wasserstein term of L_G (0 when off): G(z) against the training set's
+        thumbnail quantiles (a fixed target)."""
+        if not self.cfg.sw_weight:
+            return 0.0
+        self.terms["sw"] = value = remedies.sliced_wasserstein(fake, self.sw_target)
+        return self.cfg.sw_weight * value
 
 
 # ----------------------------------------------------------------------------------------
@@ -436,7 +446,7 @@ class FusedStep(Step):
                                 cs_alpha=cfg.cs_alpha, pt_weight=cfg.pt_weight, step_t=self.state.step_t,
                                 pt_anneal=remedies.pt_anneal_window(cfg), pt_centred=cfg.pt_centred,
                                 ms_weight=cfg.ms_weight, fm_weight=cfg.fm_weight, fm_pixels=cfg.fm_pixels,
-                                fm_target=self.fm_target)
+                                fm_target=self.fm_target, sw_weight=cfg.sw_weight, sw_target=self.sw_target)
         bf16 = cfg.precision == "bf16"
         # the compile self-check's noise floor in bf16: the same eager step in fp32
         self.forward = CompiledForward(forward(bf16), inputs.model, cfg, device=dev,
@@ -539,7 +549,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
                  device_type: str, bf16: bool, cs_alpha: float = 0.0, pt_weight: float = 0.0,
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0), pt_centred: bool = False,
                  ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
-                 fm_target: tuple[Tensor, Tensor] | None = None):
+                 fm_target: tuple[Tensor, Tensor] | None = None, sw_weight: float = 0.0,
+                 sw_target: tuple[Tensor, Tensor, Tensor] | None = None):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
@@ -553,8 +564,8 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     the cast cache, as in a CUDA graph capture). No random draws (the caller makes them
     with its generator) and no state changes. ``step_t`` (0-d int64 device step counter)
     drives an annealed pulling-away weight (``pt_anneal``: start, end[, final fraction]; end 0 = off);
-    ``pt_centred``, ``ms_weight``, ``fm_weight``, ``fm_pixels`` and ``fm_target`` (device
-    tensors, constant for the run) as in :func:`remedies.fused_step_terms`.
+    ``pt_centred``, ``ms_weight``, ``fm_weight``, ``fm_pixels``, ``fm_target``, ``sw_weight`` and
+    ``sw_target`` (device tensors, constant for the run) as in :func:`remedies.fused_step_terms`.
     """
     def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
@@ -573,7 +584,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
                                               pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight,
                                               fm_weight=fm_weight, fm_pixels=fm_pixels, x=x,
-                                              fm_target=fm_target)
+                                              fm_target=fm_target, sw_weight=sw_weight, sw_target=sw_target)
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

@@ -75,7 +75,7 @@ class Trainer:
         if len(data) < cfg.batch_size:
             raise ValueError(f"batch size {cfg.batch_size} is larger than the data set ({len(data)} "
                              "images): use a smaller --batch-size or more images")
-        distributed.check_batch(cfg.batch_size, self.dist, pairs=cfg.pt_weight > 0 or cfg.ms_weight > 0 or cfg.fm_weight > 0,
+        distributed.check_batch(cfg.batch_size, self.dist, pairs=cfg.pt_weight > 0 or cfg.ms_weight > 0 or cfg.fm_weight > 0 or cfg.sw_weight > 0,
                                 group=cfg.mbstd_group)
         torch.manual_seed(cfg.seed)
         self.model = BEGAN(cfg.res, cfg.filters, cfg.z_dim, cfg.h, skip=cfg.skip,

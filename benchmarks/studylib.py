@@ -177,6 +177,8 @@ def real_baselines(dataset: str, real_ref: np.ndarray, real_other: np.ndarray, t
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, str):
+        return v
     if isinstance(v, int):
         return str(v)
     v = v + 0.0  # no "-0.0000"

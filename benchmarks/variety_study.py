@@ -227,6 +227,19 @@ def background_hues(images: np.ndarray | torch.Tensor, bins: int = BG_BINS) -> d
             "bg_top_bin": int(p.argmax())}
 
 
+def factor_coverages(fake, ref: np.ndarray) -> dict:
+    """Which factor the samples miss: the factor coverage (fastbegan.metrics.compare_factors,
+    the factors the regressor estimates) of the background hue, and the lowest of the others
+    with its name. ``fake`` float NCHW in [-1, 1], ``ref`` the fresh faces (NHWC uint8)."""
+    from fastbegan import metrics as Q
+    est = Q.FactorEstimator.load_or_train(ref.shape[1], log=lambda *_: None)
+    f = Q.compare_factors(est.predict(ref), est.predict(fake), est.r2)
+    cov = {k: f["per_factor"][k]["coverage"] for k in f["factors_used"]}
+    others = {k: v for k, v in cov.items() if k != "bg_hue"}
+    worst = min(others, key=others.get)
+    return {"bg_hue_cov": cov.get("bg_hue"), "other_cov_min": others[worst], "other_cov_worst": worst}
+
+
 def recon_by_hue(d, images: np.ndarray, bins: int = BG_BINS) -> dict:
     """D's L (mean |v - D(v)|) on real faces grouped by background-hue bin (bins with >= 10
     images): which background D reconstructs best, i.e. where G's loss pulls every sample."""
@@ -322,28 +335,32 @@ def score_checkpoint(run: Path, ds: str, step: int, d: dict, n: int) -> dict:
     if ds == "faces":
         from fastbegan.sampling import generate, load_generator, sample_z
         g = load_generator(ckpt, raw=not ema)
-        row.update(background_hues(generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))))
+        fake = generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))
+        row.update(background_hues(fake))
+        row.update(factor_coverages(fake, d["ref"][:n]))
         row.update(recon_by_hue(load_d(ckpt), d["ref"][:n]))
     return row
 
 
 def add_hue_diagnosis(rows: list[dict], work: Path, data: dict, n: int) -> None:
-    """Fill the hue measures into faces rows scored before they existed (their checkpoints
-    are still in ``work``)."""
+    """Fill the hue and per-factor measures into faces rows scored before they existed (their
+    checkpoints are still in ``work``)."""
     from fastbegan.sampling import generate, load_generator, sample_z
     for r in rows:
         ckpt = work / f"faces-{r['lever']}" / "checkpoints" / f"ckpt_{r['step']:08d}.safetensors"
-        if r["dataset"] != "faces" or "hue_easiest" in r or not ckpt.exists():
+        if r["dataset"] != "faces" or ("hue_easiest" in r and "bg_hue_cov" in r) or not ckpt.exists():
             continue
         g = load_generator(ckpt, raw=r.get("view") != "ema")
-        r.update(background_hues(generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))))
+        fake = generate(g, sample_z(n, g.fc.in_features, 1234, 1.0))
+        r.update(background_hues(fake))
+        r.update(factor_coverages(fake, data["ref"][:n]))
         r.update(recon_by_hue(load_d(ckpt), data["ref"][:n]))
 
 
 # ------------------------------------------------------------------------- report
 COLS = ["k_t", "k_on_floor", "k_median", "gamma", "loss_ratio", "fake_easier", "heldout_over_train", "fake_over_heldout", "precision",
         "recall", "swd_x1e3"]
-FACE_COLS = ["factor_coverage", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "bg_top_rank", "hue_L_spread"]
+FACE_COLS = ["factor_coverage", "bg_hue_cov", "other_cov_min", "other_cov_worst", "bg_bins", "bg_entropy", "bg_top_bin", "hue_easiest", "bg_top_rank", "hue_L_spread"]
 DIGIT_COLS = ["classes_2pct", "class_entropy"]
 
 
@@ -368,7 +385,9 @@ def markdown(doc: dict) -> str:
              f"- faces: bg bins = background-hue bins (of {BG_BINS}) with >= 2% of 512 samples, bg entropy = "
              "their entropy / ln 12, bg top bin = the samples' fullest bin (0 = red, 11 = magenta); hue easiest = "
              "the bin of real faces D reconstructs best (lowest L), bg top rank = the samples' fullest bin's place "
-             "among the bins ordered by D's L (0 = D's easiest), hue L spread = D's worst bin's L over its best",
+             "among the bins ordered by D's L (0 = D's easiest), hue L spread = D's worst bin's L over its best; "
+             "bg hue cov = the background hue's factor coverage (histogram intersection over the fresh faces' "
+             "deciles), other cov min / worst = the lowest coverage of the other estimated factors and its name",
              ""]
     for ds in doc["datasets"]:
         extra = FACE_COLS if ds == "faces" else DIGIT_COLS
@@ -452,6 +471,8 @@ def main() -> None:
                 baselines[ds] = real_baselines(ds, d["ref"], d["other"], d["train"], args.n, d["clf"])
                 if ds == "faces":
                     baselines[ds].update(background_hues(d["other"][:args.n]))
+            if ds == "faces" and "bg_hue_cov" not in baselines[ds]:
+                baselines[ds].update(factor_coverages(to_tensor(d["other"][:args.n]), d["ref"][:args.n]))
         if args.add_hues and "faces" in data:
             add_hue_diagnosis(rows, work, data["faces"], args.n)
             write()

@@ -94,6 +94,8 @@ CASES = {
     "lr_d_0": (lambda t, m: ["--lr-d", "0"], 1, ["learning rates must be > 0"]),
     "mbstd_group_3": (lambda t, m: ["--mbstd-group", "3"], 1, ["--mbstd-group must be 0 (off) or divide"]),
     "fm_data_codes": (lambda t, m: ["--fm-weight", "0.1", "--fm-data"], 1, ["use it with --fm-weight > 0 and --fm-pixels"]),
+    "sw_negative": (lambda t, m: ["--sw-weight", "-1"], 1, ["--sw-weight must be >= 0"]),
+    "sw_batch_1": (lambda t, m: ["--variant", "began", "--sw-weight", "1", "--batch-size", "1"], 1, ["use --batch-size >= 2"]),
     "unwritable_out": (lambda t, m: unwritable_out(t), 1, ["cannot write to output folder"]),
     "disk_full": (disk_full, 1, ["disk is full", "previous checkpoints are intact"]),
     "checkpoint_other_res": (lambda t, m: other_res_checkpoint(t), 1, ["res=16 (this run: 8)"]),

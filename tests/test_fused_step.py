@@ -53,7 +53,7 @@ def _use_fused_adam(tr):
 
 
 def _compare(a, b, va, vb, atol=1e-6, what=""):
-    for key in ("loss_real", "loss_fake", "loss_d", "k", "M") + (("gamma",) if "gamma" in vb else ()):
+    for key in ("loss_real", "loss_fake", "loss_d", "k", "M") + tuple(k for k in ("gamma", "loss_sw") if k in vb):
         torch.testing.assert_close(va[key].float(), vb[key].float(), rtol=0, atol=atol,
                                    msg=lambda m: f"{what} {key}: {m}")
     for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
@@ -441,14 +441,15 @@ def test_a_statistic_across_the_halves_would_break_the_fused_step(monkeypatch):
     _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
 def test_compiled_step_with_the_batch_statistic(backend):
     """The minibatch-stddev statistic in the compiled fused step, with the eq lever's gamma
-    and lambda_k, feature matching on the pixels against the data set's moments (constant
-    tensors the compiled region reads) and gamma adapted to a k_t target (--k-target: device
+    and lambda_k, feature matching on the pixels against the data set's moments and the sliced
+    Wasserstein term against its thumbnail quantiles (constant tensors the compiled region
+    reads; a sort inside it) and gamma adapted to a k_t target (--k-target: device
     state updated after the compiled region): equal to the reference step (CPU; triton in
     the interpreter)."""
     with _no_compile_fallback():
         fus, ref = _run_pair(backend, steps=2, step_kw={"compile": True}, batch_size=4, mbstd_group=2,
                              gamma=1.0, lambda_k=0.01, k_init=0.1, fm_weight=0.2, fm_pixels=True, fm_data=True,
-                             k_target=0.2, lambda_gamma=0.1, atol=3e-5)
+                             sw_weight=0.5, k_target=0.2, lambda_gamma=0.1, atol=3e-5)
     assert not fus.stepper.forward.pending
     assert fus.state.gamma.item() == pytest.approx(ref.state.gamma.item(), abs=3e-5)
     assert fus.state.gamma.item() != pytest.approx(1.0, abs=1e-4)  # it moved

@@ -3,6 +3,7 @@ gradient only where its paper puts it, every backend and the fused step, and the
 BEGAN unchanged bit for bit when they are off."""
 import copy
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -105,6 +106,97 @@ def test_pixel_moments_of_the_training_set_by_hand():
     assert moment_gap(fake, mean_f, sd_f).item() == pytest.approx(0.0, abs=1e-5)
     one = mean_f.view(1, -1).expand(4, -1)
     assert moment_gap(one, mean_f, sd_f).item() == pytest.approx(1.0, rel=1e-3)  # eps: sd 1e-4, not 0
+
+
+def _pool_by_hand(v, side):
+    """(N, H, W, 3) floats -> (N, 3 * side * side): block means, in (c, i, j) order."""
+    n, h = v.shape[0], v.shape[1]
+    f = h // side
+    return v.reshape(n, side, f, side, f, 3).mean((2, 4)).permute(0, 3, 1, 2).reshape(n, -1)
+
+
+def test_thumbnail_quantiles_and_sliced_wasserstein_by_hand():
+    """--sw-weight's target and term, written out: 8x8 block means in the layout of
+    (N, 3, 8, 8).flatten(1), projected on 128 unit directions, the set's order statistics at
+    (i + 0.5) / grid (the set with its mirror images under flips), and the term as the mean
+    gap between a batch's sorted projections and the set's (i + 0.5) / B quantiles over the
+    projections' mean spread."""
+    from fastbegan.remedies import sliced_wasserstein, thumbnail_quantiles
+    g = torch.Generator().manual_seed(3)
+    u8 = torch.randint(0, 256, (40, 16, 16, 3), generator=g, dtype=torch.uint8)
+    dirs, q, scale = thumbnail_quantiles(u8, flip=True, side=8, grid=16, chunk=7)
+    assert dirs.shape == (192, 128) and q.shape == (16, 128)
+    torch.testing.assert_close(dirs.norm(dim=0), torch.ones(128))
+    v = u8.double() / 127.5 - 1
+    proj = _pool_by_hand(torch.cat([v, v.flip(2)]), 8) @ dirs.double()   # (80, 128)
+    srt = proj.sort(0).values
+    want = torch.stack([srt[int((i + 0.5) * 80 / 16)] for i in range(16)])
+    torch.testing.assert_close(q, want.float(), rtol=0, atol=1e-5)
+    assert scale.item() == pytest.approx(proj.std(0).mean().item(), rel=1e-5)
+    # every second image when the set is larger than max_images (no flips)
+    _, q2, _ = thumbnail_quantiles(u8, flip=False, side=8, grid=4, max_images=20)
+    p2 = (_pool_by_hand(v[::2], 8) @ dirs.double()).sort(0).values
+    torch.testing.assert_close(q2, torch.stack([p2[int((i + 0.5) * 20 / 4)] for i in range(4)]).float(),
+                               rtol=0, atol=1e-5)
+    # the term: a batch of 4 images (N, 3, H, W) in [-1, 1]
+    fake = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    pf = (_pool_by_hand(fake.permute(0, 2, 3, 1).double(), 8) @ dirs.double()).sort(0).values
+    ref_rows = torch.stack([q[int((i + 0.5) * 16 / 4)] for i in range(4)]).double()
+    want_sw = (pf - ref_rows).abs().mean() / scale.double()
+    assert sliced_wasserstein(fake, (dirs, q, scale)).item() == pytest.approx(want_sw.item(), rel=1e-5)
+
+
+def test_sliced_wasserstein_sees_the_joint_colour_law_that_pixel_moments_miss():
+    """Backgrounds on a ring of hues against a batch of red and cyan ones: each channel's mean
+    and spread are the same (pixel feature matching is ~0 for both), the colours' joint law is
+    not, and the sliced Wasserstein term tells them apart (what issue 31's faces showed)."""
+    from fastbegan.remedies import moment_gap, pixel_moments, sliced_wasserstein, thumbnail_quantiles
+    def plain(rgb):  # (N, 3) in [-1, 1] -> uint8 images (N, 8, 8, 3) of one colour each
+        return ((rgb + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).view(-1, 1, 1, 3).expand(-1, 8, 8, 3)
+    def ring(n, phase=0.0):  # hues round the circle, each channel a cosine 120 degrees apart
+        t = (torch.arange(n) + phase) / n * 2 * math.pi
+        return 0.8 * torch.stack([torch.cos(t), torch.cos(t - 2 * math.pi / 3), torch.cos(t + 2 * math.pi / 3)], 1)
+    data = plain(ring(1024))
+    target_m, target_s = pixel_moments(data, flip=False)
+    sw_target = thumbnail_quantiles(data, flip=False, grid=256)
+    from fastbegan.images import to_unit_range
+    on_ring = to_unit_range(plain(ring(16, 0.5)))
+    # red and cyan, each channel rescaled to the ring's mean and spread
+    rc = torch.tensor([[1.0, -0.5, -0.5], [-1.0, 0.5, 0.5]]).repeat(8, 1)
+    rc = rc / rc.std(0, unbiased=False) * ring(1024).std(0, unbiased=False)
+    red_cyan = to_unit_range(plain(rc))
+    for batch in (on_ring, red_cyan):
+        assert moment_gap(batch.flatten(1), target_m, target_s).item() < 0.05
+    assert sliced_wasserstein(on_ring, sw_target).item() < 0.1  # 16 samples of the ring: ~0.05
+    assert sliced_wasserstein(red_cyan, sw_target).item() > 4 * sliced_wasserstein(on_ring, sw_target).item()
+
+
+def test_sliced_wasserstein_reaches_g_only():
+    """--sw-weight: G's gradient is BEGAN's plus the weight times the term's gradient (the
+    target computed here from the data, flips included); D's is BEGAN's."""
+    from fastbegan.images import to_unit_range
+    from fastbegan.remedies import sliced_wasserstein
+    plain, withit = _trainer(), _trainer(sw_weight=0.5)
+    state = plain.gen.get_state()
+    d0, g0, _, z = _grads(plain, state)
+    d1, g1, _, _ = _grads(withit, state)
+    every = to_unit_range(withit.data)
+    every = torch.cat([every, every.flip(3)]) if withit.cfg.flip else every
+    from fastbegan.remedies import SW_DIRECTIONS, SW_GRID
+    gen = torch.Generator().manual_seed(0)
+    dim = 3 * min(8, every.shape[-1]) ** 2
+    dirs = torch.randn(dim, SW_DIRECTIONS, generator=gen, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0)
+    proj = (torch.nn.functional.adaptive_avg_pool2d(every.double(), min(8, every.shape[-1])).flatten(1) @ dirs)
+    srt = proj.sort(0).values
+    q = torch.stack([srt[int((i + 0.5) * len(srt) / SW_GRID)] for i in range(SW_GRID)])
+    term = sliced_wasserstein(withit.G(z), (dirs.float(), q.float(), proj.std(0).mean().float()))
+    extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
+    for a, b in zip(d1, d0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, e in zip(g1, g0, extra):
+        torch.testing.assert_close(a, b + e, rtol=1e-4, atol=1e-5)
+    assert any(e.abs().max() > 1e-6 for e in extra)
 
 
 def test_centred_pulling_away_term_by_hand():
@@ -219,7 +311,7 @@ def _pair(backend, steps=2, **kw):
             vb = ref.train_step()
         with ops.use_backend(backend):
             va = step()
-        for key in ("loss_real", "loss_fake", "k", "M", "gamma", "loss_cs", "loss_pt", "loss_ms", "loss_fm"):
+        for key in ("loss_real", "loss_fake", "k", "M", "gamma", "loss_cs", "loss_pt", "loss_ms", "loss_fm", "loss_sw"):
             if key in vb:
                 torch.testing.assert_close(va[key], vb[key], rtol=0, atol=2e-6, msg=key)
         for (name, p), q in zip(fus.model.named_parameters(), ref.model.parameters()):
@@ -241,6 +333,7 @@ def test_fused_step_with_the_variety_terms_equals_the_reference_step():
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True, fm_data=True)
+    assert "loss_sw" in _pair("torch", steps=2, sw_weight=0.5)  # --sw-weight: a sort in the step
     assert "gamma" in _pair("torch", steps=3, k_target=0.3, lambda_gamma=0.1, lambda_k=0.05)  # --k-target
 
 
@@ -372,7 +465,7 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
                                         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False,
-                                        "fm_data": False, "k_target": 0.0, "variant": "began"} == {**PAPER,
+                                        "fm_data": False, "sw_weight": 0.0, "k_target": 0.0, "variant": "began"} == {**PAPER,
                                                                                                    "variant": "began"}
     assert variant_flags("escape") == "--pt-weight 0.1 --k-init 0.1 --k-min 0.05"
     from fastbegan.remedies import lever_flags

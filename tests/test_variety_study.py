@@ -53,6 +53,39 @@ def test_hue_bins_and_d_error_by_hue():
     assert got["hue_easiest"] == 0 and got["hue_L_spread"] == pytest.approx(green / red, rel=1e-5)
 
 
+def test_factor_coverages_name_the_factor_the_samples_miss(monkeypatch):
+    """With an estimator that reads the factors straight off (stubbed): backgrounds on two hues
+    cover 2 of the fresh faces' 10 hue deciles, pose_x squeezed into its middle fifth covers 2,
+    the others as the data; factors the regressor cannot estimate (r2 < 0.5) are left out."""
+    from fastbegan import metrics as Q
+    from fastbegan.data import FACTORS
+    rng = np.random.default_rng(0)
+    real = rng.random((1000, len(FACTORS)))
+    fake = rng.random((1000, len(FACTORS)))
+    j = {n: i for i, n in enumerate(FACTORS)}
+    fake[:, j["bg_hue"]] = np.where(np.arange(1000) % 2, 0.02, 0.52)   # red / cyan
+    fake[:, j["pose_x"]] = 0.4 + 0.2 * fake[:, j["pose_x"]]
+    fake[:, j["smile"]] = 0.5                                           # not estimated: ignored
+
+    class Stub:
+        r2 = {n: (0.0 if n == "smile" else 0.9) for n in FACTORS}
+        def predict(self, images):
+            return real if images is ref else fake
+    ref = np.zeros((1000, 8, 8, 3), np.uint8)
+    monkeypatch.setattr(Q.FactorEstimator, "load_or_train", classmethod(lambda cls, *a, **k: Stub()))
+    got = V.factor_coverages(torch.zeros(1000, 3, 8, 8), ref)
+
+    def by_hand(a, b):  # histogram intersection over a's deciles
+        edges = np.quantile(a, np.linspace(0, 1, 11))
+        edges[0], edges[-1] = -np.inf, np.inf
+        return float(np.minimum(np.histogram(a, edges)[0] / len(a), np.histogram(b, edges)[0] / len(b)).sum())
+    assert got["bg_hue_cov"] == pytest.approx(by_hand(real[:, j["bg_hue"]], fake[:, j["bg_hue"]]))
+    assert got["bg_hue_cov"] == pytest.approx(0.2, abs=0.03)
+    assert got["other_cov_worst"] == "pose_x"
+    assert got["other_cov_min"] == pytest.approx(by_hand(real[:, j["pose_x"]], fake[:, j["pose_x"]]))
+    assert got["other_cov_min"] < 0.35 < min(by_hand(real[:, j[n]], fake[:, j[n]]) for n in ("size", "skin_hue"))
+
+
 def test_top_bin_rank_is_the_samples_bin_among_ds_bins():
     row = {"L_by_hue": {"0": 0.16, "5": 0.18, "6": 0.17, "9": 0.22}, "bg_top_bin": 5}
     assert V.top_bin_rank(row) == 2  # 0 (0.16), 6 (0.17), then 5

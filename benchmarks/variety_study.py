@@ -101,18 +101,21 @@ LEVERS = {
     "eqfmpxd03kt10": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
                       "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1"],
     # eqfmpxd03kt10's samples put the faces' backgrounds on red and cyan: each channel's mean and
-    # spread match the data's ring of hues (what --fm-pixels sees), their joint law does not. The
-    # sliced Wasserstein distance on 8x8 thumbnails against the training set sees it
-    "eqfmpxd03kt10sw1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
-                         "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "1"],
-    "eqfmpxd03kt10sw3": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
-                         "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "3"],
+    # spread match the data's ring of hues (what --fm-pixels sees), their joint law does not. Sliced
+    # Wasserstein distances on a pyramid of thumbnails (1x1 to 8x8) against the training set see it
+    "eqfmpxd03kt10swp1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                          "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "1"],
 }
 # levers whose rows a results file keeps but whose code is gone -> the commit that trained them
 # (the flags alone no longer reproduce them): the first, PI form of --k-target
 RETIRED = {"eqfmpxd03kt10pi": ("56d366a", ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k",
                                            "0.003", "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target",
-                                           "0.1", "(PI form of --k-target, gamma += 0.005 (0.1 - k') + 5 (k - k'))"])}
+                                           "0.1", "(PI form of --k-target, gamma += 0.005 (0.1 - k') + 5 (k - k'))"]),
+           # the first form of --sw-weight: 8x8 thumbnails only (the hue barely moved its distance)
+           **{f"eqfmpxd03kt10sw{w}": ("f32c5d2", ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5",
+                                                  "--lambda-k", "0.003", "--fm-weight", "0.3", "--fm-pixels", "--fm-data",
+                                                  "--k-target", "0.1", "--sw-weight", w, "(8x8 thumbnails only)"])
+              for w in ("1", "3")}}
 # lever -> (parent lever, step): the run starts from the parent's checkpoint at that step (its
 # logged rows up to there included), so the table's rows after it are the second phase's
 STARTS = {"eqfmpx03to01": ("eqfmpx03", 250)}
@@ -449,6 +452,8 @@ def main() -> None:
             baselines.setdefault(ds, base)
         datasets += [ds for ds in other.get("datasets", []) if ds not in datasets]
         levers.update(other.get("meta", {}).get("levers", {}))
+    # a retired lever is listed with what its flags meant then and the commit that trained it
+    levers.update({k: flags + [f"(commit {commit})"] for k, (commit, flags) in RETIRED.items() if k in levers})
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     add_log_measures(rows, work)

@@ -143,10 +143,10 @@ def main(ctx):
                    "(computed once at the start, mirror images included with flips) instead of the real "
                    "batch's, a target without the batch's sampling noise. Default: the real batch.")
 @click.option("--sw-weight", type=float, default=None,
-              help="Sliced Wasserstein distance (Deshpande et al. 2018) between G's batch and the training "
-                   "set, on 8x8 thumbnails along 128 fixed directions: G pays this weight times it, so the "
-                   "colours' joint spread (a background's hue, not each channel's alone) must match the "
-                   "data's. 0 = off.")
+              help="Sliced Wasserstein distances (Deshpande et al. 2018) between G's batch and the training "
+                   "set, on 1x1, 2x2, 4x4 and 8x8 thumbnails along 128 fixed directions each: G pays this "
+                   "weight times their mean, so the colours' joint spread (a background's hue, not each "
+                   "channel's alone) must match the data's. 0 = off.")
 @click.option("--k-init", type=float, default=None,
               help="k_0, the starting k_t (the paper: 0). Above 0, D pushes back on the fakes from the "
                    "first step instead of waiting for k_t to grow.")

@@ -27,6 +27,8 @@ after the escape").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -305,67 +307,83 @@ def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor
     return moment_gap(fake.flatten(1), *(batch_moments(x.flatten(1)) if target is None else target))
 
 
-# --sw-weight: the sliced Wasserstein distance on thumbnails. Per-pixel moments (--fm-pixels) are
+# --sw-weight: sliced Wasserstein distances on thumbnails. Per-pixel moments (--fm-pixels) are
 # met by a red / cyan mix of backgrounds as well as by the data's ring of hues (each channel has
 # the same mean and spread; only the channels' joint law differs), and the faces' samples settle
-# there (docs/design.md §7). 1-D Wasserstein distances along many directions of the whole
-# thumbnail see the joint law of the colours, and of where a face sits.
-SW_SIDE = 8            # every image average-pooled to 8x8 (3 x 64 = 192 numbers)
-SW_DIRECTIONS = 128    # fixed random unit directions of that space (seed 0): the same every run
-SW_GRID = 1024         # the training set's projections kept at this many quantiles
+# there (docs/design.md §7). 1-D Wasserstein distances along many directions of a thumbnail
+# see the joint law of the colours and of where things sit. One distance per scale of a
+# pyramid: at 8x8 alone the layout's spread dominates every direction and the background's
+# hue barely moves the distance (the first pilots); at 1x1 (an image's mean colour) and 2x2
+# it is most of it.
+SW_SIDES = (1, 2, 4, 8)  # thumbnails: every image average-pooled to side x side, per scale
+SW_DIRECTIONS = 128      # fixed random unit directions per scale (seed 0 + side): the same every run
+SW_GRID = 1024           # the training set's projections kept at this many quantiles
 
 
-def thumbnails(images: Tensor, side: int = SW_SIDE) -> Tensor:
+def thumbnails(images: Tensor, side: int) -> Tensor:
     """(N, 3, H, W) -> (N, 3 * side * side) fp32: the images average-pooled to side x side
     (H a power of two >= side: exact block means), flattened."""
-    return F.adaptive_avg_pool2d(images.float(), min(side, images.shape[-1])).flatten(1)
+    return F.adaptive_avg_pool2d(images.float(), side).flatten(1)
+
+
+def sw_sides(res: int) -> tuple[int, ...]:
+    """The pyramid's sides for images of side ``res``: :data:`SW_SIDES` up to ``res``."""
+    return tuple(s for s in SW_SIDES if s <= res)
 
 
 @torch.no_grad()
-def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, side: int = SW_SIDE,
-                        directions: int = SW_DIRECTIONS, grid: int = SW_GRID,
-                        max_images: int = 16384, chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
-    """``--sw-weight``'s target, once per run: ``(dirs, quantiles, scale)``.
+def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, sides: tuple[int, ...] | None = None,
+                        directions: int = SW_DIRECTIONS, grid: int = SW_GRID, max_images: int = 16384,
+                        chunk: int = 4096) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
+    """``--sw-weight``'s target, once per run: per scale ``(dirs, quantiles, scale)``.
 
     ``images_u8`` (N, H, W, 3) uint8, the training set (every ceil(N / max_images)-th image;
-    with ``flip`` their mirror images too). ``dirs`` (3 * side**2, directions): unit vectors
-    drawn with seed 0 (the same on every rank and run); ``quantiles`` (grid, directions): the
-    set's projections :func:`thumbnails` @ ``dirs`` at the quantiles (i + 0.5) / grid (order
-    statistics, no interpolation); ``scale`` (0-d): the projections' mean standard deviation,
-    so that one weight means the same on every data set. fp32 on ``images_u8``'s device."""
+    with ``flip`` their mirror images too); ``sides`` default :func:`sw_sides`. Per side:
+    ``dirs`` (3 * side**2, directions), unit vectors drawn with seed ``side`` (the same on
+    every rank and run); ``quantiles`` (grid, directions): the set's projections
+    :func:`thumbnails` @ ``dirs`` at the quantiles (i + 0.5) / grid (order statistics, no
+    interpolation); ``scale`` (0-d): the projections' mean standard deviation, so that one
+    weight means the same at every scale and on every data set. fp32 on ``images_u8``'s device."""
     from .images import to_unit_range
-    dim = 3 * min(side, images_u8.shape[1]) ** 2
-    gen = torch.Generator().manual_seed(0)
-    dirs = torch.randn(dim, directions, generator=gen, dtype=torch.float64)
-    dirs = (dirs / dirs.norm(dim=0)).to(images_u8.device)
+    sides = sides or sw_sides(images_u8.shape[1])
     subset = images_u8[::max(1, -(-len(images_u8) // max_images))]
-    proj = []
+    thumbs = {side: [] for side in sides}
     for mirror in ((False, True) if flip else (False,)):
         for i in range(0, len(subset), chunk):
-            part = subset[i:i + chunk]
-            proj.append(thumbnails(to_unit_range(part.flip(2) if mirror else part)).double() @ dirs)
-    proj = torch.cat(proj).sort(0).values
-    rows = ((torch.arange(grid, dtype=torch.float64) + 0.5) * (len(proj) / grid)).long()
-    return dirs.float(), proj[rows.to(proj.device)].float(), proj.std(0).mean().float()
+            part = to_unit_range(subset[i:i + chunk].flip(2) if mirror else subset[i:i + chunk])
+            for side in sides:
+                thumbs[side].append(thumbnails(part, side).double())
+    out = []
+    for side in sides:
+        gen = torch.Generator().manual_seed(side)
+        dirs = torch.randn(3 * side * side, directions, generator=gen, dtype=torch.float64)
+        dirs = (dirs / dirs.norm(dim=0)).to(images_u8.device)
+        proj = (torch.cat(thumbs[side]) @ dirs).sort(0).values
+        rows = ((torch.arange(grid, dtype=torch.float64) + 0.5) * (len(proj) / grid)).long()
+        out.append((dirs.float(), proj[rows.to(proj.device)].float(), proj.std(0).mean().float()))
+    return tuple(out)
 
 
-def sliced_wasserstein(fake: Tensor, target: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """The sliced 1-Wasserstein distance (Deshpande, Zhang and Schwing, CVPR 2018) between the
-    batch ``fake`` (B, 3, H, W) and the training set, on :func:`thumbnails`, over ``target``'s
-    directions (:func:`thumbnail_quantiles`)::
+def sliced_wasserstein(fake: Tensor, target: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> Tensor:
+    """Sliced 1-Wasserstein distances (Deshpande, Zhang and Schwing, CVPR 2018) between the
+    batch ``fake`` (B, 3, H, W) and the training set, on :func:`thumbnails` at each scale of
+    ``target`` (:func:`thumbnail_quantiles`), averaged over the scales::
 
         mean_{i, d} |sort_i(thumb(fake) @ dir_d)_i - Q_d((i + 0.5) / B)| / scale
 
     The i-th smallest of the B projections is compared with the set's (i + 0.5) / B quantile:
     the W1 distance between the batch and the set along each direction. fp32 (outside
     autocast: sorted differences are small). Added to G's loss, it grows when G's samples
-    bunch where the data spread, in any direction of the thumbnails' space."""
-    dirs, quantiles, scale = target
+    bunch where the data spread, in any direction of the thumbnails' spaces."""
+    b = fake.shape[0]
     with torch.autocast(fake.device.type, enabled=False):
-        proj = thumbnails(fake) @ dirs
-        b = proj.shape[0]
-        rows = ((torch.arange(b, device=fake.device) + 0.5) * (quantiles.shape[0] / b)).long()
-        return (proj.sort(0).values - quantiles[rows]).abs().mean() / scale
+        total = 0.0
+        for dirs, quantiles, scale in target:
+            side = math.isqrt(dirs.shape[0] // 3)
+            proj = thumbnails(fake, side) @ dirs
+            rows = ((torch.arange(b, device=fake.device) + 0.5) * (quantiles.shape[0] / b)).long()
+            total = total + (proj.sort(0).values - quantiles[rows]).abs().mean() / scale
+        return total / len(target)
 
 
 def feature_matching(codes_fake: Tensor, codes_real: Tensor, eps: float = 1e-8) -> Tensor:

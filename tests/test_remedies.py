@@ -115,35 +115,49 @@ def _pool_by_hand(v, side):
     return v.reshape(n, side, f, side, f, 3).mean((2, 4)).permute(0, 3, 1, 2).reshape(n, -1)
 
 
+def _sw_target_by_hand(v, sides, grid):
+    """(M, H, W, 3) floats in [-1, 1] -> per side (dirs, order statistics at (i + 0.5) / grid, mean sd)."""
+    out = []
+    for side in sides:
+        gen = torch.Generator().manual_seed(side)
+        dirs = torch.randn(3 * side * side, 128, generator=gen, dtype=torch.float64)
+        dirs = dirs / dirs.norm(dim=0)
+        proj = _pool_by_hand(v, side) @ dirs
+        srt = proj.sort(0).values
+        q = torch.stack([srt[int((i + 0.5) * len(srt) / grid)] for i in range(grid)])
+        out.append((dirs.float(), q.float(), proj.std(0).mean().float()))
+    return out
+
+
 def test_thumbnail_quantiles_and_sliced_wasserstein_by_hand():
-    """--sw-weight's target and term, written out: 8x8 block means in the layout of
-    (N, 3, 8, 8).flatten(1), projected on 128 unit directions, the set's order statistics at
-    (i + 0.5) / grid (the set with its mirror images under flips), and the term as the mean
-    gap between a batch's sorted projections and the set's (i + 0.5) / B quantiles over the
-    projections' mean spread."""
+    """--sw-weight's target and term, written out: per scale of the pyramid (1x1 ... 8x8; 16x16
+    images), block means in the layout of (N, 3, s, s).flatten(1), projected on 128 unit
+    directions (seed = the side), the set's order statistics at (i + 0.5) / grid (the set with
+    its mirror images under flips); the term as the mean over scales of the gap between a
+    batch's sorted projections and the set's (i + 0.5) / B quantiles over the projections' spread."""
     from fastbegan.remedies import sliced_wasserstein, thumbnail_quantiles
     g = torch.Generator().manual_seed(3)
     u8 = torch.randint(0, 256, (40, 16, 16, 3), generator=g, dtype=torch.uint8)
-    dirs, q, scale = thumbnail_quantiles(u8, flip=True, side=8, grid=16, chunk=7)
-    assert dirs.shape == (192, 128) and q.shape == (16, 128)
-    torch.testing.assert_close(dirs.norm(dim=0), torch.ones(128))
+    got = thumbnail_quantiles(u8, flip=True, grid=16, chunk=7)
+    assert [t[0].shape for t in got] == [(3, 128), (12, 128), (48, 128), (192, 128)]
     v = u8.double() / 127.5 - 1
-    proj = _pool_by_hand(torch.cat([v, v.flip(2)]), 8) @ dirs.double()   # (80, 128)
-    srt = proj.sort(0).values
-    want = torch.stack([srt[int((i + 0.5) * 80 / 16)] for i in range(16)])
-    torch.testing.assert_close(q, want.float(), rtol=0, atol=1e-5)
-    assert scale.item() == pytest.approx(proj.std(0).mean().item(), rel=1e-5)
-    # every second image when the set is larger than max_images (no flips)
-    _, q2, _ = thumbnail_quantiles(u8, flip=False, side=8, grid=4, max_images=20)
-    p2 = (_pool_by_hand(v[::2], 8) @ dirs.double()).sort(0).values
-    torch.testing.assert_close(q2, torch.stack([p2[int((i + 0.5) * 20 / 4)] for i in range(4)]).float(),
-                               rtol=0, atol=1e-5)
+    want = _sw_target_by_hand(torch.cat([v, v.flip(2)]), (1, 2, 4, 8), 16)
+    for (d, q, sc), (wd, wq, wsc) in zip(got, want):
+        torch.testing.assert_close(d, wd, rtol=0, atol=1e-6)
+        torch.testing.assert_close(q, wq, rtol=0, atol=1e-5)
+        assert sc.item() == pytest.approx(wsc.item(), rel=1e-5)
+    # every second image when the set is larger than max_images (no flips); one scale
+    (_, q2, _), = thumbnail_quantiles(u8, flip=False, sides=(4,), grid=4, max_images=20)
+    torch.testing.assert_close(q2, _sw_target_by_hand(v[::2], (4,), 4)[0][1], rtol=0, atol=1e-5)
     # the term: a batch of 4 images (N, 3, H, W) in [-1, 1]
     fake = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
-    pf = (_pool_by_hand(fake.permute(0, 2, 3, 1).double(), 8) @ dirs.double()).sort(0).values
-    ref_rows = torch.stack([q[int((i + 0.5) * 16 / 4)] for i in range(4)]).double()
-    want_sw = (pf - ref_rows).abs().mean() / scale.double()
-    assert sliced_wasserstein(fake, (dirs, q, scale)).item() == pytest.approx(want_sw.item(), rel=1e-5)
+    per_scale = []
+    for d, q, sc in want:
+        side = int(round((d.shape[0] / 3) ** 0.5))
+        pf = (_pool_by_hand(fake.permute(0, 2, 3, 1).double(), side) @ d.double()).sort(0).values
+        rows = torch.stack([q[int((i + 0.5) * 16 / 4)] for i in range(4)]).double()
+        per_scale.append(((pf - rows).abs().mean() / sc.double()).item())
+    assert sliced_wasserstein(fake, got).item() == pytest.approx(sum(per_scale) / 4, rel=1e-5)
 
 
 def test_sliced_wasserstein_sees_the_joint_colour_law_that_pixel_moments_miss():
@@ -174,23 +188,15 @@ def test_sliced_wasserstein_sees_the_joint_colour_law_that_pixel_moments_miss():
 def test_sliced_wasserstein_reaches_g_only():
     """--sw-weight: G's gradient is BEGAN's plus the weight times the term's gradient (the
     target computed here from the data, flips included); D's is BEGAN's."""
-    from fastbegan.images import to_unit_range
     from fastbegan.remedies import sliced_wasserstein
     plain, withit = _trainer(), _trainer(sw_weight=0.5)
     state = plain.gen.get_state()
     d0, g0, _, z = _grads(plain, state)
     d1, g1, _, _ = _grads(withit, state)
-    every = to_unit_range(withit.data)
-    every = torch.cat([every, every.flip(3)]) if withit.cfg.flip else every
-    from fastbegan.remedies import SW_DIRECTIONS, SW_GRID
-    gen = torch.Generator().manual_seed(0)
-    dim = 3 * min(8, every.shape[-1]) ** 2
-    dirs = torch.randn(dim, SW_DIRECTIONS, generator=gen, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0)
-    proj = (torch.nn.functional.adaptive_avg_pool2d(every.double(), min(8, every.shape[-1])).flatten(1) @ dirs)
-    srt = proj.sort(0).values
-    q = torch.stack([srt[int((i + 0.5) * len(srt) / SW_GRID)] for i in range(SW_GRID)])
-    term = sliced_wasserstein(withit.G(z), (dirs.float(), q.float(), proj.std(0).mean().float()))
+    v = withit.data.double() / 127.5 - 1                      # (N, H, W, 3)
+    v = torch.cat([v, v.flip(2)]) if withit.cfg.flip else v
+    target = _sw_target_by_hand(v, (1, 2, 4, 8), 1024)  # res 8: the whole pyramid
+    term = sliced_wasserstein(withit.G(z), target)
     extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
     for a, b in zip(d1, d0):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -130,6 +130,54 @@ def test_shifted_k_next_is_dropped(monkeypatch, cache):
     assert report.worst == "out:k_next" and report.total_error == 0.0   # the gradients were right
 
 
+def _k_update_scaled_when_idx0_is_0(by: float):
+    """A fault on some inputs only: k_t's update (k_next - k) times 1 + ``by`` where the
+    batch's first index is 0, exact elsewhere (what one sign flip of an L1 residual does to
+    one step, in the large)."""
+    def fault(out, args):
+        k, idx = args[4], args[1]
+        s = torch.where(idx[0] == 0, 1.0 + by, 1.0)
+        return StepOutputs(out.x, out.fake, out.losses, k + (out.k_next - k) * s, out.M, out.objective, out.terms)
+    return fault
+
+
+@pytest.mark.parametrize("case", ["near_miss_once", "near_miss_twice", "far_off_once"])
+def test_a_near_miss_is_checked_again_on_the_next_step(monkeypatch, cache, case):
+    """A check off by less than RECHECK_RATIO times its allowance (here 2.7x) logs a line and
+    checks the next step as well: a clean second step keeps the compilation (the eager step's
+    results were used for the first); a second miss drops it; a far miss (82x) drops it at
+    once. Nothing is recorded for a near miss that does not repeat."""
+    a, b = _pair(monkeypatch, _k_update_scaled_when_idx0_is_0(0.3 if case == "far_off_once" else 0.01))
+    logged = []
+    a.stepper.forward.log = logged.append
+    data, z, k = a.data, torch.rand(4, 8) * 2 - 1, torch.tensor(0.3)
+    second = torch.arange(4) if case == "near_miss_twice" else torch.arange(1, 5)
+
+    def call(t, idx):  # as the step calls it: gradients zeroed first
+        t.model.zero_grad(set_to_none=True)
+        return t.stepper.forward((data, idx, None, z, k))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = call(a, torch.arange(4))
+        want = call(b, torch.arange(4))
+        assert torch.equal(out.k_next, want.k_next)  # the eager step's, whatever the verdict
+        if case == "far_off_once":
+            _dropped(a.stepper, rec, r"output k_next off by")
+            assert not logged
+            return
+        assert a.stepper.forward.mode is not None and a.stepper.forward.recheck
+        assert len(logged) == 1 and re.search(r"near miss \(output k_next off by .*checking the next step", logged[0])
+        call(a, second)
+    if case == "near_miss_twice":
+        _dropped(a.stepper, rec, r"output k_next off by")
+    else:
+        assert not [w for w in rec if WARNING in str(w.message)], [str(w.message) for w in rec]
+        assert a.stepper.forward.mode is not None and not a.stepper.forward.recheck
+        assert a.stepper.forward.checks == 2 and "self_check_error" not in compile_policy.recorded(a.stepper.forward.key())
+        call(a, torch.arange(4))  # a later step, same graph: not checked again
+        assert a.stepper.forward.checks == 2
+
+
 # ------------------------------------------------------------------ bf16 on trained weights
 @pytest.fixture(scope="module")
 def trained():

@@ -197,12 +197,7 @@ def test_sliced_wasserstein_reaches_g_only():
     v = torch.cat([v, v.flip(2)]) if withit.cfg.flip else v
     target = _sw_target_by_hand(v, (1, 2, 4, 8), 1024)  # res 8: the whole pyramid
     term = sliced_wasserstein(withit.G(z), target)
-    extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
-    for a, b in zip(d1, d0):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b, e in zip(g1, g0, extra):
-        torch.testing.assert_close(a, b + e, rtol=1e-4, atol=1e-5)
-    assert any(e.abs().max() > 1e-6 for e in extra)
+    _assert_g_gets_the_term(withit, term, (d0, g0), (d1, g1))
 
 
 def test_centred_pulling_away_term_by_hand():
@@ -238,6 +233,18 @@ def test_bad_options_are_clear_errors():
 
 
 # ------------------------------------------------------------------------- gradients
+def _assert_g_gets_the_term(withit, term, plain_grads, with_grads, weight=0.5):
+    """D's gradients are BEGAN's exactly; G's are BEGAN's plus ``weight`` times ``term``'s
+    gradient (``term`` computed by the test from ``withit.G``), and that gradient is not 0."""
+    (d0, g0), (d1, g1) = plain_grads, with_grads
+    extra = torch.autograd.grad(weight * term, list(withit.G.parameters()))
+    for a, b in zip(d1, d0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b, e in zip(g1, g0, extra):
+        torch.testing.assert_close(a, b + e, rtol=1e-4, atol=1e-5)
+    assert any(e.abs().max() > 1e-6 for e in extra)
+
+
 def _grads(t, seed_state):
     t.gen.set_state(seed_state)
     ref = ReferenceStep(t)
@@ -296,12 +303,7 @@ def test_pixel_feature_matching_reaches_g_only(fm_data):
         assert float(term) != pytest.approx(float(feature_matching(fake, x.flatten(1))), rel=1e-3)
     else:
         term = feature_matching(fake, x.flatten(1))
-    extra = torch.autograd.grad(0.5 * term, list(withit.G.parameters()))
-    for a, b in zip(d1, d0):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b, e in zip(g1, g0, extra):
-        torch.testing.assert_close(a, b + e, rtol=1e-4, atol=1e-5)
-    assert any(e.abs().max() > 1e-6 for e in extra)
+    _assert_g_gets_the_term(withit, term, (d0, g0), (d1, g1))
 
 
 # ------------------------------------------------------------------------- fused step, backends

@@ -155,9 +155,10 @@ PLAN = {
     "eqfmpxd03": {"faces": 10000, "digits": 3000},
     "eqfmpxd01": {"faces": 1000},
     "eqfmpxd03g2": {"faces": 1000},
-    "eqfmpxd03g15": {"faces": 10000, "digits": 2500},
+    "eqfmpxd03g15": {"faces": 10000, "digits": 3000},
     "settlefmpxd03": {"faces": 2000, "digits": 2000},
     "eqfmpxd03kt10": {"faces": 10000, "digits": 4000},
+    "eqfmpxd03kt10swp1": {"faces": 10000, "digits": 10000},
 }
 
 

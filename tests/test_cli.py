@@ -22,6 +22,26 @@ def run(runner, args):
     return runner.invoke(main, args, catch_exceptions=False)
 
 
+def test_resume_keeps_the_precision_the_run_ran(runner, tmp_path, monkeypatch):
+    """--precision auto times a bf16 conv at start-up; a resume takes the checkpoint's
+    precision instead, so a timing that would choose otherwise this time (noise, another
+    load) cannot change the arithmetic of a run mid-way."""
+    from fastbegan import hardware
+    from fastbegan.checkpoint import latest_checkpoint, read_config
+    monkeypatch.setattr(hardware, "bf16_support", lambda device: (True, "test: bf16 here"))
+    out = tmp_path / "run"
+    monkeypatch.setattr(hardware, "bf16_conv_speedup", lambda shape: 0.5)   # auto: fp32
+    assert run(runner, ["train", *TINY, "--steps", "1", "--out", str(out)]).exit_code == 0
+    assert read_config(latest_checkpoint(out))["precision"] == "fp32"
+    monkeypatch.setattr(hardware, "bf16_conv_speedup", lambda shape: 3.0)   # auto would pick bf16 now
+    r = run(runner, ["train", *TINY, "--steps", "2", "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert "precision fp32" in r.output and read_config(latest_checkpoint(out))["precision"] == "fp32"
+    # a new run still decides by timing
+    r = run(runner, ["train", *TINY, "--steps", "1", "--out", str(tmp_path / "new")])
+    assert read_config(latest_checkpoint(tmp_path / "new"))["precision"] == "bf16"
+
+
 def test_train_sample_resume(runner, tmp_path):
     out = tmp_path / "run"
     r = run(runner, ["train", *TINY, "--steps", "3", "--out", str(out)])

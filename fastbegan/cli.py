@@ -241,12 +241,12 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                   k_init=k_init, k_min=k_min, k_target=k_target,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     last = latest_checkpoint(out) if resume else None
-    if precision == "auto" and last is not None and read_config(last).get("precision") in ("fp32", "bf16"):
+    ran = read_config(last) if last is not None else None  # the resumed run's config
+    if precision == "auto" and ran and ran.get("precision") in ("fp32", "bf16"):
         # a resumed run keeps the precision it ran: auto's conv timing could choose otherwise
         # this time (noise on a small model, another load), and a resume must continue exactly
-        precision = read_config(last)["precision"]
-    ckpt_path = last if variant is None else None
-    remedy = (resumed_variant_options(read_config(ckpt_path), **remedy) if ckpt_path
+        precision = ran["precision"]
+    remedy = (resumed_variant_options(ran, **remedy) if ran is not None and variant is None
               else variant_options(variant or DEFAULT_VARIANT, **remedy))
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
                       lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,

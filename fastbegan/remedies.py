@@ -282,20 +282,27 @@ def moment_gap(fake: Tensor, mean_real: Tensor, sd_real: Tensor, eps: float = 1e
     return gap / (sd_real.mean() + eps)
 
 
+def _unit_range_chunks(images_u8: Tensor, flip: bool, chunk: int):
+    """A training set (N, H, W, 3) uint8 as (n, 3, H, W) [-1, 1] chunks of at most ``chunk``
+    images, and with ``flip`` their mirror images after them (what the training draws see)."""
+    from .images import to_unit_range
+    for mirror in ((False, True) if flip else (False,)):
+        for i in range(0, len(images_u8), chunk):
+            part = images_u8[i:i + chunk]
+            yield to_unit_range(part.flip(2) if mirror else part)
+
+
 @torch.no_grad()
 def pixel_moments(images_u8: Tensor, flip: bool, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """Each pixel's mean and spread over a whole training set (``--fm-data``): ``images_u8``
     (N, H, W, 3) uint8 -> (mean, sd), each (3*H*W,) fp32 in the layout of
     ``images.flatten(1)`` for (N, 3, H, W) images in [-1, 1]. With ``flip`` the set is taken
     with its mirror images too (what the training draws see). Sums in fp64, in chunks."""
-    from .images import to_unit_range
     s1 = s2 = 0.0
     n = 0
-    for mirror in ((False, True) if flip else (False,)):
-        for i in range(0, len(images_u8), chunk):
-            part = images_u8[i:i + chunk]
-            x = to_unit_range(part.flip(2) if mirror else part).flatten(1).double()
-            s1, s2, n = s1 + x.sum(0), s2 + x.square().sum(0), n + len(x)
+    for part in _unit_range_chunks(images_u8, flip, chunk):
+        x = part.flatten(1).double()
+        s1, s2, n = s1 + x.sum(0), s2 + x.square().sum(0), n + len(x)
     mean = s1 / n
     return mean.float(), (s2 / n - mean.square()).clamp_min(0).sqrt().float()
 
@@ -316,7 +323,7 @@ def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor
 # hue barely moves the distance (the first pilots); at 1x1 (an image's mean colour) and 2x2
 # it is most of it.
 SW_SIDES = (1, 2, 4, 8)  # thumbnails: every image average-pooled to side x side, per scale
-SW_DIRECTIONS = 128      # fixed random unit directions per scale (seed 0 + side): the same every run
+SW_DIRECTIONS = 128      # fixed random unit directions per scale (seeded with the side): the same every run
 SW_GRID = 1024           # the training set's projections kept at this many quantiles
 
 
@@ -344,15 +351,12 @@ def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, sides: tuple[int, ...]
     :func:`thumbnails` @ ``dirs`` at the quantiles (i + 0.5) / grid (order statistics, no
     interpolation); ``scale`` (0-d): the projections' mean standard deviation, so that one
     weight means the same at every scale and on every data set. fp32 on ``images_u8``'s device."""
-    from .images import to_unit_range
     sides = sides or sw_sides(images_u8.shape[1])
     subset = images_u8[::max(1, -(-len(images_u8) // max_images))]
     thumbs = {side: [] for side in sides}
-    for mirror in ((False, True) if flip else (False,)):
-        for i in range(0, len(subset), chunk):
-            part = to_unit_range(subset[i:i + chunk].flip(2) if mirror else subset[i:i + chunk])
-            for side in sides:
-                thumbs[side].append(thumbnails(part, side).double())
+    for part in _unit_range_chunks(subset, flip, chunk):
+        for side in sides:
+            thumbs[side].append(thumbnails(part, side).double())
     out = []
     for side in sides:
         gen = torch.Generator().manual_seed(side)
@@ -407,7 +411,7 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
                      ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
                      x: Tensor | None = None,
                      fm_target: tuple[Tensor, Tensor] | None = None, sw_weight: float = 0.0,
-                     sw_target: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     sw_target: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which

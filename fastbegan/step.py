@@ -550,7 +550,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
                  step_t: Tensor | None = None, pt_anneal: tuple = (0, 0), pt_centred: bool = False,
                  ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
                  fm_target: tuple[Tensor, Tensor] | None = None, sw_weight: float = 0.0,
-                 sw_target: tuple[Tensor, Tensor, Tensor] | None = None):
+                 sw_target: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None):
     """The forward region of the fused step, as one function of device tensors (what
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):

@@ -105,6 +105,14 @@ LEVERS = {
     # Wasserstein distances on a pyramid of thumbnails (1x1 to 8x8) against the training set see it
     "eqfmpxd03kt10swp1": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
                           "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "1"],
+    # swp1's factor coverage fell from 0.85-0.88 (to step 6,000) to 0.82-0.85 as its precision rose,
+    # pose_x the factor missed most: samples from an EMA of G (training unchanged: the same run,
+    # other weights sampled), or the sliced Wasserstein term 3x stronger
+    "eqfmpxd03kt10swp1e": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                           "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "1",
+                           "--ema-decay", "0.999"],
+    "eqfmpxd03kt10swp3": ["--variant", "escape", "--pt-weight", "0", "--gamma", "1.5", "--lambda-k", "0.003",
+                          "--fm-weight", "0.3", "--fm-pixels", "--fm-data", "--k-target", "0.1", "--sw-weight", "3"],
 }
 # levers whose rows a results file keeps but whose code is gone -> the commit that trained them
 # (the flags alone no longer reproduce them): the first, PI form of --k-target
@@ -159,6 +167,8 @@ PLAN = {
     "settlefmpxd03": {"faces": 2000, "digits": 2000},
     "eqfmpxd03kt10": {"faces": 10000, "digits": 4000},
     "eqfmpxd03kt10swp1": {"faces": 10000, "digits": 10000},
+    "eqfmpxd03kt10swp1e": {"faces": 10000},
+    "eqfmpxd03kt10swp3": {"faces": 10000},
 }
 
 

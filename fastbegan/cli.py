@@ -16,8 +16,8 @@ from . import research_cli
 from .bench.cli import bench
 from .doctor import doctor
 from .errors import user_errors
-from .remedies import (DEFAULT_VARIANT, VARIANT_PRESETS, resumed_variant_options, variant_flags,
-                       variant_options)
+from .remedies import (DEFAULT_VARIANT, VARIANT_PRESETS, VARIANT_SUMMARY, resumed_variant_options,
+                       variant_flags, variant_options)
 
 
 def check_writable(folder: str) -> None:
@@ -99,8 +99,11 @@ def main(ctx):
 @click.option("--filters", type=int, default=None, help="n, the conv width. Default 128 at res >= 128, else 64.")
 @click.option("--z-dim", type=int, default=64, show_default=True)
 @click.option("--h", "h", type=int, default=64, show_default=True, help="Embedding size of D's auto-encoder.")
-@click.option("--gamma", type=float, default=0.5, show_default=True, help="Diversity ratio.")
-@click.option("--lambda-k", type=float, default=0.001, show_default=True)
+@click.option("--gamma", type=float, default=None,
+              help="Diversity ratio (the start of the adapted gamma with --k-target). Default: the variant's "
+                   "(the paper's 0.5; match 1.5).")
+@click.option("--lambda-k", type=float, default=None,
+              help="k_t's learning rate. Default: the variant's (the paper's 0.001; match 0.003).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--lr-d", type=float, default=None,
               help="D's learning rate, when it differs from G's (TTUR, Heusel et al. 2017: D faster). "
@@ -112,12 +115,9 @@ def main(ctx):
 @click.option("--separate-z", is_flag=True, help="Paper-literal separate z_D / z_G (default: one z, as the TF reference).")
 @click.option("--variant", type=click.Choice(sorted(VARIANT_PRESETS)), default=None,
               show_default=f"{DEFAULT_VARIANT}; with --resume, the run's own",
-              help="began: the paper's BEGAN exactly (the TensorFlow reference's math). escape: BEGAN "
-                   "plus the remedies measured best against its early one-image collapse ("
-                   + variant_flags("escape")
-                   + "). settle: escape, then once variety is there the pulling-away weight falls to half "
-                   "and samples come from an EMA of G (" + variant_flags("settle") + "). The options "
-                   "below override the variant's values. --resume without "
+              help="began: the paper's BEGAN exactly (the TensorFlow reference's math). "
+                   + " ".join(f"{v}: {VARIANT_SUMMARY[v]} ({variant_flags(v)})." for v in ("escape", "settle", "match"))
+                   + " The options below override the variant's values. --resume without "
                    "--variant keeps the remedies the run was started with.")
 @click.option("--cs-alpha", type=float, default=None,
               help="BEGAN-CS (Chang et al. 2018): add alpha * mean|Enc(G(z)) - z| to D's loss. Needs --h "
@@ -236,7 +236,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
-    remedy = dict(cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
+    remedy = dict(gamma=gamma, lambda_k=lambda_k, cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
                   fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data, sw_weight=sw_weight,
                   k_init=k_init, k_min=k_min, k_target=k_target,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
@@ -249,8 +249,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     remedy = (resumed_variant_options(ran, **remedy) if ran is not None and variant is None
               else variant_options(variant or DEFAULT_VARIANT, **remedy))
     cfg = TrainConfig(res=res, filters=filters, z_dim=z_dim, h=h, batch_size=batch_size, steps=steps,
-                      lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall, gamma=gamma,
-                      lambda_k=lambda_k, lambda_gamma=lambda_gamma, separate_z=separate_z,
+                      lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall,
+                      lambda_gamma=lambda_gamma, separate_z=separate_z,
                       **remedy,
                       skip=skip, mbstd_group=mbstd_group,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,

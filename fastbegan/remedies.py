@@ -20,10 +20,12 @@ ignores the fakes and G settles on the one image D reconstructs best (docs/desig
 
 BEGAN-CS and the pulling-away term act on the encoder's codes ``(B, h)`` of the fake batch.
 ``--variant`` presets: ``began`` (none of them: the paper), ``escape`` (the setting the
-collapse study measured best, docs/training.md "Early collapse") and ``settle`` (the escape,
-then the pulling-away weight lowered and samples from an EMA of G; `fastbegan train`'s
-default, :data:`DEFAULT_VARIANT`, chosen by the quality study: docs/training.md "Fidelity
-after the escape").
+collapse study measured best, docs/training.md "Early collapse"), ``settle`` (the escape,
+then the pulling-away weight lowered and samples from an EMA of G: the quality study's
+winner, docs/training.md "Fidelity after the escape") and ``match`` (an equilibrium that acts
+and G matched to the training set's pixel statistics: the variety study's winner and
+`fastbegan train`'s default, :data:`DEFAULT_VARIANT`; docs/training.md "Variety and the
+equilibrium").
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# every option a variant sets, with its value when off (the paper's BEGAN)
-PAPER = {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
+# every option a variant sets, with the paper's value (a remedy's is "off")
+PAPER = {"gamma": 0.5, "lambda_k": 0.001, "cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0, "pt_anneal_start": 0,
          "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
          "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False,
          "sw_weight": 0.0, "k_target": 0.0}
@@ -47,8 +49,24 @@ VARIANT_PRESETS = {
 # time-to-quality study's winner (benchmarks/results/quality-*.md, docs/training.md).
 VARIANT_PRESETS["settle"] = {**VARIANT_PRESETS["escape"], "pt_anneal_start": 2000, "pt_anneal_end": 2500,
                              "pt_final": 0.05, "ema_decay": 0.999}
+# match: the variety study's winner (benchmarks/results/variety-*.md, docs/training.md "Variety
+# and the equilibrium"). The escape's warm start without its pulling-away term; an equilibrium
+# that acts (gamma adapted from 1.5 to hold k_t near 0.1, k_t 3x faster than the paper's); and G
+# matched to the training set: each pixel's mean and spread (0.3) and sliced Wasserstein
+# distances on a pyramid of thumbnails (1), the colour's joint law that the moments miss.
+VARIANT_PRESETS["match"] = {**VARIANT_PRESETS["escape"], "pt_weight": 0.0, "gamma": 1.5, "lambda_k": 0.003,
+                            "k_target": 0.1, "fm_weight": 0.3, "fm_pixels": True, "fm_data": True,
+                            "sw_weight": 1.0}
+# what each variant does, in words (the start-up line and --help)
+VARIANT_SUMMARY = {
+    "began": "the paper's BEGAN",
+    "escape": "BEGAN plus the remedies measured best against its early one-image collapse",
+    "settle": "escape, then the pulling-away weight halved and samples from an EMA of G",
+    "match": "k_t held near 0.1 by an adapted gamma, G matched to the training set's pixel moments and "
+             "thumbnails",
+}
 # `fastbegan train`'s default. TrainConfig itself stays the paper's.
-DEFAULT_VARIANT = "settle"
+DEFAULT_VARIANT = "match"
 
 
 def variant_flags(variant: str) -> str:
@@ -58,10 +76,11 @@ def variant_flags(variant: str) -> str:
 
 
 def lever_flags(preset: dict) -> str:
-    """The options of :data:`PAPER` in ``preset`` that are on, as command-line options."""
+    """The options of :data:`PAPER` in ``preset`` that differ from the paper's, as command-line
+    options."""
     flags = []
     for k, v in preset.items():
-        if not v or k.endswith("_anneal_start"):
+        if v == PAPER.get(k, 0) or k.endswith("_anneal_start"):
             continue
         if k.endswith("_anneal_end"):
             name = k[: -len("_end")]
@@ -274,12 +293,19 @@ def batch_moments(t: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
     return t.mean(0), (t.var(0, unbiased=False) + eps).sqrt()
 
 
-def moment_gap(fake: Tensor, mean_real: Tensor, sd_real: Tensor, eps: float = 1e-8) -> Tensor:
+# the least spread a pixel target is divided by: one 8-bit level in [-1, 1]. A training set
+# whose images are all alike (one image, or flat colours) has none, and the terms would be
+# 1e8x (feature matching) or infinite (sliced Wasserstein) on the first step.
+PIXEL_SPREAD_FLOOR = 2.0 / 255.0
+
+
+def moment_gap(fake: Tensor, mean_real: Tensor, sd_real: Tensor, eps: float = 1e-8, floor: float = 0.0) -> Tensor:
     """``(mean_j |mu_j(fake) - mean_real_j| + mean_j |sd_j(fake) - sd_real_j|) / mean_j sd_real_j``
-    for ``fake`` (B, F) against target moments (F,): :func:`feature_matching`'s gap."""
+    for ``fake`` (B, F) against target moments (F,): :func:`feature_matching`'s gap. The
+    divisor is at least ``floor`` (and ``eps`` above 0)."""
     mu_f, sd_f = batch_moments(fake, eps)
     gap = (mu_f - mean_real).abs().mean() + (sd_f - sd_real).abs().mean()
-    return gap / (sd_real.mean() + eps)
+    return gap / (sd_real.mean().clamp_min(floor) + eps)
 
 
 def _unit_range_chunks(images_u8: Tensor, flip: bool, chunk: int):
@@ -311,7 +337,8 @@ def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor
     """``--fm-pixels``: :func:`moment_gap` of the fake images ``fake`` (B, 3, H, W) against the
     real batch ``x``'s pixel moments, or against ``target`` (the training set's,
     :func:`pixel_moments`, with ``--fm-data``). The one home of the choice for both steps."""
-    return moment_gap(fake.flatten(1), *(batch_moments(x.flatten(1)) if target is None else target))
+    return moment_gap(fake.flatten(1), *(batch_moments(x.flatten(1)) if target is None else target),
+                      floor=PIXEL_SPREAD_FLOOR)
 
 
 # --sw-weight: sliced Wasserstein distances on thumbnails. Per-pixel moments (--fm-pixels) are
@@ -349,8 +376,9 @@ def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, sides: tuple[int, ...]
     ``dirs`` (3 * side**2, directions), unit vectors drawn with seed ``side`` (the same on
     every rank and run); ``quantiles`` (grid, directions): the set's projections
     :func:`thumbnails` @ ``dirs`` at the quantiles (i + 0.5) / grid (order statistics, no
-    interpolation); ``scale`` (0-d): the projections' mean standard deviation, so that one
-    weight means the same at every scale and on every data set. fp32 on ``images_u8``'s device."""
+    interpolation); ``scale`` (0-d): the projections' mean standard deviation (at least
+    :data:`PIXEL_SPREAD_FLOOR`), so that one weight means the same at every scale and on
+    every data set. fp32 on ``images_u8``'s device."""
     sides = sides or sw_sides(images_u8.shape[1])
     subset = images_u8[::max(1, -(-len(images_u8) // max_images))]
     thumbs = {side: [] for side in sides}
@@ -364,7 +392,8 @@ def thumbnail_quantiles(images_u8: Tensor, flip: bool, *, sides: tuple[int, ...]
         dirs = (dirs / dirs.norm(dim=0)).to(images_u8.device)
         proj = (torch.cat(thumbs[side]) @ dirs).sort(0).values
         rows = ((torch.arange(grid, dtype=torch.float64) + 0.5) * (len(proj) / grid)).long()
-        out.append((dirs.float(), proj[rows.to(proj.device)].float(), proj.std(0).mean().float()))
+        scale = proj.std(0).mean().clamp_min(PIXEL_SPREAD_FLOOR)
+        out.append((dirs.float(), proj[rows.to(proj.device)].float(), scale.float()))
     return tuple(out)
 
 

@@ -269,7 +269,9 @@ class Step:
             k_next, m = ops.reference.began_update_ref(k, lv[0], lv[1], st.gamma, cfg.lambda_k)
         elif k_next is None:
             k_next, m = ops.began_update(k, lv[0], lv[1], cfg.gamma, cfg.lambda_k)
-        st.nonfinite.logical_or_(~torch.isfinite(lv[0] + lv[1]))  # divergence flag, no sync
+        # the divergence flag, no sync: every loss, a remedy term's too (an infinite term
+        # leaves L_real and L_fake finite this step and G's weights NaN after Adam)
+        st.nonfinite.logical_or_(~torch.isfinite(lv.sum()))
         for opt in self.opts:
             opt.step()
         if self.inputs.g_ema is not None:

@@ -147,7 +147,10 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write ``ckpt_<step>`` (rank 0; every rank must call it). Never from a diverged
         state: the divergence check runs first, and restores instead of saving."""
-        if self.guard.check(self, params=True) is not None or not self.dist.is_main:
+        restored = self.guard.check(self, params=True)
+        if restored is not None:
+            self.log(f"before the checkpoint: {restored}")
+        if restored is not None or not self.dist.is_main:
             return None
         path = ckpt.checkpoint_path(self.cfg.out, self.step)
         return ckpt.save_checkpoint(path, self.state_tensors(), self.cfg.to_dict(), self.host_state(),
@@ -365,9 +368,10 @@ def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
         f"batch {cfg.batch_size}"
         + (f" ({cfg.batch_size // di.world} on each of {di.world} processes)" if di.enabled else ""))
     levers = remedies.lever_flags({k: getattr(cfg, k) for k in remedies.PAPER})
-    log(f"variant {cfg.variant}: " + (levers or "the paper's BEGAN (no collapse remedy)")
-        + (f", gamma adapted from {cfg.gamma:g} (lambda_gamma {cfg.lambda_gamma:g})" if cfg.k_target
-           else f", gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}")
+    what = remedies.VARIANT_SUMMARY.get(cfg.variant)  # a preset's, in words ("custom" has none)
+    log(f"variant {cfg.variant}" + (f" ({what})" if what else "") + ": " + (levers or "no remedy")
+        + (f"; gamma from {cfg.gamma:g}, adapted to hold k_t near {cfg.k_target:g} (lambda_gamma "
+           f"{cfg.lambda_gamma:g})" if cfg.k_target else f"; gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}")
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:

@@ -93,7 +93,7 @@ CASES = {
     "batch_0": (lambda t, m: ["--batch-size", "0"], 1, ["batch size must be >= 1"]),
     "lr_d_0": (lambda t, m: ["--lr-d", "0"], 1, ["learning rates must be > 0"]),
     "mbstd_group_3": (lambda t, m: ["--mbstd-group", "3"], 1, ["--mbstd-group must be 0 (off) or divide"]),
-    "fm_data_codes": (lambda t, m: ["--fm-weight", "0.1", "--fm-data"], 1, ["use it with --fm-weight > 0 and --fm-pixels"]),
+    "fm_data_codes": (lambda t, m: ["--variant", "began", "--fm-weight", "0.1", "--fm-data"], 1, ["use it with --fm-weight > 0 and --fm-pixels"]),
     "sw_negative": (lambda t, m: ["--sw-weight", "-1"], 1, ["--sw-weight must be >= 0"]),
     "sw_batch_1": (lambda t, m: ["--variant", "began", "--sw-weight", "1", "--batch-size", "1"], 1, ["use --batch-size >= 2"]),
     "unwritable_out": (lambda t, m: unwritable_out(t), 1, ["cannot write to output folder"]),

@@ -124,3 +124,14 @@ def test_restore_budget_survives_resume(tmp_path, faces8):
     with pytest.raises(DivergenceError, match="again after 1 restores"):
         resumed.fit(progress=False)
     assert hits == [11]
+
+
+def test_an_infinite_remedy_term_counts_as_divergence(tmp_path, faces8, monkeypatch):
+    """L_real and L_fake finite but a remedy term infinite (here the sliced Wasserstein target's
+    spread forced to 0): the divergence flag is set that step (Adam would make G's weights NaN)."""
+    t = make(tmp_path, faces8, sw_weight=1.0, reference_step=False)
+    for _, _, scale in t.stepper.sw_target:
+        scale.zero_()  # in place: the step holds these tensors
+    vals = t.train_step()
+    assert math.isfinite(vals["loss_real"].item()) and math.isfinite(vals["loss_fake"].item())
+    assert math.isinf(vals["loss_sw"].item()) and bool(t.state.nonfinite)

@@ -44,6 +44,9 @@ def _trainer(backend="torch", device="cpu", **kw):
 # anneal moved to steps 3-8, so that 20 steps cross it (GPU tests): the anneal factor and
 # the EMA of G run on the device, inside the graph
 SETTLE_SHORT = {**VARIANT_PRESETS["settle"], "pt_anneal_start": 3, "pt_anneal_end": 8}
+# fastbegan train's default (remedies.DEFAULT_VARIANT): the adapted gamma, pixel feature
+# matching and the sliced Wasserstein term against the data set's statistics
+MATCH = VARIANT_PRESETS["match"]
 
 
 def _use_fused_adam(tr):
@@ -269,7 +272,7 @@ def _gpu_trainer(**kw):
 
 
 @requires_gpu
-@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT], ids=["began", "settle"])
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH], ids=["began", "settle", "match"])
 def test_gpu_no_sync(levers):
     """CUDA: no synchronising call inside the step (sync debug mode 'error')."""
     t = _gpu_trainer(**levers)
@@ -286,7 +289,7 @@ def test_gpu_no_sync(levers):
 
 
 @requires_gpu
-@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT], ids=["began", "settle"])
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH], ids=["began", "settle", "match"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_cuda_graph_equals_eager(precision, levers):
     """20 steps replayed from a CUDA graph equal 20 eager steps (same seed, same batches);
@@ -306,7 +309,9 @@ def test_gpu_cuda_graph_equals_eager(precision, levers):
     assert graph.graphed.graph is not None
     for p, q in zip(graph_t.model.parameters(), eager_t.model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=atol)
-    if levers:
+    if levers.get("k_target"):
+        torch.testing.assert_close(graph_t.state.gamma, eager_t.state.gamma, rtol=0, atol=atol)
+    if levers.get("ema_decay"):
         for a, b in zip(graph_t.g_ema.shadow, eager_t.g_ema.shadow):
             torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert graph_t.gen.get_state().equal(eager_t.gen.get_state())
@@ -366,14 +371,22 @@ def test_compiled_step_triton_backend(device):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     _triton_conv_reason() is not None, reason=str(_triton_conv_reason())))])
-def test_compiled_step_with_the_default_variants_levers(backend):
-    """The default variant's levers (settle: k_t floor, pulling-away term annealed to a
-    final weight, EMA of G) in the compiled step, window moved to steps 1-2 so that 3 steps
-    cross it: equal to the reference step, the EMA included (CPU; triton in the interpreter)."""
-    levers = dict(SETTLE_SHORT, pt_anneal_start=1, pt_anneal_end=2)
+@pytest.mark.parametrize("variant", ["settle", "match"])
+def test_compiled_step_with_a_variants_levers(backend, variant):
+    """A preset's levers in the compiled step, equal to the reference step (CPU; triton in
+    the interpreter). settle: k_t floor, pulling-away term annealed to a final weight (window
+    moved to steps 1-2 so that 3 steps cross it), EMA of G. match (fastbegan train's default):
+    gamma adapted to hold k_t near 0.1, pixel feature matching and the sliced Wasserstein term
+    against the data set's statistics, as the preset sets them."""
+    from fastbegan.remedies import DEFAULT_VARIANT
+    assert DEFAULT_VARIANT in ("settle", "match")  # the default is one of those tested here
+    levers = dict(SETTLE_SHORT, pt_anneal_start=1, pt_anneal_end=2) if variant == "settle" else MATCH
     with _no_compile_fallback():
-        fus, _ = _run_pair(backend, steps=3, step_kw={"compile": True}, **levers)
+        # match: atol 3e-5, the feature-matching term's 1 / the data's spread (as below)
+        fus, ref = _run_pair(backend, steps=3, step_kw={"compile": True}, atol=3e-5, **levers)
     assert not fus.stepper.forward.pending
+    if variant == "match":
+        assert fus.state.gamma.item() == pytest.approx(ref.state.gamma.item(), abs=3e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(

@@ -117,6 +117,9 @@ def test_collapse_messages_name_the_remedy_unless_it_is_on():
     assert plain and REMEDY_FLAGS in plain[0].message and "docs/training.md" in plain[0].message
     treated = feed(HealthTracker(gamma=0.5, patience=100), rows(range(10, 301, 10), k=0.0, loss_pt=0.3))
     assert treated and REMEDY_FLAGS not in treated[0].message
+    matched = feed(HealthTracker(gamma=0.5, patience=100), rows(range(10, 301, 10), k=0.0, loss_sw=0.4))
+    assert matched and REMEDY_FLAGS not in matched[0].message
+    assert REMEDY_FLAGS.startswith("--variant match (--gamma 1.5")
 
 
 def test_k_on_its_floor_is_reported_with_the_loss_ratio():

@@ -185,6 +185,29 @@ def test_sliced_wasserstein_sees_the_joint_colour_law_that_pixel_moments_miss():
     assert sliced_wasserstein(red_cyan, sw_target).item() > 4 * sliced_wasserstein(on_ring, sw_target).item()
 
 
+def test_pixel_terms_stay_finite_on_a_set_without_spread():
+    """A training set whose images are all one flat colour has no spread to divide by: the
+    pixel terms divide by at least one 8-bit level (2/255 in [-1, 1]) and stay finite, with
+    the value their formula gives at that divisor."""
+    from fastbegan.remedies import (PIXEL_SPREAD_FLOOR, pixel_feature_matching, pixel_moments,
+                                    sliced_wasserstein, thumbnail_quantiles)
+    flat = torch.full((6, 8, 8, 3), 100, dtype=torch.uint8)
+    level = 100 / 127.5 - 1
+    target = thumbnail_quantiles(flat, flip=True, grid=8)
+    assert all(sc.item() == pytest.approx(2 / 255) for _, _, sc in target)
+    fake = torch.full((4, 3, 8, 8), level + 0.1)
+    fake[:2] -= 0.2                                    # a batch at level +- 0.1
+    # every projection of a thumbnail of flat (level) images is level * sum(dir); the batch's
+    # are (level +- 0.1) * sum(dir): the gap is 0.1 |sum(dir)| whatever the rank
+    want = sum((0.1 * d.sum(0).abs()).mean().item() / PIXEL_SPREAD_FLOOR for d, _, _ in target) / len(target)
+    assert sliced_wasserstein(fake, target).item() == pytest.approx(want, rel=1e-4)
+    m, sd = pixel_moments(flat, flip=False)
+    assert sd.abs().max().item() < 1e-6
+    # mean gap 0 (the batch's mean is the level), spread gap 0.1 against a target spread of 0
+    got = pixel_feature_matching(fake, fake, (m, sd)).item()
+    assert math.isfinite(got) and got == pytest.approx(0.1 / PIXEL_SPREAD_FLOOR, rel=1e-3)
+
+
 def test_sliced_wasserstein_reaches_g_only():
     """--sw-weight: G's gradient is BEGAN's plus the weight times the term's gradient (the
     target computed here from the data, flips included); D's is BEGAN's."""
@@ -469,7 +492,7 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     """--variant began is the paper (every remedy off); escape switches on its preset; an
     option given on the command line wins over the preset and makes the variant "custom"."""
     from fastbegan.remedies import PAPER, VARIANT_PRESETS, variant_flags, variant_options
-    assert variant_options("began") == {"cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
+    assert variant_options("began") == {"gamma": 0.5, "lambda_k": 0.001, "cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
                                         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0,
                                         "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
                                         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False,
@@ -482,6 +505,11 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     # settle: escape, then the pulling-away weight falls to 0.05 over steps 2,000-2,500; EMA samples
     assert variant_flags("settle") == ("--pt-weight 0.1 --k-init 0.1 --k-min 0.05 --pt-anneal 2000 2500 "
                                        "--pt-final 0.05 --ema-decay 0.999")
+    # match: the variety study's winner, gamma and lambda_k its own (the paper's are left out)
+    assert variant_flags("match") == ("--gamma 1.5 --lambda-k 0.003 --k-init 0.1 --k-min 0.05 --fm-weight 0.3 "
+                                      "--fm-pixels --fm-data --sw-weight 1 --k-target 0.1")
+    assert variant_options("match", gamma=1.5)["variant"] == "match"
+    assert variant_options("match", gamma=1.2)["variant"] == "custom"
     assert variant_options("escape", pt_anneal_end=5)["variant"] == "custom"
     for name in VARIANT_PRESETS:  # every preset sets every option (a resume compares them all)
         assert set(VARIANT_PRESETS[name]) == set(PAPER)
@@ -534,12 +562,25 @@ def test_resume_keeps_the_runs_own_variant(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     seen = []
     monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
-    for extra, want in (([], (0.0, 0.02, 0.0, "custom")),
-                        (["--pt-weight", "0.2"], (0.0, 0.02, 0.2, "custom")),
-                        (["--variant", "escape"], (0.1, 0.05, 0.1, "escape"))):
+    for extra, want in (([], (0.0, 0.02, 0.0, "custom", 0.5)),
+                        (["--pt-weight", "0.2"], (0.0, 0.02, 0.2, "custom", 0.5)),
+                        (["--variant", "escape"], (0.1, 0.05, 0.1, "escape", 0.5)),
+                        (["--variant", "match"], (0.1, 0.05, 0.0, "match", 1.5))):
         assert CliRunner().invoke(main, [*tiny, "--resume", *extra]).exit_code == 0
         c = seen[-1]
-        assert (c.k_init, c.k_min, c.pt_weight, c.variant) == want
+        assert (c.k_init, c.k_min, c.pt_weight, c.variant, c.gamma) == want
+    # the default (match) with its gamma changed: a resume keeps that gamma and match's lambda_k
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTBEGAN_CACHE", str(tmp_path / "cache"))
+    tuned = [*tiny[:-1], str(tmp_path / "tuned")]
+    r = CliRunner().invoke(main, [*tuned, "--gamma", "1.2"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(train_mod, "train", lambda cfg, **kw: seen.append(cfg) or types.SimpleNamespace(step=0))
+    assert CliRunner().invoke(main, [*tuned, "--resume"]).exit_code == 0
+    c = seen[-1]
+    assert (c.gamma, c.lambda_k, c.sw_weight, c.k_target, c.variant) == (1.2, 0.003, 1.0, 0.1, "custom")
+    assert CliRunner().invoke(main, [*tuned, "--resume", "--lambda-k", "0.002"]).exit_code == 0
+    assert (seen[-1].gamma, seen[-1].lambda_k) == (1.2, 0.002)
     from fastbegan.remedies import PAPER
     assert resumed_variant_options({"res": 8}) == {**PAPER, "variant": "began"}
     kept = resumed_variant_options({"variant": "custom", "pt_weight": 0.1, "pt_anneal_start": 5, "pt_anneal_end": 9,

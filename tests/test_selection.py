@@ -330,5 +330,7 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path, monkeypatch):
     assert f"{torch.get_num_threads()} thread" in out and "allocator:" in out
     # the default variant, with every lever it switches on, as the options that would set them
     from fastbegan.remedies import DEFAULT_VARIANT, variant_flags
-    assert f"variant {DEFAULT_VARIANT}: {variant_flags(DEFAULT_VARIANT)}, gamma 0.5" in out
+    from fastbegan.remedies import VARIANT_SUMMARY
+    assert (f"variant {DEFAULT_VARIANT} ({VARIANT_SUMMARY[DEFAULT_VARIANT]}): {variant_flags(DEFAULT_VARIANT)}; "
+            "gamma from 1.5, adapted to hold k_t near 0.1 (lambda_gamma 0.01), lambda_k 0.003") in out
     assert "--ema-decay 0.999" in variant_flags("settle") and "--pt-anneal 2000 2500" in variant_flags("settle")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt
-from ..remedies import variant_flags
+from ..remedies import DEFAULT_VARIANT, variant_flags
 from ..runlog import read_metrics
 
 # Defaults, measured on the embedded faces on CPU (fake/real diversity "div", fake/real
@@ -43,7 +43,9 @@ K_EDGE = 1e-4               # k_t "at 0" below this (it bounces off 0 by ~1e-6),
 FLOOR_TOL = 1e-3            # k_t "on its floor" (--k-min > 0) within this of it (one step moves k_t by
                             # lambda_k |gamma L_real - L_fake| ~ 1e-4, so a k_t that leaves it shows)
 EARLY = 5000                # a collapse that starts before this step may be BEGAN's early one-face phase
-REMEDY_FLAGS = f"--variant escape ({variant_flags('escape')})"  # measured best (docs/training.md)
+# the variant measured best against the collapse and for variety (fastbegan train's default)
+REMEDY_FLAGS = f"--variant {DEFAULT_VARIANT} ({variant_flags(DEFAULT_VARIANT)})"
+REMEDY_TERMS = ("loss_pt", "loss_cs", "loss_ms", "loss_fm", "loss_sw")  # logged when a run uses a remedy term
 BLOWUP_LOSS = 1.0           # an L1 loss above this on images in [-1, 1] = blown up (normal: < 0.5)
 
 
@@ -267,11 +269,11 @@ class HealthTracker:
     def _remedy_hint(row: dict) -> str:
         """BEGAN's early one-image collapse (k_t at 0, D ignoring the fakes) has options that
         escape it (fastbegan.remedies, measured in docs/training.md); name them unless the
-        run already uses them (the logged rows carry loss_pt / loss_cs then)."""
-        if "loss_pt" in row or "loss_cs" in row:
+        run already uses a remedy term (the logged rows carry its loss then)."""
+        if any(k in row for k in REMEDY_TERMS):
             return ""
         return (f"; to escape BEGAN's early one-image collapse, start a run with {REMEDY_FLAGS} "
-                "(docs/training.md, Early collapse)")
+                "(docs/training.md, Variety and the equilibrium)")
 
     def _m_trend(self, row: dict, step: int, held: set[str]) -> list[Finding]:
         """M_global stalled or rising, on a smoothed M (one batch's M is noisy)."""

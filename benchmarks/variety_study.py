@@ -167,7 +167,7 @@ PLAN = {
     "settlefmpxd03": {"faces": 2000, "digits": 2000},
     "eqfmpxd03kt10": {"faces": 10000, "digits": 4000},
     "eqfmpxd03kt10swp1": {"faces": 10000, "digits": 10000},
-    "eqfmpxd03kt10swp1e": {"faces": 10000},
+    "eqfmpxd03kt10swp1e": {"faces": 10000, "digits": 10000},
     "eqfmpxd03kt10swp3": {"faces": 10000},
 }
 

@@ -506,8 +506,8 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
     assert variant_flags("settle") == ("--pt-weight 0.1 --k-init 0.1 --k-min 0.05 --pt-anneal 2000 2500 "
                                        "--pt-final 0.05 --ema-decay 0.999")
     # match: the variety study's winner, gamma and lambda_k its own (the paper's are left out)
-    assert variant_flags("match") == ("--gamma 1.5 --lambda-k 0.003 --k-init 0.1 --k-min 0.05 --fm-weight 0.3 "
-                                      "--fm-pixels --fm-data --sw-weight 1 --k-target 0.1")
+    assert variant_flags("match") == ("--gamma 1.5 --lambda-k 0.003 --k-init 0.1 --k-min 0.05 --ema-decay 0.999 "
+                                      "--fm-weight 0.3 --fm-pixels --fm-data --sw-weight 1 --k-target 0.1")
     assert variant_options("match", gamma=1.5)["variant"] == "match"
     assert variant_options("match", gamma=1.2)["variant"] == "custom"
     assert variant_options("escape", pt_anneal_end=5)["variant"] == "custom"

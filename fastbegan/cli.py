@@ -236,8 +236,8 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
     if dev.type == "cpu" and main_rank:
         click.echo("Training on CPU: this is for trying things out (try --res 32 --steps 300); "
                    "use a CUDA GPU for real runs.", err=True)
-    remedy = dict(gamma=gamma, lambda_k=lambda_k, cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred, ms_weight=ms_weight,
-                  fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data, sw_weight=sw_weight,
+    remedy = dict(gamma=gamma, lambda_k=lambda_k, cs_alpha=cs_alpha, pt_weight=pt_weight, pt_centred=pt_centred,
+                  ms_weight=ms_weight, fm_weight=fm_weight, fm_pixels=fm_pixels, fm_data=fm_data, sw_weight=sw_weight,
                   k_init=k_init, k_min=k_min, k_target=k_target,
                   **_lever_options(pt_anneal, k_min_anneal, ema_decay, pt_final))  # on top of the variant
     last = latest_checkpoint(out) if resume else None

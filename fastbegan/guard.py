@@ -1,7 +1,7 @@
 """Going back to a good state: the divergence guard and the one restore routine.
 
-Every step ORs ``~isfinite`` of the sum of its losses (L_real, L_fake, remedy terms) into the state's ``nonfinite`` device flag
-(no host synchronisation). :class:`DivergenceGuard` reads it at log intervals (it is one of
+Every step ORs ``~isfinite`` of the sum of its losses (L_real, L_fake, remedy terms) into the
+state's ``nonfinite`` device flag (no host synchronisation). :class:`DivergenceGuard` reads it at log intervals (it is one of
 ``Trainer.log_hooks``) and before every checkpoint (then the parameters are checked too,
 so a checkpoint is never written from a diverged state). On NaN/Inf it goes back to the
 newest good state with :func:`restore` and says so; after ``max_restores`` restores it

@@ -112,9 +112,13 @@ def variant_options(variant: str, **given: float | None) -> dict:
 
 
 def _given_on_top(base: dict, name: str, given: dict) -> dict:
-    """``base`` with the given (not None) options on top, named ``name`` unless they change it."""
+    """``base`` with the given (not None) options on top, named ``name`` unless they change it:
+    then the preset they now equal (``--variant escape`` with match's options is match), or
+    "custom"."""
     opts = {**base, **{k: v for k, v in given.items() if v is not None}}
-    return {**opts, "variant": name if opts == base else "custom"}
+    if opts != base:
+        name = next((v for v, preset in VARIANT_PRESETS.items() if preset == opts), "custom")
+    return {**opts, "variant": name}
 
 
 def k_floor(k_next: Tensor, k_min: float | Tensor) -> Tensor:

@@ -510,6 +510,9 @@ def test_variant_presets_and_overrides(tmp_path, monkeypatch):
                                       "--fm-weight 0.3 --fm-pixels --fm-data --sw-weight 1 --k-target 0.1")
     assert variant_options("match", gamma=1.5)["variant"] == "match"
     assert variant_options("match", gamma=1.2)["variant"] == "custom"
+    # options that turn one preset into another take that one's name (the study's levers)
+    assert variant_options("escape", **{k: v for k, v in VARIANT_PRESETS["match"].items()})["variant"] == "match"
+    assert variant_options("began", pt_weight=0.1, k_init=0.1, k_min=0.05)["variant"] == "escape"
     assert variant_options("escape", pt_anneal_end=5)["variant"] == "custom"
     for name in VARIANT_PRESETS:  # every preset sets every option (a resume compares them all)
         assert set(VARIANT_PRESETS[name]) == set(PAPER)

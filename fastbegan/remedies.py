@@ -37,8 +37,8 @@ from torch import Tensor
 
 # every option a variant sets, with the paper's value (a remedy's is "off")
 PAPER = {"gamma": 0.5, "lambda_k": 0.001, "cs_alpha": 0.0, "pt_weight": 0.0, "k_init": 0.0, "k_min": 0.0,
-         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0, "ema_decay": 0.0,
-         "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False,
+         "pt_anneal_start": 0, "pt_anneal_end": 0, "pt_final": 0.0, "k_min_anneal_start": 0, "k_min_anneal_end": 0,
+         "ema_decay": 0.0, "pt_centred": False, "ms_weight": 0.0, "fm_weight": 0.0, "fm_pixels": False, "fm_data": False,
          "sw_weight": 0.0, "k_target": 0.0}
 VARIANT_PRESETS = {
     "began": dict(PAPER),

@@ -171,6 +171,11 @@ def main(ctx):
 @click.option("--mbstd-group", type=int, default=0, show_default=True, metavar="G",
               help="D's encoder also sees the minibatch standard deviation of its last feature map "
                    "(ProGAN), over groups of G real or G fake samples; G divides the batch. 0 = off.")
+@click.option("--augment-shift", type=float, default=0.0, show_default=True, metavar="FRACTION",
+              help="Shift every image D sees, real and fake, by its own random offset of up to this "
+                   "fraction of the side (edge pixels repeated; differentiable, so G is not asked for "
+                   "shifted images): D cannot learn a small training set by heart (DiffAugment's "
+                   "translation, e.g. 0.125). 0 = off.")
 @click.option("--vanishing-residual", type=int, default=0, show_default=True,
               help="Steps over which the decoder's residual carry goes 1 -> 0 (0 = off).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
@@ -214,7 +219,7 @@ def main(ctx):
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
           lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, fm_data, sw_weight, k_init,
           k_min, k_target, lambda_gamma, pt_anneal,
-          pt_final, k_min_anneal, ema_decay, skip, mbstd_group, vanishing_residual, precision,
+          pt_final, k_min_anneal, ema_decay, skip, mbstd_group, augment_shift, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -252,7 +257,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall,
                       lambda_gamma=lambda_gamma, separate_z=separate_z,
                       **remedy,
-                      skip=skip, mbstd_group=mbstd_group,
+                      skip=skip, mbstd_group=mbstd_group, augment_shift=augment_shift,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,

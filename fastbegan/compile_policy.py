@@ -88,7 +88,8 @@ def config_key(cfg, device: torch.device, backend: str | None = None, world: int
             f"{f'|fm {cfg.fm_weight:g}' if getattr(cfg, 'fm_weight', 0) else ''}"
             f"{'|fmpx' if getattr(cfg, 'fm_pixels', False) else ''}{'|fmdata' if getattr(cfg, 'fm_data', False) else ''}"
             f"{f'|sw {cfg.sw_weight:g}' if getattr(cfg, 'sw_weight', 0) else ''}"
-            f"{f'|mbstd {cfg.mbstd_group}' if getattr(cfg, 'mbstd_group', 0) else ''}|code {step_code_version()}")
+            f"{f'|mbstd {cfg.mbstd_group}' if getattr(cfg, 'mbstd_group', 0) else ''}"
+            f"{f'|aug {cfg.augment_shift:g}' if getattr(cfg, 'augment_shift', 0) else ''}|code {step_code_version()}")
 
 
 def device_id(device: torch.device) -> str:
@@ -116,11 +117,11 @@ def _pt_anneal(cfg) -> str:
 @functools.lru_cache(maxsize=1)
 def step_code_version() -> str:
     """A short hash of the source files the compiled step is made of (model, step, remedies,
-    images: the batch conversion inside the graph, ops and the Triton kernels/ folder) and
-    of the compile machinery (modes, compiled forward, self-check)."""
+    augment and images: the shifts and the batch conversion inside the graph, ops and the
+    Triton kernels/ folder) and of the compile machinery (modes, compiled forward, self-check)."""
     from . import kernels
     root = Path(__file__).resolve().parent
-    files = [root / f for f in ("model.py", "step.py", "remedies.py", "images.py",
+    files = [root / f for f in ("model.py", "step.py", "remedies.py", "augment.py", "images.py",
                                 "compile_policy.py", "autocompile.py", "compile_check.py")]
     files += sorted((root / "ops").glob("*.py")) + sorted(Path(kernels.__file__).resolve().parent.glob("*.py"))
     h = hashlib.sha1()

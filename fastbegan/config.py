@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from . import ops, remedies
+from . import augment, ops, remedies
 from .hardware import PRECISIONS
 from .model import check_resolution, default_filters
 
@@ -50,6 +50,7 @@ class TrainConfig:
     fm_data: bool = False               # ... against the training set's pixel moments, not the real batch's
     sw_weight: float = 0.0              # sliced Wasserstein on thumbnails vs the training set, in G's loss; remedies.sliced_wasserstein
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
+    augment_shift: float = 0.0          # D's inputs, real and fake, shifted by up to this fraction of the side (0 = off); fastbegan.augment
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
     skip: bool = False
     vanishing_residual: int = 0         # steps over which the carry goes 1 -> 0 (0 = option off)
@@ -126,6 +127,9 @@ class TrainConfig:
         if self.mbstd_group < 0 or (self.mbstd_group and self.batch_size % self.mbstd_group):
             raise ValueError(f"--mbstd-group must be 0 (off) or divide --batch-size {self.batch_size} (the "
                              f"statistic is taken over groups of the real and of the fake batch), got {self.mbstd_group}")
+        if not 0.0 <= self.augment_shift < augment.MAX_FRACTION:
+            raise ValueError(f"--augment-shift is the largest shift of D's inputs as a fraction of the side: in "
+                             f"[0, {augment.MAX_FRACTION}) (0 = off; DiffAugment uses 0.125), got {self.augment_shift}")
         if self.dist_timeout <= 0:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.health_patience < 0:

@@ -450,7 +450,8 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
                      ms_weight: float = 0.0, fm_weight: float = 0.0, fm_pixels: bool = False,
                      x: Tensor | None = None,
                      fm_target: tuple[Tensor, Tensor] | None = None, sw_weight: float = 0.0,
-                     sw_target: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
+                     sw_target: tuple[tuple[Tensor, Tensor, Tensor], ...] | None = None,
+                     d_view: tuple[Tensor, Tensor] | None = None) -> dict[str, tuple[Tensor, float | Tensor]]:
     """The enabled terms for the single-pass step, as ``{name: (value, weight)}``.
 
     The step's one backward scales D's weight gradients of the fake half by -k_t, which
@@ -467,15 +468,19 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
     with ``fm_pixels`` the images themselves (no pass of D); ``fm_target`` (the training set's
     pixel moments, :func:`pixel_moments`) replaces the real batch's as the pixels' target.
     The sliced Wasserstein term reads ``fake`` and its fixed target ``sw_target``
-    (:func:`thumbnail_quantiles`) only: its gradient reaches G alone.
+    (:func:`thumbnail_quantiles`) only: its gradient reaches G alone. ``d_view``: D's view
+    ``(x_d, fake_d)`` of the real batch and the fakes (shifted with ``--augment-shift``),
+    which the terms on D's codes read (the pixel terms read ``x`` and ``fake``); default
+    ``(x, fake)``.
     """
     terms = {}
+    x_d, fake_d = (x, fake) if d_view is None else d_view
     if cs_alpha:
-        terms["cs"] = (constrained_space_loss(d.encoder(fake.detach()), z), cs_alpha)
+        terms["cs"] = (constrained_space_loss(d.encoder(fake_d.detach()), z), cs_alpha)
     if pt_weight or (fm_weight and not fm_pixels):
         frozen = {name: p.detach() for name, p in d.encoder.named_parameters()}
         zero = torch.zeros(fake.shape[0], device=fake.device)
-        codes = torch.func.functional_call(d.encoder, frozen, (fake, zero))
+        codes = torch.func.functional_call(d.encoder, frozen, (fake_d, zero))
     if pt_weight:
         weight = pt_weight if pt_scale is None else pt_weight * pt_scale
         terms["pt"] = (pulling_away(codes, pt_centred), weight)
@@ -483,7 +488,7 @@ def fused_step_terms(d, fake: Tensor, z: Tensor, *, cs_alpha: float, pt_weight: 
         terms["fm"] = (pixel_feature_matching(fake, x, fm_target), fm_weight)
     elif fm_weight:
         with torch.no_grad():
-            codes_real = d.encoder(x)
+            codes_real = d.encoder(x_d)
         terms["fm"] = (feature_matching(codes, codes_real), fm_weight)
     if ms_weight:
         terms["ms"] = (mode_seeking(fake, z), ms_weight)

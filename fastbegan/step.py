@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import distributed, ops, remedies
+from . import augment, distributed, ops, remedies
 from .autocompile import CompiledForward
 from .cudagraph import GraphedStep
 from .images import to_unit_range
@@ -82,10 +82,13 @@ class StepInputs:
 @dataclass
 class Draw:
     """One step's random draws, this rank's rows: ``idx`` (B/W,) int64 image indices,
-    ``flip`` (B/W,) bool horizontal flips (None with ``flip`` off), ``z`` (B/W, z_dim)."""
+    ``flip`` (B/W,) bool horizontal flips (None with ``flip`` off), ``z`` (B/W, z_dim),
+    ``shift`` (B/W, 4) int64 shifts of D's inputs (:func:`fastbegan.augment.draw_shifts`;
+    None with ``augment_shift`` off)."""
     idx: Tensor
     flip: Tensor | None
     z: Tensor
+    shift: Tensor | None = None
 
 
 @dataclass
@@ -189,6 +192,8 @@ class Step:
         self.fm_target = remedies.pixel_moments(self.data, self.cfg.flip) if self.cfg.fm_data else None
         # --sw-weight: the training set's thumbnail projections at fixed quantiles, once (the same on every rank)
         self.sw_target = remedies.thumbnail_quantiles(self.data, self.cfg.flip) if self.cfg.sw_weight else None
+        # --augment-shift: the largest shift of D's inputs in pixels (0 = off)
+        self.max_shift = augment.max_shift(self.cfg.res, self.cfg.augment_shift)
         self.steps_planned: int | None = None
         self.last_batch: dict[str, Tensor] = {}
 
@@ -221,10 +226,14 @@ class Step:
         return torch.rand(n, self.cfg.z_dim, device=self.device, generator=self.state.gen).mul_(2).sub_(1)[self.shard]
 
     def draw(self) -> Draw:
-        """This rank's rows of the global indices, flips and z, drawn in this order from the
-        state's generator (eager: dynamo does not trace explicit generators)."""
+        """This rank's rows of the global indices, flips, z and shifts, drawn in this order from
+        the state's generator (eager: dynamo does not trace explicit generators; the shifts
+        come last, so a run without them draws what it drew before they existed)."""
         idx, flip = self.draw_images()
-        return Draw(idx, flip, self.sample_z())
+        z = self.sample_z()
+        shift = (augment.draw_shifts(self.cfg.batch_size, self.max_shift, self.device, self.state.gen)[self.shard]
+                 if self.max_shift else None)
+        return Draw(idx, flip, z, shift)
 
     def draw_images(self) -> tuple[Tensor, Tensor | None]:
         """(idx, flip): this rank's rows of the global draw of image indices and flips."""
@@ -242,13 +251,14 @@ class Step:
         if not capturing:
             for opt in self.opts:
                 opt.zero_grad(set_to_none=True)
-        fb = self.forward_backward(d.idx, d.flip, d.z)
+        fb = self.forward_backward(d.idx, d.flip, d.z, d.shift)
         self.last_batch = {"x": fb.x, "fake": fb.fake}
         return self._update(fb)
 
-    def forward_backward(self, idx: Tensor, flip: Tensor | None, z: Tensor) -> ForwardBackward:
-        """This rank's forward and backward: ``.grad`` of G and D written, and what the
-        update needs (:class:`ForwardBackward`)."""
+    def forward_backward(self, idx: Tensor, flip: Tensor | None, z: Tensor,
+                         shift: Tensor | None = None) -> ForwardBackward:
+        """This rank's forward and backward on one :class:`Draw`'s rows: ``.grad`` of G and D
+        written, and what the update needs (:class:`ForwardBackward`)."""
         raise NotImplementedError
 
     def _update(self, fb: ForwardBackward) -> dict[str, Tensor]:
@@ -309,15 +319,18 @@ class ReferenceStep(Step):
     def _images(self, idx: Tensor, flip: Tensor | None) -> Tensor:
         return to_unit_range(self.data[idx], flip).contiguous(memory_format=torch.channels_last)
 
-    def forward_backward(self, idx, flip, z):
+    def forward_backward(self, idx, flip, z, shift=None):
         z_g = self.sample_z() if self.cfg.separate_z else None
         x = self._images(idx, flip)
-        loss_real, loss_fake = self.compute_grads(x, z, z_g)
+        loss_real, loss_fake = self.compute_grads(x, z, z_g, shift)
         return ForwardBackward({"real": loss_real, "fake": loss_fake, **self.terms}, x, self._fake)
 
-    def compute_grads(self, x: Tensor, z_d: Tensor, z_g: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def compute_grads(self, x: Tensor, z_d: Tensor, z_g: Tensor | None = None,
+                      shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Losses for one step, with D's and G's gradients written to ``.grad``; x (N, 3, H, W),
-        z_d and z_g (N, z_dim). Same-z step when ``z_g`` is None. Returns (L_real,
+        z_d and z_g (N, z_dim). Same-z step when ``z_g`` is None. With ``shift`` (N, 4) D
+        sees shifted reals and fakes (:func:`fastbegan.augment.d_view`: its losses and the
+        code terms read those; the pixel terms read G(z) as it is). Returns (L_real,
         L_fake_for_k) as 0-d fp32 tensors; the remedies' values go to ``terms``."""
         G, D, k = self.inputs.G, self.inputs.D, self.state.k
         self.terms = {}
@@ -326,10 +339,11 @@ class ReferenceStep(Step):
         with self.inputs.autocast():
             if z_g is None:
                 fake = G(z_d)
-                codes = D.encoder(torch.cat([x, fake]))
+                x_d, fake_d = augment.d_view(x, fake, shift)
+                codes = D.encoder(torch.cat([x_d, fake_d]))
                 rec = D.decoder(codes)
-                loss_real = ops.l1_recon_loss(x, rec[:b])
-                loss_fake = ops.l1_recon_loss(fake, rec[b:])
+                loss_real = ops.l1_recon_loss(x_d, rec[:b])
+                loss_fake = ops.l1_recon_loss(fake_d, rec[b:])
                 loss_d = loss_real - k * loss_fake + self._cs_term(codes[b:], z_d)
                 loss_g = (loss_fake + self._pt_term(codes[b:]) + self._ms_term(fake, z_d)
                           + self._fm_term(codes[b:], codes[:b], fake, x) + self._sw_term(fake))
@@ -337,16 +351,17 @@ class ReferenceStep(Step):
                 grads_g = torch.autograd.grad(loss_g, g_params)
             else:
                 with torch.no_grad():
-                    fake_d = G(z_d)
-                codes = D.encoder(torch.cat([x, fake_d]))
+                    x_d, fake_d = augment.d_view(x, G(z_d), shift)
+                codes = D.encoder(torch.cat([x_d, fake_d]))
                 rec = D.decoder(codes)
-                loss_real = ops.l1_recon_loss(x, rec[:b])
+                loss_real = ops.l1_recon_loss(x_d, rec[:b])
                 loss_d = (loss_real - k * ops.l1_recon_loss(fake_d, rec[b:])
                           + self._cs_term(codes[b:], z_d))
                 grads_d = torch.autograd.grad(loss_d, d_params)
                 fake = G(z_g)
-                codes_g = D.encoder(fake)
-                loss_fake = ops.l1_recon_loss(fake, D.decoder(codes_g))
+                fake_g = fake if shift is None else augment.translate(fake, shift[:, 2:])
+                codes_g = D.encoder(fake_g)
+                loss_fake = ops.l1_recon_loss(fake_g, D.decoder(codes_g))
                 loss_g = (loss_fake + self._pt_term(codes_g) + self._ms_term(fake, z_g)
                           + self._fm_term(codes_g, codes[:b], fake, x) + self._sw_term(fake))
                 grads_g = torch.autograd.grad(loss_g, g_params)
@@ -504,8 +519,8 @@ class FusedStep(Step):
                 group["lr"], group["capturable"] = getattr(st, rate), capturable
 
     # ------------------------------------------------------------------ device side
-    def forward_backward(self, idx, flip, z):
-        out = self.forward((self.data, idx, flip, z, self.state.k))
+    def forward_backward(self, idx, flip, z, shift=None):
+        out = self.forward((self.data, idx, flip, z, self.state.k, shift))
         return ForwardBackward({"real": out.losses[0], "fake": out.losses[1], **out.terms}, out.x,
                                out.fake.detach(), out.k_next, out.M)
 
@@ -557,8 +572,9 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     :class:`~fastbegan.autocompile.CompiledForward` hands to ``torch.compile(fullgraph=True,
     dynamic=False)``):
 
-    ``forward(data, idx, flip, z, k) -> StepOutputs(x, fake, losses, k_next, M, objective, terms)``:
+    ``forward(data, idx, flip, z, k, shift=None) -> StepOutputs(x, fake, losses, k_next, M, objective, terms)``:
     the uint8 gather ``data[idx]``, the flip and the [-1, 1] conversion, ``fake = G(z)``,
+    D's view of both (shifted by ``shift`` (B, 4) when given: :func:`fastbegan.augment.d_view`),
     D's per-block weight-gradient scale ``[1; -k]`` (``ones`` is a (1,) ones buffer),
     :func:`d_losses` and the enabled collapse remedies (:func:`remedies.fused_step_terms`);
     ``objective`` is the scalar the one backward starts from, ``terms`` the remedies'
@@ -569,7 +585,7 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
     ``pt_centred``, ``ms_weight``, ``fm_weight``, ``fm_pixels``, ``fm_target``, ``sw_weight`` and
     ``sw_target`` (device tensors, constant for the run) as in :func:`remedies.fused_step_terms`.
     """
-    def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor):
+    def forward(data: Tensor, idx: Tensor, flip: Tensor | None, z: Tensor, k: Tensor, shift: Tensor | None = None):
         # compiled with the rest, not folded into D's first conv: docs/design.md §4.2
         x = to_unit_range(data[idx], flip)
         # D's weight-gradient scale, per block: 1 for the real half, -k_t for the fake half
@@ -580,13 +596,15 @@ def step_forward(G: nn.Module, D: nn.Module, ones: Tensor, *, gamma: float, lamb
         g_scale = ones[:1].view(1, 1) if ops.get_backend() == "torch" else None
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             fake = G(z, g_scale)
-            losses, k_next, m = d_losses(D, x, fake, scale, k, gamma, lambda_k)
+            x_d, fake_d = augment.d_view(x, fake, shift)  # --augment-shift (the pixel terms read fake)
+            losses, k_next, m = d_losses(D, x_d, fake_d, scale, k, gamma, lambda_k)
             # annealed pulling-away weight: a function of the device step counter step_t
             pt_scale = remedies.anneal_scale(step_t, *pt_anneal) if pt_anneal[1] else None
             terms = remedies.fused_step_terms(D, fake, z, cs_alpha=cs_alpha, pt_weight=pt_weight,
                                               pt_scale=pt_scale, pt_centred=pt_centred, ms_weight=ms_weight,
                                               fm_weight=fm_weight, fm_pixels=fm_pixels, x=x,
-                                              fm_target=fm_target, sw_weight=sw_weight, sw_target=sw_target)
+                                              fm_target=fm_target, sw_weight=sw_weight, sw_target=sw_target,
+                                              d_view=(x_d, fake_d))
         objective = losses.sum()
         for value, weight in terms.values():
             objective = objective + weight * value

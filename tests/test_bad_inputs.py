@@ -95,6 +95,7 @@ CASES = {
     "mbstd_group_3": (lambda t, m: ["--mbstd-group", "3"], 1, ["--mbstd-group must be 0 (off) or divide"]),
     "fm_data_codes": (lambda t, m: ["--variant", "began", "--fm-weight", "0.1", "--fm-data"], 1, ["use it with --fm-weight > 0 and --fm-pixels"]),
     "sw_negative": (lambda t, m: ["--sw-weight", "-1"], 1, ["--sw-weight must be >= 0"]),
+    "augment_shift_half": (lambda t, m: ["--augment-shift", "0.5"], 1, ["--augment-shift is the largest shift", "[0, 0.5)"]),
     "sw_batch_1": (lambda t, m: ["--variant", "began", "--sw-weight", "1", "--batch-size", "1"], 1, ["use --batch-size >= 2"]),
     "unwritable_out": (lambda t, m: unwritable_out(t), 1, ["cannot write to output folder"]),
     "disk_full": (disk_full, 1, ["disk is full", "previous checkpoints are intact"]),

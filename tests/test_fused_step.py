@@ -47,6 +47,8 @@ SETTLE_SHORT = {**VARIANT_PRESETS["settle"], "pt_anneal_start": 3, "pt_anneal_en
 # fastbegan train's default (remedies.DEFAULT_VARIANT): the adapted gamma, pixel feature
 # matching and the sliced Wasserstein term against the data set's statistics
 MATCH = VARIANT_PRESETS["match"]
+# the default with D's inputs shifted (--augment-shift): the shifts drawn inside the graph
+MATCH_SHIFT = {**MATCH, "augment_shift": 0.125}
 
 
 def _use_fused_adam(tr):
@@ -272,7 +274,7 @@ def _gpu_trainer(**kw):
 
 
 @requires_gpu
-@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH], ids=["began", "settle", "match"])
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH, MATCH_SHIFT], ids=["began", "settle", "match", "match-shift"])
 def test_gpu_no_sync(levers):
     """CUDA: no synchronising call inside the step (sync debug mode 'error')."""
     t = _gpu_trainer(**levers)
@@ -289,7 +291,7 @@ def test_gpu_no_sync(levers):
 
 
 @requires_gpu
-@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH], ids=["began", "settle", "match"])
+@pytest.mark.parametrize("levers", [{}, SETTLE_SHORT, MATCH, MATCH_SHIFT], ids=["began", "settle", "match", "match-shift"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_gpu_cuda_graph_equals_eager(precision, levers):
     """20 steps replayed from a CUDA graph equal 20 eager steps (same seed, same batches);

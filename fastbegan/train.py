@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import augment
 from . import checkpoint as ckpt
 from . import distributed
 from . import ops
@@ -371,7 +372,9 @@ def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
     what = remedies.VARIANT_SUMMARY.get(cfg.variant)  # a preset's, in words ("custom" has none)
     log(f"variant {cfg.variant}" + (f" ({what})" if what else "") + ": " + (levers or "no remedy")
         + (f"; gamma from {cfg.gamma:g}, adapted to hold k_t near {cfg.k_target:g} (lambda_gamma "
-           f"{cfg.lambda_gamma:g})" if cfg.k_target else f"; gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}")
+           f"{cfg.lambda_gamma:g})" if cfg.k_target else f"; gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}"
+        + (f"; D's inputs shifted by up to {augment.max_shift(cfg.res, cfg.augment_shift)} pixels (--augment-shift "
+           f"{cfg.augment_shift:g})" if cfg.augment_shift else ""))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:

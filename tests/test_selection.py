@@ -334,3 +334,7 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path, monkeypatch):
     assert (f"variant {DEFAULT_VARIANT} ({VARIANT_SUMMARY[DEFAULT_VARIANT]}): {variant_flags(DEFAULT_VARIANT)}; "
             "gamma from 1.5, adapted to hold k_t near 0.1 (lambda_gamma 0.01), lambda_k 0.003") in out
     assert "--ema-decay 0.999" in variant_flags("settle") and "--pt-anneal 2000 2500" in variant_flags("settle")
+    assert "augment-shift" not in out  # off by default
+    res = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "shifted"), "--res", "16", "--augment-shift", "0.125"])
+    assert res.exit_code == 0, res.output
+    assert "lambda_k 0.003; D's inputs shifted by up to 2 pixels (--augment-shift 0.125)" in res.output

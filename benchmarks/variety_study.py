@@ -120,6 +120,12 @@ LEVERS = {
     # matchsh traded precision for recall on the digits (0.44 / 0.69 at step 10,000 against the
     # default's 0.64 / 0.49): half the shift (2 pixels at res 32)
     "matchsh16": ["--variant", "match", "--augment-shift", "0.0625"],
+    # the default's faces factor coverage at step 10,000: 0.84 at res 32 (target 0.85), pose_x
+    # the factor missed most (a face moves by at most 0.08 of the side: under a pixel of the 8x8
+    # thumbnails at res 32). The pyramid up to 16x16, or the term 3x stronger (swp3 reached 0.85
+    # with trained-weight samples), with the EMA's samples
+    "matchsws16": ["--variant", "match", "--sw-max-side", "16"],
+    "matchsw3": ["--variant", "match", "--sw-weight", "3"],
 }
 # levers whose rows a results file keeps but whose code is gone -> the commit that trained them
 # (the flags alone no longer reproduce them): the first, PI form of --k-target
@@ -178,6 +184,8 @@ PLAN = {
     "eqfmpxd03kt10swp3": {"faces": 10000},
     "matchsh": {"digits": 10000, "faces": 10000},
     "matchsh16": {"digits": 10000},
+    "matchsws16": {"faces": 10000},
+    "matchsw3": {"faces": 10000},
 }
 
 

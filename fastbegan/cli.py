@@ -171,6 +171,9 @@ def main(ctx):
 @click.option("--mbstd-group", type=int, default=0, show_default=True, metavar="G",
               help="D's encoder also sees the minibatch standard deviation of its last feature map "
                    "(ProGAN), over groups of G real or G fake samples; G divides the batch. 0 = off.")
+@click.option("--sw-max-side", type=int, default=8, show_default=True, metavar="SIDE",
+              help="With --sw-weight: the pyramid's thumbnails go up to SIDE x SIDE (a power of two; "
+                   "16 also sees where things sit to a sixteenth of the side).")
 @click.option("--augment-shift", type=float, default=0.0, show_default=True, metavar="FRACTION",
               help="Shift every image D sees, real and fake, by its own random offset of up to this "
                    "fraction of the side (edge pixels repeated; differentiable, so G is not asked for "
@@ -219,7 +222,7 @@ def main(ctx):
 def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, lr_d, lr_min, lr_half_every,
           lr_stall, separate_z, variant, cs_alpha, pt_weight, pt_centred, ms_weight, fm_weight, fm_pixels, fm_data, sw_weight, k_init,
           k_min, k_target, lambda_gamma, pt_anneal,
-          pt_final, k_min_anneal, ema_decay, skip, mbstd_group, augment_shift, vanishing_residual, precision,
+          pt_final, k_min_anneal, ema_decay, skip, mbstd_group, sw_max_side, augment_shift, vanishing_residual, precision,
           backend, device, seed, out, resume,
           sample_every, ckpt_every, log_every, keep_ckpts, max_restores, no_progress,
           on_collapse="warn", health_patience=200, compile_step="auto", no_compile=False,
@@ -257,7 +260,7 @@ def train(res, data, steps, batch_size, filters, z_dim, h, gamma, lambda_k, lr, 
                       lr=lr, lr_d=lr_d, lr_min=lr_min, lr_half_every=lr_half_every, lr_stall=lr_stall,
                       lambda_gamma=lambda_gamma, separate_z=separate_z,
                       **remedy,
-                      skip=skip, mbstd_group=mbstd_group, augment_shift=augment_shift,
+                      skip=skip, mbstd_group=mbstd_group, sw_max_side=sw_max_side, augment_shift=augment_shift,
                       vanishing_residual=vanishing_residual, precision=precision, backend=backend,
                       device=str(dev), seed=seed, data=data, out=out, sample_every=sample_every,
                       ckpt_every=ckpt_every, log_every=log_every, keep_ckpts=keep_ckpts,

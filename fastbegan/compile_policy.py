@@ -87,7 +87,7 @@ def config_key(cfg, device: torch.device, backend: str | None = None, world: int
             f"{f'|ms {cfg.ms_weight:g}' if cfg.ms_weight else ''}"
             f"{f'|fm {cfg.fm_weight:g}' if getattr(cfg, 'fm_weight', 0) else ''}"
             f"{'|fmpx' if getattr(cfg, 'fm_pixels', False) else ''}{'|fmdata' if getattr(cfg, 'fm_data', False) else ''}"
-            f"{f'|sw {cfg.sw_weight:g}' if getattr(cfg, 'sw_weight', 0) else ''}"
+            f"{f'|sw {cfg.sw_weight:g}/{cfg.sw_max_side}' if getattr(cfg, 'sw_weight', 0) else ''}"
             f"{f'|mbstd {cfg.mbstd_group}' if getattr(cfg, 'mbstd_group', 0) else ''}"
             f"{f'|aug {cfg.augment_shift:g}' if getattr(cfg, 'augment_shift', 0) else ''}|code {step_code_version()}")
 

@@ -49,6 +49,7 @@ class TrainConfig:
     fm_pixels: bool = False             # feature matching on the images' pixels instead of D's codes
     fm_data: bool = False               # ... against the training set's pixel moments, not the real batch's
     sw_weight: float = 0.0              # sliced Wasserstein on thumbnails vs the training set, in G's loss; remedies.sliced_wasserstein
+    sw_max_side: int = remedies.SW_MAX_SIDE  # ... on thumbnails of side 1, 2, 4, ... up to this; remedies.sw_sides
     mbstd_group: int = 0                # D's encoder sees the minibatch stddev over groups of this size (0 = off)
     augment_shift: float = 0.0          # D's inputs, real and fake, shifted by up to this fraction of the side (0 = off); fastbegan.augment
     ema_decay: float = 0.0              # EMA of G's weights for sampling (0 = off); remedies.GeneratorEMA
@@ -119,6 +120,9 @@ class TrainConfig:
             raise ValueError("the pulling-away (--pt-weight), mode-seeking (--ms-weight), feature-matching "
                              "(--fm-weight) and sliced Wasserstein (--sw-weight) terms compare samples: use "
                              "--batch-size >= 2")
+        if self.sw_max_side < 1 or self.sw_max_side & (self.sw_max_side - 1):
+            raise ValueError(f"--sw-max-side is the largest thumbnail side of the sliced Wasserstein term: a power "
+                             f"of two >= 1 (default {remedies.SW_MAX_SIDE}), got {self.sw_max_side}")
         if self.fm_data and not (self.fm_weight and self.fm_pixels):
             raise ValueError("--fm-data sets the target of pixel feature matching: use it with --fm-weight > 0 "
                              "and --fm-pixels (D's codes change as D trains, so they have no fixed target)")

@@ -359,7 +359,7 @@ def pixel_feature_matching(fake: Tensor, x: Tensor, target: tuple[Tensor, Tensor
 # pyramid: at 8x8 alone the layout's spread dominates every direction and the background's
 # hue barely moves the distance (the first pilots); at 1x1 (an image's mean colour) and 2x2
 # it is most of it.
-SW_SIDES = (1, 2, 4, 8)  # thumbnails: every image average-pooled to side x side, per scale
+SW_MAX_SIDE = 8         # thumbnails 1x1, 2x2, 4x4, 8x8: every image average-pooled to side x side, per scale
 SW_DIRECTIONS = 128      # fixed random unit directions per scale (seeded with the side): the same every run
 SW_GRID = 1024           # the training set's projections kept at this many quantiles
 
@@ -370,9 +370,10 @@ def thumbnails(images: Tensor, side: int) -> Tensor:
     return F.adaptive_avg_pool2d(images.float(), side).flatten(1)
 
 
-def sw_sides(res: int) -> tuple[int, ...]:
-    """The pyramid's sides for images of side ``res``: :data:`SW_SIDES` up to ``res``."""
-    return tuple(s for s in SW_SIDES if s <= res)
+def sw_sides(res: int, max_side: int = SW_MAX_SIDE) -> tuple[int, ...]:
+    """The pyramid's sides for images of side ``res``: 1, 2, 4, ... up to ``max_side``
+    (``--sw-max-side``, a power of two) and ``res``."""
+    return tuple(1 << i for i in range(min(res, max_side).bit_length()))
 
 
 @torch.no_grad()

@@ -191,7 +191,9 @@ class Step:
         # --fm-data: the training set's pixel moments, once (the same on every rank: each holds the whole set)
         self.fm_target = remedies.pixel_moments(self.data, self.cfg.flip) if self.cfg.fm_data else None
         # --sw-weight: the training set's thumbnail projections at fixed quantiles, once (the same on every rank)
-        self.sw_target = remedies.thumbnail_quantiles(self.data, self.cfg.flip) if self.cfg.sw_weight else None
+        self.sw_target = (remedies.thumbnail_quantiles(self.data, self.cfg.flip,
+                                                       sides=remedies.sw_sides(self.cfg.res, self.cfg.sw_max_side))
+                          if self.cfg.sw_weight else None)
         # --augment-shift: the largest shift of D's inputs in pixels (0 = off)
         self.max_shift = augment.max_shift(self.cfg.res, self.cfg.augment_shift)
         self.steps_planned: int | None = None

@@ -374,7 +374,9 @@ def _startup_lines(trainer: Trainer, threads: str | None, log) -> None:
         + (f"; gamma from {cfg.gamma:g}, adapted to hold k_t near {cfg.k_target:g} (lambda_gamma "
            f"{cfg.lambda_gamma:g})" if cfg.k_target else f"; gamma {cfg.gamma:g}") + f", lambda_k {cfg.lambda_k:g}"
         + (f"; D's inputs shifted by up to {augment.max_shift(cfg.res, cfg.augment_shift)} pixels (--augment-shift "
-           f"{cfg.augment_shift:g})" if cfg.augment_shift else ""))
+           f"{cfg.augment_shift:g})" if cfg.augment_shift else "")
+        + (f"; sliced Wasserstein on thumbnails up to {min(cfg.res, cfg.sw_max_side)}x{min(cfg.res, cfg.sw_max_side)} "
+           f"(--sw-max-side {cfg.sw_max_side})" if cfg.sw_weight and cfg.sw_max_side != remedies.SW_MAX_SIDE else ""))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Trainer:

@@ -95,6 +95,7 @@ CASES = {
     "mbstd_group_3": (lambda t, m: ["--mbstd-group", "3"], 1, ["--mbstd-group must be 0 (off) or divide"]),
     "fm_data_codes": (lambda t, m: ["--variant", "began", "--fm-weight", "0.1", "--fm-data"], 1, ["use it with --fm-weight > 0 and --fm-pixels"]),
     "sw_negative": (lambda t, m: ["--sw-weight", "-1"], 1, ["--sw-weight must be >= 0"]),
+    "sw_max_side_12": (lambda t, m: ["--sw-max-side", "12"], 1, ["--sw-max-side is the largest thumbnail side", "power of two"]),
     "augment_shift_half": (lambda t, m: ["--augment-shift", "0.5"], 1, ["--augment-shift is the largest shift", "[0, 0.5)"]),
     "sw_batch_1": (lambda t, m: ["--variant", "began", "--sw-weight", "1", "--batch-size", "1"], 1, ["use --batch-size >= 2"]),
     "unwritable_out": (lambda t, m: unwritable_out(t), 1, ["cannot write to output folder"]),

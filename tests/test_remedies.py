@@ -19,7 +19,7 @@ def _trainer(backend="torch", **kw):
     cfg = dict(res=8, filters=4, z_dim=8, h=8, batch_size=3, backend=backend, device="cpu", seed=5,
                out="/nonexistent", precision="fp32", reference_step=True, health_patience=0)
     cfg.update(kw)
-    data = np.random.default_rng(1).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    data = np.random.default_rng(1).integers(0, 256, (8, cfg["res"], cfg["res"], 3), dtype=np.uint8)
     t = Trainer(TrainConfig(**cfg), data, log=lambda *_: None)
     t.k = torch.tensor(0.37)
     return t
@@ -208,17 +208,27 @@ def test_pixel_terms_stay_finite_on_a_set_without_spread():
     assert math.isfinite(got) and got == pytest.approx(0.1 / PIXEL_SPREAD_FLOOR, rel=1e-3)
 
 
-def test_sliced_wasserstein_reaches_g_only():
+def test_sw_sides_double_up_to_the_max_side_and_the_resolution():
+    from fastbegan.remedies import sw_sides
+    assert sw_sides(32) == (1, 2, 4, 8)                 # the default, --sw-max-side 8
+    assert sw_sides(32, 16) == (1, 2, 4, 8, 16)
+    assert sw_sides(8, 16) == (1, 2, 4, 8)              # never above the images' side
+    assert sw_sides(64, 1) == (1,)
+
+
+@pytest.mark.parametrize("res, max_side, sides", [(8, 8, (1, 2, 4, 8)), (16, 16, (1, 2, 4, 8, 16))])
+def test_sliced_wasserstein_reaches_g_only(res, max_side, sides):
     """--sw-weight: G's gradient is BEGAN's plus the weight times the term's gradient (the
-    target computed here from the data, flips included); D's is BEGAN's."""
+    target computed here from the data, flips included, on the pyramid up to --sw-max-side);
+    D's is BEGAN's."""
     from fastbegan.remedies import sliced_wasserstein
-    plain, withit = _trainer(), _trainer(sw_weight=0.5)
+    plain, withit = _trainer(res=res), _trainer(res=res, sw_weight=0.5, sw_max_side=max_side)
     state = plain.gen.get_state()
     d0, g0, _, z = _grads(plain, state)
     d1, g1, _, _ = _grads(withit, state)
     v = withit.data.double() / 127.5 - 1                      # (N, H, W, 3)
     v = torch.cat([v, v.flip(2)]) if withit.cfg.flip else v
-    target = _sw_target_by_hand(v, (1, 2, 4, 8), 1024)  # res 8: the whole pyramid
+    target = _sw_target_by_hand(v, sides, 1024)
     term = sliced_wasserstein(withit.G(z), target)
     _assert_g_gets_the_term(withit, term, (d0, g0), (d1, g1))
 
@@ -365,6 +375,7 @@ def test_fused_step_with_the_variety_terms_equals_the_reference_step():
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True)
     assert "loss_fm" in _pair("torch", steps=1, fm_weight=0.2, fm_pixels=True, fm_data=True)
     assert "loss_sw" in _pair("torch", steps=2, sw_weight=0.5)  # --sw-weight: a sort in the step
+    assert "loss_sw" in _pair("torch", steps=1, res=16, sw_weight=0.5, sw_max_side=16)  # a 16x16 scale too
     assert "gamma" in _pair("torch", steps=3, k_target=0.3, lambda_gamma=0.1, lambda_k=0.05)  # --k-target
 
 

@@ -217,6 +217,8 @@ def test_compile_key_holds_what_the_graph_is_made_of(monkeypatch):
         assert autocompile.config_key(dataclasses.replace(cfg, **same), dev) == key, same
     assert autocompile.config_key(cfg, dev, backend="triton") != key
     assert autocompile.config_key(cfg, dev, world=2) != key
+    sw = dataclasses.replace(cfg, sw_weight=1.0)  # the thumbnail pyramid's scales are the graph's
+    assert autocompile.config_key(dataclasses.replace(sw, sw_max_side=16), dev) != autocompile.config_key(sw, dev)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
     cuda = autocompile.config_key(cfg, torch.device("cuda"))
@@ -334,7 +336,9 @@ def test_cli_start_up_lines_say_what_was_picked(tmp_path, monkeypatch):
     assert (f"variant {DEFAULT_VARIANT} ({VARIANT_SUMMARY[DEFAULT_VARIANT]}): {variant_flags(DEFAULT_VARIANT)}; "
             "gamma from 1.5, adapted to hold k_t near 0.1 (lambda_gamma 0.01), lambda_k 0.003") in out
     assert "--ema-decay 0.999" in variant_flags("settle") and "--pt-anneal 2000 2500" in variant_flags("settle")
-    assert "augment-shift" not in out  # off by default
-    res = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "shifted"), "--res", "16", "--augment-shift", "0.125"])
+    assert "augment-shift" not in out and "sw-max-side" not in out  # off / the default pyramid
+    res = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "shifted"), "--res", "16", "--augment-shift", "0.125",
+                                                "--sw-max-side", "16"])
     assert res.exit_code == 0, res.output
-    assert "lambda_k 0.003; D's inputs shifted by up to 2 pixels (--augment-shift 0.125)" in res.output
+    assert ("lambda_k 0.003; D's inputs shifted by up to 2 pixels (--augment-shift 0.125); sliced Wasserstein on "
+            "thumbnails up to 16x16 (--sw-max-side 16)") in res.output

@@ -16,7 +16,7 @@ from . import research_cli
 from .bench.cli import bench
 from .doctor import doctor
 from .errors import user_errors
-from .remedies import (DEFAULT_VARIANT, VARIANT_PRESETS, VARIANT_SUMMARY, resumed_variant_options,
+from .remedies import (DEFAULT_VARIANT, SW_MAX_SIDE, VARIANT_PRESETS, VARIANT_SUMMARY, resumed_variant_options,
                        variant_flags, variant_options)
 
 
@@ -171,7 +171,7 @@ def main(ctx):
 @click.option("--mbstd-group", type=int, default=0, show_default=True, metavar="G",
               help="D's encoder also sees the minibatch standard deviation of its last feature map "
                    "(ProGAN), over groups of G real or G fake samples; G divides the batch. 0 = off.")
-@click.option("--sw-max-side", type=int, default=8, show_default=True, metavar="SIDE",
+@click.option("--sw-max-side", type=int, default=SW_MAX_SIDE, show_default=True, metavar="SIDE",
               help="With --sw-weight: the pyramid's thumbnails go up to SIDE x SIDE (a power of two; "
                    "16 also sees where things sit to a sixteenth of the side).")
 @click.option("--augment-shift", type=float, default=0.0, show_default=True, metavar="FRACTION",
